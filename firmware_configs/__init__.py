@@ -1,0 +1,1 @@
+"""Per-board agent configs, systemd unit, Mosquitto config + ACL, MCU firmware templates."""

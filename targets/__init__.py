@@ -1,0 +1,1 @@
+"""Device profiles (one TOML file per target), read by ``edgepack.agent.profiles``."""
