@@ -1,0 +1,214 @@
+"""Wire protocol v1: topic names and message schemas shared by the agent and the host.
+
+Prefix ``edgepack/v1/{fleet}/``. JSON payloads (UTF-8) except chunks (raw bytes); every JSON
+message carries ``ts`` (unix seconds). MQTT 3.1.1 features only. ``docs/protocol.md`` is the
+reference a firmware author implements from; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgepack.agent.errors import ProtocolError
+
+__all__ = [
+    "VERSION",
+    "EVENT_KINDS",
+    "Topics",
+    "DesiredState",
+    "ChunkTable",
+    "check_id",
+    "encode",
+    "decode",
+    "parse_desired",
+    "parse_chunk_table",
+    "chunk_table_payload",
+]
+
+VERSION = "v1"
+EVENT_KINDS = (
+    "download_started", "download_progress", "downloaded", "verified", "rejected", "staged",
+    "health_checking", "installed", "health_failed", "rolled_back", "error",
+)
+MAX_JSON_BYTES = 1024**2  # manifests carry a chunk table: 1 MiB holds > 10,000 chunk hashes
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_id(value: Any, what: str = "device id") -> str:
+    """Device ids, group and fleet names: ASCII letters, digits, ``_ . : -``; never ``/ + #``."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ProtocolError(
+            f"{what} {value!r} is not allowed: use 1-128 ASCII letters, digits, '_', '.', ':' or "
+            "'-', starting with a letter or digit (no '/', '+', '#', spaces or non-ASCII)")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names for one fleet."""
+
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        check_id(self.fleet, "fleet name")
+
+    @property
+    def prefix(self) -> str:
+        return f"edgepack/{VERSION}/{self.fleet}/"
+
+    def device(self, device_id: str, leaf: str) -> str:
+        return f"{self.prefix}devices/{check_id(device_id)}/{leaf}"
+
+    def state(self, device_id: str) -> str:
+        return self.device(device_id, "state")
+
+    def telemetry(self, device_id: str) -> str:
+        return self.device(device_id, "telemetry")
+
+    def events(self, device_id: str) -> str:
+        return self.device(device_id, "events")
+
+    def desired(self, device_id: str) -> str:
+        return self.device(device_id, "desired")
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.prefix}groups/{check_id(group, 'group name')}/desired"
+
+    def bundle_manifest(self, bundle_id: str) -> str:
+        return f"{self.prefix}bundles/{_check_sha(bundle_id)}/manifest"
+
+    def bundle_chunk(self, bundle_id: str, index: int) -> str:
+        return f"{self.prefix}bundles/{_check_sha(bundle_id)}/chunks/{int(index)}"
+
+    def all_devices(self, leaf: str = "+") -> str:
+        """Wildcard subscription over every device (``leaf`` = state, telemetry, events or +)."""
+        return f"{self.prefix}devices/+/{leaf}"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str]:
+        """``(device_id, leaf)`` for a device topic of this fleet."""
+        if not topic.startswith(self.prefix + "devices/"):
+            raise ProtocolError(f"topic {topic!r} is not a device topic of fleet {self.fleet}")
+        parts = topic[len(self.prefix):].split("/")
+        if len(parts) != 3:
+            raise ProtocolError(f"topic {topic!r} is not devices/<id>/<leaf>")
+        return check_id(parts[1]), parts[2]
+
+
+def _check_sha(v: Any) -> str:
+    if not isinstance(v, str) or not _SHA.match(v):
+        raise ProtocolError(f"bundle id {v!r} is not a sha256 hex digest")
+    return v
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    """JSON payload with ``ts`` added when missing."""
+    body = dict(payload)
+    body.setdefault("ts", time.time())
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode(data: bytes, what: str = "message") -> dict:
+    """Parse a JSON object payload; ProtocolError for anything else."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{what} is {len(data)} bytes, over the {MAX_JSON_BYTES} byte limit")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not UTF-8 JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return obj
+
+
+def _field(d: Mapping, key: str, typ: type | tuple, what: str, *, required: bool = True) -> Any:
+    if key not in d or d[key] is None:
+        if required:
+            raise ProtocolError(f"{what} is missing '{key}'")
+        return None
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ProtocolError(f"{what} field '{key}' has the wrong type ({type(v).__name__})")
+    return v
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What the host wants a device (or group) to run."""
+
+    deployment_id: str
+    bundle_id: str
+    name: str
+    version: str
+    allow_downgrade: bool = False
+    ts: float = 0.0
+
+    def to_payload(self) -> dict:
+        return {"deployment_id": self.deployment_id, "bundle_id": self.bundle_id,
+                "name": self.name, "version": self.version,
+                "allow_downgrade": self.allow_downgrade, "ts": self.ts or time.time()}
+
+
+def parse_desired(data: bytes) -> DesiredState | None:
+    """A desired-state payload; None for the empty retained message that clears it."""
+    if not data:
+        return None
+    d = decode(data, "desired state")
+    return DesiredState(
+        deployment_id=check_id(_field(d, "deployment_id", str, "desired state"), "deployment id"),
+        bundle_id=_check_sha(_field(d, "bundle_id", str, "desired state")),
+        name=_field(d, "name", str, "desired state"),
+        version=_field(d, "version", str, "desired state"),
+        allow_downgrade=bool(_field(d, "allow_downgrade", bool, "desired state", required=False)),
+        ts=float(_field(d, "ts", (int, float), "desired state", required=False) or 0.0),
+    )
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """The retained ``bundles/{id}/manifest`` message: what to fetch and how to check it."""
+
+    bundle_id: str
+    bytes: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+    manifest: dict
+    signature: dict | None
+    table_sig: dict | None
+
+    def signed_part(self) -> dict:
+        return chunk_table_payload(self.bundle_id, self.bytes, self.chunk_size, self.chunks)
+
+
+def chunk_table_payload(bundle_id: str, size: int, chunk_size: int, chunks: Any) -> dict:
+    """The object whose canonical JSON ``table_sig`` signs."""
+    return {"bundle_id": bundle_id, "bytes": size, "chunk_size": chunk_size,
+            "chunks": list(chunks)}
+
+
+def parse_chunk_table(data: bytes, expected_id: str | None = None) -> ChunkTable:
+    """Parse and sanity-check a published bundle's manifest message (signature checked later)."""
+    d = decode(data, "bundle manifest message")
+    what = "bundle manifest message"
+    bid = _check_sha(_field(d, "bundle_id", str, what))
+    if expected_id is not None and bid != expected_id:
+        raise ProtocolError(f"{what} is for bundle {bid[:12]}, expected {expected_id[:12]}")
+    size = _field(d, "bytes", int, what)
+    chunk_size = _field(d, "chunk_size", int, what)
+    chunks = _field(d, "chunks", list, what)
+    if size <= 0 or chunk_size <= 0:
+        raise ProtocolError(f"{what} has a non-positive size or chunk size")
+    if len(chunks) != -(-size // chunk_size):
+        raise ProtocolError(f"{what} lists {len(chunks)} chunks but {size} bytes in "
+                            f"{chunk_size}-byte chunks need {-(-size // chunk_size)}")
+    for c in chunks:
+        _check_sha(c)
+    return ChunkTable(bundle_id=bid, bytes=size, chunk_size=chunk_size, chunks=tuple(chunks),
+                      manifest=_field(d, "manifest", dict, what),
+                      signature=_field(d, "signature", dict, what, required=False),
+                      table_sig=_field(d, "table_sig", dict, what, required=False))

@@ -1,0 +1,52 @@
+"""CLI: ``edgepack build`` — flags plus a target profile become a BuildConfig."""
+
+from __future__ import annotations
+
+import click
+
+from edgepack.host.cli_build import TargetType
+
+__all__ = ["build"]
+
+
+@click.command("build")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--target", "-t", required=True, type=TargetType(), help="Device profile.")
+@click.option("--quantize", type=click.Choice(["auto", "int8", "dynamic", "fp16", "none"]),
+              default="auto", show_default=True, help="auto = the target profile's default.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="NPZ of calibration inputs keyed by input name.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]))
+@click.option("--calibration-samples", type=click.IntRange(1), help="Cap on samples used.")
+@click.option("--eval", "eval_data", type=click.Path(exists=True, dir_okay=False),
+              help="NPZ of eval inputs (and optional 'labels') for the accuracy gate.")
+@click.option("--max-drop", type=click.FloatRange(0), help="Max accuracy/agreement drop, points.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
+              help="Fix a dynamic batch dimension to this size.")
+@click.option("--name", help="Bundle name (default: the model file's stem).")
+@click.option("--version", "version", default="1.0.0", show_default=True)
+@click.option("--key", type=click.Path(exists=True, dir_okay=False),
+              help="Ed25519 private key to sign with (unsigned without it).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="dist",
+              show_default=True)
+@click.option("--no-variants", is_flag=True, help="Skip measuring the profile's candidate schemes.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def build(model: str, target: str, quantize: str, calibration: str | None,
+          calibration_method: str | None, calibration_samples: int | None,
+          eval_data: str | None, max_drop: float | None, batch: int, name: str | None,
+          version: str, key: str | None, out_dir: str, no_variants: bool, as_json: bool,
+          quiet: bool) -> None:
+    """Import, optimize, validate and package MODEL for a target device."""
+    from edgepack.host.cli import emit
+    from edgepack.host.pipeline import BuildConfig, run_build
+    from edgepack.host.report import Progress, render_build
+
+    cfg = BuildConfig(model=model, target=target, quantize=quantize, calibration=calibration,
+                      calibration_method=calibration_method,
+                      calibration_samples=calibration_samples, eval_data=eval_data,
+                      max_drop=max_drop, batch=batch, name=name, version=version, key=key,
+                      out_dir=out_dir, variants=not no_variants)
+    with Progress(enabled=not (quiet or as_json)) as progress:
+        result = run_build(cfg, progress=progress)
+    emit(result.report, as_json, render_build)

@@ -1,0 +1,9 @@
+"""CLI commands (registered into ``edgepack.host.cli.main``)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(main: click.Group) -> None:
+    """Add this module's commands to the ``edgepack`` group."""
