@@ -150,6 +150,38 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _typed(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check a scalar or list value against a field's annotation."""
+    def bad(expected: str) -> ProfileError:
+        return ProfileError(f"{source}: '{key}' must be {expected}, got {value!r}", file=source,
+                            key=key)
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+    elif hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad("a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif getattr(hint, "__origin__", None) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("an array of strings")
+        value = tuple(value)
+    return value
+
+
 def _build(cls: type, data: Any, where: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: [{where}] must be a table, got {type(data).__name__}",
@@ -169,8 +201,8 @@ def _build(cls: type, data: Any, where: str, source: str) -> Any:
                                    file=source, key=f"{where}.candidates")
             value = tuple(_build(QuantScheme, v, f"{where}.candidates[{i}]", source)
                           for i, v in enumerate(value))
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = _typed(value, _hints(cls)[key], f"{where}.{key}", source)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -200,12 +232,18 @@ def _check(p: Profile, source: str) -> None:
 
     if p.quantization.default not in {"int8", "dynamic", "fp16", "none"}:
         raise bad("quantization.default", "must be one of int8, dynamic, fp16, none")
-    for s in (p.quantization.scheme, *p.quantization.candidates):
+    schemes = [("quantization.scheme", p.quantization.scheme)] + [
+        (f"quantization.candidates[{i}]", c) for i, c in enumerate(p.quantization.candidates)]
+    for where, s in schemes:
         if s.format not in {"QDQ", "QOperator"}:
-            raise bad("quantization.scheme.format", "must be QDQ or QOperator")
+            raise bad(f"{where}.format", "must be QDQ or QOperator")
         for t in (s.activation_type, s.weight_type):
             if t not in {"int8", "uint8"}:
-                raise bad("quantization.scheme", f"type '{t}' must be int8 or uint8")
+                raise bad(where, f"type '{t}' must be int8 or uint8")
+    if p.quantization.tflite_io not in {"float32", "int8", "uint8"}:
+        raise bad("quantization.tflite_io", "must be float32, int8 or uint8")
+    if p.hardware.cpu_family not in {"arm64", "arm32", "x86_64", "xtensa", "cortex-m"}:
+        raise bad("hardware.cpu_family", "must be arm64, arm32, x86_64, xtensa or cortex-m")
     if p.quantization.calibration_method not in {"minmax", "entropy", "percentile"}:
         raise bad("quantization.calibration_method", "must be minmax, entropy or percentile")
     for f in p.runtime.formats:
@@ -230,8 +268,9 @@ def load_profile_file(path: str | Path) -> Profile:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProfileError(f"profile file {path} does not exist", file=str(path)) from None
+    except OSError as exc:
+        why = "it does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise ProfileError(f"cannot read profile file {path}: {why}", file=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}", file=str(path)) from None
     return _parse(data, str(path))
