@@ -1,0 +1,172 @@
+"""An embedded MQTT broker for a one-machine trial: amqtt in its own thread and asyncio loop.
+
+``edgepack broker`` runs it in the foreground; tests, ``make demo`` and notebooks use
+:class:`EmbeddedBroker` as a context manager. It speaks MQTT 3.1.1 (all edgepack's core protocol
+needs), keeps retained messages in memory (bundle chunks and manifests of tens of MB included),
+allows anonymous clients and listens on loopback unless told otherwise: it is for trials and
+development. Production fleets use Mosquitto with TLS client certificates and the ACL in
+``firmware_configs/mosquitto/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from edgepack.agent.errors import BrokerError
+
+__all__ = ["EmbeddedBroker", "is_loopback"]
+
+_log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EmbeddedBroker:
+    """amqtt running in a daemon thread; ``start()``/``stop()`` or ``with EmbeddedBroker(...)``.
+
+    ``port=0`` picks a free port; read the chosen one from :attr:`port` (or :attr:`url`) after
+    ``start()``. Retained messages live in memory and vanish on ``stop()``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
+                 start_timeout: float = 10.0) -> None:
+        self.host = host
+        self.port = port
+        self.start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker: Any = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> EmbeddedBroker:
+        """Bind the listener and serve; returns once clients can connect. BrokerError if not."""
+        if self.running:
+            return self
+        self.port = _check_bind(self.host, self.port)
+        started: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(started,),
+                                        name=f"edgepack-broker-{self.port}", daemon=True)
+        self._thread.start()
+        try:
+            started.result(timeout=self.start_timeout)
+        except TimeoutError:
+            self.stop()
+            raise BrokerError(f"the embedded broker did not start on {self.host}:{self.port} "
+                              f"within {self.start_timeout:g}s") from None
+        except OSError as exc:
+            self._thread.join(5)
+            self._thread = None
+            raise BrokerError(f"the embedded broker cannot listen on {self.host}:{self.port}: "
+                              f"{exc.strerror or exc}. Is another broker running there? Pick "
+                              "another --port.") from None
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Disconnect every client, drop retained messages and join the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and self._stopped is not None and thread and thread.is_alive():
+            loop.call_soon_threadsafe(self._stopped.set)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise BrokerError(f"the embedded broker on port {self.port} did not stop "
+                                  f"within {timeout:g}s")
+        self._thread = None
+        self._loop = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the broker stops (``stop()`` from another thread); False on timeout."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the broker thread ------------------------------------------------------------------
+
+    def _run(self, started: Future) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(started))
+        except BaseException as exc:  # reported to start(); the thread must not die silently
+            if not started.done():
+                started.set_exception(exc)
+            else:
+                _log.exception("embedded broker crashed")
+        finally:
+            loop.close()
+
+    async def _serve(self, started: Future) -> None:
+        from amqtt.broker import Broker
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
+                                      "max_connections": -1}},
+            # Only anonymous auth: the packet/event loggers would format every message (20 MB
+            # chunks included) and the $SYS plugin publishes noise nobody reads here.
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                        {"allow_anonymous": True}},
+        }
+        self._stopped = asyncio.Event()
+        broker = Broker(config, loop=asyncio.get_running_loop())
+        try:
+            await broker.start()
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            started.set_exception(cause)
+            return
+        self._broker = broker
+        started.set_result(None)
+        try:
+            await self._stopped.wait()
+        finally:
+            try:
+                await asyncio.wait_for(broker.shutdown(), 10)
+            except Exception:  # shutting down anyway; a half-closed client must not hang us
+                _log.warning("embedded broker shutdown was not clean", exc_info=True)
+            self._broker = None
+
+
+def _check_bind(host: str, port: int) -> int:
+    """The port to use (a free one for 0); a clear error when it is taken or not ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(f"the embedded broker cannot listen on {host}:{port}: "
+                              f"{exc.strerror or exc}. Is another broker running there? Pick "
+                              "another --port.") from None
+        return s.getsockname()[1]
