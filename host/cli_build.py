@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-
 __all__ = ["register"]
 
 

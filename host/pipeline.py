@@ -1,0 +1,449 @@
+"""``edgepack build``: import → pre-flight → optimize → validate (gate) → package.
+
+One function, :func:`run_build`, driven by a frozen :class:`BuildConfig`. Each stage lives in
+its own module; this one decides the plan from the flags and the target profile and writes the
+report every stage contributes to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.agent.errors import BudgetError, DataError, GateError, ModelError
+from edgepack.agent.profiles import Profile, QuantScheme, load_profile
+from edgepack.host.convert_onnx import PreparedModel, prepare_onnx
+from edgepack.host.data import Dataset, load_dataset
+from edgepack.host.quantize import QuantResult, convert_fp16, quantize_dynamic, quantize_static
+from edgepack.host.report import Progress
+from edgepack.host.validate import (
+    GateMetrics,
+    Outputs,
+    Session,
+    compare,
+    measure_latency,
+    rank_sensitive_nodes,
+    run_outputs,
+)
+
+__all__ = ["BuildConfig", "BuildResult", "run_build"]
+
+GOLDEN_SAMPLES = 8
+HOLDOUT_FRACTION = 0.2
+# onnxruntime release that first runs each opset: the device's minimum runtime version.
+_ORT_FOR_OPSET = {13: "1.8", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14",
+                  19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything ``edgepack build`` was asked to do."""
+
+    model: str
+    target: str
+    quantize: str = "auto"  # auto | int8 | dynamic | fp16 | none
+    calibration: str | None = None
+    calibration_method: str | None = None
+    calibration_samples: int | None = None
+    eval_data: str | None = None
+    max_drop: float | None = None
+    batch: int = 1
+    name: str | None = None
+    version: str = "1.0.0"
+    key: str | None = None
+    out_dir: str = "dist"
+    variants: bool = True
+    keep_io_types: bool = True
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    bundle_id: str
+    report: dict
+    model_bytes: bytes = field(repr=False, default=b"")
+
+
+@dataclass
+class _Candidate:
+    result: QuantResult
+    metrics: GateMetrics
+    outputs: Outputs
+    latency: dict
+
+    @property
+    def label(self) -> str:
+        r = self.result
+        return r.scheme.label if r.mode in ("int8", "dynamic") and r.scheme else r.mode
+
+
+def _host_threads(profile: Profile) -> int:
+    want = profile.runtime.threads or profile.hardware.cores
+    return max(1, min(want, os.cpu_count() or 1))
+
+
+def _load_inputs(cfg: BuildConfig, profile: Profile, prepared: PreparedModel
+                 ) -> tuple[Dataset | None, Dataset, str]:
+    """Calibration set and eval set (held out from calibration when --eval is absent)."""
+    cap = cfg.calibration_samples or profile.quantization.calibration_samples
+    calib = evalset = None
+    if cfg.calibration:
+        calib = load_dataset(cfg.calibration, prepared.inputs, what="calibration")
+    if cfg.eval_data:
+        evalset = load_dataset(cfg.eval_data, prepared.inputs, what="eval")
+        source = f"--eval {Path(cfg.eval_data).name}"
+    elif calib is not None and len(calib) >= 2:
+        n_hold = max(1, int(round(len(calib) * HOLDOUT_FRACTION)))
+        evalset = calib.take(slice(len(calib) - n_hold, len(calib)))
+        calib = calib.take(slice(0, len(calib) - n_hold))
+        source = f"{n_hold} samples held out of --calibration"
+    elif calib is not None:
+        evalset = calib
+        source = "the single calibration sample (no --eval given)"
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {}
+        for s in prepared.inputs:
+            shape = (16, *s.shape[1:])
+            dt = np.dtype(s.dtype)
+            arrays[s.name] = (rng.standard_normal(shape).astype(dt) if dt.kind == "f"
+                              else rng.integers(0, 2, shape).astype(dt))
+        evalset = Dataset(arrays, None, "random")
+        source = "16 random inputs (no --eval or --calibration given: pass --eval for a real gate)"
+    if calib is not None and len(calib) > cap:
+        calib = calib.take(slice(0, cap))
+    return calib, evalset, source
+
+
+def _measure(result: QuantResult, prepared: PreparedModel, evalset: Dataset, ref: Outputs,
+             batch: int, threads: int, feed: dict) -> _Candidate:
+    sess = Session(result.model_bytes, threads)
+    outs = run_outputs(sess, evalset, batch)
+    metrics = compare(prepared.outputs, ref, outs, evalset.labels)
+    return _Candidate(result, metrics, outs, measure_latency(sess, feed))
+
+
+def _int8_with_fallback(prepared: PreparedModel, calib: Dataset, evalset: Dataset,
+                        ref: Outputs, scheme: QuantScheme, method: str, max_drop: float,
+                        ctx: dict, progress: Progress) -> tuple[_Candidate, list[str]]:
+    """Keep the nodes that hurt most in float until the gate passes (or give up)."""
+    import onnx
+
+    batch, threads, feed = ctx["batch"], ctx["threads"], ctx["feed"]
+    qdq_scheme = replace(scheme, format="QDQ")
+    with progress.stage("ranking sensitive nodes"):
+        qdq = quantize_static(prepared.model_bytes, calib, qdq_scheme, method=method, batch=batch)
+        sample = evalset.take(slice(0, min(len(evalset), 32)))
+        ranked = [name for name, _ in rank_sensitive_nodes(prepared.model_bytes,
+                                                           qdq.model_bytes, sample, batch)]
+    n_nodes = len(onnx.load_from_string(prepared.model_bytes).graph.node)
+    limit = max(1, int(n_nodes * 0.3))
+    k, last = 1, None
+    while k <= min(limit, len(ranked)):
+        excluded = ranked[:k]
+        with progress.stage(f"int8 with {k} node(s) in float", total=len(calib)) as tick:
+            res = quantize_static(prepared.model_bytes, calib, scheme, method=method,
+                                  batch=batch, nodes_to_exclude=excluded, tick=tick)
+        last = _measure(res, prepared, evalset, ref, batch, threads, feed)
+        if last.metrics.drop_points <= max_drop:
+            return last, excluded
+        k *= 2
+    drop = last.metrics.drop_points if last else float("nan")
+    raise GateError(
+        f"int8 ({scheme.label}) loses more than the allowed {max_drop:g} points even with the "
+        f"{min(limit, len(ranked))} most sensitive nodes kept in float (best drop "
+        f"{drop:.2f} points; kept: {', '.join(ranked[:min(limit, len(ranked))])}). Try "
+        "--calibration-method entropy or percentile, more or more representative calibration "
+        "data, --quantize fp16, or raise --max-drop.", stage="gate")
+
+
+def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode: str,
+              calib: Dataset | None, evalset: Dataset, ref: Outputs, ctx: dict,
+              progress: Progress, report: dict) -> tuple[_Candidate, list[str]]:
+    q = profile.quantization
+    max_drop = cfg.max_drop if cfg.max_drop is not None else q.max_drop_points
+    method = cfg.calibration_method or q.calibration_method
+    batch, threads, feed = ctx["batch"], ctx["threads"], ctx["feed"]
+    if mode == "none":
+        res = QuantResult(prepared.model_bytes, "none", None, 0)
+        return _measure(res, prepared, evalset, ref, batch, threads, feed), []
+    if mode == "fp16":
+        with progress.stage("fp16 conversion"):
+            res = convert_fp16(prepared.model_bytes, keep_io_types=cfg.keep_io_types)
+        cand = _measure(res, prepared, evalset, ref, batch, threads, feed)
+        _gate(cand, max_drop, "fp16")
+        return cand, []
+    if mode == "dynamic":
+        with progress.stage("dynamic int8"):
+            res = quantize_dynamic(prepared.model_bytes, q.scheme)
+        cand = _measure(res, prepared, evalset, ref, batch, threads, feed)
+        _gate(cand, max_drop, "dynamic int8")
+        return cand, []
+    # static int8
+    assert calib is not None  # checked by the caller
+    schemes = [q.scheme]
+    if cfg.variants and profile.host_can_time and q.candidates:
+        schemes = list(dict.fromkeys([q.scheme, *q.candidates]))
+    cands: list[_Candidate] = []
+    for scheme in schemes:
+        with progress.stage(f"int8 {scheme.label} calibration ({method})",
+                            total=len(calib)) as tick:
+            res = quantize_static(prepared.model_bytes, calib, scheme, method=method,
+                                  batch=batch, tick=tick)
+        with progress.stage(f"int8 {scheme.label} validation"):
+            cands.append(_measure(res, prepared, evalset, ref, batch, threads, feed))
+    passing = [c for c in cands if c.metrics.drop_points <= max_drop and c.result.quantized_ops]
+    kept: list[str] = []
+    if passing:
+        best = min(passing, key=lambda c: c.latency["p50_ms"])
+    else:
+        best, kept = _int8_with_fallback(prepared, calib, evalset, ref, q.scheme, method,
+                                         max_drop, ctx, progress)
+        cands.append(best)
+    if len(cands) > 1:
+        report["variants"] = [{
+            "scheme": c.label + (f" +{len(c.result.excluded_nodes)} float" if
+                                 c.result.excluded_nodes else ""),
+            "bytes": len(c.result.model_bytes), "latency": c.latency,
+            "drop_points": c.metrics.drop_points,
+            "passed": c.metrics.drop_points <= max_drop,
+            "result": "chosen" if c is best else (
+                f"gate: drop {c.metrics.drop_points:.2f} > {max_drop:g} pt"
+                if c.metrics.drop_points > max_drop else
+                f"slower: p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of chosen"),
+        } for c in cands]
+    return best, kept
+
+
+def _gate(cand: _Candidate, max_drop: float, what: str) -> None:
+    if cand.metrics.drop_points > max_drop:
+        raise GateError(f"{what} loses {cand.metrics.drop_points:.2f} points "
+                        f"({cand.metrics.basis}), over the allowed {max_drop:g}. Try another "
+                        "--quantize mode or raise --max-drop.", stage="gate")
+
+
+def _tensor_entries(specs: Any, model_bytes: bytes) -> list[dict]:
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "quantization": None}
+            for s in specs]
+
+
+def _golden(prepared: PreparedModel, evalset: Dataset, outputs: Outputs) -> tuple[dict, int]:
+    n = min(GOLDEN_SAMPLES, len(evalset))
+    arrays: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(prepared.inputs):
+        arrays[f"input_{i}"] = evalset.inputs[spec.name][:n].reshape(n, *spec.shape)
+    for j, (spec, arr) in enumerate(zip(prepared.outputs, outputs.arrays, strict=True)):
+        if arr is not None:
+            arrays[f"output_{j}"] = arr[:n].reshape(n, *[d or 1 for d in spec.shape])
+    return arrays, n
+
+
+def _health(mode: str, outputs: Outputs) -> dict:
+    # Int8 kernels differ by a rounding step between CPUs (x86 VNNI vs ARM NEON), so the
+    # device's check is looser than bit-exactness but tight enough to catch a broken model.
+    loose = mode in ("int8", "dynamic")
+    scale = max((float(np.abs(a).max()) for a in outputs.arrays
+                 if a is not None and a.dtype.kind == "f"), default=1.0)
+    return {"atol": (0.05 if loose else 1e-3) * max(scale, 1e-6) + 1e-5,
+            "rtol": 0.05 if loose else 1e-3,
+            "min_cosine": 0.99 if loose else 0.999,
+            "min_label_agreement": 0.85 if loose else 1.0}
+
+
+def _toolchain() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _created() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch
+         else _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0))
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult:
+    """Build a signed bundle for ``cfg.target``; raises EdgepackError subclasses on bad input."""
+    progress = progress or Progress(enabled=False)
+    profile = load_profile(cfg.target)
+    src = Path(cfg.model)
+    if "onnx" not in profile.runtime.formats:
+        raise ModelError(
+            f"target {profile.name} runs {'/'.join(profile.runtime.formats)} models only; this "
+            "edgepack builds ONNX bundles (TFLite and TFLM output are not supported yet). Pick an "
+            "ONNX target (edgepack targets list).", target=profile.name)
+    if src.is_dir() or src.suffix.lower() != ".onnx":
+        raise ModelError(
+            f"{src} is not an .onnx file. This edgepack imports ONNX models; export yours to ONNX "
+            "first (Keras: model.export(dir, format='tf_saved_model') then python -m "
+            "tf2onnx.convert --saved-model dir; scikit-learn: skl2onnx).", target=profile.name)
+    mode = profile.quantization.default if cfg.quantize == "auto" else cfg.quantize
+    if mode == "int8" and not cfg.calibration:
+        raise DataError("int8 quantization needs calibration data: pass --calibration data.npz "
+                        "(a few hundred representative inputs keyed by input name), or use "
+                        "--quantize dynamic (no calibration) or fp16.", target=profile.name)
+    name = cfg.name or src.stem
+    from edgepack.agent.bundle import parse_version
+    from edgepack.agent.protocol import check_id
+
+    check_id(name, "bundle name")
+    parse_version(cfg.version)
+
+    with progress.stage("pre-flight"):
+        prepared = prepare_onnx(src, opset=profile.runtime.opset, batch=cfg.batch,
+                                target=profile.name)
+    fp32_size = len(prepared.model_bytes)
+    budget_bytes = profile.budgets.model_mb * 1024 * 1024
+    shrink = {"int8": 4.0, "dynamic": 4.0, "fp16": 2.0}.get(mode, 1.0)
+    if fp32_size / shrink > budget_bytes:
+        raise BudgetError(f"the model is {fp32_size / 2**20:.1f} MB in fp32; even {mode} "
+                          f"(~{shrink:g}x smaller) cannot fit {profile.name}'s "
+                          f"{profile.budgets.model_mb:g} MB model budget. Use a smaller model "
+                          "(edgepack distill) or a bigger target.", target=profile.name)
+    with progress.stage("loading data"):
+        calib, evalset, eval_source = _load_inputs(cfg, profile, prepared)
+
+    threads = _host_threads(profile)
+    feed = {k: v[:cfg.batch] for k, v in evalset.inputs.items()}
+    feed = {s.name: feed[s.name].reshape(s.shape) for s in prepared.inputs}
+    ctx = {"batch": cfg.batch, "threads": threads, "feed": feed}
+    with progress.stage("fp32 reference"):
+        ref_sess = Session(prepared.model_bytes, threads)
+        ref = run_outputs(ref_sess, evalset, cfg.batch)
+        fp32_lat = measure_latency(ref_sess, feed)
+
+    report: dict[str, Any] = {"warnings": []}
+    best, kept = _optimize(cfg, profile, prepared, mode, calib, evalset, ref, ctx, progress,
+                           report)
+    res = best.result
+    opt_size = len(res.model_bytes)
+    if opt_size > budget_bytes:
+        raise BudgetError(f"the optimized model is {opt_size / 2**20:.1f} MB, over "
+                          f"{profile.name}'s {profile.budgets.model_mb:g} MB model budget",
+                          target=profile.name)
+    warnings: list[str] = report["warnings"]
+    speedup = fp32_lat["p50_ms"] / best.latency["p50_ms"]
+    if mode in ("int8", "dynamic") and res.quantized_ops == 0:
+        warnings.append("nothing in this model was quantized (no ops with int8 kernels): the "
+                        "bundle is float32")
+    if mode != "none" and speedup < 1.0 and profile.host_can_time:
+        warnings.append(f"the {best.label} model is SLOWER than fp32 on this host "
+                        f"({speedup:.2f}x of fp32 speed, p50 {best.latency['p50_ms']:.3f} ms vs "
+                        f"{fp32_lat['p50_ms']:.3f} ms); consider --quantize none or fp16")
+    if not profile.host_can_time:
+        warnings.append(f"latency was measured on this host ({platform.machine()}), not on "
+                        f"{profile.hardware.cpu}: use it to compare variants, not as the target's "
+                        "figure")
+    if eval_source.startswith("16 random"):
+        warnings.append("no eval or calibration data: the gate compared outputs on random inputs")
+
+    effective = mode if (mode not in ("int8", "dynamic") or res.quantized_ops) else "none"
+    summary = {"none": "fp32 (no quantization)", "fp16": "fp16 weights and compute"
+               + (", float32 I/O" if cfg.keep_io_types else ""),
+               "dynamic": f"dynamic int8 ({best.label})",
+               "int8": f"static int8 {best.label}"}[effective]
+    if kept:
+        summary += f", {len(kept)} node(s) in float"
+    m = best.metrics
+    optimization = {
+        "mode": effective, "requested": mode, "summary": summary,
+        "format": res.scheme.format if res.scheme and effective == "int8" else None,
+        "activation_type": res.scheme.activation_type if res.scheme and effective == "int8"
+        else None,
+        "weight_type": res.scheme.weight_type if res.scheme and effective in ("int8", "dynamic")
+        else None,
+        "per_channel": res.scheme.per_channel if res.scheme and effective != "none" else None,
+        "reduce_range": res.scheme.reduce_range if res.scheme and effective != "none" else None,
+        "calibration_method": (cfg.calibration_method or profile.quantization.calibration_method)
+        if effective == "int8" else None,
+        "calibration_samples": len(calib) if calib is not None and effective == "int8" else 0,
+        "calibration_fingerprint": calib.fingerprint() if calib is not None else None,
+        "quantized_ops": res.quantized_ops,
+        "nodes_in_float": kept,
+        "preflight": list(prepared.steps),
+        "warnings": warnings,
+    }
+    metrics = {
+        "fp32_bytes": fp32_size, "optimized_bytes": opt_size,
+        "size_ratio": fp32_size / opt_size,
+        "top1_agreement": m.top1_agreement, "accuracy_fp32": m.accuracy_fp32,
+        "accuracy_optimized": m.accuracy_optimized, "drop_points": m.drop_points,
+        "min_cosine": m.min_cosine, "max_abs_error": m.max_abs_error,
+        "eval_samples": m.samples, "eval_source": eval_source,
+        "host_latency_ms": {"fp32": fp32_lat, "optimized": best.latency,
+                            "cpu": platform.processor() or platform.machine(),
+                            "representative": profile.host_can_time, "threads": threads},
+    }
+    golden, n_golden = _golden(prepared, evalset, best.outputs)
+    from edgepack.host.package import npz_bytes, write_bundle
+
+    manifest: dict[str, Any] = {
+        "name": name, "version": cfg.version, "created": _created(), "target": profile.name,
+        "model": {"file": "model.onnx", "format": "onnx",
+                  "inputs": _tensor_entries(prepared.inputs, res.model_bytes),
+                  "outputs": _tensor_entries(prepared.outputs, res.model_bytes),
+                  "opset": prepared.opset},
+        "runtime": {"name": "onnxruntime",
+                    "min_version": _ORT_FOR_OPSET.get(prepared.opset, "1.17"),
+                    "threads": profile.runtime.threads,
+                    "providers": list(profile.runtime.providers)},
+        "optimization": optimization, "metrics": metrics,
+        "health": {"golden": "golden.npz", "samples": n_golden, **_health(effective, ref)},
+        "budgets": {"p95_ms": profile.budgets.p95_ms, "peak_rss_mb": profile.budgets.rss_mb,
+                    "model_mb": profile.budgets.model_mb},
+        "toolchain": _toolchain(),
+    }
+    report.update({
+        "model": {"source": str(src), "inputs": manifest["model"]["inputs"],
+                  "outputs": manifest["model"]["outputs"], "preflight": list(prepared.steps),
+                  "ops": prepared.op_counts, "source_opset": prepared.source_opset},
+        "optimization": optimization,
+        "metrics": {"size": {"fp32_bytes": fp32_size, "optimized_bytes": opt_size,
+                             "ratio": fp32_size / opt_size},
+                    "accuracy": {**m.to_dict(), "source": eval_source},
+                    "latency": {"fp32": fp32_lat, "optimized": best.latency,
+                                "speedup_p50": speedup,
+                                "representative": profile.host_can_time,
+                                "threads": threads}},
+        "timings_s": dict(progress.timings),
+    })
+    sign = None
+    signed_by = None
+    if cfg.key:
+        from edgepack.agent.signing import key_id
+        from edgepack.host.keys import load_private_key, sign_bytes
+
+        key = load_private_key(cfg.key)
+        signed_by = key_id(key.public_key())
+
+        def sign(data: bytes) -> dict:
+            return sign_bytes(data, key)
+    else:
+        warnings.append("the bundle is unsigned (no --key): devices refuse it unless "
+                        "allow_unsigned = true")
+    out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"
+    files = {"golden.npz": npz_bytes(golden),
+             "report.json": json.dumps(report, indent=2, sort_keys=True, default=float).encode()}
+    with progress.stage("packaging"):
+        write_bundle(out, manifest, res.model_bytes, files, sign=sign)
+    from edgepack.agent.bundle import sha256_file
+
+    bid = sha256_file(out)
+    report["bundle"] = {"path": str(out), "bundle_id": bid, "bytes": out.stat().st_size,
+                        "name": name, "version": cfg.version, "target": profile.name,
+                        "signed_by": signed_by}
+    report["timings_s"] = dict(progress.timings)
+    return BuildResult(path=out, bundle_id=bid, report=report, model_bytes=res.model_bytes)
