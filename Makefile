@@ -1,0 +1,34 @@
+# edgepack — two commands on a fresh machine: `make demo` and `make test`.
+# Each sets up its own virtual environment (.venv) and the system packages it needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgepack-installed
+
+.PHONY: demo test lint bench sysdeps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+sysdeps:
+	.ci/install-system-deps.sh
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP) sysdeps
+	$(PY) -m ruff check host agent tests bench examples
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check host agent tests bench examples
+
+bench: $(STAMP) sysdeps
+	$(PY) bench/build.py
+
+clean:
+	rm -rf $(VENV) dist build .demo *.egg-info
