@@ -85,6 +85,15 @@ class _Candidate:
         return r.scheme.label if r.mode in ("int8", "dynamic") and r.scheme else r.mode
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (``platform.processor()`` is empty on Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _host_threads(profile: Profile) -> int:
     want = profile.runtime.threads or profile.hardware.cores
     return max(1, min(want, os.cpu_count() or 1))
@@ -384,7 +393,7 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
         "min_cosine": m.min_cosine, "max_abs_error": m.max_abs_error,
         "eval_samples": m.samples, "eval_source": eval_source,
         "host_latency_ms": {"fp32": fp32_lat, "optimized": best.latency,
-                            "cpu": platform.processor() or platform.machine(),
+                            "cpu": host_cpu(),
                             "representative": profile.host_can_time, "threads": threads},
     }
     golden, n_golden = _golden(prepared, evalset, best.outputs)
