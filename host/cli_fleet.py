@@ -167,13 +167,23 @@ def fleet_status_cmd(broker_cfg: Any, fleet_name: str, as_json: bool) -> None:
     rows = fleet_status(broker_cfg, fleet_name)
 
     def render(rows: list[dict]) -> None:
+        from rich import box
         from rich.table import Table
 
         if not rows:
             click.echo(f"no device has reported in fleet {fleet_name} on {broker_cfg.url}")
             return
-        t = Table("device", "status", "board", "target", "bundle", "id", "slot", "desired",
-                  "last seen", title=f"fleet {fleet_name} on {broker_cfg.url}")
+        t = Table(title=f"fleet {fleet_name} on {broker_cfg.url}", box=box.SIMPLE_HEAD)
+        # the device id is the key people copy: keep it whole, squeeze the other columns
+        t.add_column("device", overflow="fold",
+                     min_width=min(32, max(len(r["device"]) for r in rows)))
+        t.add_column("status")
+        t.add_column("board")
+        t.add_column("bundle")
+        t.add_column("id", no_wrap=True)
+        t.add_column("slot")
+        t.add_column("desired")
+        t.add_column("last seen")
         colour = {"online": "green", "offline": "red"}
         for r in rows:
             bundle = " ".join(x for x in (r["bundle_name"], r["bundle_version"]) if x) or "-"
@@ -181,10 +191,12 @@ def fleet_status_cmd(broker_cfg: Any, fleet_name: str, as_json: bool) -> None:
             desired = "-" if d is None else "in sync" if r["in_sync"] else \
                 f"→ {d['name']} {d['version']}"
             status = r["status"] + (" (bad state)" if r.get("error") else "")
+            board = r["board"] or r["target"] or "-"
+            if r["target"] and r["target"] != board:
+                board += f" ({r['target']})"
             t.add_row(r["device"], f"[{colour.get(r['status'], 'yellow')}]{status}[/]",
-                      r["board"] or "-", r["target"] or "-", bundle,
-                      (r["bundle_id"] or "-")[:12], str(r["slot"] or "-"), desired,
-                      _ago(r["age_s"]))
+                      board, bundle, (r["bundle_id"] or "-")[:8], str(r["slot"] or "-"),
+                      desired, _ago(r["age_s"]))
         _console().print(t)
         online = sum(r["status"] == "online" for r in rows)
         click.echo(f"{len(rows)} devices, {online} online")
