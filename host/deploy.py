@@ -161,16 +161,22 @@ def wait_for_deployment(broker: str | BrokerConfig, device: str, deployment: dic
 
 
 def active_bundle(state: dict[str, Any]) -> dict[str, Any]:
-    """``{"bundle_id", "name", "version"}`` of the bundle a state message reports active."""
+    """``{"bundle_id", "name", "version", "slot", "deployment_id"}`` of the active bundle.
+
+    The agent reports it as ``"active": {"bundle_id", "name", "version", "slot", …}`` (None
+    before the first install); a bare bundle id string is accepted too.
+    """
     active = state.get("active")
     if active is None:
         active = state.get("active_bundle")
-    if isinstance(active, str):
-        return {"bundle_id": active, "name": state.get("name"), "version": state.get("version")}
+    if isinstance(active, str) and _HEX_ID.match(active) and len(active) == 64:
+        return {"bundle_id": active, "name": state.get("name"), "version": state.get("version"),
+                "slot": state.get("slot"), "deployment_id": None}
     if not isinstance(active, dict):
         return {}
     return {"bundle_id": active.get("bundle_id", active.get("id")), "name": active.get("name"),
-            "version": active.get("version")}
+            "version": active.get("version"), "slot": active.get("slot", state.get("slot")),
+            "deployment_id": active.get("deployment_id")}
 
 
 def _fetch_retained(client: SyncClient, wanted: list[str], timeout: float) -> dict[str, bytes]:

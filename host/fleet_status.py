@@ -54,7 +54,7 @@ def fleet_status(broker: str | BrokerConfig, fleet: str = "default", *, settle: 
 
     Keys: ``device``, ``status`` (``online``/``offline``/``never seen``), ``online``, ``board``,
     ``target``, ``agent_version``, ``runtimes``, ``bundle_id``, ``bundle_name``,
-    ``bundle_version``, ``slot``, ``last_seen`` (the state's ``ts``), ``age_s``, ``desired``
+    ``bundle_version``, ``slot``, ``phase`` (install state machine, when reported), ``last_seen`` (the state's ``ts``), ``age_s``, ``desired``
     (the deployment that applies to it: its own, else its groups' newest, or None),
     ``in_sync`` (runs the desired bundle; None when nothing is desired) and ``error`` when the
     state message could not be read.
@@ -101,7 +101,8 @@ def _row(device: str, raw: bytes | None, own: dict | None, groups: dict[str, dic
     row: dict[str, Any] = {
         "device": device, "status": "never seen", "online": None, "board": None,
         "target": None, "agent_version": None, "runtimes": None, "bundle_id": None,
-        "bundle_name": None, "bundle_version": None, "slot": None, "last_seen": None,
+        "bundle_name": None, "bundle_version": None, "slot": None, "phase": None,
+        "last_seen": None,
         "age_s": None, "groups": [], "desired": None, "in_sync": None,
     }
     state: dict[str, Any] = {}
@@ -120,7 +121,7 @@ def _row(device: str, raw: bytes | None, own: dict | None, groups: dict[str, dic
                    agent_version=state.get("agent_version", state.get("version")),
                    runtimes=state.get("runtimes"), bundle_id=active.get("bundle_id"),
                    bundle_name=active.get("name"), bundle_version=active.get("version"),
-                   slot=state.get("slot"))
+                   slot=active.get("slot", state.get("slot")), phase=state.get("phase"))
         ts = state.get("ts")
         if isinstance(ts, (int, float)) and not isinstance(ts, bool):
             row["last_seen"] = float(ts)

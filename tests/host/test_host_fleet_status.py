@@ -21,8 +21,9 @@ def _seed(url: str, fleet: str) -> None:
     with SyncClient(url) as c:
         c.publish(t.state("pi-kitchen"), encode({
             "online": True, "board": "rpi4", "target": "rpi4", "agent_version": "0.1.0",
-            "runtimes": ["onnxruntime"], "slot": "a", "ts": now - 5,
-            "active": {"bundle_id": A, "name": "kws", "version": "1.0.0"}}), retain=True)
+            "runtimes": ["onnxruntime"], "phase": "idle", "ts": now - 5,
+            "active": {"bundle_id": A, "name": "kws", "version": "1.0.0", "slot": "A",
+                       "deployment_id": "dep-1"}}), retain=True)
         c.publish(t.state("jetson-1"), encode({
             "online": True, "board": "jetson-orin-nano", "target": "jetson-orin-nano",
             "slot": "b", "groups": ["jetsons"], "ts": now - 90,
@@ -47,10 +48,10 @@ def test_rows(mosquitto, fleet: str) -> None:
     assert sorted(rows) == ["jetson-1", "pi-garage", "pi-kitchen", "pi-new"]
     k = rows["pi-kitchen"]
     assert (k["status"], k["online"], k["board"], k["target"], k["slot"]) == \
-        ("online", True, "rpi4", "rpi4", "a")
+        ("online", True, "rpi4", "rpi4", "A")
     assert (k["bundle_id"], k["bundle_name"], k["bundle_version"]) == (A, "kws", "1.0.0")
     assert k["in_sync"] is True and k["desired"]["deployment_id"] == "dep-1"
-    assert 4 < k["age_s"] < 60 and k["agent_version"] == "0.1.0"
+    assert 4 < k["age_s"] < 60 and k["agent_version"] == "0.1.0" and k["phase"] == "idle"
     j = rows["jetson-1"]
     assert j["in_sync"] is False and j["desired"]["version"] == "2.2.0"  # via its group
     g = rows["pi-garage"]
