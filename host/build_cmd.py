@@ -29,13 +29,15 @@ __all__ = ["build"]
               help="Ed25519 private key to sign with (unsigned without it).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="dist",
               show_default=True)
+@click.option("--fp16-io/--float32-io", "fp16_io", default=False, show_default=True,
+              help="With --quantize fp16: make inputs/outputs float16 too (default keeps float32).")
 @click.option("--no-variants", is_flag=True, help="Skip measuring the profile's candidate schemes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model: str, target: str, quantize: str, calibration: str | None,
           calibration_method: str | None, calibration_samples: int | None,
           eval_data: str | None, max_drop: float | None, batch: int, name: str | None,
-          version: str, key: str | None, out_dir: str, no_variants: bool, as_json: bool,
+          version: str, key: str | None, out_dir: str, fp16_io: bool, no_variants: bool, as_json: bool,
           quiet: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
     from edgepack.host.cli import emit
@@ -46,7 +48,8 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                       calibration_method=calibration_method,
                       calibration_samples=calibration_samples, eval_data=eval_data,
                       max_drop=max_drop, batch=batch, name=name, version=version, key=key,
-                      out_dir=out_dir, variants=not no_variants)
+                      out_dir=out_dir, variants=not no_variants,
+                      keep_io_types=not fp16_io)
     with Progress(enabled=not (quiet or as_json)) as progress:
         result = run_build(cfg, progress=progress)
     emit(result.report, as_json, render_build)
