@@ -169,3 +169,17 @@ def test_wait_for_deployment_success_and_failure(mosquitto, fleet: str, make_bun
     finally:
         done.set()
         th.join()
+
+
+def test_cli_deploy_a_bundle_file_to_a_group(mosquitto, fleet: str, make_bundle,
+                                             signing_key) -> None:
+    pytest.importorskip("edgepack.host.publish")
+    path: Path = make_bundle(version="4.1.0")
+
+    r = CliRunner().invoke(main, ["deploy", str(path), "--group", "rpi4-fleet", "--broker",
+                                  mosquitto.url, "--fleet", fleet, "--key", str(signing_key[0])])
+
+    assert r.exit_code == 0, r.output
+    assert "deployed tiny 4.1.0" in r.output and "(bundle published first)" in r.output
+    desired = parse_desired(_retained(mosquitto.url, Topics(fleet).group_desired("rpi4-fleet")))
+    assert desired.version == "4.1.0"
