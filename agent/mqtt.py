@@ -100,11 +100,19 @@ class SyncClient:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_unsubscribe = self._on_subscribe
+        c.on_disconnect = self._on_disconnect
+        self._dropped: Any = None
 
     # paho callbacks: hand over only
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         self._connect_rc = rc
         self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any,
+                       props: Any) -> None:
+        if not self._connected.is_set():  # dropped before CONNACK (e.g. TLS cert refused)
+            self._dropped = rc
+            self._connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._messages.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -138,6 +146,10 @@ class SyncClient:
             self.close()
             raise BrokerError(f"broker at {self.cfg.url} did not answer CONNECT within "
                               f"{self.cfg.connect_timeout:g}s")
+        if self._connect_rc is None and self._dropped is not None:
+            self.close()
+            raise BrokerError(f"broker at {self.cfg.url} closed the connection before accepting "
+                              f"it ({self._dropped}): check certificates, CA and credentials")
         if self._connect_rc is not None and getattr(self._connect_rc, "is_failure", False):
             self.close()
             raise BrokerError(f"broker at {self.cfg.url} refused the connection: "
