@@ -8,6 +8,7 @@ upgraded and folded first.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -172,11 +173,22 @@ def prepare_onnx(path: str | Path, *, opset: int, batch: int = 1, target: str = 
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, src)
         before = len(model.graph.node)
+        cwd = os.getcwd()
+        # onnxruntime's symbolic shape inference drops a debug file into the working directory
+        # when it gives up; keep that inside our temporary directory.
+        os.chdir(tmp)
         try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-        except Exception:
-            # Symbolic shape inference fails on some graphs; ONNX inference is enough then.
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            try:
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            except Exception:
+                # Symbolic shape inference fails on some graphs; ONNX inference is enough then.
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        except Exception as exc:
+            raise ModelError(f"graph preparation (constant folding, shape inference) failed: "
+                             f"{str(exc).splitlines()[0][:300]}", target=target,
+                             stage="preflight") from None
+        finally:
+            os.chdir(cwd)
         prepared = onnx.load(dst)
     steps.append(f"constants folded and shapes inferred ({before} → "
                  f"{len(prepared.graph.node)} nodes)")
