@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,6 +461,17 @@ def to_tflite(saved_model_dir: str | Path, mode: str, *, calib: Dataset | None =
             stage="convert")
     if model is None:
         raise ModelError(f"TFLite conversion ({mode}) failed: {err[:600]}", stage="convert")
+    if mode == "int8" and integer_only:
+        # The converter keeps some ops float (with dequantize/quantize around them) even when
+        # only int8 builtins are allowed; an integer-only device cannot run those.
+        left = [o for o in non_int8_ops(model) if o.op not in ("QUANTIZE", "DEQUANTIZE")]
+        if left:
+            raise GateError(
+                "the model cannot be fully int8-quantized for an integer-only target; these "
+                "layers have no int8 kernel and stay float: "
+                + ", ".join(f"{o.layer} ({o.op})" for o in left[:10])
+                + ". Replace them with int8-capable layers or pick a CPU target.",
+                stage="convert")
     if mode == "int8":
         notes.append("full int8 (TFLite int8 spec: per-channel symmetric weights, asymmetric "
                      f"activations) calibrated on {len(calib)} samples, {io_type} model I/O")
@@ -511,7 +523,10 @@ def rank_sensitive_layers(float_bytes: bytes, calib: Dataset, data: Dataset
 
     q = quantizer.Quantizer(bytearray(float_bytes))
     q.load_quantization_recipe(recipe.static_wi8_ai8())
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        # The quantizer's calibrator keeps every tensor, which LiteRT warns about.
+        warnings.simplefilter("ignore", UserWarning)
         cal = q.calibrate(_calib_feeds(float_bytes, calib), num_threads=2)
         q.quantize(calibration_result=cal, enable_progress_report=False)
         res = q.validate(_calib_feeds(float_bytes, data),
@@ -548,10 +563,14 @@ def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: li
     q = quantizer.Quantizer(bytearray(float_bytes))
     q.load_quantization_recipe(recipe.static_wi8_ai8())
     for name in float_tensors:
-        q.update_quantization_recipe(regex="^" + re.escape(name) + "$",
+        # ai-edge-quantizer matches against the op's scope: its output names joined by ";"
+        # with a trailing ";".
+        q.update_quantization_recipe(regex="^" + re.escape(name) + ";",
                                      operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
                                      algorithm_key=AlgorithmName.NO_QUANTIZE)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         cal = q.calibrate(_calib_feeds(float_bytes, calib), num_threads=2)
         res = q.quantize(calibration_result=cal, enable_progress_report=False)
     layers = tuple(dict.fromkeys(n.split(";")[0].rsplit("/", 1)[0] for n in float_tensors))

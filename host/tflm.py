@@ -359,7 +359,9 @@ def check_budgets(model_bytes: bytes, plan: ArenaPlan, profile: Any) -> list[str
         raise BudgetError(f"the tensor arena needs ~{plan.arena_bytes / kib:.1f} KiB "
                           f"(activations {plan.activation_bytes / kib:.1f} KiB, largest tensor "
                           f"{plan.largest_tensor_bytes / kib:.1f} KiB), more than "
-                          f"{profile.name}'s {ram_kb:.0f} KiB of RAM. Shrink the activations "
+                          f"{profile.name}'s {ram_kb:.0f} KiB of RAM"
+                          + (f" (arena budget {b.arena_kb:g} KiB)" if b.arena_kb else "")
+                          + ". Shrink the activations "
                           "(smaller input, fewer channels, earlier pooling).",
                           target=profile.name)
     if b.arena_kb and arena_kb > b.arena_kb:
