@@ -228,7 +228,8 @@ def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits) ->
                 if buf.tell() > cap:
                     raise BundleError(f"bundle member {info.filename} is larger than it declares "
                                       f"or than the {limits.max_member_bytes} byte limit")
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+            NotImplementedError) as exc:  # encrypted members, unknown compression
         raise BundleError(f"bundle member {info.filename} is corrupt ({exc}); the file is "
                           "damaged or truncated — fetch it again") from None
     return buf.getvalue()

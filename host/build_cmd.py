@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import click
 
 from edgepack.host.cli_build import TargetType
@@ -50,6 +53,8 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                       max_drop=max_drop, batch=batch, name=name, version=version, key=key,
                       out_dir=out_dir, variants=not no_variants,
                       keep_io_types=not fp16_io)
-    with Progress(enabled=not (quiet or as_json)) as progress:
+    # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
+    with Progress(enabled=not (quiet or as_json)) as progress, \
+            contextlib.redirect_stdout(sys.stderr):
         result = run_build(cfg, progress=progress)
     emit(result.report, as_json, render_build)

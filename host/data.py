@@ -74,8 +74,12 @@ def load_dataset(path: str | Path, specs: Sequence[TensorSpec], *, what: str = "
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{flag} {path} is not a readable .npz file ({exc}). Save arrays keyed by "
                         "input name with numpy.savez.") from None
-    with npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        with npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{flag} {path} holds arrays numpy cannot read without pickle ({exc}); "
+                        "save plain numeric arrays (no object/string dtype).") from None
     labels = arrays.pop(LABELS, None) if allow_labels else None
     if not arrays:
         raise DataError(f"{flag} {path} holds no input arrays")
@@ -109,6 +113,10 @@ def load_dataset(path: str | Path, specs: Sequence[TensorSpec], *, what: str = "
             else:
                 raise DataError(f"{flag} array '{spec.name}' is {arr.dtype}, but the model input "
                                 f"is {want_dt}; convert it (arr.astype('{want_dt}'))")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise DataError(f"{flag} array '{spec.name}' contains {bad} NaN or infinite values; "
+                            "clean the data (calibration ranges and the gate need finite inputs)")
         if n_samples is None:
             n_samples = arr.shape[0]
         elif arr.shape[0] != n_samples:

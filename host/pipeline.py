@@ -153,6 +153,10 @@ def _int8_with_fallback(prepared: PreparedModel, calib: Dataset, evalset: Datase
         sample = evalset.take(slice(0, min(len(evalset), 32)))
         ranked = [name for name, _ in rank_sensitive_nodes(prepared.model_bytes,
                                                            qdq.model_bytes, sample, batch)]
+    if not ranked:
+        raise GateError(f"int8 ({scheme.label}) fails the gate and no node could be ranked for "
+                        "keeping in float. Try --quantize fp16 or dynamic, or raise --max-drop.",
+                        stage="gate")
     n_nodes = len(onnx.load_from_string(prepared.model_bytes).graph.node)
     limit = max(1, int(n_nodes * 0.3))
     k, last = 1, None
@@ -209,6 +213,11 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
                                   batch=batch, tick=tick)
         with progress.stage(f"int8 {scheme.label} validation"):
             cands.append(_measure(res, prepared, evalset, ref, batch, threads, feed))
+    if not any(c.result.quantized_ops for c in cands):
+        # No op has an int8 kernel (tree ensembles, label post-processing): ship the float
+        # model; the report says nothing was quantized.
+        res = QuantResult(prepared.model_bytes, "int8", q.scheme, 0)
+        return _measure(res, prepared, evalset, ref, batch, threads, feed), []
     passing = [c for c in cands if c.metrics.drop_points <= max_drop and c.result.quantized_ops]
     kept: list[str] = []
     if passing:
@@ -244,14 +253,17 @@ def _tensor_entries(specs: Any, model_bytes: bytes) -> list[dict]:
             for s in specs]
 
 
-def _golden(prepared: PreparedModel, evalset: Dataset, outputs: Outputs) -> tuple[dict, int]:
-    n = min(GOLDEN_SAMPLES, len(evalset))
+def _golden(prepared: PreparedModel, evalset: Dataset, outputs: Outputs,
+            batch: int) -> tuple[dict, int]:
+    """Up to GOLDEN_SAMPLES model-shaped feeds (``batch`` rows each) and their outputs."""
+    n = max(1, min(GOLDEN_SAMPLES, len(evalset) // batch))
+    rows = n * batch
     arrays: dict[str, np.ndarray] = {}
     for i, spec in enumerate(prepared.inputs):
-        arrays[f"input_{i}"] = evalset.inputs[spec.name][:n].reshape(n, *spec.shape)
-    for j, (spec, arr) in enumerate(zip(prepared.outputs, outputs.arrays, strict=True)):
+        arrays[f"input_{i}"] = evalset.inputs[spec.name][:rows].reshape(n, *spec.shape)
+    for j, arr in enumerate(outputs.arrays):
         if arr is not None:
-            arrays[f"output_{j}"] = arr[:n].reshape(n, *[d or 1 for d in spec.shape])
+            arrays[f"output_{j}"] = arr[:rows].reshape(n, batch, *arr.shape[1:])
     return arrays, n
 
 
@@ -396,7 +408,7 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
                             "cpu": host_cpu(),
                             "representative": profile.host_can_time, "threads": threads},
     }
-    golden, n_golden = _golden(prepared, evalset, best.outputs)
+    golden, n_golden = _golden(prepared, evalset, best.outputs, cfg.batch)
     from edgepack.host.package import npz_bytes, write_bundle
 
     manifest: dict[str, Any] = {

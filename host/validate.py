@@ -123,8 +123,8 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
         m.max_abs_error = max(errors)
     if preds_ref is not None:
         m.top1_agreement = float((preds_ref == preds_opt).mean())
-        if labels is not None and len(labels) == len(preds_ref):
-            lab = labels.reshape(-1)
+        if labels is not None and len(labels) >= len(preds_ref):
+            lab = labels.reshape(-1)[:len(preds_ref)]  # a batch > 1 drops the last partial batch
             m.accuracy_fp32 = float((preds_ref == lab).mean())
             m.accuracy_optimized = float((preds_opt == lab).mean())
             m.drop_points = 100.0 * (m.accuracy_fp32 - m.accuracy_optimized)
@@ -166,12 +166,7 @@ def rank_sensitive_nodes(fp32_bytes: bytes, qdq_bytes: bytes, data: Dataset,
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as dbg
 
-    class _R:
-        def __init__(self) -> None:
-            self.it = iter(data.batches(batch))
-
-        def get_next(self) -> dict | None:
-            return next(self.it, None)
+    feeds = list(data.batches(batch))  # collect_activations iterates its reader
 
     with tempfile.TemporaryDirectory(prefix="edgepack-dbg-") as tmp:
         f_in, q_in = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
@@ -180,8 +175,8 @@ def rank_sensitive_nodes(fp32_bytes: bytes, qdq_bytes: bytes, data: Dataset,
         q_in.write_bytes(qdq_bytes)
         dbg.modify_model_output_intermediate_tensors(str(f_in), str(f_aug))
         dbg.modify_model_output_intermediate_tensors(str(q_in), str(q_aug))
-        f_act = dbg.collect_activations(str(f_aug), _R())
-        q_act = dbg.collect_activations(str(q_aug), _R())
+        f_act = dbg.collect_activations(str(f_aug), iter(feeds))
+        q_act = dbg.collect_activations(str(q_aug), iter(feeds))
     match = dbg.create_activation_matching(q_act, f_act)
     sqnr: dict[str, float] = {}
     for name, m in match.items():

@@ -123,11 +123,6 @@ def test_not_an_npz(mlp, tmp_path, out):
     _assert_clean_failure(result, out, "error:", "not a readable .npz")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data.load_dataset reads arrays with np.load(allow_pickle=False) but indexes npz[k] outside "
-    "its try block: an object-dtype array (np.savez of Python objects) raises a bare ValueError "
-    "'Object arrays cannot be loaded when allow_pickle=False' instead of a DataError, so the "
-    "CLI shows a traceback"))
 def test_object_array_calibration_is_a_data_error(mlp, tmp_path, out):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **{IN_NAME: np.array([[None] * 64] * 4, dtype=object)})
@@ -138,10 +133,6 @@ def test_object_array_calibration_is_a_data_error(mlp, tmp_path, out):
     _assert_clean_failure(result, out, "error:", "--calibration")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "calibration data holding NaN is not checked: onnxruntime's compute_scale_zp hits "
-    "'assert scale >= 0, \"scale issue\"' and the AssertionError escapes run_build as a "
-    "traceback instead of a DataError saying the data has NaN/inf"))
 def test_nan_calibration_is_a_data_error(mlp, tmp_path, out):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **{IN_NAME: np.full((16, 64), np.nan, np.float32)})
