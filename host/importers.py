@@ -642,14 +642,17 @@ def _skl2onnx(est: Any, name: str, input_name: str, input_type: Any,
               "target_opset": {"": opset, "ai.onnx.ml": 3}}
     zipmap_off = is_classifier(est)
     try:
-        try:
-            onx = convert_sklearn(est, options={"zipmap": False} if zipmap_off else None,
-                                  **kwargs)
-        except (NameError, RuntimeError, ValueError) as exc:
-            if not zipmap_off or "zipmap" not in str(exc).lower():
-                raise
-            zipmap_off = False  # this classifier has no zipmap option: its outputs are tensors
-            onx = convert_sklearn(est, **kwargs)
+        with warnings.catch_warnings():
+            # PMML trees carry no impurities, so feature_importances_ divides 0 by 0.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                onx = convert_sklearn(est, options={"zipmap": False} if zipmap_off else None,
+                                      **kwargs)
+            except (NameError, RuntimeError, ValueError) as exc:
+                if not zipmap_off or "zipmap" not in str(exc).lower():
+                    raise
+                zipmap_off = False  # no zipmap option for this classifier: outputs are tensors
+                onx = convert_sklearn(est, **kwargs)
     except (MissingConverter, MissingShapeCalculator) as exc:
         m = re.search(r"<class '([\w.]+)'>", str(exc))
         which = m.group(1).rsplit(".", 1)[-1] if m else name
@@ -804,9 +807,15 @@ def _sklearn_tree(tree: Any) -> Any:
               "weighted_n_node_samples"):
         nodes[f] = old[f]
     nodes["threshold"] = np.frombuffer(old["split_value"].tobytes(), dtype="<f8")
+    values = np.asarray(state["values"], dtype=np.float64)
+    if np.max(tree.n_classes) > 1:
+        # scikit-learn ≥ 1.4 classification trees hold class fractions; sklearn-pmml-model's
+        # forest segments hold record counts.
+        totals = values.sum(axis=-1, keepdims=True)
+        values = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
     new = Tree(tree.n_features, np.asarray(tree.n_classes, dtype=np.intp), tree.n_outputs)
     new.__setstate__({"max_depth": state["max_depth"], "node_count": state["node_count"],
-                      "nodes": nodes, "values": np.ascontiguousarray(state["values"])})
+                      "nodes": nodes, "values": np.ascontiguousarray(values)})
     return new
 
 

@@ -96,3 +96,22 @@ def write_clustering_pmml(path: Path) -> Path:
              '  </ClusteringModel>', '</PMML>']
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_forest_pmml(path: Path, forest: object) -> Path:
+    """A fitted ``RandomForestClassifier`` as a ``MiningModel`` averaging ``TreeModel`` segments."""
+    classes = forest.classes_
+    n_features = forest.n_features_in_
+    segments = []
+    for i, est in enumerate(forest.estimators_):
+        text = write_tree_pmml(path.with_suffix(f".tree{i}.xml"), est, classes).read_text()
+        path.with_suffix(f".tree{i}.xml").unlink()
+        body = text[text.index("  <TreeModel"):text.index("</PMML>")]
+        segments += [f'      <Segment id="{i}">', "        <True/>", body.rstrip("\n"),
+                     "      </Segment>"]
+    lines = [_HEADER.rstrip("\n"), *_dictionary(n_features, classes),
+             '  <MiningModel functionName="classification">', *_schema(n_features),
+             '    <Segmentation multipleModelMethod="average">', *segments,
+             '    </Segmentation>', '  </MiningModel>', '</PMML>']
+    path.write_text("\n".join(lines) + "\n")
+    return path

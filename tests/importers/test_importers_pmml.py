@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from importer_models import Digits, PmmlModels, run_onnx
-from pmml_files import write_clustering_pmml
+from pmml_files import write_clustering_pmml, write_forest_pmml
 
 from edgepack.agent.errors import ModelError
 from edgepack.host.importers import detect_kind, import_model
@@ -40,6 +40,21 @@ def test_decision_tree_pmml_is_float_only(pmml_models: PmmlModels, digits: Digit
                                atol=1e-5)
     assert imp.float_only
     assert any("tree ensemble" in n and "kept float32" in n for n in imp.notes)
+
+
+def test_random_forest_pmml(digits: Digits, tmp_path: Path) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    forest = RandomForestClassifier(4, max_depth=5, random_state=0)
+    forest.fit(digits.flat_train, digits.y_train)
+
+    imp = import_model(write_forest_pmml(tmp_path / "rf.pmml", forest), workdir=tmp_path / "w")
+
+    x = digits.flat_test
+    outs = run_onnx(imp.onnx_path, x)
+    np.testing.assert_allclose(outs["probabilities"], forest.predict_proba(x), atol=1e-5)
+    assert imp.float_only
+    assert any(n.startswith("PMML <MiningModel> as RandomForestClassifier") for n in imp.notes)
 
 
 def test_pmml_with_sample_input(pmml_models: PmmlModels, digits: Digits,
