@@ -300,8 +300,9 @@ class Agent:
     def _loop(self) -> None:
         while not self._stop.is_set():
             busy = self.job is not None and self.job.phase in ("health_checking", "downloading")
+            wait = min(0.05 if busy else 0.5, self._next_telemetry - time.monotonic())
             try:
-                item = self.inbox.get(timeout=0.05 if busy else 0.5)
+                item = self.inbox.get(timeout=max(0.001, wait))
             except queue.Empty:
                 item = None
             handled = 0

@@ -214,8 +214,11 @@ class Transfer:
         self._deadline = None  # a silent broker is not the bundle's fault: wait for reconnect
 
     def cancel(self) -> None:
-        """Stop (a newer desired state arrived); files stay for a later resume."""
+        """Stop (a newer desired state arrived, or shutdown); files stay for a later resume."""
         self._unsubscribe_current()
+        if self._fd is not None:
+            os.fsync(self._fd)
+            self._save_progress()
         self._close()
         if not self.done:
             self.state = "failed"
@@ -459,6 +462,9 @@ class Transfer:
 
     def _fail(self, exc: EdgepackError) -> None:
         self._unsubscribe_current()
+        if self._fd is not None and not isinstance(exc, (Rejected, BundleError)):
+            os.fsync(self._fd)  # keep what arrived of the window for the next attempt
+            self._save_progress()
         self._close()
         self.state = "failed"
         self.error = exc
