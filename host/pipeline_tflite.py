@@ -240,10 +240,10 @@ def _entries(sess: LiteRTSession, which: str) -> list[dict]:
 def _raw_golden(sess: LiteRTSession, specs: _Specs, evalset: Dataset, batch: int
                 ) -> tuple[dict, int]:
     """golden.npz in the model's own dtypes (int8/uint8 I/O fed and returned as is)."""
-    n = min(8, len(evalset)) // batch * batch
+    n = max(1, min(8, len(evalset) // batch))  # feeds, each of ``batch`` rows (as _golden)
     ins: list[list[np.ndarray]] = [[] for _ in specs.inputs]
     outs: list[list[np.ndarray]] = [[] for _ in sess.output_names]
-    for feed in evalset.take(slice(0, n)).batches(batch):
+    for feed in evalset.take(slice(0, n * batch)).batches(batch):
         raw = sess.quantize_inputs(feed)
         for i, name in enumerate(sess.input_names):
             ins[i].append(raw[name])
@@ -454,7 +454,6 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
                         "target's figure")
     if eval_source.startswith("16 random"):
         warnings.append("no eval or calibration data: the gate compared outputs on random inputs")
-    warnings.extend(n for n in import_notes if n not in warnings)
 
     in_q = best.session.quantization("inputs")
     out_q = best.session.quantization("outputs")
@@ -498,7 +497,7 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
     if int_io:
         golden, n_golden = _raw_golden(best.session, specs, evalset, cfg.batch)
     else:
-        golden, n_golden = _golden(specs, evalset, best.outputs)
+        golden, n_golden = _golden(specs, evalset, best.outputs, cfg.batch)
     health = {"golden": "golden.npz", "samples": n_golden,
               **_health("int8" if effective in ("int8", "dynamic") else effective, ref)}
     if int_io:
@@ -525,6 +524,7 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
     report.update({
         "model": {"source": str(src), "inputs": manifest["model"]["inputs"],
                   "outputs": manifest["model"]["outputs"], "format": fmt,
+                  "import_notes": list(import_notes),
                   "ops": dict(tflite_ops(res.model_bytes)),
                   "signature_inputs": {s.name: ref_sess.signature_inputs.get(t, t)
                                        for s, t in zip(specs.inputs, ref_sess.input_names,
