@@ -51,6 +51,9 @@ def _render(d: dict) -> None:
     t.add_column("teacher / student", justify="right")
     t.add_row("accuracy", f"{100 * d['teacher_acc']:.2f}%", f"{100 * d['student_acc']:.2f}%",
               f"{-d['drop_points']:+.2f} pt")
+    if d.get("hard_label_acc") is not None:
+        t.add_row("student, labels only", "", f"{100 * d['hard_label_acc']:.2f}%",
+                  f"{100 * (d['hard_label_acc'] - d['teacher_acc']):+.2f} pt")
     t.add_row("parameters", f"{d['teacher_params']:,}", f"{d['student_params']:,}",
               f"{d['size_ratio']:.1f}x")
     t.add_row("weights (fp32)", f"{d['teacher_bytes']:,} B", f"{d['student_bytes']:,} B",
@@ -78,18 +81,20 @@ def _render(d: dict) -> None:
               show_default=True, help="Softens both softmaxes.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Weight of the hard-label loss (1 - alpha on the teacher's soft targets).")
-@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--learning-rate", type=click.FloatRange(0, min_open=True), default=3e-3,
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--baseline", is_flag=True,
+              help="Also train the student on labels alone, to show what the teacher added.")
 @click.option("--out", default="student.keras", show_default=True, callback=_out_path,
               type=click.Path(dir_okay=False), help="Where to write the student (.keras).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def distill_cmd(teacher: str, data: str, val: str | None, student: str, temperature: float,
                 alpha: float, epochs: int, batch_size: int, learning_rate: float, seed: int,
-                out: str, as_json: bool, quiet: bool) -> None:
+                baseline: bool, out: str, as_json: bool, quiet: bool) -> None:
     """Train a smaller Keras student from TEACHER (.keras/.h5) on its soft targets."""
     from edgepack.host.cli import emit
     from edgepack.host.distill import distill, load_teacher, load_training_npz
@@ -103,11 +108,12 @@ def distill_cmd(teacher: str, data: str, val: str | None, student: str, temperat
             if val:
                 x_val, y_val = load_training_npz(val, t_model, flag="--val")
             s_model = student if student in ("small", "tiny") else load_teacher(student, what="student")
-        with progress.stage("distilling", total=epochs) as tick:
+        with progress.stage("distilling" + (" (+ labels-only baseline)" if baseline else ""),
+                            total=epochs) as tick:
             result = distill(t_model, x, y, student=s_model, temperature=temperature,
                              alpha=alpha, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, x_val=x_val, y_val=y_val, seed=seed,
-                             on_epoch=lambda done, total: tick(1))
+                             hard_label_baseline=baseline, on_epoch=lambda done, total: tick(1))
         with progress.stage("saving"):
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             result.student_model.save(out)

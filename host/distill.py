@@ -52,6 +52,7 @@ class DistillResult:
     eval_source: str = ""
     eval_samples: int = 0
     epochs: int = 0
+    hard_label_acc: float | None = None  # same student trained on labels only, if asked
     notes: tuple[str, ...] = ()
 
     @property
@@ -230,6 +231,25 @@ def _distiller(student: Any, temperature: float, alpha: float, student_probs: bo
     return Distiller()
 
 
+def _train(student: Any, x: np.ndarray, packed: np.ndarray, temperature: float, alpha: float,
+           *, epochs: int, batch_size: int, learning_rate: float,
+           on_epoch: Callable[[int, int], None] | None) -> None:
+    """Fit ``student`` in place, then compile it plainly (sparse CE + accuracy) for saving."""
+    import keras
+
+    probs = _ends_in_softmax(student)
+    trainer = _distiller(student, temperature, alpha, probs)
+    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    callbacks = [_epoch_callback(on_epoch, epochs)] if on_epoch else []
+    trainer.fit(x, packed, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+                callbacks=callbacks)
+    student.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probs),
+                    metrics=["accuracy"])
+    # A built optimizer saves and loads cleanly (an unbuilt one warns on load_model).
+    student.optimizer.build(student.trainable_variables)
+
+
 def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     pred = np.asarray(model.predict(x, batch_size=256, verbose=0))
     return float((pred.argmax(axis=1) == y).mean())
@@ -311,9 +331,9 @@ def _epoch_callback(on_epoch: Callable[[int, int], None], epochs: int) -> Any:
 
 def distill(teacher: Any, x_train: np.ndarray, y_train: np.ndarray, *,
             student: str | Any = "small", temperature: float = 4.0, alpha: float = 0.1,
-            epochs: int = 30, batch_size: int = 32, learning_rate: float = 3e-3,
+            epochs: int = 50, batch_size: int = 32, learning_rate: float = 3e-3,
             x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, seed: int = 0,
-            measure_latency: bool = True,
+            measure_latency: bool = True, hard_label_baseline: bool = False,
             on_epoch: Callable[[int, int], None] | None = None) -> DistillResult:
     """Train a student classifier from ``teacher`` (a Keras model) on its softened logits.
 
@@ -323,7 +343,9 @@ def distill(teacher: Any, x_train: np.ndarray, y_train: np.ndarray, *,
     teacher may have seen those samples, which flatters it: the comparison is conservative).
     The returned student outputs logits and is compiled with sparse cross-entropy and accuracy,
     ready to ``save("student.keras")`` for ``edgepack build``. ``on_epoch(done, total)`` reports
-    progress.
+    progress. ``hard_label_baseline`` also trains the same architecture on the labels alone
+    (``hard_label_acc``), to show whether the teacher's soft targets helped — on easy data
+    (digits) they often do not.
     """
     import keras
 
@@ -366,25 +388,29 @@ def distill(teacher: Any, x_train: np.ndarray, y_train: np.ndarray, *,
     else:
         student_model = student
         kind = getattr(student, "name", "custom")
-        if tuple(student_model.inputs[0].shape[1:]) != shape or _classes(student_model) != classes:
+        if _input_spec(student_model)[1] != shape or _classes(student_model) != classes:
             raise ModelError("the student must take the teacher's input shape and give its "
                              f"number of classes ({shape} → {classes})", stage="distill")
-    student_probs = _ends_in_softmax(student_model)
 
     packed = np.concatenate([y_train[:, None].astype(np.float32),
                              _teacher_logits(teacher, x_train)], axis=1)
-    trainer = _distiller(student_model, float(temperature), float(alpha), student_probs)
-    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    callbacks = [_epoch_callback(on_epoch, epochs)] if on_epoch else []
-    trainer.fit(x_train, packed, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-                callbacks=callbacks)
-    student_model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not student_probs),
-        metrics=["accuracy"])
-    # A built optimizer saves and loads cleanly (an unbuilt one warns on load_model).
-    student_model.optimizer.build(student_model.trainable_variables)
+    fresh = None
+    if hard_label_baseline:
+        try:
+            fresh = keras.models.clone_model(student_model)
+        except Exception:  # subclassed students cannot be cloned
+            notes.append("labels-only baseline skipped: the student model cannot be cloned")
+    fit = {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate}
+    _train(student_model, x_train, packed, float(temperature), float(alpha),
+           on_epoch=on_epoch, **fit)
+    hard_acc = None
+    if fresh is not None:
+        # Same architecture, same budget, labels only (alpha = 1): did the teacher help?
+        keras.utils.set_random_seed(seed)
+        _train(fresh, x_train, packed, 1.0, 1.0, on_epoch=None, **fit)
+        hard_acc = _accuracy(fresh, x_val, y_val)
 
+    student_acc = _accuracy(student_model, x_val, y_val)
     t_params, s_params = int(teacher.count_params()), int(student_model.count_params())
     t_lat = s_lat = None
     method = "not measured"
@@ -392,14 +418,22 @@ def distill(teacher: Any, x_train: np.ndarray, y_train: np.ndarray, *,
         t_lat, s_lat, method = _latencies(teacher, student_model, x_val[:1])
     notes.append(f"student {kind!r}: T={temperature:g}, alpha={alpha:g} (hard-label weight), "
                  f"{epochs} epochs on {len(x_train)} samples")
+    if hard_acc is not None:
+        gain = 100.0 * (student_acc - hard_acc)
+        effect = ("made no difference" if abs(gain) < 0.005 else
+                  f"{'gained' if gain > 0 else 'cost'} {abs(gain):.2f} points")
+        notes.append(f"the same student trained on labels alone reaches {100 * hard_acc:.2f}%: "
+                     f"distillation {effect}" + ("" if gain >= 0.005 else
+                                                 " (the labels suffice for this student on this "
+                                                 "data; try a lower temperature or a smaller "
+                                                 "student)"))
     if s_params * 4 > t_params:
         notes.append(f"the student is only {t_params / s_params:.1f}x smaller than the teacher")
     return DistillResult(
-        student_model=student_model,
-        teacher_acc=_accuracy(teacher, x_val, y_val),
-        student_acc=_accuracy(student_model, x_val, y_val),
+        student_model=student_model, teacher_acc=_accuracy(teacher, x_val, y_val),
+        student_acc=student_acc,
         teacher_params=t_params, student_params=s_params, size_ratio=t_params / s_params,
         teacher_latency_ms=t_lat, student_latency_ms=s_lat,
         teacher_bytes=_weight_bytes(teacher), student_bytes=_weight_bytes(student_model),
         latency_method=method, eval_source=eval_source, eval_samples=len(x_val), epochs=epochs,
-        notes=tuple(notes))
+        hard_label_acc=hard_acc, notes=tuple(notes))

@@ -51,10 +51,11 @@ def test_human_output_compares_teacher_and_student(cli: click.Group, teacher: Te
     out = tmp_path / "s.keras"
     result = CliRunner().invoke(cli, [
         "distill", str(teacher.keras_path), "--data", str(teacher.train_npz), "--student",
-        "tiny", "--epochs", "1", "--out", str(out), "-q"])
+        "tiny", "--epochs", "1", "--baseline", "--out", str(out), "-q"])
 
     assert result.exit_code == 0, result.output
-    for word in ("accuracy", "parameters", "host latency", "held out", "edgepack build"):
+    for word in ("accuracy", "labels only", "parameters", "host latency", "held out",
+                 "edgepack build"):
         assert word in result.stdout
     assert out.is_file()
 
