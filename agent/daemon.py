@@ -25,6 +25,7 @@ import queue
 import random
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import threading
@@ -429,6 +430,7 @@ class Agent:
     def _reconcile(self) -> None:
         want = self.effective_desired()
         if want is None:
+            self._cancel_job("the desired state was cleared")  # keep running what is active
             return
         job = self.job
         if job is not None:
@@ -741,7 +743,10 @@ class Agent:
         level = logging.WARNING if kind in ("rejected", "health_failed", "rolled_back",
                                             "error") else logging.INFO
         log.log(level, "%s: %s", kind, detail)
-        self.outbox.put(self.events_topic, body, qos=1)
+        try:
+            self.outbox.put(self.events_topic, body, qos=1)
+        except sqlite3.Error as exc:  # a full or failing disk must not stop the agent
+            log.error("cannot queue event %s: %s", kind, exc)
 
     def _telemetry(self) -> None:
         w = self.stats.drain()
@@ -753,7 +758,10 @@ class Agent:
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase if self.job else "idle",
                 "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox)}
-        self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
+        try:
+            self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
+        except sqlite3.Error as exc:
+            log.error("cannot queue telemetry: %s", exc)
 
     def _flush_outbox(self) -> None:
         room = _MAX_INFLIGHT - len(self._inflight)

@@ -238,6 +238,9 @@ class Transfer:
                 self._on_chunk(topic[len(self._chunk_prefix):], payload)
         except EdgepackError as exc:
             self._fail(exc)
+        except OSError as exc:  # disk full, I/O error: worth a retry later, not a crash
+            self._fail(TransferError(f"cannot write bundle {self.bundle_id[:12]} to "
+                                     f"{self.dir}: {exc}", bundle_id=self.bundle_id))
 
     def tick(self) -> None:
         """Check timeouts (call at least every second)."""

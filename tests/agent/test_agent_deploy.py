@@ -178,3 +178,28 @@ def test_group_desired_and_device_override(tmp_path, mosquitto, fleet, bundles, 
             watcher.wait_active(b1.bundle_id)
     finally:
         assert agent.stop() == 0
+
+
+def test_in_process_agent(tmp_path, mosquitto, fleet, bundles, keys):
+    """The agent also runs in a thread of another program (tests, demos): stop() is clean."""
+    from helpers import AgentThread
+
+    from edgepack.agent.inference import Model
+
+    cfg = agent_config(tmp_path / "d", mosquitto.url, fleet, pub=keys.pub,
+                       serve={"socket": ""})
+    agent = AgentThread(cfg).start()
+    with Watcher(mosquitto.url, fleet) as watcher:
+        watcher.wait_state(lambda s: s.get("online"), timeout=20)
+        bid, dep = deploy(mosquitto.url, fleet, bundles.get("1.0.0"), key=keys.key)
+        watcher.wait_event("installed", dep)
+        model = agent.agent.service.model
+        assert model is not None and model.bundle_id == bid
+        model.predict(np.zeros(64, np.float32))
+        with SyncClient(mosquitto.url) as c:  # clearing the desired state changes nothing
+            c.publish(Topics(fleet).desired("dev1"), b"", retain=True)
+        agent.stop()
+        assert not agent.thread.is_alive()
+        state = watcher.wait_state(lambda s: not s.get("online"))
+        assert state["active"]["bundle_id"] == bid
+    assert Model.active(cfg.parent / "data").bundle_id == bid  # the Python API for apps
