@@ -23,6 +23,9 @@ __all__ = ["build"]
 @click.option("--calibration-samples", type=click.IntRange(1), help="Cap on samples used.")
 @click.option("--eval", "eval_data", type=click.Path(exists=True, dir_okay=False),
               help="NPZ of eval inputs (and optional 'labels') for the accuracy gate.")
+@click.option("--sample-input", type=click.Path(exists=True, dir_okay=False),
+              help="NPZ with one input array: input type for scikit-learn/PMML models, and eval "
+                   "inputs when --eval is absent.")
 @click.option("--max-drop", type=click.FloatRange(0), help="Max accuracy/agreement drop, points.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
               help="Fix a dynamic batch dimension to this size.")
@@ -34,13 +37,22 @@ __all__ = ["build"]
               show_default=True)
 @click.option("--fp16-io/--float32-io", "fp16_io", default=False, show_default=True,
               help="With --quantize fp16: make inputs/outputs float16 too (default keeps float32).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "tflm"]),
+              help="Model format (default: the target's preferred one).")
+@click.option("--tflite-io", type=click.Choice(["float32", "int8", "uint8"]),
+              help="Full-int8 TFLite input/output type (default: the target's).")
+@click.option("--prune", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Magnitude-prune to this sparsity (e.g. 0.5) before quantizing.")
+@click.option("--train", type=click.Path(exists=True, dir_okay=False),
+              help="With --prune on a Keras model: NPZ (x, y) to fine-tune on while pruning.")
 @click.option("--no-variants", is_flag=True, help="Skip measuring the profile's candidate schemes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model: str, target: str, quantize: str, calibration: str | None,
           calibration_method: str | None, calibration_samples: int | None,
-          eval_data: str | None, max_drop: float | None, batch: int, name: str | None,
-          version: str, key: str | None, out_dir: str, fp16_io: bool, no_variants: bool, as_json: bool,
+          eval_data: str | None, sample_input: str | None, max_drop: float | None, batch: int, name: str | None,
+          version: str, key: str | None, out_dir: str, fp16_io: bool, fmt: str | None, tflite_io: str | None,
+          prune: float | None, train: str | None, no_variants: bool, as_json: bool,
           quiet: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
     from edgepack.host.cli import emit
@@ -52,7 +64,8 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                       calibration_samples=calibration_samples, eval_data=eval_data,
                       max_drop=max_drop, batch=batch, name=name, version=version, key=key,
                       out_dir=out_dir, variants=not no_variants,
-                      keep_io_types=not fp16_io)
+                      keep_io_types=not fp16_io, sample_input=sample_input,
+                      format=fmt, tflite_io=tflite_io, prune=prune, train=train)
     # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
     with Progress(enabled=not (quiet or as_json)) as progress, \
             contextlib.redirect_stdout(sys.stderr):

@@ -42,9 +42,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from edgepack.host import cli_agent, cli_build, cli_fleet
+    from edgepack.host import cli_agent, cli_build, cli_distill, cli_fleet
 
-    for mod in (cli_build, cli_fleet, cli_agent):
+    for mod in (cli_build, cli_fleet, cli_agent, cli_distill):
         mod.register(main)
 
 

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ class BuildConfig:
     out_dir: str = "dist"
     variants: bool = True
     keep_io_types: bool = True
+    sample_input: str | None = None
+    format: str | None = None  # onnx | tflite | tflm; default: the target's first format
+    tflite_io: str | None = None  # float32 | int8 | uint8; default: the target's
+    prune: float | None = None  # magnitude-pruning sparsity in (0, 1)
+    train: str | None = None  # NPZ to fine-tune a pruned Keras model on
 
 
 @dataclass
@@ -117,6 +123,9 @@ def _load_inputs(cfg: BuildConfig, profile: Profile, prepared: PreparedModel
     elif calib is not None:
         evalset = calib
         source = "the single calibration sample (no --eval given)"
+    elif cfg.sample_input:
+        evalset = load_dataset(cfg.sample_input, prepared.inputs, what="sample-input")
+        source = f"--sample-input {Path(cfg.sample_input).name} (no --eval given)"
     else:
         rng = np.random.default_rng(0)
         arrays = {}
@@ -301,16 +310,9 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
     progress = progress or Progress(enabled=False)
     profile = load_profile(cfg.target)
     src = Path(cfg.model)
-    if "onnx" not in profile.runtime.formats:
-        raise ModelError(
-            f"target {profile.name} runs {'/'.join(profile.runtime.formats)} models only; this "
-            "edgepack builds ONNX bundles (TFLite and TFLM output are not supported yet). Pick an "
-            "ONNX target (edgepack targets list).", target=profile.name)
-    if src.is_dir() or src.suffix.lower() != ".onnx":
-        raise ModelError(
-            f"{src} is not an .onnx file. This edgepack imports ONNX models; export yours to ONNX "
-            "first (Keras: model.export(dir, format='tf_saved_model') then python -m "
-            "tf2onnx.convert --saved-model dir; scikit-learn: skl2onnx).", target=profile.name)
+    from edgepack.host.importers import detect_kind
+
+    detect_kind(src)  # unknown formats fail before anything slow
     mode = profile.quantization.default if cfg.quantize == "auto" else cfg.quantize
     if mode == "int8" and not cfg.calibration:
         raise DataError("int8 quantization needs calibration data: pass --calibration data.npz "
@@ -322,9 +324,75 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
 
     check_id(name, "bundle name")
     parse_version(cfg.version)
+    if cfg.format and cfg.format not in profile.runtime.formats:
+        raise ModelError(f"target {profile.name} runs {'/'.join(profile.runtime.formats)}, not "
+                         f"{cfg.format}", target=profile.name)
+    if cfg.prune is not None and not 0.0 < cfg.prune < 1.0:
+        raise ModelError(f"--prune takes a sparsity between 0 and 1 (exclusive), not {cfg.prune}")
+    with tempfile.TemporaryDirectory(prefix="edgepack-build-") as work:
+        src, prune_notes = _prune_keras_source(cfg, src, Path(work), progress)
+        from edgepack.host.pipeline_tflite import run_tflite_build, wants_tflite
 
+        if wants_tflite(cfg, profile):
+            from edgepack.host.importers import import_model
+
+            with progress.stage("import"):
+                imported = import_model(src, workdir=Path(work), opset=profile.runtime.opset,
+                                        sample_input=cfg.sample_input)
+            return run_tflite_build(replace(cfg, name=name), profile, imported, progress)
+        result = _build_onnx(cfg, profile, src, Path(work), mode, name, progress)
+        if prune_notes:
+            result.report.setdefault("pruning", {})["keras_fine_tuning"] = prune_notes
+        return result
+
+
+def _prune_keras_source(cfg: BuildConfig, src: Path, work: Path, progress: Progress
+                        ) -> tuple[Path, dict | None]:
+    """``--prune`` with ``--train`` on a Keras model: prune while fine-tuning, before export."""
+    if cfg.prune is None or cfg.train is None:
+        return src, None
+    from edgepack.host.importers import detect_kind
+
+    if detect_kind(src) != "keras":
+        raise ModelError("--train fine-tunes Keras models only; for other models drop --train "
+                         "(one-shot magnitude pruning under the accuracy gate)")
+    from edgepack.host.distill import load_teacher, load_training_npz
+    from edgepack.host.prune import prune_keras
+
+    with progress.stage(f"pruning to {cfg.prune:.0%} with fine-tuning"):
+        model = load_teacher(src, what="model")
+        x, y = load_training_npz(cfg.train, model, flag="--train")
+        pruned, result = prune_keras(model, cfg.prune, (x, y))
+    out = work / f"{src.stem}-pruned.keras"
+    out.write_bytes(result.model_bytes)
+    return out, {"sparsity": result.sparsity_achieved, "notes": list(result.notes),
+                 "fine_tuned_on": Path(cfg.train).name}
+
+
+def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode: str,
+                name: str, progress: Progress) -> BuildResult:
+    from edgepack.host.importers import import_model
+
+    if "onnx" not in profile.runtime.formats:
+        raise ModelError(
+            f"target {profile.name} runs {'/'.join(profile.runtime.formats)} models only; this "
+            "edgepack builds ONNX bundles for it not yet (TFLite and TFLM output are not "
+            "supported). Pick an ONNX target (edgepack targets list).", target=profile.name)
+    with progress.stage("import"):
+        imported = import_model(src, workdir=work, opset=profile.runtime.opset,
+                                sample_input=cfg.sample_input)
+    if imported.onnx_path is None:
+        raise ModelError(f"{src.name} is a {imported.kind} model, which packages only for TFLite "
+                         f"targets; {profile.name} runs ONNX. Build from the source model "
+                         "(Keras, SavedModel or ONNX) instead.", target=profile.name)
+    float_note = None
+    requested = mode
+    if imported.float_only and mode in ("int8", "dynamic"):
+        why = [n for n in imported.notes if "int8" in n] or ["no op has an int8 kernel"]
+        float_note = f"nothing in this model was quantized: kept float32, not {mode} ({why[-1]})"
+        mode = "none"
     with progress.stage("pre-flight"):
-        prepared = prepare_onnx(src, opset=profile.runtime.opset, batch=cfg.batch,
+        prepared = prepare_onnx(imported.onnx_path, opset=profile.runtime.opset, batch=cfg.batch,
                                 target=profile.name)
     fp32_size = len(prepared.model_bytes)
     budget_bytes = profile.budgets.model_mb * 1024 * 1024
@@ -346,7 +414,16 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
         ref = run_outputs(ref_sess, evalset, cfg.batch)
         fp32_lat = measure_latency(ref_sess, feed)
 
-    report: dict[str, Any] = {"warnings": []}
+    report: dict[str, Any] = {"warnings": [float_note] if float_note else []}
+    unpruned = prepared.model_bytes
+    if cfg.prune is not None and cfg.train is None:
+        from edgepack.host.prune import prune_onnx
+
+        with progress.stage(f"pruning to {cfg.prune:.0%}"):
+            pruned = prune_onnx(prepared.model_bytes, cfg.prune)
+        prepared = replace(prepared, model_bytes=pruned.model_bytes)
+        report["pruning"] = {"sparsity": pruned.sparsity_achieved, "notes": list(pruned.notes),
+                             "fine_tuned": False}
     best, kept = _optimize(cfg, profile, prepared, mode, calib, evalset, ref, ctx, progress,
                            report)
     res = best.result
@@ -356,6 +433,7 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
                           f"{profile.name}'s {profile.budgets.model_mb:g} MB model budget",
                           target=profile.name)
     warnings: list[str] = report["warnings"]
+    warnings.extend(res.notes)
     speedup = fp32_lat["p50_ms"] / best.latency["p50_ms"]
     if mode in ("int8", "dynamic") and res.quantized_ops == 0:
         warnings.append("nothing in this model was quantized (no ops with int8 kernels): the "
@@ -380,7 +458,7 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
         summary += f", {len(kept)} node(s) in float"
     m = best.metrics
     optimization = {
-        "mode": effective, "requested": mode, "summary": summary,
+        "mode": effective, "requested": requested, "summary": summary,
         "format": res.scheme.format if res.scheme and effective == "int8" else None,
         "activation_type": res.scheme.activation_type if res.scheme and effective == "int8"
         else None,
@@ -408,6 +486,12 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
                             "cpu": host_cpu(),
                             "representative": profile.host_can_time, "threads": threads},
     }
+    if cfg.prune is not None:
+        from edgepack.host.prune import sparsity_report
+
+        report.setdefault("pruning", {})["report"] = sparsity_report(
+            res.model_bytes, baseline=unpruned).to_dict()
+        optimization["pruning"] = {k: v for k, v in report["pruning"].items() if k != "report"}
     golden, n_golden = _golden(prepared, evalset, best.outputs, cfg.batch)
     from edgepack.host.package import npz_bytes, write_bundle
 
@@ -428,7 +512,8 @@ def run_build(cfg: BuildConfig, progress: Progress | None = None) -> BuildResult
         "toolchain": _toolchain(),
     }
     report.update({
-        "model": {"source": str(src), "inputs": manifest["model"]["inputs"],
+        "model": {"source": str(src), "kind": imported.kind,
+                  "import_notes": list(imported.notes), "inputs": manifest["model"]["inputs"],
                   "outputs": manifest["model"]["outputs"], "preflight": list(prepared.steps),
                   "ops": prepared.op_counts, "source_opset": prepared.source_opset},
         "optimization": optimization,

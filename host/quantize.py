@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class QuantResult:
     scheme: QuantScheme | None
     quantized_ops: int  # ops computing in integer (0 → nothing was quantized)
     excluded_nodes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def count_quantized(model: Any) -> int:
@@ -72,13 +73,8 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
                     nodes_to_exclude: Iterable[str] = (),
                     tick: Callable[[int], None] | None = None) -> QuantResult:
     """Calibrated int8 with ``scheme``; ``nodes_to_exclude`` stay in float."""
-    import onnx
-    from onnxruntime import quantization as q
-
     if len(calib) == 0:
         raise DataError("int8 needs calibration samples; --calibration holds none")
-    methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-               "percentile": q.CalibrationMethod.Percentile}
     # Memory stays bounded by the sample cap: MinMax keeps only per-tensor (ReduceMin, ReduceMax)
     # per sample. onnxruntime's CalibMaxIntermediateOutputs is deliberately not used: in 1.32 it
     # discards the collected batches instead of folding them into the ranges.
@@ -89,6 +85,27 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     excluded = tuple(nodes_to_exclude)
+    try:
+        return _static(model_bytes, calib, scheme, method, batch, excluded, extra, tick)
+    except ModelError as exc:
+        if not scheme.per_channel:
+            raise
+        # onnxruntime 1.32 fails per-channel on some Gemm+bias graphs (a scalar comparison of
+        # per-channel scale arrays); per-tensor weights still quantize them.
+        per_tensor = replace(scheme, per_channel=False)
+        res = _static(model_bytes, calib, per_tensor, method, batch, excluded, extra, tick)
+        return replace(res, notes=(f"per-channel int8 failed in onnxruntime ({exc.message}); "
+                                   f"used per-tensor weights ({per_tensor.label})",))
+
+
+def _static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, method: str, batch: int,
+            excluded: tuple[str, ...], extra: dict, tick: Callable[[int], None] | None
+            ) -> QuantResult:
+    import onnx
+    from onnxruntime import quantization as q
+
+    methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+               "percentile": q.CalibrationMethod.Percentile}
     with tempfile.TemporaryDirectory(prefix="edgepack-q-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model_bytes)

@@ -102,6 +102,16 @@ def render_build(report: dict) -> None:
                       _fmt(row["drop_points"], ".2f"), "pass" if row["passed"] else "FAIL",
                       row["result"])
         c.print(v)
+    pr = report.get("pruning")
+    if pr:
+        rep = pr.get("report", {})
+        line = f"pruned to {100 * pr.get('sparsity', 0):.1f}% sparsity"
+        if rep.get("compressed_ratio"):
+            line += (f"; compressed (deflate) model {rep['compressed_bytes']:,} B, "
+                     f"{rep['compressed_ratio']:.2f}x smaller than unpruned")
+        c.print(line)
+        c.print("[dim]unstructured sparsity does not speed up onnxruntime or TFLite CPU kernels: "
+                "the gain is transfer and storage size[/]")
     if opt.get("nodes_in_float"):
         c.print(f"kept in float to pass the gate: {', '.join(opt['nodes_in_float'])}")
     for name, why in acc.get("not_compared", {}).items():

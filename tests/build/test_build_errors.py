@@ -69,7 +69,7 @@ def test_text_file_is_refused(tmp_path, out):
 
     result = _build([str(bad), "-t", "rpi4", "--quantize", "none"], out)
 
-    _assert_clean_failure(result, out, "error:", "not an .onnx file", "export")
+    _assert_clean_failure(result, out, "error:", "cannot tell the format", "ONNX (.onnx)")
 
 
 @pytest.mark.parametrize("arrays, needles", [
