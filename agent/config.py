@@ -79,7 +79,7 @@ class BrokerSection:
 class TransferSection:
     """How bundles are fetched."""
 
-    window: int = 8  # chunks requested at a time
+    window: int = 16  # chunks requested at a time (16 x 256 KiB = 4 MiB in flight)
     chunk_timeout_s: float = 30.0  # a window must complete within this (while connected)
     manifest_timeout_s: float = 30.0  # the retained bundle manifest must arrive within this
     max_bundle_mb: float = 1024.0  # refuse anything larger

@@ -68,9 +68,13 @@ class Link(Protocol):
     def unsubscribe(self, topics: list[str]) -> bool: ...
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``path`` so that a crash leaves either the old or the new content: temp, fsync,
-    rename, fsync the directory."""
+    rename, fsync the directory.
+
+    ``durable=False`` skips the directory fsync: after a power cut the rename may be lost (the
+    old content comes back), which is fine for progress records that only save re-fetching.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -79,6 +83,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -386,7 +392,7 @@ class Transfer:
         self.stats.written += 1
         self.stats.chunks_done += 1
         if all(self._has(j) for j in self._inflight):
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
             self._save_progress()
             self._unsubscribe([self._chunk_topic(j) for j in self._inflight])
             if self.on_progress is not None:
@@ -421,7 +427,7 @@ class Transfer:
     def _save_progress(self) -> None:
         doc = {"bundle_id": self.bundle_id, "chunks": self.stats.chunks_total,
                "have": base64.b64encode(bytes(self._have)).decode(), "ts": time.time()}
-        atomic_write(self.progress_path, json.dumps(doc).encode())
+        atomic_write(self.progress_path, json.dumps(doc).encode(), durable=False)
 
     def _load_saved(self) -> bytes | None:
         if not self.table_path.exists():

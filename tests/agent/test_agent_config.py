@@ -26,7 +26,7 @@ def test_minimal_config_resolves_paths_against_its_folder(tmp_path):
     assert cfg.trusted_keys == (str(tmp_path / "keys" / "fleet.pub"),)
     assert cfg.socket_path == tmp_path / "data" / "agent.sock"
     assert cfg.broker_config().url == "mqtt://127.0.0.1:1883"
-    assert cfg.transfer.window == 8 and cfg.health.max_crashes == 3
+    assert cfg.transfer.window == 16 and cfg.health.max_crashes == 3
 
 
 @pytest.mark.parametrize("text, key", [
