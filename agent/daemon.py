@@ -233,6 +233,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        self._lock_fd = _lock_data_dir(Path(cfg.data_dir))
         self.topics = Topics(cfg.fleet)
         self.keys = load_public_keys(cfg.trusted_keys) if cfg.trusted_keys else {}
         self.installer = Installer(cfg.data_dir)
@@ -344,6 +345,7 @@ class Agent:
             self.server.close()
         self.installer.clean_exit()
         self.outbox.close()
+        os.close(self._lock_fd)
         log.info("edgepack-agent stopped")
 
     # ------------------------------------------------------------------ inbox
@@ -784,6 +786,24 @@ class Agent:
                 self.outbox.ack(row.id)
             else:
                 self._inflight[sent] = row.id
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """One agent per data directory: a second one would fight over slots and the socket."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise EdgepackError(f"another edgepack-agent (pid {other}) is running with data_dir "
+                            f"{data_dir}; stop it first (systemctl stop edgepack-agent)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _label(info: SlotInfo | None) -> str:

@@ -190,7 +190,7 @@ class Model:
     def feeds(self, inputs: Any) -> dict[str, Any]:
         """Turn an array, a list (model order) or a mapping into named, typed inputs."""
         if isinstance(inputs, Mapping):
-            items = dict(inputs)
+            items = inputs
         elif isinstance(inputs, (list, tuple)) and len(self.inputs) > 1:
             if len(inputs) != len(self.inputs):
                 raise DataError(f"model takes {len(self.inputs)} inputs, got {len(inputs)}")
@@ -205,9 +205,10 @@ class Model:
             if s.name not in items:
                 raise DataError(f"missing input {s.name!r} (model inputs: "
                                 f"{', '.join(x.name for x in self.inputs)})")
-            out[s.name] = self._convert(s, items.pop(s.name))
-        if items:
-            raise DataError(f"unknown input(s) {', '.join(sorted(items))} (model inputs: "
+            out[s.name] = self._convert(s, items[s.name])
+        if len(items) != len(out):
+            extra = sorted(set(items) - set(out))
+            raise DataError(f"unknown input(s) {', '.join(extra)} (model inputs: "
                             f"{', '.join(x.name for x in self.inputs)})")
         return out
 
@@ -215,6 +216,8 @@ class Model:
         dt = self._dtypes.get(spec.name)
         if dt is None:
             return x
+        if type(x) is np.ndarray and x.dtype == dt and x.ndim == len(spec.shape):
+            return x  # the common case, kept cheap: this runs on every call
         arr = np.asarray(x)
         if spec.scale and dt.kind in "iu" and arr.dtype.kind == "f":
             info = np.iinfo(dt)  # quantize float input for an int8/uint8 model

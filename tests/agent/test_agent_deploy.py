@@ -203,3 +203,21 @@ def test_in_process_agent(tmp_path, mosquitto, fleet, bundles, keys):
         state = watcher.wait_state(lambda s: not s.get("online"))
         assert state["active"]["bundle_id"] == bid
     assert Model.active(cfg.parent / "data").bundle_id == bid  # the Python API for apps
+
+
+def test_one_agent_per_data_dir(tmp_path, mosquitto, fleet, keys):
+    import subprocess
+    import sys
+
+    cfg = agent_config(tmp_path / "d", mosquitto.url, fleet, pub=keys.pub)
+    first = AgentProcess(cfg).start()
+    try:
+        with Watcher(mosquitto.url, fleet) as watcher:
+            watcher.wait_state(lambda s: s.get("online"), timeout=20)
+            second = subprocess.run([sys.executable, "-m", "edgepack.agent.daemon", "--config",
+                                     str(cfg)], capture_output=True, text=True, timeout=30)
+            assert second.returncode == 2
+            assert f"pid {first.proc.pid}" in second.stderr and "already" not in second.stdout
+            assert first.alive
+    finally:
+        assert first.stop() == 0
