@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import TARGET, AmqttBroker, build_bundle  # noqa: E402
+from agent_helpers import TARGET, AmqttBroker, build_bundle  # noqa: E402
 
 
 class Keys:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from helpers import AgentProcess, Watcher, agent_config, deploy
+from agent_helpers import AgentProcess, Watcher, agent_config, deploy
 
 from edgepack.agent.inference import Client
 

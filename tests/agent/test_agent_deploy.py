@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import AgentProcess, Watcher, agent_config, deploy, publish_desired
+from agent_helpers import AgentProcess, Watcher, agent_config, deploy, publish_desired
 
 from edgepack.agent.inference import Client
 from edgepack.agent.mqtt import SyncClient
@@ -182,7 +182,7 @@ def test_group_desired_and_device_override(tmp_path, mosquitto, fleet, bundles, 
 
 def test_in_process_agent(tmp_path, mosquitto, fleet, bundles, keys):
     """The agent also runs in a thread of another program (tests, demos): stop() is clean."""
-    from helpers import AgentThread
+    from agent_helpers import AgentThread
 
     from edgepack.agent.inference import Model
 

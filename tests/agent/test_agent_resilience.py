@@ -11,8 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_helpers import (
+    AgentProcess,
+    TcpProxy,
+    Watcher,
+    agent_config,
+    deploy,
+    publish_desired,
+)
 from brokers import start_mosquitto
-from helpers import AgentProcess, TcpProxy, Watcher, agent_config, deploy
 
 from edgepack.agent.inference import Client
 from edgepack.host.publish import publish_bundle
@@ -51,8 +58,6 @@ def test_resume_after_broker_restart_mid_transfer(tmp_path, durable_mosquitto, f
     try:
         with Watcher(broker.url, fleet) as watcher:
             watcher.wait_state(lambda s: s.get("online"), timeout=20)
-            from helpers import publish_desired
-
             dep = publish_desired(broker.url, fleet, info["bundle_id"])
             first = watcher.wait_event("download_progress", dep, timeout=30)
             assert first["chunks_done"] < total
@@ -79,8 +84,6 @@ def test_kill9_mid_transfer_resumes_from_disk(tmp_path, mosquitto, fleet, bundle
     try:
         with Watcher(mosquitto.url, fleet) as watcher:
             watcher.wait_state(lambda s: s.get("online"), timeout=20)
-            from helpers import publish_desired
-
             dep = publish_desired(mosquitto.url, fleet, info["bundle_id"])
             watcher.wait(lambda: [e for e in watcher.events if e["kind"] == "download_progress"
                                   and e["chunks_done"] >= 16], timeout=30, what="progress")
