@@ -550,7 +550,7 @@ class Collector:
     # ------------------------------------------------------------------ maintenance
     def _run_maintenance(self) -> None:
         next_prune = time.monotonic() + 5.0
-        while not self._stop.wait(min(self.opts.heartbeat_s, 5.0)):
+        while True:
             try:
                 self.storage.set_meta(f"collector:{self.client_id}", json.dumps(
                     {"ts": time.time(), "connected": self.connected, "broker": self.cfg.url,
@@ -560,6 +560,8 @@ class Collector:
                     self.prune()
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try next round
                 log.debug("maintenance skipped: %s", exc)
+            if self._stop.wait(min(self.opts.heartbeat_s, 5.0)):
+                return
 
     def prune(self) -> dict[str, int]:
         """Apply the retention policy now."""

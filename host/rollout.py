@@ -633,7 +633,7 @@ class RolloutEngine:
             detail = (f"over budget in {row['bad']}/{row['n']} telemetry reports: "
                       + ", ".join(parts))
             updates.append({"device_id": d["device_id"], "status": "failed", "detail": detail})
-            d["status"] = "failed"
+            d.update(status="failed", detail=detail)
         self.storage.update_rollout_devices(r["id"], updates)
         self.storage.add_rollout_log(r["id"], f"stage {r['stage'] + 1}: {len(updates)} "
                                      "device(s) over the bundle's budgets during the soak")
@@ -701,16 +701,22 @@ class RolloutEngine:
         r = ctx.rollout
         topics = Topics(r["fleet"])
         targets = [d for d in devices if d["status"] not in ("waiting", "rolled_back")]
+        running = {d["device_id"]: d.get("bundle_id") for d in self.storage.devices(
+            r["fleet"], ids=[t["device_id"] for t in targets])}
         updates = []
         with SyncClient(self.cfg, timeout=30) as c:
             mids = []
             for d in targets:
                 if d.get("previous"):
                     mids.append(self._pin(c, topics, r, d))
-                    if d["status"] in ("failed", "rolling_back"):
+                    if d["status"] == "rolling_back" or (
+                            d["status"] == "failed"
+                            and running.get(d["device_id"]) == d["previous"]["bundle_id"]):
                         continue  # a failed device kept (or went back to) its old bundle itself
+                    back = f"back to {d['previous'].get('version')}"
                     updates.append({"device_id": d["device_id"], "status": "rolling_back",
-                                    "detail": f"back to {d['previous'].get('version')}"})
+                                    "detail": f"{d['detail']}; {back}" if d["status"] == "failed"
+                                    and d.get("detail") else back})
                 else:
                     mids.append(c.publish(topics.desired(d["device_id"]), b"", qos=1,
                                           retain=True, wait=False))
