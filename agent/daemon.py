@@ -95,7 +95,8 @@ class _Connection:
             with self._lock:
                 self.gen += 1
                 gen = self.gen
-            client = make_client(self.cfg, self.client_id, clean_session=False, will=self.will)
+            client = make_client(self.cfg, self.client_id, clean_session=False, will=self.will,
+                                 reconnect_on_failure=False)
             client.connect_timeout = self.cfg.connect_timeout
             ended = threading.Event()
             outcome: dict[str, bool] = {}
@@ -154,7 +155,6 @@ class _Connection:
         def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
             inbox.put(("puback", gen, mid))
 
-        client.on_socket_open = _no_delay
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_message = on_message
@@ -205,13 +205,6 @@ class _Connection:
                 client.disconnect()
             client.loop_stop()
         self._thread.join(timeout=5)
-
-
-def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
-    # Without TCP_NODELAY a SUBSCRIBE sent right after a burst of PUBACKs waits for the broker's
-    # delayed ACK (40 ms on Linux): every transfer window would stall that long.
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass
