@@ -172,6 +172,7 @@ class Collector:
         self._report_seen: set[tuple[str, str]] = set()
         self._threads: list[threading.Thread] = []
         self._force_v311 = self.opts.shared == "off"
+        self._v5_worked = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Collector:
@@ -338,7 +339,10 @@ class Collector:
             self._client = client
         client.loop_start()
         try:
-            kind, rc, props = self._next_event(events, self.cfg.connect_timeout)
+            # a broker that does not speak MQTT 5 may just hang up, or say nothing at all
+            probe = v5 and self.opts.shared == "auto" and not self._v5_worked
+            kind, rc, props = self._next_event(
+                events, min(self.cfg.connect_timeout, 3.0) if probe else self.cfg.connect_timeout)
             if kind != "connack" or getattr(rc, "is_failure", False):
                 if v5 and (kind != "connack" or int(getattr(rc, "value", 0)) in (1, 0x84)):
                     return "v5_refused"  # dropped before CONNACK / unsupported protocol version
@@ -349,6 +353,7 @@ class Collector:
                     getattr(props, "SharedSubscriptionAvailable", 1) == 0:
                 shared = False
             self.protocol = "5" if v5 else "3.1.1"
+            self._v5_worked = self._v5_worked or v5
             if not self._subscribe(client, events, shared):
                 if not shared:
                     return "failed"

@@ -109,7 +109,7 @@ class _FleetCollector:
                     seen.add_metric([fleet, dev], float(d["last_seen"]))
                 t = d.get("telemetry") or {}
                 for q, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
-                    if t.get(key) is not None:
+                    if t.get(key) is not None and t.get("inferences") != 0:
                         latency.add_metric([fleet, dev, q], t[key] / 1000.0)
                 for fam, key, scale in ((rss, "rss_mb", _MB), (peak, "peak_rss_mb", _MB),
                                         (cpu, "cpu_percent", 0.01), (temp, "temperature_c", 1.0),

@@ -64,6 +64,13 @@ def health_of(device: dict[str, Any], budgets: dict[str, float], now: float,
     return ("degraded", "; ".join(problems)) if problems else ("healthy", "")
 
 
+def _latency_when_serving(t: dict[str, Any]) -> dict[str, Any]:
+    """Latency figures of a window without inferences are not measurements: blank them."""
+    if t.get("inferences") == 0:
+        return {**t, "p50": None, "p95": None, "p99": None, "max_ms": None}
+    return t
+
+
 def _ago(s: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= size:
@@ -102,7 +109,7 @@ class FleetAPI:
         for d in self.storage.devices(fleet):
             health, why = health_of(d, budgets.get(d.get("bundle_id") or "", {}), now,
                                     self.stale_after_s)
-            t = d.get("telemetry") or {}
+            t = _latency_when_serving(d.get("telemetry") or {})
             rows.append({
                 "device": d["device_id"], "online": d["online"],
                 "status": "online" if d["online"] else "offline" if d["online"] is False
@@ -191,6 +198,7 @@ class FleetAPI:
         for k in _SERIES:
             series[k] = []
         step = max(1, -(-len(rows) // max(points, 1)))
+        rows = [_latency_when_serving(r) for r in rows]
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
             series["ts"].append(chunk[-1]["ts"])
