@@ -35,6 +35,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _broker_class() -> type:
+    """amqtt's Broker, mended where it breaks edgepack's protocol.
+
+    amqtt 0.12 sends, to every client that connects, the retained messages of every topic filter
+    *any* session has subscribed to (it loops over all subscriptions, not the session's own). A
+    device would receive other devices' desired states and every bundle's chunks. Retained
+    messages are only sent for filters the session itself holds.
+    """
+    from amqtt.broker import Broker
+
+    class _Broker(Broker):
+        async def _publish_retained_messages_for_subscription(
+                self, subscription: tuple[str, int], session: Any) -> None:
+            holders = self._subscriptions.get(subscription[0], [])
+            if any(s.client_id == session.client_id for s, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return _Broker
+
+
 class EmbeddedBroker:
     """amqtt running in a daemon thread; ``start()``/``stop()`` or ``with EmbeddedBroker(...)``.
 
@@ -128,8 +148,7 @@ class EmbeddedBroker:
             loop.close()
 
     async def _serve(self, started: Future) -> None:
-        from amqtt.broker import Broker
-
+        Broker = _broker_class()  # noqa: N806 - a class
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
                                       "max_connections": -1}},

@@ -86,3 +86,22 @@ def test_broker_command_port_in_use(embedded_broker: EmbeddedBroker) -> None:
     r = CliRunner().invoke(main, ["broker", "--port", str(embedded_broker.port)])
     assert r.exit_code == 1
     assert "error: the embedded broker cannot listen" in r.output
+
+
+def test_a_new_client_gets_only_the_retained_messages_it_subscribed_to(
+        embedded_broker: EmbeddedBroker, fleet: str) -> None:
+    # amqtt 0.12 sends every connecting client the retained messages of every filter any
+    # session holds; edgepack's broker must not (a device would see others' desired states).
+    other, mine = f"{fleet}/devices/other/desired", f"{fleet}/devices/me/telemetry"
+    with SyncClient(embedded_broker.url) as pub:
+        pub.publish(other, b"for someone else", retain=True)
+    holder = SyncClient(embedded_broker.url)
+    holder.connect()
+    try:
+        holder.subscribe(other)
+        assert holder.get(2) is not None
+        with SyncClient(embedded_broker.url) as c:
+            c.subscribe(mine)
+            assert c.get(1.5) is None
+    finally:
+        holder.close()
