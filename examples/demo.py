@@ -106,12 +106,12 @@ def serve_and_measure(url: str, data_dir: Path) -> None:
         c.subscribe(topics.telemetry(DEVICE))
         deadline = time.monotonic() + 20
         shown = 0
-        while time.monotonic() < deadline and shown < 2:
+        while time.monotonic() < deadline and not shown:
             m = c.get(deadline - time.monotonic())
             if m is None:
                 break
             t = decode(m[1], "telemetry")
-            if not t.get("inferences") and shown == 0:
+            if not t.get("inferences"):
                 continue
             shown += 1
             lat = t.get("latency_ms") or {}
@@ -149,7 +149,12 @@ def run_fleet(bundle: str) -> None:
                  "device.toml", "--force")
         conf = WORK / "device.toml"
         # Report every 2 s instead of 30 s so the demo shows telemetry quickly.
-        conf.write_text(re.sub(r"(?m)^interval_s = .*$", "interval_s = 2.0", conf.read_text()))
+        text = conf.read_text()
+        if "[telemetry]" in text:
+            text = re.sub(r"(?m)^interval_s = .*$", "interval_s = 2.0", text)
+        else:
+            text += "\n[telemetry]\ninterval_s = 2.0\n"
+        conf.write_text(text)
         print("\n$ edgepack-agent --config device.toml &", flush=True)
         with open(logs / "agent.log", "wb") as log:
             agent = subprocess.Popen([sys.executable, "-m", "edgepack.agent.daemon", "--config",
