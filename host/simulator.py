@@ -650,7 +650,7 @@ class Simulator:
                 "failing_health": sum(d.fails_health for d in self.devices),
                 "over_budget": sum(d.over_budget for d in self.devices),
                 "telemetry_sent": c.get("telemetry", 0), "counters": c,
-                "active": dict(Counter(d.active["version"] if d.active else None
+                "active": dict(Counter(d.active["version"] if d.active else "none"
                                        for d in self.devices))}
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
