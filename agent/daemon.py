@@ -37,6 +37,7 @@ from typing import Any
 from edgepack.agent import __version__
 from edgepack.agent.bundle import Bundle, parse_version, read_bundle
 from edgepack.agent.config import AgentConfig, load_config
+from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import BundleError, EdgepackError, SignatureError
 from edgepack.agent.health import HealthCheck, HealthOptions
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
@@ -444,9 +445,14 @@ class Agent:
         active = self.installer.active
         if active is not None and active.bundle_id == want.bundle_id:
             if self.installer.state.get("handled") != want.deployment_id:
+                # the event first: a kill between commit and report leaves "handled" unset, so
+                # the restarted agent still reports the install (at least once, via the outbox)
+                mine = active.deployment_id == want.deployment_id
+                self._event("installed", f"{active.name} {active.version} "
+                            + ("was committed before the agent restarted" if mine
+                               else "is already active"),
+                            desired=want, slot=active.slot, already_active=not mine)
                 self.installer.mark_handled(want.deployment_id)
-                self._event("installed", f"{active.name} {active.version} is already active",
-                            desired=want, slot=active.slot, already_active=True)
                 self._publish_state()
             return
         failed = self.installer.is_failed(want.deployment_id, want.bundle_id)
@@ -607,6 +613,7 @@ class Agent:
         d = job.desired
         job.phase = "verifying"
         self.installer.set_phase("verifying")
+        crash_point("verifying")
         try:
             bundle: Bundle = read_bundle(job.transfer.result_path, bundle_id=d.bundle_id)
             key = bundle.verify(self.keys, allow_unsigned=self.cfg.allow_unsigned)
@@ -636,6 +643,7 @@ class Agent:
         job.health = HealthCheck(self.installer.slot_dir(job.slot.slot), HealthOptions(
             threads=self.cfg.runtime.threads, warmup=h.warmup_runs, runs=h.latency_runs,
             enforce_budgets=h.enforce_budgets, timeout_s=h.timeout_s))
+        crash_point("health_checking")
         self._publish_state()
 
     def _after_health(self, job: _Job, report: Any) -> None:
@@ -669,6 +677,7 @@ class Agent:
         self._event("installed", f"{info.name} {info.version} committed in slot {slot} "
                     f"({report.summary()})", desired=d, slot=slot, health=report.to_dict(),
                     previous=old.public() if old else None)
+        self.installer.mark_handled(d.deployment_id)
         self._finish(job)
 
     def _finish(self, job: _Job) -> None:

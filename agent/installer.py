@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.agent.bundle import Bundle, sha256_file
+from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import InstallError
 from edgepack.agent.transfer import atomic_write
 
@@ -223,12 +224,14 @@ class Installer:
                         format=str(m["model"]["format"]), installed_at=time.time())
         atomic_write(tmp / "slot.json", json.dumps(info.to_dict()).encode())
         _fsync_dir(tmp)
+        crash_point("staging")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         s["slots"][slot] = info.to_dict()
         s["phase"] = "staged"
         self.save()
+        crash_point("staged")
         return info
 
     def commit(self, slot: str, now: float | None = None) -> SlotInfo:
@@ -241,8 +244,10 @@ class Installer:
         s["phase"], s["candidate"] = "idle", None
         s["committed_at"] = time.time() if now is None else now
         s["crashes"] = []
-        s["handled"] = info.deployment_id
+        # "handled" is set by the agent once the install is reported (mark_handled)
+        crash_point("committing")
         self.save()
+        crash_point("committed")
         return info
 
     def abandon(self, deployment_id: str, bundle_id: str, kind: str, detail: str, *,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgepack.agent.bundle import sha256_file
+from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import (
     BundleError,
     EdgepackError,
@@ -391,6 +392,7 @@ class Transfer:
         self._set(i)
         self.stats.written += 1
         self.stats.chunks_done += 1
+        crash_point("downloading")
         if all(self._has(j) for j in self._inflight):
             os.fdatasync(self._fd)
             self._save_progress()
