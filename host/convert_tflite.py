@@ -584,13 +584,14 @@ def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: li
 # ONNX input and the Edge TPU compiler
 
 
-def onnx_to_saved_model(onnx_path: str | Path, workdir: str | Path) -> Path:
+def onnx_to_saved_model(onnx_path: str | Path, workdir: str | Path, target: str = "") -> Path:
     """ONNX → TF SavedModel through onnx2tf, or ModelError saying why it is not possible."""
     try:
         import onnx2tf  # type: ignore[import-not-found]
     except ImportError:
         raise ModelError(
-            f"{Path(onnx_path).name} is ONNX, and a TFLite target needs it converted through "
+            f"{Path(onnx_path).name} is ONNX, and {target or 'a TFLite target'} (TFLite/TFLM) "
+            "needs it converted through "
             "onnx2tf, which is not installed here (its current releases pin older tensorflow, "
             "numpy and onnx than edgepack's). Export the original model as Keras or a "
             "SavedModel and build from that, or pick a target that runs ONNX (edgepack "

@@ -108,7 +108,7 @@ def _source(cfg: BuildConfig, imported: Any, workdir: str) -> tuple[str | None, 
                              f"{getattr(imported, 'kind', 'model')} with no TFLite path (no int8 "
                              "kernels either): pick a target that runs ONNX.")
         if getattr(imported, "onnx_path", None):
-            return str(onnx_to_saved_model(imported.onnx_path, workdir)), None, notes + [
+            return str(onnx_to_saved_model(imported.onnx_path, workdir, cfg.target)), None, notes + [
                 "ONNX converted to TensorFlow with onnx2tf"]
     src = Path(cfg.model)
     if src.is_dir() and (src / "saved_model.pb").exists():
@@ -119,7 +119,7 @@ def _source(cfg: BuildConfig, imported: Any, workdir: str) -> tuple[str | None, 
         except OSError as exc:
             raise ModelError(f"cannot read {src}: {exc.strerror}") from None
     if src.suffix.lower() == ".onnx":
-        return str(onnx_to_saved_model(src, workdir)), None, notes
+        return str(onnx_to_saved_model(src, workdir, cfg.target)), None, notes
     raise ModelError(f"{src} is not a SavedModel directory or a .tflite file (Keras models come "
                      "through the importer)")
 
