@@ -44,6 +44,7 @@ from edgepack.agent.inference import InferenceServer, InferenceService, Model
 from edgepack.agent.installer import Installer, SlotInfo
 from edgepack.agent.mqtt import BrokerConfig, make_client
 from edgepack.agent.outbox import Outbox
+from edgepack.agent.profiler import Profiler
 from edgepack.agent.protocol import (
     ChunkTable,
     DesiredState,
@@ -259,6 +260,11 @@ class Agent:
         b = cfg.broker
         self.net = _Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
                                will, self.inbox, b.reconnect_min_s, b.reconnect_max_s)
+        # Profile jobs run in the profiler's thread; its answers come back through the inbox
+        # because only this loop writes the outbox.
+        self.profiler = Profiler(cfg, self.topics, link=self.net, keys=self.keys,
+                                 emit=lambda topic, body: self.inbox.put(("emit", 0, topic, body)),
+                                 busy=lambda: self.job is not None)
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -333,6 +339,7 @@ class Agent:
                 job.health.kill()
             if job.transfer is not None and not job.transfer.done:
                 job.transfer.cancel()
+        self.profiler.close()
         self.net.close((self.state_topic, encode(self._state_payload(online=False))),
                        self.connected)
         if self.server is not None:
@@ -360,6 +367,11 @@ class Agent:
         elif kind in ("connect_failed", "refused") and gen == self.net.gen:
             self._on_disconnected()
             log.warning("cannot connect to %s: %s", self.net.cfg.url, item[2])
+        elif kind == "emit":  # a profile job's answer, from the profiler thread
+            try:
+                self.outbox.put(item[2], item[3], qos=1)
+            except sqlite3.Error as exc:
+                log.error("cannot queue %s: %s", item[2], exc)
 
     def _on_connected(self) -> None:
         self.connected = True
@@ -368,6 +380,8 @@ class Agent:
         log.info("connected to %s", self.net.cfg.url)
         self._publish_state()
         self.net.subscribe([self.desired_topic, *self.group_topics])
+        self.net.subscribe([self.profiler.jobs_topic])
+        self.profiler.on_connected()
         if self.job is not None and self.job.transfer is not None:
             self.job.transfer.on_connected()
         self._flush_outbox()
@@ -376,10 +390,13 @@ class Agent:
         self.connected = False
         self._inflight.clear()
         self._sent_upto = 0
+        self.profiler.on_disconnected()
         if self.job is not None and self.job.transfer is not None:
             self.job.transfer.on_disconnected()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.profiler.wants(topic):  # its jobs, and chunks it fetches (maybe an install's too)
+            self.profiler.on_message(topic, payload)
         if topic == self.desired_topic:
             self.desired_device = parse_desired(payload)
             self._reconcile()

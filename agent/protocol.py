@@ -7,11 +7,13 @@ reference a firmware author implements from; keep the two in step.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgepack.agent.errors import ProtocolError
@@ -28,6 +30,15 @@ __all__ = [
     "parse_desired",
     "parse_chunk_table",
     "chunk_table_payload",
+    "RESULT_KINDS",
+    "REFUSAL_REASONS",
+    "MAX_EVAL_BYTES",
+    "MAX_JOB_BUNDLES",
+    "JobBundle",
+    "ProfileJob",
+    "job_signed_part",
+    "parse_profile_job",
+    "parse_result",
 ]
 
 VERSION = "v1"
@@ -76,6 +87,14 @@ class Topics:
 
     def desired(self, device_id: str) -> str:
         return self.device(device_id, "desired")
+
+    def jobs(self, device_id: str) -> str:
+        """Profile jobs for one device (host → device, QoS 1, not retained)."""
+        return self.device(device_id, "jobs")
+
+    def results(self, device_id: str) -> str:
+        """Profile job answers: accepted/refused, progress, per-bundle results, done."""
+        return self.device(device_id, "results")
 
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}groups/{check_id(group, 'group name')}/desired"
@@ -212,3 +231,142 @@ def parse_chunk_table(data: bytes, expected_id: str | None = None) -> ChunkTable
                       manifest=_field(d, "manifest", dict, what),
                       signature=_field(d, "signature", dict, what, required=False),
                       table_sig=_field(d, "table_sig", dict, what, required=False))
+
+
+# --------------------------------------------------------------------------- profile jobs
+RESULT_KINDS = ("accepted", "refused", "progress", "result", "done")
+REFUSAL_REASONS = ("malformed", "signature", "expired", "duplicate", "busy", "memory", "disk")
+MAX_JOB_BUNDLES = 16
+MAX_EVAL_BYTES = 512 * 1024  # decoded eval .npz: base64 keeps the job under MAX_JSON_BYTES
+_UNSIGNED_FIELDS = ("sig", "ts")
+
+
+@dataclass(frozen=True)
+class JobBundle:
+    """One published bundle a profile job names."""
+
+    bundle_id: str
+    bytes: int | None = None  # lets the device refuse early when its disk cannot hold it
+    label: str = ""  # informational (e.g. the quantization scheme)
+
+    def to_payload(self) -> dict:
+        d: dict[str, Any] = {"bundle_id": self.bundle_id}
+        if self.bytes is not None:
+            d["bytes"] = self.bytes
+        if self.label:
+            d["label"] = self.label
+        return d
+
+
+@dataclass(frozen=True)
+class ProfileJob:
+    """A signed request to measure published bundles on one device (``devices/{id}/jobs``).
+
+    Every field the signature covers is a string, integer, boolean, null, array or object — no
+    floats — so that any implementation re-encodes the same canonical JSON.
+    """
+
+    job_id: str
+    deadline: int  # unix seconds (device clock): answer before, never start after
+    bundles: tuple[JobBundle, ...]
+    runs: int = 50
+    warmup: int = 5
+    threads: int = 0  # 0: as the device runs the bundle (its config, then the bundle's)
+    op_profile: bool = True
+    timeout_s: int = 300  # wall time the device may spend from receipt (clock-skew guard)
+    max_rss_mb: int | None = None  # kill a measurement whose RSS exceeds this
+    eval_npz: bytes | None = field(default=None, repr=False)
+    sig: dict | None = None
+
+    def to_payload(self) -> dict:
+        """The signed part (no ``sig``, no ``ts``)."""
+        d: dict[str, Any] = {
+            "job_id": self.job_id, "deadline": int(self.deadline),
+            "bundles": [b.to_payload() for b in self.bundles], "runs": self.runs,
+            "warmup": self.warmup, "threads": self.threads, "op_profile": self.op_profile,
+            "timeout_s": int(self.timeout_s), "max_rss_mb": self.max_rss_mb,
+            "eval": None,
+        }
+        if self.eval_npz is not None:
+            d["eval"] = {"npz": base64.b64encode(self.eval_npz).decode(),
+                         "sha256": hashlib.sha256(self.eval_npz).hexdigest()}
+        return d
+
+
+def job_signed_part(payload: Mapping[str, Any]) -> dict:
+    """What a job's ``sig`` covers: every field except ``sig`` and ``ts``."""
+    return {k: v for k, v in payload.items() if k not in _UNSIGNED_FIELDS}
+
+
+def _no_floats(obj: Any, where: str) -> None:
+    if isinstance(obj, float):
+        raise ProtocolError(f"profile job field '{where}' is a float; signed job fields must be "
+                            "integers (canonical JSON has no portable float form)")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _no_floats(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_floats(v, f"{where}[{i}]")
+
+
+def _int_in(d: Mapping, key: str, lo: int, hi: int, default: int | None, what: str) -> int | None:
+    v = _field(d, key, int, what, required=False)
+    if v is None:
+        return default
+    if not lo <= v <= hi:
+        raise ProtocolError(f"{what} field '{key}' = {v} is outside [{lo}, {hi}]")
+    return v
+
+
+def parse_profile_job(data: bytes) -> ProfileJob:
+    """Parse and bound-check a profile job (the signature is checked by the caller)."""
+    what = "profile job"
+    d = decode(data, what)
+    job_id = check_id(_field(d, "job_id", str, what), "job id")
+    _no_floats(job_signed_part(d), "")
+    raw_bundles = _field(d, "bundles", list, what)
+    if not 1 <= len(raw_bundles) <= MAX_JOB_BUNDLES:
+        raise ProtocolError(f"{what} names {len(raw_bundles)} bundles (1 to {MAX_JOB_BUNDLES})")
+    bundles = []
+    for i, b in enumerate(raw_bundles):
+        if not isinstance(b, dict):
+            raise ProtocolError(f"{what} bundles[{i}] is not an object")
+        size = _field(b, "bytes", int, f"{what} bundles[{i}]", required=False)
+        bundles.append(JobBundle(bundle_id=_check_sha(_field(b, "bundle_id", str, what)),
+                                 bytes=size, label=str(b.get("label") or "")[:64]))
+    eval_npz = None
+    ev = _field(d, "eval", dict, what, required=False)
+    if ev is not None:
+        text = _field(ev, "npz", str, f"{what} eval")
+        if len(text) > (MAX_EVAL_BYTES * 4) // 3 + 4:
+            raise ProtocolError(f"{what} eval samples are over {MAX_EVAL_BYTES} bytes")
+        try:
+            eval_npz = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError):
+            raise ProtocolError(f"{what} eval.npz is not base64") from None
+        digest = _field(ev, "sha256", str, f"{what} eval")
+        if hashlib.sha256(eval_npz).hexdigest() != digest:
+            raise ProtocolError(f"{what} eval samples do not match their sha256")
+    deadline = _field(d, "deadline", int, what)
+    op_profile = _field(d, "op_profile", bool, what, required=False)
+    return ProfileJob(
+        job_id=job_id, deadline=deadline, bundles=tuple(bundles),
+        runs=_int_in(d, "runs", 1, 100_000, 50, what),
+        warmup=_int_in(d, "warmup", 0, 10_000, 5, what),
+        threads=_int_in(d, "threads", 0, 1024, 0, what),
+        op_profile=True if op_profile is None else op_profile,
+        timeout_s=_int_in(d, "timeout_s", 1, 86_400, 300, what),
+        max_rss_mb=_int_in(d, "max_rss_mb", 1, 1 << 30, None, what),
+        eval_npz=eval_npz, sig=_field(d, "sig", dict, what, required=False))
+
+
+def parse_result(data: bytes) -> dict:
+    """A message from ``devices/{id}/results``: checked for ``job_id`` and ``kind``."""
+    what = "profile result"
+    d = decode(data, what)
+    _field(d, "job_id", str, what)
+    kind = _field(d, "kind", str, what)
+    if kind not in RESULT_KINDS:
+        raise ProtocolError(f"{what} kind {kind!r} is not one of {', '.join(RESULT_KINDS)}")
+    return d
