@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import heapq
 import itertools
+import json
 import logging
 import math
 import queue
@@ -219,7 +220,9 @@ class SimDevice:
     def publish(self, topic: str, body: dict, *, qos: int = 1, retain: bool = False) -> None:
         if self.client is None or not self.connected:
             return
-        info = self.client.publish(topic, encode(body), qos=qos, retain=retain)
+        payload = json.dumps(body, separators=(",", ":")).encode() if "ts" in body \
+            else encode(body)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != 0:
             self.sim.counters["publish_failed"] += 1
 
@@ -584,6 +587,8 @@ class Simulator:
         self._seq = itertools.count()
         self._posted: list[tuple[Callable[..., None], tuple]] = []
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_writes: set[Any] = set()
+        self._blocked: set[Any] = set()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -668,6 +673,7 @@ class Simulator:
 
     def _bind(self, c: Any) -> None:
         sel = self._sel
+        pending = self._pending_writes
 
         def opened(client: Any, userdata: Any, sock: Any) -> None:
             with contextlib.suppress(KeyError, ValueError):
@@ -675,21 +681,41 @@ class Simulator:
             sel.register(sock, selectors.EVENT_READ, client)
 
         def closed(client: Any, userdata: Any, sock: Any) -> None:
+            pending.discard(client)
             with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(sock)
 
+        # paho asks for a writable socket after every packet it queues: collect those clients
+        # and write once per loop round, asking epoll only when the kernel buffer is full
         def want_write(client: Any, userdata: Any, sock: Any) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+            pending.add(client)
 
         def no_write(client: Any, userdata: Any, sock: Any) -> None:
-            with contextlib.suppress(KeyError, ValueError):
-                sel.modify(sock, selectors.EVENT_READ, client)
+            pending.discard(client)
+            if client in self._blocked:
+                self._blocked.discard(client)
+                with contextlib.suppress(KeyError, ValueError):
+                    sel.modify(sock, selectors.EVENT_READ, client)
 
         c.on_socket_open = opened
         c.on_socket_close = closed
         c.on_socket_register_write = want_write
         c.on_socket_unregister_write = no_write
+
+    def _flush_writes(self) -> None:
+        while self._pending_writes:
+            batch = list(self._pending_writes)
+            self._pending_writes.clear()
+            for client in batch:
+                client.loop_write()
+                sock = client.socket()
+                if sock is not None and client.want_write() and client not in self._blocked:
+                    self._blocked.add(client)  # kernel buffer full: wait for writability
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                         client)
+            self._pending_writes -= self._blocked
+            self._drain_posted()
 
     def _run(self) -> None:
         try:
@@ -709,6 +735,7 @@ class Simulator:
             self.call_later(offset, self._telemetry_timer(d))
         next_misc = time.monotonic() + 1.0
         while not self._stopped.is_set():
+            self._flush_writes()
             now = time.monotonic()
             timeout = 0.5
             if self._timers:

@@ -166,10 +166,13 @@ class Batch:
 
 
 def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    f = float(v)
-    return f if f == f and f not in (float("inf"), float("-inf")) else None
+    """A finite number as float; None for anything else (bool, str, NaN, inf)."""
+    t = type(v)
+    if t is float:
+        return v if v - v == 0.0 else None  # false for NaN and ±inf
+    if t is int:
+        return float(v)
+    return None
 
 
 def _int(v: Any) -> int | None:
@@ -207,7 +210,8 @@ def telemetry_row(fleet: str, device_id: str, received: float, t: dict) -> tuple
 
 
 def _telemetry_summary(row: tuple) -> str:
-    return _dumps({c: v for c, v in zip(TELEMETRY_COLUMNS, row[2:], strict=True) if v is not None})
+    return json.dumps({c: v for c, v in zip(TELEMETRY_COLUMNS, row[2:], strict=True)
+                       if v is not None}, separators=(",", ":"))
 
 
 def _active(state: dict) -> dict:
@@ -410,24 +414,43 @@ class Storage:
             if batch.telemetry:
                 rows = [telemetry_row(f, dev, rcv, t) for f, dev, rcv, t in batch.telemetry]
                 cols = ", ".join(("fleet", "device_id") + TELEMETRY_COLUMNS)
-                cur.executemany(f"INSERT INTO telemetry ({cols}) VALUES "
-                                f"({', '.join('?' * (len(TELEMETRY_COLUMNS) + 2))}) ON CONFLICT DO NOTHING", rows)
+                if self.kind == "postgresql" and len(rows) > 20:
+                    # COPY into a per-transaction staging table, then one INSERT … SELECT:
+                    # binding parameters row by row costs more than the whole insert
+                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS telemetry_in (LIKE telemetry) "
+                                "ON COMMIT DELETE ROWS")
+                    cur.copy_rows(f"COPY telemetry_in ({cols}) FROM STDIN", rows)
+                    cur.execute(f"INSERT INTO telemetry ({cols}) SELECT {cols} FROM telemetry_in "
+                                "ON CONFLICT DO NOTHING")
+                else:
+                    cur.values_many(f"INSERT INTO telemetry ({cols}) VALUES ", rows,
+                                    " ON CONFLICT DO NOTHING")
                 latest: dict[tuple[str, str], tuple] = {}
                 for r in rows:
                     key = (r[0], r[1])
                     if key not in latest or r[2] >= latest[key][2]:
                         latest[key] = r
-                cur.executemany(
-                    "INSERT INTO devices (fleet, device_id, first_seen, last_seen, telemetry, "
-                    "telemetry_ts) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device_id) DO "
+                dev_rows = [(r[0], r[1], r[3], r[3], _telemetry_summary(r), r[2])
+                            for r in latest.values()]
+                dcols = "fleet, device_id, first_seen, last_seen, telemetry, telemetry_ts"
+                update = (
+                    " ON CONFLICT (fleet, device_id) DO "
                     "UPDATE SET telemetry = CASE WHEN devices.telemetry_ts IS NULL OR "
                     "excluded.telemetry_ts >= devices.telemetry_ts THEN excluded.telemetry ELSE "
                     "devices.telemetry END, telemetry_ts = "
                     f"{d.greatest}(COALESCE(devices.telemetry_ts, 0), excluded.telemetry_ts), "
                     f"last_seen = {d.greatest}(COALESCE(devices.last_seen, 0), "
-                    "excluded.last_seen)",
-                    [(r[0], r[1], r[3], r[3], _telemetry_summary(r), r[2])
-                     for r in latest.values()])
+                    "excluded.last_seen)")
+                if self.kind == "postgresql" and len(dev_rows) > 20:
+                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS devices_in (fleet TEXT, "
+                                "device_id TEXT, first_seen DOUBLE PRECISION, last_seen DOUBLE "
+                                "PRECISION, telemetry TEXT, telemetry_ts DOUBLE PRECISION) "
+                                "ON COMMIT DELETE ROWS")
+                    cur.copy_rows(f"COPY devices_in ({dcols}) FROM STDIN", dev_rows)
+                    cur.execute(f"INSERT INTO devices ({dcols}) SELECT {dcols} FROM devices_in"
+                                + update)
+                else:
+                    cur.values_many(f"INSERT INTO devices ({dcols}) VALUES ", dev_rows, update)
             for fleet, device, received, state in batch.states:
                 self._write_state(cur, fleet, device, received, state)
             if batch.events:
@@ -832,6 +855,26 @@ class _Cursor:
         rows = [tuple(r) for r in rows]
         if rows:
             self._cur.executemany(self._d.sql(sql), rows)
+
+    def values_many(self, prefix: str, rows: Sequence[Sequence[Any]], suffix: str = "") -> None:
+        """``prefix (?, …), (?, …) … suffix`` in as few statements as the backend allows: one
+        statement per few hundred rows is much cheaper than one per row, above all over a
+        network to PostgreSQL."""
+        if not rows:
+            return
+        width = len(rows[0])
+        per = max(1, min(1000, 30000 // width))  # under SQLite's and PostgreSQL's bind limits
+        one = "(" + ", ".join("?" * width) + ")"
+        for i in range(0, len(rows), per):
+            part = rows[i:i + per]
+            sql = prefix + ", ".join([one] * len(part)) + suffix
+            self._cur.execute(self._d.sql(sql), [v for r in part for v in r])
+
+    def copy_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """PostgreSQL ``COPY … FROM STDIN`` of ``rows``."""
+        with self._cur.copy(sql) as copy:
+            for r in rows:
+                copy.write_row(r)
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()

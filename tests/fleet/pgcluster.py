@@ -63,14 +63,16 @@ class PgCluster:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120)
 
-    def init(self) -> PgCluster:
+    def init(self, *, durable: bool = False) -> PgCluster:
+        """``durable``: keep fsync and synchronous commits (benchmarks); tests run without."""
         self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "edgepack",
                   "--auth=trust", "--encoding=UTF8", "--no-sync", "-N")
         with open(self.datadir / "postgresql.conf", "a") as f:
             f.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
                     f"unix_socket_directories = '{self.datadir.parent}'\n"
-                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "max_connections = 100\nshared_buffers = 128MB\n")
+            if not durable:
+                f.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         return self
 
     def start(self) -> PgCluster:
@@ -105,7 +107,7 @@ class PgCluster:
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(*, durable: bool = False) -> PgCluster:
     """initdb + start a cluster; raises RuntimeError when the binaries are missing."""
     bindir = find_pg_bin()
     if bindir is None:
@@ -119,4 +121,4 @@ def start_cluster() -> PgCluster:
         os.chmod(root, 0o755)
     datadir = root / "data"
     cluster = PgCluster(bindir=bindir, datadir=datadir, port=_free_port(), user=user)
-    return cluster.init().start()
+    return cluster.init(durable=durable).start()
