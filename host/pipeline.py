@@ -30,7 +30,7 @@ from edgepack.host.validate import (
     Outputs,
     Session,
     compare,
-    measure_latency,
+    measure_interleaved,
     rank_sensitive_nodes,
     run_outputs,
 )
@@ -38,6 +38,10 @@ from edgepack.host.validate import (
 __all__ = ["BuildConfig", "BuildResult", "run_build"]
 
 GOLDEN_SAMPLES = 8
+# A candidate must be this much faster than the profile's default scheme to replace it: closer
+# than that is within timing noise on a shared machine, and flipping between runs would make
+# builds irreproducible for no gain.
+PREFER_DEFAULT = 1.10
 HOLDOUT_FRACTION = 0.2
 # onnxruntime release that first runs each opset: the device's minimum runtime version.
 _ORT_FOR_OPSET = {13: "1.8", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14",
@@ -146,7 +150,19 @@ def _measure(result: QuantResult, prepared: PreparedModel, evalset: Dataset, ref
     sess = Session(result.model_bytes, threads)
     outs = run_outputs(sess, evalset, batch)
     metrics = compare(prepared.outputs, ref, outs, evalset.labels)
-    return _Candidate(result, metrics, outs, measure_latency(sess, feed))
+    return _Candidate(result, metrics, outs, {})
+
+
+def _time(cands: list[_Candidate], ctx: dict, progress: Progress) -> None:
+    """Time fp32 and ``cands`` interleaved in one run; fills ``latency`` and ``ctx``."""
+    sessions = {"fp32": ctx["ref_session"]}
+    for i, c in enumerate(cands):
+        sessions[f"{i}"] = Session(c.result.model_bytes, ctx["threads"])
+    with progress.stage("timing fp32 and optimized, interleaved"):
+        lat = measure_interleaved(sessions, ctx["feed"], budget_s=0.6 * len(sessions))
+    ctx["fp32_latency"] = lat["fp32"]
+    for i, c in enumerate(cands):
+        c.latency = lat[f"{i}"]
 
 
 def _int8_with_fallback(prepared: PreparedModel, calib: Dataset, evalset: Dataset,
@@ -158,7 +174,8 @@ def _int8_with_fallback(prepared: PreparedModel, calib: Dataset, evalset: Datase
     batch, threads, feed = ctx["batch"], ctx["threads"], ctx["feed"]
     qdq_scheme = replace(scheme, format="QDQ")
     with progress.stage("ranking sensitive nodes"):
-        qdq = quantize_static(prepared.model_bytes, calib, qdq_scheme, method=method, batch=batch)
+        qdq = quantize_static(prepared.model_bytes, calib, qdq_scheme, method=method, batch=batch,
+                              cache_dir=ctx["work"])
         sample = evalset.take(slice(0, min(len(evalset), 32)))
         ranked = [name for name, _ in rank_sensitive_nodes(prepared.model_bytes,
                                                            qdq.model_bytes, sample, batch)]
@@ -173,7 +190,8 @@ def _int8_with_fallback(prepared: PreparedModel, calib: Dataset, evalset: Datase
         excluded = ranked[:k]
         with progress.stage(f"int8 with {k} node(s) in float", total=len(calib)) as tick:
             res = quantize_static(prepared.model_bytes, calib, scheme, method=method,
-                                  batch=batch, nodes_to_exclude=excluded, tick=tick)
+                                  batch=batch, nodes_to_exclude=excluded, tick=tick,
+                                  cache_dir=ctx["work"])
         last = _measure(res, prepared, evalset, ref, batch, threads, feed)
         if last.metrics.drop_points <= max_drop:
             return last, excluded
@@ -194,20 +212,17 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
     max_drop = cfg.max_drop if cfg.max_drop is not None else q.max_drop_points
     method = cfg.calibration_method or q.calibration_method
     batch, threads, feed = ctx["batch"], ctx["threads"], ctx["feed"]
-    if mode == "none":
-        res = QuantResult(prepared.model_bytes, "none", None, 0)
-        return _measure(res, prepared, evalset, ref, batch, threads, feed), []
-    if mode == "fp16":
-        with progress.stage("fp16 conversion"):
-            res = convert_fp16(prepared.model_bytes, keep_io_types=cfg.keep_io_types)
+    if mode in ("none", "fp16", "dynamic"):
+        if mode == "none":
+            res = QuantResult(prepared.model_bytes, "none", None, 0)
+        else:
+            with progress.stage(f"{mode} conversion"):
+                res = (convert_fp16(prepared.model_bytes, keep_io_types=cfg.keep_io_types)
+                       if mode == "fp16" else quantize_dynamic(prepared.model_bytes, q.scheme))
         cand = _measure(res, prepared, evalset, ref, batch, threads, feed)
-        _gate(cand, max_drop, "fp16")
-        return cand, []
-    if mode == "dynamic":
-        with progress.stage("dynamic int8"):
-            res = quantize_dynamic(prepared.model_bytes, q.scheme)
-        cand = _measure(res, prepared, evalset, ref, batch, threads, feed)
-        _gate(cand, max_drop, "dynamic int8")
+        if mode != "none":
+            _gate(cand, max_drop, {"fp16": "fp16", "dynamic": "dynamic int8"}[mode])
+        _time([cand], ctx, progress)
         return cand, []
     # static int8
     assert calib is not None  # checked by the caller
@@ -219,22 +234,30 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
         with progress.stage(f"int8 {scheme.label} calibration ({method})",
                             total=len(calib)) as tick:
             res = quantize_static(prepared.model_bytes, calib, scheme, method=method,
-                                  batch=batch, tick=tick)
+                                  batch=batch, tick=tick, cache_dir=ctx["work"])
         with progress.stage(f"int8 {scheme.label} validation"):
             cands.append(_measure(res, prepared, evalset, ref, batch, threads, feed))
     if not any(c.result.quantized_ops for c in cands):
         # No op has an int8 kernel (tree ensembles, label post-processing): ship the float
         # model; the report says nothing was quantized.
         res = QuantResult(prepared.model_bytes, "int8", q.scheme, 0)
-        return _measure(res, prepared, evalset, ref, batch, threads, feed), []
+        cand = _measure(res, prepared, evalset, ref, batch, threads, feed)
+        _time([cand], ctx, progress)
+        return cand, []
     passing = [c for c in cands if c.metrics.drop_points <= max_drop and c.result.quantized_ops]
     kept: list[str] = []
     if passing:
+        _time(cands, ctx, progress)
         best = min(passing, key=lambda c: c.latency["p50_ms"])
+        default = cands[0]
+        if default in passing and best.latency["p50_ms"] * PREFER_DEFAULT > \
+                default.latency["p50_ms"]:
+            best = default  # within timing noise of the profile's scheme: keep the default
     else:
         best, kept = _int8_with_fallback(prepared, calib, evalset, ref, q.scheme, method,
                                          max_drop, ctx, progress)
         cands.append(best)
+        _time(cands, ctx, progress)
     if len(cands) > 1:
         report["variants"] = [{
             "scheme": c.label + (f" +{len(c.result.excluded_nodes)} float" if
@@ -245,7 +268,10 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
             "result": "chosen" if c is best else (
                 f"gate: drop {c.metrics.drop_points:.2f} > {max_drop:g} pt"
                 if c.metrics.drop_points > max_drop else
-                f"slower: p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of chosen"),
+                f"slower: p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of chosen"
+                if c.latency["p50_ms"] >= best.latency["p50_ms"] else
+                f"p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of the default: "
+                f"under {PREFER_DEFAULT:.2f}x is noise, default kept"),
         } for c in cands]
     return best, kept
 
@@ -408,11 +434,11 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
     threads = _host_threads(profile)
     feed = {k: v[:cfg.batch] for k, v in evalset.inputs.items()}
     feed = {s.name: feed[s.name].reshape(s.shape) for s in prepared.inputs}
-    ctx = {"batch": cfg.batch, "threads": threads, "feed": feed}
     with progress.stage("fp32 reference"):
         ref_sess = Session(prepared.model_bytes, threads)
         ref = run_outputs(ref_sess, evalset, cfg.batch)
-        fp32_lat = measure_latency(ref_sess, feed)
+    ctx = {"batch": cfg.batch, "threads": threads, "feed": feed, "ref_session": ref_sess,
+           "work": work}
 
     report: dict[str, Any] = {"warnings": [float_note] if float_note else []}
     unpruned = prepared.model_bytes
@@ -427,6 +453,7 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
     best, kept = _optimize(cfg, profile, prepared, mode, calib, evalset, ref, ctx, progress,
                            report)
     res = best.result
+    fp32_lat = ctx["fp32_latency"]
     opt_size = len(res.model_bytes)
     if opt_size > budget_bytes:
         raise BudgetError(f"the optimized model is {opt_size / 2**20:.1f} MB, over "

@@ -71,8 +71,14 @@ class _Reader:
 def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
                     method: str = "minmax", batch: int = 1,
                     nodes_to_exclude: Iterable[str] = (),
-                    tick: Callable[[int], None] | None = None) -> QuantResult:
-    """Calibrated int8 with ``scheme``; ``nodes_to_exclude`` stay in float."""
+                    tick: Callable[[int], None] | None = None,
+                    cache_dir: str | Path | None = None) -> QuantResult:
+    """Calibrated int8 with ``scheme``; ``nodes_to_exclude`` stay in float.
+
+    With ``cache_dir``, tensor ranges are calibrated once per (method, activation symmetry) and
+    reused by every later call on the same model and data — variants and the gate's fallback only
+    re-quantize. The caller owns the directory and must not share it across models or data.
+    """
     if len(calib) == 0:
         raise DataError("int8 needs calibration samples; --calibration holds none")
     # Memory stays bounded by the sample cap: MinMax keeps only per-tensor (ReduceMin, ReduceMax)
@@ -85,6 +91,9 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     excluded = tuple(nodes_to_exclude)
+    if cache_dir is not None:
+        sym = "sym" if extra["ActivationSymmetric"] else "asym"
+        extra["_cache"] = str(Path(cache_dir) / f"ranges-{method}-{sym}.json")
     try:
         return _static(model_bytes, calib, scheme, method, batch, excluded, extra, tick)
     except ModelError as exc:
@@ -106,9 +115,13 @@ def _static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, method: str
 
     methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                "percentile": q.CalibrationMethod.Percentile}
+    extra = dict(extra)
+    cache = extra.pop("_cache", None)
     with tempfile.TemporaryDirectory(prefix="edgepack-q-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model_bytes)
+        if cache and Path(cache).exists() and tick:
+            tick(len(calib))  # ranges come from the cache: nothing to run
         try:
             q.quantize_static(
                 str(src), str(dst), _Reader(calib, batch, tick),
@@ -118,7 +131,7 @@ def _static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, method: str
                 activation_type=_qtype(scheme.activation_type),
                 weight_type=_qtype(scheme.weight_type),
                 nodes_to_exclude=list(excluded), calibrate_method=methods[method],
-                extra_options=extra)
+                extra_options=extra, calibration_cache_path=cache)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"int8 quantization ({scheme.label}) failed: "
                              f"{str(exc).splitlines()[0][:300]}", stage="quantize") from None

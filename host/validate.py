@@ -21,7 +21,7 @@ from edgepack.agent.errors import ModelError
 from edgepack.host.data import Dataset, TensorSpec
 
 __all__ = ["Outputs", "GateMetrics", "Session", "run_outputs", "compare", "measure_latency",
-           "rank_sensitive_nodes"]
+           "measure_interleaved", "rank_sensitive_nodes"]
 
 
 class Session:
@@ -156,6 +156,35 @@ def measure_latency(session: Session, feed: dict[str, np.ndarray], *, warmup: in
             "mean_ms": float(t.mean()), "runs": len(t)}
 
 
+def measure_interleaved(sessions: dict[str, Session], feed: dict[str, np.ndarray], *,
+                        rounds: int = 6, budget_s: float = 1.2, min_runs: int = 5,
+                        warmup: int = 5) -> dict[str, dict]:
+    """p50/p95/mean per session, timed in rotating rounds so drift hits every model alike."""
+    names = list(sessions)
+    for name in names:
+        for _ in range(warmup):
+            sessions[name].run(feed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    slot = budget_s / (rounds * len(names))
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sess, acc = sessions[name], times[name]
+            end = time.perf_counter() + slot
+            n = 0
+            while n < min_runs or time.perf_counter() < end:
+                t0 = time.perf_counter()
+                sess.run(feed)
+                acc.append((time.perf_counter() - t0) * 1e3)
+                n += 1
+    out = {}
+    for name, t in times.items():
+        a = np.array(t)
+        out[name] = {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+                     "mean_ms": float(a.mean()), "runs": len(a)}
+    return out
+
+
 def rank_sensitive_nodes(fp32_bytes: bytes, qdq_bytes: bytes, data: Dataset,
                          batch: int = 1) -> list[tuple[str, float]]:
     """Nodes of the float model ordered by how much quantization noise each one adds (dB).
@@ -184,13 +213,25 @@ def rank_sensitive_nodes(fp32_bytes: bytes, qdq_bytes: bytes, data: Dataset,
             v = float(dbg.compute_signal_to_quantization_noice_ratio(m["float"], m["post_qdq"]))
             sqnr[name] = v if math.isfinite(v) else 200.0
     model = onnx.load_from_string(fp32_bytes)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
     losses = []
     for node in model.graph.node:
         outs = [sqnr[o] for o in node.output if o in sqnr]
         if not outs:
             continue
-        ins = [sqnr[i] for i in node.input if i in sqnr]
+        # The quantizer fuses e.g. Conv+Relu: the Conv's output is never quantized, so its noise
+        # shows at the Relu. Charge the whole fused chain and keep all of it in float.
+        group, frontier, ins = [node.name], list(node.input), []
+        while frontier:
+            t = frontier.pop()
+            if t in sqnr:
+                ins.append(sqnr[t])
+            elif t in producer and t not in inits and producer[t].name not in group:
+                group.append(producer[t].name)
+                frontier.extend(producer[t].input)
         loss = (min(ins) if ins else 200.0) - min(outs)
-        losses.append((node.name, loss))
+        losses.extend((name, loss) for name in group)
     losses.sort(key=lambda x: -x[1])
-    return losses
+    seen: set[str] = set()
+    return [x for x in losses if not (x[0] in seen or seen.add(x[0]))]

@@ -11,7 +11,7 @@ from build_models import IN_NAME
 
 from edgepack.agent.errors import GateError
 from edgepack.agent.profiles import load_profile
-from edgepack.host.pipeline import BuildConfig, run_build
+from edgepack.host.pipeline import PREFER_DEFAULT, BuildConfig, run_build
 
 
 def _manifest(path) -> dict:
@@ -72,10 +72,16 @@ def test_variants_on_x86_vnni_choose_the_fastest_passing(digits_vnni):
     assert best["passed"] is True
     assert best["drop_points"] <= q.max_drop_points
     passing = [r for r in rows if r["passed"]]
-    assert best["latency"]["p50_ms"] == min(r["latency"]["p50_ms"] for r in passing)
+    fastest = min(r["latency"]["p50_ms"] for r in passing)
+    if best is rows[0]:
+        # The profile's default stays unless another scheme is PREFER_DEFAULT faster.
+        assert best["latency"]["p50_ms"] <= fastest * PREFER_DEFAULT
+    else:
+        assert best["latency"]["p50_ms"] == fastest
+        assert best["latency"]["p50_ms"] * PREFER_DEFAULT <= rows[0]["latency"]["p50_ms"]
     for r in rows:
         if r is not best:
-            assert r["result"].startswith("slower" if r["passed"] else "gate")
+            assert r["result"].startswith(("slower", "p50") if r["passed"] else "gate")
     # The shipped model and the manifest describe the chosen scheme.
     scheme = next(s for s in (q.scheme, *q.candidates) if s.label == best["scheme"])
     opt = _manifest(digits_vnni.path)["optimization"]
