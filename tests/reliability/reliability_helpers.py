@@ -321,15 +321,21 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(_do)
 
     def close(self) -> None:
-        def _do() -> None:
+        async def _shutdown() -> None:
             self._server.close()
             for pair in list(self._pairs):
                 pair.abort(rst=True)
             self._pairs.clear()
-        self._loop.call_soon_threadsafe(_do)
-        time.sleep(0.1)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
 
 class _Pair:

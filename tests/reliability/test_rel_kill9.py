@@ -3,6 +3,8 @@ runs the old or the new bundle, never neither, and its state file is valid."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import time
@@ -13,6 +15,7 @@ from agent_helpers import Watcher, agent_config, publish_desired
 from reliability_helpers import CrashableAgent, check_disk_state, wait_for
 
 from edgepack.agent.crashpoint import POINTS
+from edgepack.agent.errors import EdgepackError
 from edgepack.agent.inference import Client
 from edgepack.host.publish import publish_bundle
 
@@ -23,8 +26,18 @@ CHUNK = 1024
 def _serves(data_dir, bundle_id: str) -> bool:
     x = np.zeros((1, 64), np.float32)
     client = Client(f"unix:{data_dir / 'agent.sock'}")
-    return client.info()["bundle_id"] == bundle_id and client.predict({"x": x})[
-        "logits"].shape == (1, 10)
+    try:
+        return client.info()["bundle_id"] == bundle_id and client.predict({"x": x})[
+            "logits"].shape == (1, 10)
+    except EdgepackError:  # not listening yet
+        return False
+
+
+def _phase_on_disk(data_dir) -> str:
+    try:
+        return json.loads((data_dir / "state.json").read_text()).get("phase", "?")
+    except (OSError, ValueError):
+        return "unreadable"
 
 
 def test_kill9_at_every_install_state(tmp_path, mosquitto, fleet, rel_bundles, rel_keys,
@@ -93,7 +106,7 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
     """Deploy v1, v2, v1, v2 … (allow_downgrade) and SIGKILL the agent at a random moment of
     each start-up/download/verify/stage/health/commit cycle, restarting it each time."""
     rec = scenario("kill -9 at random moments")
-    kills = int(os.environ.get("EDGEPACK_RELIABILITY_KILLS", "55"))
+    kills = int(os.environ.get("EDGEPACK_RELIABILITY_KILLS", "52"))
     rng = random.Random(int(os.environ.get("EDGEPACK_RELIABILITY_SEED", "6")))
     url = mosquitto.url
     ids = [publish_bundle(rel_bundles.get(v), url, key_path=rel_keys.key, fleet=fleet,
@@ -114,12 +127,18 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
             publish_desired(url, fleet, ids[target], version=names[ids[target]],
                             allow_downgrade=True)
             allowed = {ids[0], ids[1]}
+            seen = 0
             for _ in range(kills):
-                time.sleep(rng.uniform(0.05, 2.2))
-                st = w.state or {}
-                phases[st.get("phase", "?")] = phases.get(st.get("phase", "?"), 0) + 1
+                if rng.random() < 0.2:  # while starting up
+                    time.sleep(rng.uniform(0.0, 0.8))
+                else:  # while working: downloading, verifying, staging, health check, commit
+                    with contextlib.suppress(TimeoutError):
+                        w.wait_state(lambda s: s.get("online"), timeout=10, since=seen)
+                    time.sleep(rng.uniform(0.0, 1.0))
                 agent.kill9()
                 ok, why, active = check_disk_state(data, allowed)
+                phase = _phase_on_disk(data)
+                phases[phase] = phases.get(phase, 0) + 1
                 if active is None:
                     ok, why = False, "no bundle active after a kill: " + why
                 rec.run(ok, note=None if ok else why)
@@ -129,11 +148,12 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
                     target = 1 - target
                     publish_desired(url, fleet, ids[target], version=names[ids[target]],
                                     allow_downgrade=True)
+                seen = len(w.states)
                 agent.start()
             t0 = time.monotonic()
-            w.wait_active(ids[target], timeout=40)
-            wait_for(lambda: _serves(data, ids[target]), 10, "the final model served")
-            rec.run(True, recovery_s=time.monotonic() - t0)
+            wait_for(lambda: _serves(data, ids[target]), 40, "the final model served")
+            rec.run(True, recovery_s=time.monotonic() - t0, note="killed in phase: " + ", ".join(
+                f"{k} {v}" for k, v in sorted(phases.items())))
     finally:
         agent.stop()
     assert not failures, failures
