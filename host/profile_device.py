@@ -679,16 +679,21 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
         cr.passed = not problems and cr.p95_ms is not None
         cr.result = "; ".join(problems) if problems else ""
         reports.append(cr)
+    messages = [r.message for r in rep.devices.values()
+                if r.status in ("timeout", "refused") and r.message]
     passing = [c for c in reports if c.passed]
-    winner = min(passing, key=lambda c: c.p95_ms) if passing else None
+    # A device that did not finish leaves the comparison open: the unmeasured candidates
+    # might have been faster, so nothing is chosen (the partial figures stay in the report).
+    winner = min(passing, key=lambda c: c.p95_ms) if passing and not messages else None
     for c in reports:
         if c is winner:
             c.result = "chosen"
         elif c.passed and winner is not None:
             c.result = (f"slower: p95 {c.p95_ms:.3f} ms vs {winner.p95_ms:.3f} ms "
                         f"({c.p95_ms / winner.p95_ms:.2f}x of the chosen)")
-    messages = [r.message for r in rep.devices.values()
-                if r.status in ("timeout", "refused") and r.message]
+        elif c.passed:
+            c.result = ("passed, not chosen: the comparison is incomplete (a device did not "
+                        "finish)")
     return DeviceChoice(winner=winner, candidates=reports,
                         devices={d: r.to_dict() for d, r in rep.devices.items()},
                         max_drop=max_drop, rss_budget_mb=rss_budget_mb,
