@@ -4,7 +4,7 @@ each, against a real Mosquitto, into SQLite and into PostgreSQL (issue 5, item 7
 For each database and each N of a ladder, one trial:
 
 1. a fresh database and a collector (this process, as ``fleet serve`` runs it);
-2. ``N`` simulated devices in a separate process (``edgepack fleet simulate``'s engine: each a
+2. ``N`` simulated devices in ``--sim-procs`` other processes (``fleet simulate``'s engine: each a
    real MQTT connection; telemetry QoS 1, as agents send it), all connected before measuring;
 3. ``--duration`` seconds of telemetry at 1 msg/s per device, then the devices stop;
 4. **lost** = telemetry messages the devices sent minus rows in the database once the collector
@@ -78,37 +78,69 @@ def sim_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_sim(broker: str, fleet: str, n: int, duration: float) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--sim-worker", "--broker", broker, "--fleet", fleet,
-         "--devices", str(n), "--duration", str(duration), "--prefix", "b"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue = queue.Queue()
+class _Sims:
+    """The simulated devices, split over ``procs`` processes (``b0-…``, ``b1-…``)."""
 
-    def pump() -> None:
+    def __init__(self, broker: str, fleet: str, n: int, duration: float, procs: int) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.lines: list[queue.Queue] = []
+        self._got: list[dict | None] = [None] * procs
+        for k in range(procs):
+            share = n // procs + (1 if k < n % procs else 0)
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--sim-worker", "--broker", broker, "--fleet", fleet,
+                 "--devices", str(share), "--duration", str(duration), "--prefix", f"b{k}"],
+                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+            self.procs.append(proc)
+            self.lines.append(lines)
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
         for line in proc.stdout:
             lines.put(line)
         lines.put("")
 
-    threading.Thread(target=pump, daemon=True).start()
-    proc.lines = lines  # type: ignore[attr-defined]
-    return proc
+    def _read(self, k: int, timeout: float) -> dict | None:
+        try:
+            line = self.lines[k].get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if not line:
+            raise RuntimeError(f"a simulator process exited ({self.procs[k].wait()})")
+        return json.loads(line)
 
+    def wait_all(self, timeout: float) -> dict[str, Any] | None:
+        """Every process's next line, summed; None after ``timeout`` (lines already read are
+        kept for the next call)."""
+        deadline = time.monotonic() + timeout
+        for k in range(len(self.procs)):
+            if self._got[k] is None:
+                self._got[k] = self._read(k, max(0.0, deadline - time.monotonic()))
+                if self._got[k] is None:
+                    return None
+        got, self._got = self._got, [None] * len(self.procs)
+        bad = next((m for m in got if "error" in m), None)
+        if bad is not None:
+            return bad
+        return {"sent": sum(m["sent"] for m in got), "rate": sum(m.get("rate", 0) for m in got)}
 
-def _read(proc: subprocess.Popen, timeout: float) -> dict | None:
-    """The simulator's next JSON line; None after ``timeout``."""
-    try:
-        line = proc.lines.get(timeout=timeout)  # type: ignore[attr-defined]
-    except queue.Empty:
-        return None
-    if not line:
-        raise RuntimeError(f"the simulator process exited ({proc.wait()})")
-    return json.loads(line)
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # --------------------------------------------------------------------------- trials
 
-def trial(broker: str, db_url: str, n: int, duration: float) -> dict[str, Any]:
+def trial(broker: str, db_url: str, n: int, duration: float, procs: int = 1) -> dict[str, Any]:
     """One run of N devices into one fresh database."""
     from edgepack.host.collector import Collector, CollectorOptions, LagStats
     from edgepack.host.storage import open_storage
@@ -121,9 +153,9 @@ def trial(broker: str, db_url: str, n: int, duration: float) -> dict[str, Any]:
     collector.start()
     if not collector.wait_connected(10):
         raise RuntimeError("the collector did not connect")
-    sim = _start_sim(broker, fleet, n, duration)
+    sims = _Sims(broker, fleet, n, duration, procs)
     try:
-        ready = _read(sim, 180)
+        ready = sims.wait_all(180)
         if ready is None:
             raise RuntimeError("the simulator did not get its devices online")
         if "error" in ready:
@@ -133,9 +165,13 @@ def trial(broker: str, db_url: str, n: int, duration: float) -> dict[str, Any]:
         depth_max = 0
         t_end = time.monotonic() + duration + 30
         done = None
+        deadline_done = time.monotonic() + duration
+        while time.monotonic() < deadline_done:
+            depth_max = max(depth_max, collector.queue_depth)
+            time.sleep(0.2)
         while done is None and time.monotonic() < t_end:
             depth_max = max(depth_max, collector.queue_depth)
-            done = _read(sim, 0.5)
+            done = sims.wait_all(0.5)
         if done is None:
             raise RuntimeError("the simulator did not finish")
         sent = done["sent"]
@@ -160,17 +196,12 @@ def trial(broker: str, db_url: str, n: int, duration: float) -> dict[str, Any]:
             result["note"] = "the simulator could not keep 1 msg/s per device"
         return result
     finally:
-        if sim.poll() is None:
-            sim.terminate()
-            try:
-                sim.wait(20)
-            except subprocess.TimeoutExpired:
-                sim.kill()
+        sims.stop()
         collector.stop()
         storage.close()
 
 
-def baseline(broker: str, n: int, duration: float) -> dict[str, Any]:
+def baseline(broker: str, n: int, duration: float, procs: int = 1) -> dict[str, Any]:
     """A bare paho subscriber: count deliveries and their lag, store nothing."""
     import paho.mqtt.client as mqtt
 
@@ -195,16 +226,14 @@ def baseline(broker: str, n: int, duration: float) -> dict[str, Any]:
     c.connect(cfg.host, cfg.port)
     c.subscribe(f"edgepack/v1/{fleet}/devices/+/telemetry", 1)
     c.loop_start()
-    sim = _start_sim(broker, fleet, n, duration)
+    sims = _Sims(broker, fleet, n, duration, procs)
     try:
-        _read(sim, 180)
+        sims.wait_all(180)
         lags.clear()
-        done = _read(sim, duration + 60)
+        done = sims.wait_all(duration + 60)
         time.sleep(2)
     finally:
-        if sim.poll() is None:
-            sim.terminate()
-            sim.wait(20)
+        sims.stop()
         c.disconnect()
         c.loop_stop()
     lags.sort()
@@ -213,13 +242,13 @@ def baseline(broker: str, n: int, duration: float) -> dict[str, Any]:
             "lag_p50_s": round(lags[len(lags) // 2], 4) if lags else None}
 
 
-def ladder(broker: str, name: str, make_db: Any, steps: list[int],
-           duration: float) -> dict[str, Any]:
+def ladder(broker: str, name: str, make_db: Any, steps: list[int], duration: float,
+           procs: int) -> dict[str, Any]:
     results = []
     best = 0
     for n in steps:
         log(f"{name}: {n} devices for {duration:g}s…")
-        r = trial(broker, make_db(), n, duration)
+        r = trial(broker, make_db(), n, duration, procs)
         results.append(r)
         log(f"{name}: n={n} lost={r.get('lost')} p99 lag={r.get('lag_p99_s')}s "
             f"queue max={r.get('queue_max')} -> {'pass' if r['ok'] else 'FAIL'}"
@@ -237,6 +266,8 @@ def main() -> int:
     p.add_argument("--ladder", default="500,1000,2000,3000,4000,5000,6000,8000",
                    help="device counts to try, in order")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per trial")
+    p.add_argument("--sim-procs", type=int, default=2,
+                   help="processes the simulated devices are split over")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--json", dest="json_out", help="also write the results here ('-': stdout)")
     p.add_argument("--sim-worker", action="store_true", help=argparse.SUPPRESS)
@@ -278,11 +309,12 @@ def main() -> int:
                     return c.fresh_database(f"b{uuid.uuid4().hex[:10]}")
             else:
                 raise SystemExit(f"unknown --db {b}")
-            out["results"].append(ladder(broker.url, b, make_db, steps, args.duration))
+            out["results"].append(ladder(broker.url, b, make_db, steps, args.duration,
+                                          args.sim_procs))
         best = max((r["largest_n"] for r in out["results"]), default=0)
         if not args.no_baseline and best:
             log(f"baseline: a bare subscriber at {best} devices…")
-            out["baseline"] = baseline(broker.url, best, args.duration)
+            out["baseline"] = baseline(broker.url, best, args.duration, args.sim_procs)
     finally:
         broker.stop()
         if cluster is not None:

@@ -80,6 +80,9 @@ def _open(db_url: str) -> Any:
 @click.option("--shared", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True, help="MQTT 5 shared subscription for telemetry and events, so "
               "several collectors split a fleet (auto: when the broker offers it).")
+@click.option("--queue-max", type=click.IntRange(1000, None), default=500_000,
+              show_default=True, help="Messages held in memory while the database is "
+              "unavailable; past it, new telemetry is dropped (and counted).")
 @click.option("--client-id", help="MQTT client id (stable across restarts by default, so the "
               "broker keeps our session and queues messages while we are away).")
 @click.option("--no-rollouts", is_flag=True, help="Do not drive staged rollouts from this "
@@ -90,7 +93,8 @@ def _open(db_url: str) -> Any:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple[str, ...],
-              retention: float, events_retention: float, shared: str, client_id: str | None,
+              retention: float, events_retention: float, shared: str, queue_max: int,
+              client_id: str | None,
               no_rollouts: bool, token: str | None, log_level: str) -> None:
     """Collect a fleet's telemetry, state and events into a database; serve the dashboard.
 
@@ -116,7 +120,8 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
     except ProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="--fleet") from None
     opts = CollectorOptions(fleets=tuple(dict.fromkeys(fleets)), client_id=client_id,
-                            shared=shared, telemetry_retention_s=retention,
+                            shared=shared, queue_max=queue_max,
+                            telemetry_retention_s=retention,
                             events_retention_s=events_retention)
     stop = threading.Event()
 

@@ -68,7 +68,7 @@ class CollectorOptions:
     share_group: str = "edgepack"
     session_expiry_s: int = 7 * 86400  # how long the broker keeps our session while we are away
     batch_max: int = 5000
-    queue_max: int = 1_000_000
+    queue_max: int = 500_000  # messages held while the database is away (~250 MB)
     telemetry_retention_s: float | None = 7 * 86400.0
     events_retention_s: float | None = 90 * 86400.0
     prune_every_s: float = 600.0
@@ -314,7 +314,14 @@ class Collector:
         def on_subscribe(c: Any, u: Any, mid: int, rcs: Any, props: Any) -> None:
             events.put(("suback", mid, rcs))
 
+        queue_max = self.opts.queue_max
+        dropped = self.dropped
+
         def on_message(c: Any, u: Any, msg: Any) -> None:
+            # the bound on memory while the database is away: shed telemetry, keep the rest
+            if self._depth >= queue_max and msg.topic.endswith("/telemetry"):
+                dropped["queue_full"] += 1
+                return
             inbox.put((time.time(), msg.topic, msg.payload, msg.retain))
             with self._depth_lock:
                 self._depth += 1
@@ -437,7 +444,6 @@ class Collector:
         batch = Batch()
         dev_ts: list[float] = []
         rcv_ts: list[float] = []
-        overflow = self._depth > self.opts.queue_max
         base = f"edgepack/{VERSION}/"
         for received, topic, payload, _retained in items:
             try:
@@ -459,9 +465,6 @@ class Collector:
                         continue  # a cleared state: nothing to record
                     body = decode(bytes(payload), f"{leaf} of {device}")
                     if leaf == "telemetry":
-                        if overflow:
-                            self.dropped["queue_full"] += 1
-                            continue
                         batch.telemetry.append((fleet, device, received, body))
                     elif leaf == "events":
                         batch.events.append((fleet, device, received, body))

@@ -173,3 +173,28 @@ def test_database_outage_loses_nothing(db_url, request, mosquitto, fleet, serve,
         cluster.start()
     _all_stored(sim, storage, fleet, [server.collector], timeout=30)
     assert server.collector.dropped.get("queue_full", 0) == 0
+
+
+def test_memory_bound_sheds_telemetry_and_counts_it(sqlite_url, mosquitto, fleet, simulate):
+    """Past ``queue_max`` queued messages (database away), new telemetry is dropped and
+    counted; every message is either stored or counted."""
+    storage = open_storage(sqlite_url)
+    path = sqlite_url[len("sqlite:///"):]
+    c = Collector(mosquitto.url, storage, CollectorOptions(
+        fleets=(fleet,), client_id=f"{fleet}-bound", fetch_reports=False, queue_max=30))
+    with c:
+        assert c.wait_connected()
+        sim = simulate(fleet, 10, interval_s=0.1)
+        wait_for(lambda: storage.count_telemetry(fleet) > 0, 10, what="telemetry")
+        conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        wait_for(lambda: c.dropped["queue_full"] > 20, 15, what="telemetry shed")
+        assert c.queue_depth <= 30
+        conn.execute("COMMIT")
+        conn.close()
+        sim.stop()
+        sent = sim.stats()["telemetry_sent"]
+        wait_for(lambda: storage.count_telemetry(fleet) + c.dropped["queue_full"] >= sent, 20,
+                 what="every message stored or counted")
+        assert storage.count_telemetry(fleet) + c.dropped["queue_full"] == sent
+    storage.close()
