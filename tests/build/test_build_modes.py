@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from build_models import IN_NAME, OUT_NAME
 
-from edgepack.agent.errors import ModelError
 from edgepack.agent.profiles import load_profile
 from edgepack.host.pipeline import BuildConfig, run_build
 
