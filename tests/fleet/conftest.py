@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,22 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fleet_helpers import get_json, wait_for  # noqa: E402, F401 - re-exported
 from pgcluster import find_pg_bin, start_cluster  # noqa: E402
 
 CHROMIUM = os.environ.get("EDGEPACK_CHROMIUM", "/usr/bin/chromium")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
-             what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 # ------------------------------------------------------------------------------ databases
@@ -170,13 +157,6 @@ def simulate(mosquitto: Any) -> Iterator[Callable[..., Any]]:
     yield make
     for s in started:
         s.stop()
-
-
-def get_json(url: str, **kw: Any) -> Any:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10, **kw) as r:
-        return json.loads(r.read())
 
 
 # ------------------------------------------------------------------------------ browser

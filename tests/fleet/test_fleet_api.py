@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import get_json, wait_for
+from fleet_helpers import get_json, wait_for
 
 from edgepack.host.deploy import deploy
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from fleet_helpers import wait_for
 
 from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics

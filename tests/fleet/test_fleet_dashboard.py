@@ -4,7 +4,7 @@ charts have data, a deploy shows progress live, a dropped device goes offline li
 from __future__ import annotations
 
 import pytest
-from conftest import wait_for
+from fleet_helpers import wait_for
 
 from edgepack.host.deploy import deploy
 from edgepack.host.rollout import start_rollout

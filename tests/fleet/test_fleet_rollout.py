@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import get_json, wait_for
+from fleet_helpers import get_json, wait_for
 
 from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
