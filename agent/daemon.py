@@ -38,8 +38,8 @@ from edgepack.agent import __version__
 from edgepack.agent.bundle import Bundle, parse_version, read_bundle
 from edgepack.agent.config import AgentConfig, load_config
 from edgepack.agent.crashpoint import crash_point
-from edgepack.agent.errors import BundleError, EdgepackError, SignatureError
-from edgepack.agent.health import HealthCheck, HealthOptions
+from edgepack.agent.errors import BundleError, EdgepackError, InstallError, SignatureError
+from edgepack.agent.health import HealthCheck, HealthOptions, run_health_check
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
 from edgepack.agent.installer import Installer, SlotInfo
 from edgepack.agent.mqtt import BrokerConfig, make_client
@@ -292,6 +292,10 @@ class Agent:
                         f"of its commit; back to {active.name} {active.version}" if active else
                         "back to no bundle", deployment_id=rb.deployment_id,
                         bundle_id=rb.bundle_id, reason="crash_loop")
+        if self.outbox.recovered:
+            self._event("error", self.outbox.recovered, reason="outbox_recovered")
+        if self.installer.damaged:
+            self._recover_state(self.installer.damaged)
         self._load_active()
         if cfg.socket_path is not None or cfg.serve.http:
             self.server = InferenceServer(self.service, socket_path=cfg.socket_path,
@@ -677,7 +681,16 @@ class Agent:
                         active=old.public() if old else None)
             self._finish(job)
             return
-        info = self.installer.commit(slot)
+        try:
+            info = self.installer.commit(slot)
+        except InstallError as exc:  # the state file cannot be written: nothing changed
+            self._event("error", f"cannot commit {d.name} {d.version}: {exc} "
+                        f"{_label(old) or 'No bundle'} stays active; deploy again to retry.",
+                        desired=d)
+            self.installer.abandon(d.deployment_id, d.bundle_id, "install_failed", str(exc),
+                                   slot=slot)
+            self._finish(job)
+            return
         try:
             model = Model.open(self.installer.slot_dir(slot), threads=self.cfg.runtime.threads,
                                stats=self.stats)
@@ -722,19 +735,55 @@ class Agent:
                 self.service.swap(None)
                 return
             try:
+                if not self.installer.slot_intact(self.installer.state["active"]):
+                    raise InstallError(f"slot {d.name} is damaged: its model is missing or does "
+                                       "not match the manifest's sha256")
                 self.service.swap(Model.open(d, threads=self.cfg.runtime.threads,
                                              stats=self.stats))
                 return
             except EdgepackError as exc:
                 bad = self.installer.active
                 log.error("cannot load the active bundle %s: %s", _label(bad), exc)
-                back = self.installer.rollback("load_failed", str(exc))
+                try:
+                    back = self.installer.rollback("load_failed", str(exc))
+                except InstallError:
+                    back = None
+                if back is None:
+                    # nothing to return to: forget it, so the desired state installs it afresh
+                    self.installer.deactivate()
                 self._event("rolled_back", f"active bundle {_label(bad)} cannot be loaded ({exc})"
-                            + (f"; back to {_label(back)}" if back else "; no previous bundle"),
+                            + (f"; back to {_label(back)}" if back else "; no previous bundle: "
+                               "it is fetched again from the broker"),
                             bundle_id=bad.bundle_id if bad else None, reason="load_failed")
                 if back is None:
                     self.service.swap(None)
                     return
+
+    def _recover_state(self, why: str) -> None:
+        """state.json was lost or damaged: serve again what a slot holds, once it passes the
+        health gate (a slot may hold a candidate that was never checked)."""
+        h = self.cfg.health
+        opts = HealthOptions(threads=self.cfg.runtime.threads, warmup=h.warmup_runs,
+                             runs=h.latency_runs, enforce_budgets=h.enforce_budgets,
+                             timeout_s=h.timeout_s)
+        for info in self.installer.recovery_candidates():
+            report = run_health_check(self.installer.slot_dir(info.slot), opts)
+            if not report.passed:
+                log.warning("slot %s (%s) fails the health check: %s", info.slot, _label(info),
+                            report.summary())
+                continue
+            try:
+                self.installer.adopt(info)
+            except InstallError as exc:
+                log.error("%s", exc)
+                break
+            self._event("error", f"{why}; recovered: {_label(info)} in slot {info.slot} passed "
+                        "the health check and is active again", bundle_id=info.bundle_id,
+                        reason="state_recovered", slot=info.slot)
+            return
+        self._event("error", f"{why}; no slot holds a bundle that passes the health check, so "
+                    "none is active until the desired state installs one",
+                    reason="state_recovered")
 
     # ------------------------------------------------------------------ outgoing
     def _state_payload(self, online: bool = True) -> dict[str, Any]:

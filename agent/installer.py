@@ -26,6 +26,7 @@ deployment.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -44,6 +45,7 @@ SLOTS = ("A", "B")
 PHASES = ("idle", "downloading", "verifying", "staged", "health_checking")
 STATE_SCHEMA = "edgepack.agent-state/1"
 _MAX_FAILED = 32
+log = logging.getLogger("edgepack.agent")
 
 
 @dataclass(frozen=True)
@@ -100,20 +102,57 @@ class Installer:
 
     # ---- state file
     def _load(self) -> dict[str, Any]:
+        #: why state.json could not be used (None: it was fine); see recovery_candidates()
+        self.damaged: str | None = None
         if not self.state_path.exists():
+            if any((self.slot_dir(s) / "slot.json").exists() for s in SLOTS):
+                self.damaged = f"{self.state_path} is missing but the slots hold bundles"
             return _empty_state()
         try:
             state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InstallError(f"{self.state_path} is unreadable ({exc}). It is only ever "
-                               "replaced atomically, so the disk may be failing; move it aside "
-                               "to start over (the slots stay).") from None
-        base = _empty_state()
-        base.update(state)
-        return base
+            problem = _state_problem(state)
+        except (OSError, ValueError, RecursionError) as exc:
+            problem = f"unreadable ({exc})"
+        if problem is None:
+            base = _empty_state()
+            base.update(state)
+            return base
+        # It is only ever replaced atomically, so the disk is failing or someone edited it: keep
+        # it for inspection and start from what the slots hold (the agent health-checks a slot
+        # before serving it again).
+        aside = self.state_path.with_name(f"{self.state_path.name}.damaged-{int(time.time())}")
+        try:
+            os.replace(self.state_path, aside)
+            where = f"moved aside to {aside.name}"
+        except OSError as exc:
+            where = f"cannot be moved aside ({exc})"
+        self.damaged = f"{self.state_path} is {problem}; {where}"
+        return _empty_state()
 
-    def save(self) -> None:
-        atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+    def save(self, *, critical: bool = False) -> None:
+        """Replace state.json atomically.
+
+        On a full or failing disk a routine record (phase, crash marks, failures) stays in
+        memory and is written with the next change; a ``critical`` one (what is active, what a
+        slot holds) raises InstallError, and the caller puts the state back as it was.
+        """
+        try:
+            atomic_write(self.state_path,
+                         json.dumps(self.state, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            if critical:
+                raise InstallError(f"cannot write {self.state_path}: {exc}. Nothing changed; "
+                                   "free space on the device.") from None
+            log.warning("cannot write %s (%s); the change is kept in memory and written with "
+                        "the next one", self.state_path, exc)
+
+    def _critical(self, before: dict[str, Any]) -> None:
+        """Save, or restore ``before`` (a deep copy) and raise."""
+        try:
+            self.save(critical=True)
+        except InstallError:
+            self.state = before
+            raise
 
     # ---- queries
     def slot_dir(self, slot: str) -> Path:
@@ -149,6 +188,38 @@ class Installer:
             if f["deployment_id"] == deployment_id and f["bundle_id"] == bundle_id:
                 return f
         return None
+
+    def recovery_candidates(self) -> list[SlotInfo]:
+        """Slots holding a complete bundle (slot.json, model matching its hash), newest first:
+        what an agent whose state file was lost can serve again, after a health check."""
+        found = []
+        for slot in SLOTS:
+            try:
+                doc = json.loads((self.slot_dir(slot) / "slot.json").read_text())
+                info = SlotInfo(**{**doc, "slot": slot})
+            except (OSError, ValueError, TypeError):
+                continue
+            if self.slot_intact(slot):
+                found.append(info)
+        return sorted(found, key=lambda i: i.installed_at, reverse=True)
+
+    def adopt(self, info: SlotInfo) -> None:
+        """Make a recovered slot active (it passed a health check); no previous bundle."""
+        before = json.loads(json.dumps(self.state))
+        s = self.state
+        s["slots"] = {slot: (info.to_dict() if slot == info.slot else None) for slot in SLOTS}
+        s["active"], s["previous"], s["committed_at"] = info.slot, None, None
+        s["phase"], s["candidate"] = "idle", None
+        self._critical(before)
+
+    def deactivate(self) -> None:
+        """Forget an active bundle that cannot be served and has no previous one to return
+        to, so that the desired state installs it afresh instead of naming a broken slot."""
+        s = self.state
+        if s["active"] in SLOTS:
+            s["slots"][s["active"]] = None
+        s["active"], s["committed_at"] = None, None
+        self.save()
 
     def slot_intact(self, slot: str) -> bool:
         """The slot's model file still matches the manifest's hash (catches SD-card rot)."""
@@ -205,13 +276,15 @@ class Installer:
         """Unpack ``bundle`` into the inactive slot (fsynced); the active slot is untouched."""
         slot = self.inactive_slot()
         s = self.state
+        before = json.loads(json.dumps(s))
         if s["previous"] == slot:
             s["previous"] = None  # that bundle is about to be overwritten
         s["slots"][slot] = None
         s["phase"] = "verifying"
         s["candidate"] = {"bundle_id": bundle.bundle_id, "deployment_id": deployment_id,
                           "slot": slot, "name": bundle.name, "version": bundle.version}
-        self.save()
+        self._critical(before)  # the slot must not be named on disk while it is rewritten
+        s = self.state
         final = self.slot_dir(slot)
         tmp = self.root / "slots" / f".{slot}.new"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,9 +301,10 @@ class Installer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+        before = json.loads(json.dumps(s))
         s["slots"][slot] = info.to_dict()
         s["phase"] = "staged"
-        self.save()
+        self._critical(before)
         crash_point("staged")
         return info
 
@@ -240,13 +314,14 @@ class Installer:
         info = self.info(slot)
         if info is None:
             raise InstallError(f"slot {slot} holds no staged bundle")
+        before = json.loads(json.dumps(s))
         s["previous"], s["active"] = s["active"], slot
         s["phase"], s["candidate"] = "idle", None
         s["committed_at"] = time.time() if now is None else now
         s["crashes"] = []
         # "handled" is set by the agent once the install is reported (mark_handled)
         crash_point("committing")
-        self.save()
+        self._critical(before)
         crash_point("committed")
         return info
 
@@ -270,10 +345,11 @@ class Installer:
         bad = self.active
         if self.previous is None or not self.slot_intact(self.state["previous"]):
             return None
+        before = json.loads(json.dumps(self.state))
         self._swap_back(time.time())
         if bad is not None:
             self._record_failed(bad.deployment_id, bad.bundle_id, kind, detail, time.time())
-        self.save()
+        self._critical(before)
         return self.active
 
     def mark_handled(self, deployment_id: str) -> None:
@@ -293,6 +369,44 @@ class Installer:
         failed.append({"deployment_id": deployment_id, "bundle_id": bundle_id, "kind": kind,
                        "detail": detail, "ts": now})
         self.state["failed"] = failed[-_MAX_FAILED:]
+
+
+def _state_problem(state: Any) -> str | None:
+    """What makes a parsed state.json unusable, or None."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if state.get("schema") != STATE_SCHEMA:
+        return f"of an unknown schema {state.get('schema')!r}"
+    slots = state.get("slots")
+    if not isinstance(slots, dict):
+        return "without a slots table"
+    for slot in SLOTS:
+        entry = slots.get(slot)
+        if entry is None:
+            continue
+        try:
+            info = SlotInfo(**entry)
+        except TypeError:
+            return f"inconsistent (slot {slot} entry malformed)"
+        if not isinstance(info.bundle_id, str) or info.slot != slot:
+            return f"inconsistent (slot {slot} entry malformed)"
+    for key in ("active", "previous"):
+        v = state.get(key)
+        if v is not None and (v not in SLOTS or not slots.get(v)):
+            return f"inconsistent ({key} names slot {v!r}, which holds nothing)"
+    if state.get("phase", "idle") not in PHASES:
+        return f"inconsistent (phase {state.get('phase')!r})"
+    if not isinstance(state.get("crashes", []), list) or not all(
+            isinstance(t, (int, float)) for t in state.get("crashes", [])):
+        return "inconsistent (crash records)"
+    failed = state.get("failed", [])
+    if not isinstance(failed, list) or not all(
+            isinstance(f, dict) and "deployment_id" in f and "bundle_id" in f for f in failed):
+        return "inconsistent (failed deployments)"
+    if not isinstance(state.get("candidate"), (dict, type(None))) or not isinstance(
+            state.get("committed_at"), (int, float, type(None))):
+        return "inconsistent (candidate or commit time)"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,6 +36,23 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+_SPILL_MAX = 256  # messages kept in memory while the disk is full
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+    return "full" in str(exc) or "disk I/O" in str(exc)
+
+
+def _encode(body: Mapping[str, Any], seq: int) -> bytes:
+    doc = dict(body)
+    doc["seq"] = seq
+    doc.setdefault("ts", time.time())
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=str).encode()
+
+
 @dataclass(frozen=True)
 class OutboxRow:
     """One queued message."""
@@ -54,12 +71,44 @@ class Outbox:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        #: why the database was found damaged and recreated at open (None: it was fine)
+        self.recovered: str | None = None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            # SQLITE_CORRUPT / SQLITE_NOTADB; a full disk or a permission problem is an
+            # OperationalError and must not cost the queued messages
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self._db.close()
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._open()
+            # consumers drop duplicates by (device_id, seq): the new numbering must stay above
+            # whatever the lost database handed out, and a millisecond clock is
+            self._set_meta("seq", max(self._meta("seq"), int(time.time() * 1000)))
+            self._seq = self._meta("seq")
+            self.recovered = (f"the outbox database {self.path} was damaged ({exc}); moved aside "
+                              f"to {aside.name} with the messages it held, and started afresh")
+
+    def _open(self) -> None:
+        self._spill: list[OutboxRow] = []  # written while the disk was full: in memory only
+        self._unacked: set[int] = set()  # acked while the disk was full: not yet deleted
+        self._spill_dropped = 0
         self._db = sqlite3.connect(str(self.path), isolation_level=None,
                                    check_same_thread=False, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {check}")
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox").fetchone()[0]
+        self._seq = self._meta("seq")
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._last_id = int(row[0]) if row else 0
 
     def close(self) -> None:
         self._db.close()
@@ -75,37 +124,79 @@ class Outbox:
     @property
     def dropped(self) -> int:
         """Messages dropped (oldest first) because the outbox was full, since it was created."""
-        return self._meta("dropped")
+        return self._meta("dropped") + self._spill_dropped
 
     @property
     def size_bytes(self) -> int:
         return self._bytes
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] + len(self._spill)
 
     def put(self, topic: str, body: Mapping[str, Any] | bytes, *, qos: int = 1,
             retain: bool = False) -> int:
         """Append a message; a mapping is JSON-encoded with ``seq`` and ``ts`` added.
 
         Returns the ``seq`` (for bytes: the row id). Drops the oldest messages when over the bound.
+        When the disk is full the message is kept in memory (at most ``_SPILL_MAX`` of them) and
+        written to the database once there is room again: it is still sent, only not durably.
         """
+        try:
+            self._flush_spill()
+            return self._put(topic, body, qos=qos, retain=retain)
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+        seq = self._seq + 1
+        payload = _encode(body, seq) if isinstance(body, Mapping) else bytes(body)
+        self._last_id += 1
+        self._spill.append(OutboxRow(self._last_id, topic, payload, qos, retain))
+        self._seq = seq
+        while len(self._spill) > _SPILL_MAX:
+            self._spill.pop(0)
+            self._spill_dropped += 1
+        return seq
+
+    def _flush_spill(self) -> None:
+        """Write what the full disk kept in memory (same ids, in order), and the acks that
+        could not be recorded."""
+        if not self._spill and not self._unacked and not self._spill_dropped:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for row in self._spill:
+                size = len(row.payload) + len(row.topic) + 32
+                self._db.execute(
+                    "INSERT INTO outbox(id, topic, payload, qos, retain, size, created) "
+                    "VALUES(?, ?, ?, ?, ?, ?, ?)", (row.id, row.topic, row.payload, row.qos,
+                                                    int(row.retain), size, time.time()))
+            for rid in self._unacked:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (rid,))
+            self._set_meta("seq", max(self._meta("seq"), self._seq))
+            self._set_meta("dropped", self._meta("dropped") + self._spill_dropped)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._spill, self._unacked, self._spill_dropped = [], set(), 0
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox").fetchone()[0]
+
+    def _put(self, topic: str, body: Mapping[str, Any] | bytes, *, qos: int,
+             retain: bool) -> int:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             seq = self._meta("seq") + 1
             self._set_meta("seq", seq)
-            if isinstance(body, Mapping):
-                doc = dict(body)
-                doc["seq"] = seq
-                doc.setdefault("ts", time.time())
-                payload = json.dumps(doc, separators=(",", ":"), sort_keys=True,
-                                     default=str).encode()
-            else:
-                payload = bytes(body)
+            payload = _encode(body, seq) if isinstance(body, Mapping) else bytes(body)
             size = len(payload) + len(topic) + 32
+            # explicit ids: a message kept in memory while the disk was full and acked before
+            # it reached the database still used its id, which must not be handed out again
+            row_id = self._last_id + 1
             self._db.execute(
-                "INSERT INTO outbox(topic, payload, qos, retain, size, created) "
-                "VALUES(?, ?, ?, ?, ?, ?)", (topic, payload, qos, int(retain), size, time.time()))
+                "INSERT INTO outbox(id, topic, payload, qos, retain, size, created) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?)", (row_id, topic, payload, qos, int(retain), size,
+                                                time.time()))
             self._bytes += size
             dropped = 0
             while self._bytes > self.max_bytes:
@@ -119,20 +210,34 @@ class Outbox:
                 self._set_meta("dropped", self._meta("dropped") + dropped)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._db.execute("ROLLBACK")
             raise
+        self._seq, self._last_id = seq, row_id
         return seq
 
     def peek(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
         """The oldest ``limit`` messages with an id above ``after_id``."""
         rows = self._db.execute(
             "SELECT id, topic, payload, qos, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit)).fetchall()
-        return [OutboxRow(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+            (after_id, limit + len(self._unacked))).fetchall()
+        out = [OutboxRow(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows
+               if r[0] not in self._unacked]
+        out += [r for r in self._spill if r.id > after_id]
+        return out[:limit]
 
     def ack(self, row_id: int) -> None:
         """The broker has the message: forget it."""
-        row = self._db.execute("SELECT size FROM outbox WHERE id = ?", (row_id,)).fetchone()
-        if row is not None:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
-            self._bytes -= row[0]
+        for i, r in enumerate(self._spill):
+            if r.id == row_id:
+                del self._spill[i]
+                return
+        try:
+            row = self._db.execute("SELECT size FROM outbox WHERE id = ?", (row_id,)).fetchone()
+            if row is not None:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+                self._bytes -= row[0]
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            self._unacked.add(row_id)  # deleted with the next write that finds room

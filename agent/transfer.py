@@ -26,6 +26,7 @@ the agent still knows which chunks of the window arrived and asks only for the o
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -79,10 +80,15 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)  # a full disk: do not leave a torn temporary file behind
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     if not durable:
         return
@@ -188,10 +194,25 @@ class Transfer:
     def start(self, connected: bool) -> None:
         """Begin (or resume from disk)."""
         self._connected = connected
+        try:
+            self._start()
+        except OSError as exc:  # disk full or failing: worth a retry later, not a crash
+            self._fail(self._disk_error(exc))
+
+    def _start(self) -> None:
         if self.result_path.exists():
             self._finish_existing()
             return
         saved = self._load_saved()
+        if saved is not None:
+            try:
+                parse_chunk_table(saved, expected_id=self.bundle_id)
+            except ProtocolError:
+                # a damaged record (torn write, failing disk) would fail every retry the same
+                # way: forget the partial download and fetch the manifest again
+                for p in (self.part_path, self.progress_path, self.table_path):
+                    p.unlink(missing_ok=True)
+                saved = None
         if saved is not None:
             try:
                 self._accept_table(saved, from_disk=True)
@@ -224,8 +245,7 @@ class Transfer:
         """Stop (a newer desired state arrived, or shutdown); files stay for a later resume."""
         self._unsubscribe_current()
         if self._fd is not None:
-            os.fsync(self._fd)
-            self._save_progress()
+            self._keep_progress()
         self._close()
         if not self.done:
             self.state = "failed"
@@ -246,8 +266,12 @@ class Transfer:
         except EdgepackError as exc:
             self._fail(exc)
         except OSError as exc:  # disk full, I/O error: worth a retry later, not a crash
-            self._fail(TransferError(f"cannot write bundle {self.bundle_id[:12]} to "
-                                     f"{self.dir}: {exc}", bundle_id=self.bundle_id))
+            self._fail(self._disk_error(exc))
+
+    def _disk_error(self, exc: OSError) -> TransferError:
+        return TransferError(f"cannot write bundle {self.bundle_id[:12]} to {self.dir}: {exc}. "
+                             "The download resumes from what is on disk once the disk has room.",
+                             bundle_id=self.bundle_id)
 
     def tick(self) -> None:
         """Check timeouts (call at least every second)."""
@@ -388,7 +412,9 @@ class Transfer:
                 f"chunk {i} of bundle {self.bundle_id[:12]} does not match the signed chunk "
                 "table: the data on the broker was altered or corrupted. Nothing was installed; "
                 "re-publish the bundle.", reason="tampered", bundle_id=self.bundle_id)
-        os.pwrite(self._fd, payload, i * self.table.chunk_size)
+        if os.pwrite(self._fd, payload, i * self.table.chunk_size) != len(payload):
+            # a short write (disk filling up): the chunk is not on disk, do not mark it
+            raise OSError(errno.ENOSPC, f"short write of chunk {i}")
         self._set(i)
         self.stats.written += 1
         self.stats.chunks_done += 1
@@ -426,6 +452,15 @@ class Transfer:
             self.start(self._connected)
 
     # ---- persistence
+    def _keep_progress(self) -> None:
+        """Record what is on disk, if the disk lets us: the last record stays valid otherwise
+        (it only ever under-states what is there, so at worst chunks are fetched again)."""
+        try:
+            os.fsync(self._fd)
+            self._save_progress()
+        except OSError:
+            pass
+
     def _save_progress(self) -> None:
         doc = {"bundle_id": self.bundle_id, "chunks": self.stats.chunks_total,
                "have": base64.b64encode(bytes(self._have)).decode(), "ts": time.time()}
@@ -474,8 +509,7 @@ class Transfer:
     def _fail(self, exc: EdgepackError) -> None:
         self._unsubscribe_current()
         if self._fd is not None and not isinstance(exc, (Rejected, BundleError)):
-            os.fsync(self._fd)  # keep what arrived of the window for the next attempt
-            self._save_progress()
+            self._keep_progress()  # keep what arrived of the window for the next attempt
         self._close()
         self.state = "failed"
         self.error = exc
