@@ -738,7 +738,8 @@ class Profiler:
         if not job.op_profile:
             cmd.append("--no-ops")
         avail = psutil.virtual_memory().available / _MB
-        bound = float(job.max_rss_mb or max(256.0, 0.8 * avail - RAM_RESERVE_MB))
+        # Python + numpy + a runtime alone take ~60-80 MB: below 96 MB nothing could run.
+        bound = float(job.max_rss_mb or max(96.0, 0.8 * avail - RAM_RESERVE_MB))
         with open(err, "wb") as errf:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf,
                                     stdin=subprocess.DEVNULL, start_new_session=True)

@@ -16,6 +16,25 @@ Host side of the profile-job protocol (``docs/protocol.md`` § Profile jobs):
   fastest passing candidate by p95 within the RSS (and p95) budget; every candidate's report
   says why it lost. :func:`stamp_bundle` writes the winner with the device figures in its
   manifest.
+
+Pipeline integration (``edgepack build --profile-on DEV``), in ``_build_onnx`` once ``prepared``,
+``evalset``, ``ref`` and the candidates exist: package every candidate (fp32, fp16, each int8
+scheme of the profile) as its own signed bundle in a temporary directory, then::
+
+    choice = choose_on_devices(
+        [Candidate(label, path) for label, path in packaged], devices=cfg.profile_on,
+        broker=cfg.broker, key_path=cfg.key, fleet=cfg.fleet,
+        input_specs=prepared.inputs, output_specs=prepared.outputs, evalset=evalset,
+        reference=ref, batch=cfg.batch, max_drop=max_drop,
+        rss_budget_mb=profile.budgets.rss_mb, p95_budget_ms=profile.budgets.p95_ms,
+        runs=cfg.profile_runs, timeout=cfg.profile_timeout,
+        cache=ProfileCache(cfg.profile_cache) if cfg.profile_cache else ProfileCache.default())
+    winner = choice.require()  # GateError listing every candidate's reason when none passed
+    stamp_bundle(winner.bundle, out, choice.manifest_entry(), key_path=cfg.key,
+                 report_extra={"device_profile": choice.to_dict()})
+
+``tests/profiling/test_profiling_choice.py`` does exactly this with candidates built by
+``run_build(variants=False)``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,36 @@ def test_device_outputs_are_reshaped_and_dequantized() -> None:
     assert k == 2 and arrays[2] is None
     np.testing.assert_allclose(arrays[0], [[0.0, 5.0], [10.0, 15.0]])
     assert arrays[1].tolist() == [3, 4]
+
+
+def test_litert_bundle_is_measured_and_says_it_has_no_op_profiler(tmp_path) -> None:
+    from edgepack.agent.bundle import read_bundle
+    from edgepack.agent.profiler import MeasureOptions, measure_bundle
+    from edgepack.agent.runtimes import available_runtimes
+    from edgepack.host.package import npz_bytes, write_bundle
+
+    if "litert" not in available_runtimes():
+        pytest.skip("no LiteRT interpreter installed")
+    tflite = Path(__file__).parent.parent / "agent" / "data" / "relu8.tflite"  # relu(2x - 1)
+    xs = np.random.default_rng(0).standard_normal((4, 1, 8)).astype(np.float32)
+    spec = {"name": "x", "dtype": "float32", "shape": [1, 8], "quantization": None}
+    manifest = {"name": "relu", "version": "1.0.0", "target": "rpi4",
+                "model": {"file": "model.tflite", "format": "tflite", "inputs": [spec],
+                          "outputs": [{**spec, "name": "y"}]},
+                "runtime": {"name": "litert", "min_version": "1.0", "threads": 1},
+                "health": {"golden": "golden.npz", "samples": 4, "atol": 1e-5, "rtol": 1e-5},
+                "budgets": {"p95_ms": 100, "peak_rss_mb": 1024, "model_mb": 1}}
+    bundle = write_bundle(tmp_path / "relu.edgepack", manifest, tflite.read_bytes(),
+                          {"golden.npz": npz_bytes({"input_0": xs,
+                                                    "output_0": np.maximum(2 * xs - 1, 0)})})
+    d = read_bundle(bundle).extract(tmp_path / "slot")
+    np.savez(tmp_path / "eval.npz", input_0=xs[:3])
+    steps: list[str] = []
+    out = measure_bundle(d, MeasureOptions(runs=20, warmup=2, eval_path=str(tmp_path /
+                                                                             "eval.npz")),
+                         report=lambda doc: steps.append(doc["stage"]))
+    assert steps == ["loaded", "first", "golden", "eval", "latency", "done"]
+    assert out["runtime"] == "litert" and out["golden"]["passed"]
+    assert out["latency_ms"]["runs"] == 20 and out["eval"]["samples"] == 3
+    assert out["ops"]["available"] is False and "benchmark_model" in out["ops"]["reason"]
+    assert out["ops"]["op_counts"], "the op list is still reported"
