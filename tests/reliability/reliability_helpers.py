@@ -143,6 +143,21 @@ def check_disk_state(data_dir: Path, allowed: set[str | None]) -> tuple[bool, st
     return True, "ok", bid
 
 
+def serves(data_dir: Path, bundle_id: str) -> bool:
+    """The agent's endpoint answers with ``bundle_id`` and a prediction (tiny test model)."""
+    import numpy as np
+
+    from edgepack.agent.errors import EdgepackError
+    from edgepack.agent.inference import Client
+
+    client = Client(f"unix:{data_dir / 'agent.sock'}")
+    try:
+        return client.info()["bundle_id"] == bundle_id and client.predict(
+            {"x": np.zeros((1, 64), np.float32)})["logits"].shape == (1, 10)
+    except EdgepackError:  # not listening (yet), or no bundle
+        return False
+
+
 # --------------------------------------------------------------------------- recorder
 class Recorder(Watcher):
     """A device's messages as a collector sees them: persistent session (QoS 1 messages queued

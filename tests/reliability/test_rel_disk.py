@@ -12,13 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from agent_helpers import agent_config, publish_desired
-from reliability_helpers import CrashableAgent, FaultProxy, Recorder, wait_for
+from reliability_helpers import CrashableAgent, FaultProxy, Recorder, serves, wait_for
 
-from edgepack.agent.errors import EdgepackError
-from edgepack.agent.inference import Client
 from edgepack.host.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
@@ -53,15 +50,6 @@ def _fill(directory: Path, leave: int = 0) -> Path:
     return filler
 
 
-def _serving(data: Path, bundle_id: str) -> bool:
-    try:
-        c = Client(f"unix:{data / 'agent.sock'}")
-        return c.info()["bundle_id"] == bundle_id and c.predict(
-            {"x": np.zeros((1, 64), np.float32)})["logits"].shape == (1, 10)
-    except EdgepackError:
-        return False
-
-
 def test_disk_full_refusal_and_resume(small_disk, mosquitto, fleet, rel_bundles, rel_keys,
                                       scenario):
     rec = scenario("disk full (tmpfs) before/during download")
@@ -90,7 +78,7 @@ def test_disk_full_refusal_and_resume(small_disk, mosquitto, fleet, rel_bundles,
                          "a disk-space error event")
             refused = "disk space" in err["detail"] and not any(
                 p.suffix == ".part" for p in (data / "downloads").iterdir())
-            serving = _serving(data, old)
+            serving = serves(data, old)
             rec.run(refused and serving and agent.alive, note=None if refused else err["detail"])
             assert refused, err
             assert serving and agent.alive
@@ -106,14 +94,14 @@ def test_disk_full_refusal_and_resume(small_disk, mosquitto, fleet, rel_bundles,
                                        and "disk space for bundle" not in e["detail"]), None),
                          30, "an error event for the full disk")
             time.sleep(1.0)  # a few retries against the full disk
-            alive_full = agent.alive and _serving(data, old)
+            alive_full = agent.alive and serves(data, old)
             state_ok = _state_names(data, old)
             # 3. space is back: the download resumes from disk and installs
             filler.unlink()
             proxy.delay_s = 0.0
             t_space = time.monotonic()
             r.wait_event("installed", dep2, timeout=60)
-            wait_for(lambda: _serving(data, new), 10, "the new bundle served")
+            wait_for(lambda: serves(data, new), 10, "the new bundle served")
             recovery = time.monotonic() - t_space
             resumed = [e for e in r.events if e["kind"] == "download_started"
                        and e.get("deployment_id") == dep2 and e.get("resumed_chunks")]

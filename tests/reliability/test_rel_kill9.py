@@ -9,28 +9,15 @@ import os
 import random
 import time
 
-import numpy as np
 import pytest
 from agent_helpers import Watcher, agent_config, publish_desired
-from reliability_helpers import CrashableAgent, check_disk_state, wait_for
+from reliability_helpers import CrashableAgent, check_disk_state, serves, wait_for
 
 from edgepack.agent.crashpoint import POINTS
-from edgepack.agent.errors import EdgepackError
-from edgepack.agent.inference import Client
 from edgepack.host.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 CHUNK = 1024
-
-
-def _serves(data_dir, bundle_id: str) -> bool:
-    x = np.zeros((1, 64), np.float32)
-    client = Client(f"unix:{data_dir / 'agent.sock'}")
-    try:
-        return client.info()["bundle_id"] == bundle_id and client.predict({"x": x})[
-            "logits"].shape == (1, 10)
-    except EdgepackError:  # not listening yet
-        return False
 
 
 def _phase_on_disk(data_dir) -> str:
@@ -82,7 +69,7 @@ def test_kill9_at_every_install_state(tmp_path, mosquitto, fleet, rel_bundles, r
                     w.wait_event("installed", dep, timeout=40)
                     w.wait_state(lambda s, n=new: s.get("online") and (s.get("active") or {})
                                  .get("bundle_id") == n, timeout=20, since=seen)
-                    served = wait_for(lambda n=new: _serves(data, n), 10, "the new model served")
+                    served = wait_for(lambda n=new: serves(data, n), 10, "the new model served")
                 except TimeoutError as exc:
                     ok, why, served = False, f"after a kill at {point}: {exc}", False
                 recovery = time.monotonic() - t_restart
@@ -151,7 +138,7 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
                 seen = len(w.states)
                 agent.start()
             t0 = time.monotonic()
-            wait_for(lambda: _serves(data, ids[target]), 40, "the final model served")
+            wait_for(lambda: serves(data, ids[target]), 40, "the final model served")
             rec.run(True, recovery_s=time.monotonic() - t0, note="killed in phase: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(phases.items())))
     finally:
