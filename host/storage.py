@@ -714,6 +714,15 @@ class Storage:
             "WHERE fleet = ? AND deployment_id IS NOT NULL GROUP BY deployment_id "
             "ORDER BY MAX(received) DESC LIMIT ?", (fleet, int(limit)))
 
+    def deployment_kinds(self, fleet: str, deployment_id: str) -> list[dict[str, Any]]:
+        """Per device and event kind of one deployment: count, newest detail, and how many
+        ``error`` events gave up (``detail`` says so)."""
+        return self.query(
+            "SELECT device_id, kind, COUNT(*) AS n, MAX(id) AS last, MAX(detail) AS detail, "
+            "SUM(CASE WHEN detail LIKE ? THEN 1 ELSE 0 END) AS giving_up FROM events "
+            "WHERE fleet = ? AND deployment_id = ? GROUP BY device_id, kind",
+            ("%giving up%", fleet, deployment_id))
+
     def bundles(self, fleet: str) -> list[dict[str, Any]]:
         rows = self.query("SELECT fleet, bundle_id, name, version, target, bytes, chunk_size, "
                           "chunks, signed_by, published, first_seen, manifest FROM bundles "

@@ -64,6 +64,28 @@ def health_of(device: dict[str, Any], budgets: dict[str, float], now: float,
     return ("degraded", "; ".join(problems)) if problems else ("healthy", "")
 
 
+def _outcome(kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A device's status in a deployment from the kinds of events it sent for it."""
+    def pick(kind: str, status: str, prefix: bool = False) -> dict[str, Any]:
+        detail = kinds[kind].get("detail")
+        return {"status": status, "detail": f"{kind}: {detail or ''}" if prefix else detail}
+
+    if "rolled_back" in kinds:
+        return pick("rolled_back", "rolled_back")
+    for kind in ("rejected", "health_failed"):
+        if kind in kinds:
+            return pick(kind, "failed", prefix=True)
+    if "error" in kinds and kinds["error"].get("giving_up"):
+        return pick("error", "failed", prefix=True)
+    if "installed" in kinds:
+        return pick("installed", "installed")
+    for kind in ("health_checking", "staged", "verified", "downloaded", "download_progress",
+                 "download_started"):
+        if kind in kinds:
+            return pick(kind, _PROGRESS[kind])
+    return {"status": "pending", "detail": None}
+
+
 def _latency_when_serving(t: dict[str, Any]) -> dict[str, Any]:
     """Latency figures of a window without inferences are not measurements: blank them."""
     if t.get("inferences") == 0:
@@ -255,18 +277,19 @@ class FleetAPI:
                 seen[dep] = {"deployment_id": dep, "bundle_id": s["bundle_id"], "name": None,
                              "version": None, "ts": s["first"], "targets": []}
         plain = []
+        devices = {d["device_id"]: d for d in self.storage.devices(fleet)}
         for dep in sorted(seen.values(), key=lambda x: -(x["ts"] or 0))[:30]:
-            detail = self.deployment(fleet, dep["deployment_id"], _known=dep)
+            detail = self.deployment(fleet, dep["deployment_id"], _known=dep, _devices=devices)
             detail.pop("devices", None)
             plain.append(detail)
         return {"fleet": fleet, "rollouts": rollouts, "deployments": plain}
 
     def deployment(self, fleet: str | None, deployment_id: str, *,
-                   _known: dict[str, Any] | None = None) -> dict[str, Any]:
+                   _known: dict[str, Any] | None = None,
+                   _devices: dict[str, dict] | None = None) -> dict[str, Any]:
         """One plain deployment: which devices it reached and how far each got."""
         fleet = self.fleet(fleet)
-        events = self.storage.events(fleet, deployment_id=deployment_id, newest_first=False,
-                                     limit=1_000_000)
+        kinds = self.storage.deployment_kinds(fleet, deployment_id)
         info = dict(_known or {})
         if not info:
             for d in self.storage.desired(fleet):
@@ -276,40 +299,32 @@ class FleetAPI:
                                 version=d["version"], ts=d["ts"])
                     info.setdefault("targets", []).append({"scope": d["scope"],
                                                            "name": d["name"]})
-            if not info and not events:
+            if not info and not kinds:
                 raise NotFound(f"no deployment {deployment_id} in fleet {fleet}")
             info.setdefault("deployment_id", deployment_id)
-            info.setdefault("bundle_id", events[0]["bundle_id"] if events else None)
+            if "bundle_id" not in info:
+                first = self.storage.events(fleet, deployment_id=deployment_id, limit=1)
+                info["bundle_id"] = first[0]["bundle_id"] if first else None
             info.setdefault("targets", [])
         bundle_id = info.get("bundle_id")
-        devices = {d["device_id"]: d for d in self.storage.devices(fleet)}
+        devices = _devices if _devices is not None else {
+            d["device_id"]: d for d in self.storage.devices(fleet)}
         reached: set[str] = set()
         for t in info.get("targets", []):
             if t["scope"] == "device":
                 reached.add(t["name"])
             else:
                 reached |= {k for k, d in devices.items() if t["name"] in (d.get("groups") or [])}
-        per: dict[str, dict[str, Any]] = {dev: {"status": "pending", "detail": None}
-                                          for dev in reached}
-        for e in events:
-            cur = per.setdefault(e["device_id"], {"status": "pending", "detail": None})
-            kind = e["kind"]
-            if kind == "installed":
-                cur.update(status="installed", detail=e.get("detail"))
-            elif kind == "rolled_back":
-                cur.update(status="rolled_back", detail=e.get("detail"))
-            elif kind in ("rejected", "health_failed") or (
-                    kind == "error" and "giving up" in (e.get("detail") or "")):
-                if cur["status"] != "rolled_back":
-                    cur.update(status="failed", detail=f"{kind}: {e.get('detail') or ''}")
-            elif kind in _PROGRESS and cur["status"] in _RANK \
-                    and _RANK[_PROGRESS[kind]] >= _RANK[cur["status"]]:
-                cur.update(status=_PROGRESS[kind], detail=e.get("detail"))
-        for dev, cur in per.items():
+        seen: dict[str, dict[str, dict]] = {}
+        for row in kinds:
+            seen.setdefault(row["device_id"], {})[row["kind"]] = row
+        per: dict[str, dict[str, Any]] = {}
+        for dev in reached | set(seen):
+            per[dev] = _outcome(seen.get(dev, {}))
             d = devices.get(dev)
             if d is not None and bundle_id and d.get("bundle_id") == bundle_id \
-                    and cur["status"] in _RANK:
-                cur["status"] = "installed"
+                    and per[dev]["status"] in _RANK:
+                per[dev]["status"] = "installed"
         counts = {s: 0 for s in DEPLOYMENT_STATUSES}
         for cur in per.values():
             counts[cur["status"]] += 1

@@ -3,6 +3,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const MAX_ROWS = 500; // devices drawn in the overview table; the filter reaches the rest
 const STATUSES = ["waiting", "pending", "downloading", "installing", "installed", "failed",
   "rolling_back", "rolled_back"];
 const LABEL = { waiting: "not started", rolling_back: "rolling back", rolled_back: "rolled back" };
@@ -104,10 +105,11 @@ pages.overview = {
         b.bundle_id ? a(`/bundles/${b.bundle_id}`, `${b.name || "?"} ${b.version || ""}`) : h("span", { cls: "muted" }, "no bundle"),
         ` — ${b.devices} device${b.devices === 1 ? "" : "s"}`)) : h("span", { cls: "muted" }, "no device yet")),
       h("h2", {}, `Devices (${rows.length}${rows.length !== d.devices.length ? ` of ${d.devices.length}` : ""})`),
-      h("div", { cls: "toolbar" }, search),
+      h("div", { cls: "toolbar" }, search, rows.length > MAX_ROWS
+        ? h("span", { cls: "muted" }, `showing the first ${MAX_ROWS}: filter to narrow`) : null),
       table(["device", "status", "board", "target", "bundle", "last seen", "health",
         { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }],
-      rows.map((r) => h("tr", { "data-device": r.device },
+      rows.slice(0, MAX_ROWS).map((r) => h("tr", { "data-device": r.device },
         h("td", {}, a(`/devices/${encodeURIComponent(r.device)}`, r.device)),
         h("td", {}, badge(r.status)), h("td", {}, r.board || "–"), h("td", {}, r.target || "–"),
         h("td", {}, r.bundle_id ? a(`/bundles/${r.bundle_id}`, `${r.bundle_name || "?"} ${r.bundle_version || ""}`) : "–"),
@@ -253,8 +255,10 @@ pages.rollout = {
         r.detail ? ["detail", r.detail] : null,
       ]), h("div", { cls: "toolbar" }, controls)),
       stageTable(r),
-      h("h2", {}, "Devices"),
-      table(["device", "stage", "status", "previous", "detail", "updated"], r.devices.map((x) => h("tr", { "data-device": x.device_id },
+      h("h2", {}, `Devices (${r.devices.length})`),
+      r.devices.length > MAX_ROWS ? h("p", { cls: "muted" }, `showing the ${MAX_ROWS} deployed last`) : null,
+      table(["device", "stage", "status", "previous", "detail", "updated"], (r.devices.length > MAX_ROWS
+        ? r.devices.filter((x) => x.status !== "waiting").slice(-MAX_ROWS) : r.devices).map((x) => h("tr", { "data-device": x.device_id },
         h("td", {}, a(`/devices/${encodeURIComponent(x.device_id)}`, x.device_id)), h("td", {}, x.stage + 1),
         h("td", {}, badge(x.status)), h("td", {}, x.previous ? `${x.previous.name || ""} ${x.previous.version || ""}` : "–"),
         h("td", { cls: "wrap" }, x.detail || ""), h("td", {}, ago(x.updated))))),
