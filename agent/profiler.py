@@ -774,7 +774,9 @@ class Profiler:
             detail = (f"the measurement grew to {seen_mb:.0f} MB, over its bound of {bound:.0f} "
                       "MB (the job's max_rss_mb, or 80% of the free RAM); it was killed")
         elif reason == "deadline":
-            detail = "the job's deadline came during the measurement; figures so far are included"
+            detail = ("the job's deadline came during the measurement"
+                      + ("; figures so far are included" if stage not in ("none", "start")
+                         else ", before the model was loaded: give the job more time"))
         elif reason == "busy":
             detail = "an install started; the measurement was stopped (installs have priority)"
         elif figures.get("error"):

@@ -281,8 +281,9 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
     ``on_message(device, message)`` sees every result message as it arrives (progress).
     """
     started = time.monotonic()
-    infos = [_bundle_info(b[1], b[0]) if isinstance(b, tuple) else _bundle_info(b)
-             for b in bundles]
+    infos = list({i["bundle_id"]: i for i in (
+        _bundle_info(b[1], b[0]) if isinstance(b, tuple) else _bundle_info(b)
+        for b in bundles)}.values())  # the same bundle twice is measured once
     if not devices:
         raise EdgepackError("name at least one device to profile on")
     topics = Topics(fleet)
@@ -646,8 +647,8 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
                              eval_npz=eval_npz, on_message=on_message)
     labels = evalset.labels
     reports: list[CandidateReport] = []
-    for c, info in zip(candidates, rep.bundles, strict=True):
-        meta = _bundle_info(c.bundle)
+    for c in candidates:
+        info = meta = _bundle_info(c.bundle)
         cr = CandidateReport(label=c.label, bundle=str(c.bundle), bundle_id=info["bundle_id"])
         problems: list[str] = []
         p95s, p50s, rsss = [], [], []
