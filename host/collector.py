@@ -202,6 +202,10 @@ class Collector:
         self._reports.put(None)
         for t in self._threads:
             t.join(timeout=5)
+        if self._depth > 0 or self._busy:
+            log.error("stopping with %d received message(s) not stored: the database at %s "
+                      "is unavailable (%s)", self._depth + (1 if self._busy else 0),
+                      self.storage.safe_url, self.last_db_error)
 
     def __enter__(self) -> Collector:
         return self.start()
@@ -427,6 +431,7 @@ class Collector:
             first = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return []
+        self._busy = True  # before the depth drops, so wait_idle never sees a gap
         items = [first]
         get = self._inbox.get_nowait
         try:
@@ -506,7 +511,6 @@ class Collector:
                 items = self._take(0.2)
                 if not items:
                     continue
-                self._busy = True
                 pending = self._parse(items)
             batch, dev_ts, rcv_ts = pending
             if not len(batch):
@@ -522,8 +526,7 @@ class Collector:
                     if self.db_retries == 1 or self.db_retries % 50 == 0:
                         log.warning("database write failed (%s); retrying (%d messages "
                                     "waiting)", self.last_db_error, self._depth + len(batch))
-                    if self._stop.wait(delay) and self._stop.is_set():
-                        delay = 0.05  # still draining on stop: keep trying briefly
+                    time.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
                 log.error("database refused a batch (%s): storing its messages one by one",

@@ -453,21 +453,20 @@ class RolloutEngine:
     def _observe(self, ctx: _Ctx) -> None:
         r = ctx.rollout
         fleet = r["fleet"]
-        watched = [d for d in ctx.devices if d["status"] not in ("waiting",)]
+        watched = [d for d in ctx.devices if d["status"] not in ("waiting", "failed",
+                                                                  "rolled_back")]
         if not watched:
             return
         dep_ids = sorted({d["deployment_id"] for d in watched if d["deployment_id"]})
-        events = self.storage.events(fleet, deployment_ids=dep_ids, newest_first=False,
-                                     limit=1_000_000)
-        by_dev: dict[str, list[dict]] = {}
-        for e in events:
-            by_dev.setdefault(e["device_id"], []).append(e)
+        kinds: dict[tuple[str, str], dict[str, dict]] = {}
+        for row in self.storage.event_kinds(fleet, dep_ids):
+            kinds.setdefault((row["device_id"], row["deployment_id"]), {})[row["kind"]] = row
         states = {d["device_id"]: d for d in self.storage.devices(
             fleet, ids=[w["device_id"] for w in watched])}
         updates = []
         for d in watched:
-            new = self._status(d, by_dev.get(d["device_id"], []), states.get(d["device_id"]),
-                               r)
+            new = self._status(d, kinds.get((d["device_id"], d["deployment_id"]), {}),
+                               states.get(d["device_id"]), r)
             if new is not None and (new["status"], new.get("detail")) != (d["status"],
                                                                           d.get("detail")):
                 new["device_id"] = d["device_id"]
@@ -475,45 +474,41 @@ class RolloutEngine:
                 d.update(new)
         self.storage.update_rollout_devices(r["id"], updates)
 
-    def _status(self, d: dict, events: list[dict], state: dict | None,
+    def _status(self, d: dict, kinds: dict[str, dict], state: dict | None,
                 r: dict) -> dict[str, Any] | None:
+        """The device's new status from the kinds of events it sent for its deployment."""
         status = d["status"]
-        if status in ("rolling_back", "rolled_back"):
+        if status == "rolling_back":
             prev = (d.get("previous") or {}).get("bundle_id")
             if state is not None and prev and state.get("bundle_id") == prev:
                 return {"status": "rolled_back", "detail": d.get("detail")
                         or f"back on {(d.get('previous') or {}).get('version')}"}
             return None
-        if status == "failed":
-            return None
-        detail = d.get("detail")
+        for kind in _FAILED_KINDS:
+            if kind in kinds:
+                return {"status": "failed",
+                        "detail": f"{kind}: {kinds[kind].get('detail') or ''}"[:500]}
+        if "rolled_back" in kinds:  # e.g. a crash loop after the commit
+            return {"status": "failed", "detail": "rolled back by the device: "
+                    f"{kinds['rolled_back'].get('detail') or ''}"[:500]}
+        if "error" in kinds and kinds["error"].get("giving_up"):
+            return {"status": "failed",
+                    "detail": f"error: {kinds['error'].get('detail') or ''}"[:500]}
+        new = status
+        for kind, st in _EVENT_STATUS.items():
+            if kind in kinds and _RANK[st] > _RANK.get(new, 0):
+                new = st
         installed_at = d.get("installed_at")
-        for e in events:
-            if e["deployment_id"] != d["deployment_id"]:
-                continue
-            kind = e["kind"]
-            if kind in _FAILED_KINDS:
-                return {"status": "failed", "detail": f"{kind}: {e.get('detail') or ''}"[:500]}
-            if kind == "rolled_back":
-                return {"status": "failed", "detail": f"rolled back by the device: "
-                        f"{e.get('detail') or ''}"[:500]}
-            if kind == "error" and "giving up" in (e.get("detail") or ""):
-                return {"status": "failed", "detail": f"error: {e.get('detail')}"[:500]}
-            new = _EVENT_STATUS.get(kind)
-            if new and _RANK[new] > _RANK.get(status, 0):
-                status = new
-                if new == "installed":
-                    installed_at = e.get("received") or time.time()
-                    detail = None
-                elif kind == "download_progress":
-                    detail = e.get("detail")
-        if state is not None and state.get("bundle_id") == r["bundle_id"] \
-                and status != "installed":
-            status, installed_at, detail = "installed", installed_at or time.time(), None
-        if status == d["status"] and detail == d.get("detail"):
+        if "installed" in kinds:
+            installed_at = installed_at or kinds["installed"].get("last")
+        if state is not None and state.get("bundle_id") == r["bundle_id"]:
+            new = "installed"
+        if new == "installed":
+            installed_at = installed_at or time.time()
+        if new == status:
             return None
-        out: dict[str, Any] = {"status": status, "detail": detail}
-        if status == "installed":
+        out: dict[str, Any] = {"status": new, "detail": None}
+        if new == "installed":
             out["installed_at"] = installed_at
         return out
 

@@ -723,6 +723,21 @@ class Storage:
             "WHERE fleet = ? AND deployment_id = ? GROUP BY device_id, kind",
             ("%giving up%", fleet, deployment_id))
 
+    def event_kinds(self, fleet: str, deployment_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Per device, deployment and kind: count, last ``received``, a detail, and how many
+        ``error`` events gave up — what the rollout engine reads every tick."""
+        out: list[dict[str, Any]] = []
+        ids = list(deployment_ids)
+        for i in range(0, len(ids), 200):
+            part = ids[i:i + 200]
+            out += self.query(
+                "SELECT device_id, deployment_id, kind, COUNT(*) AS n, MAX(received) AS last, "
+                "MAX(detail) AS detail, SUM(CASE WHEN detail LIKE ? THEN 1 ELSE 0 END) AS "
+                "giving_up FROM events WHERE fleet = ? AND deployment_id IN "
+                f"({', '.join('?' * len(part))}) GROUP BY device_id, deployment_id, kind",
+                ("%giving up%", fleet, *part))
+        return out
+
     def bundles(self, fleet: str) -> list[dict[str, Any]]:
         rows = self.query("SELECT fleet, bundle_id, name, version, target, bytes, chunk_size, "
                           "chunks, signed_by, published, first_seen, manifest FROM bundles "
