@@ -283,7 +283,7 @@ def read_bundle(path: str | os.PathLike, limits: Limits = Limits(), *,
         manifest_bytes = _read_bounded(zf, members[MANIFEST], limits)
         try:
             manifest = json.loads(manifest_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also: huge integers, deep nesting
             raise BundleError(f"{MANIFEST} is not valid JSON ({exc})", bundle_id=bid) from None
         validate_manifest(manifest)
         signature = None
@@ -292,7 +292,7 @@ def read_bundle(path: str | os.PathLike, limits: Limits = Limits(), *,
                 raise BundleError(f"{SIGNATURE} is implausibly large", bundle_id=bid)
             try:
                 signature = json.loads(_read_bounded(zf, members[SIGNATURE], limits))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):
                 raise BundleError(f"{SIGNATURE} is not valid JSON", bundle_id=bid) from None
             if not isinstance(signature, dict):
                 raise BundleError(f"{SIGNATURE} is not a JSON object", bundle_id=bid)

@@ -324,6 +324,9 @@ def load_config(path: str | os.PathLike) -> AgentConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read agent config {path}: {exc.strerror}",
                           file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): device ids, groups and "
+                          "paths must be written in UTF-8, ids in ASCII", file=str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

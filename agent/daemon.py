@@ -575,6 +575,16 @@ class Agent:
 
     # ------------------------------------------------------------------ verify, stage, health
     def _check_compat(self, manifest: dict, desired: DesiredState, size: int | None = None) -> None:
+        # Before the download, ``manifest`` comes from the published message, which table_sig
+        # does not cover: any field may have any type. Garbage is refused, never a crash.
+        try:
+            self._check_compat_fields(manifest, desired)
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            raise Rejected(f"the bundle's manifest has a field of the wrong type or value "
+                           f"({type(exc).__name__}: {exc})", reason="malformed",
+                           bundle_id=desired.bundle_id) from None
+
+    def _check_compat_fields(self, manifest: dict, desired: DesiredState) -> None:
         cfg = self.cfg
         bid = desired.bundle_id
         target = manifest.get("target")

@@ -138,7 +138,7 @@ def decode(data: bytes, what: str = "message") -> dict:
         raise ProtocolError(f"{what} is {len(data)} bytes, over the {MAX_JSON_BYTES} byte limit")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also: integers over 4300 digits, deep nesting
         raise ProtocolError(f"{what} is not UTF-8 JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} is not a JSON object")
