@@ -45,6 +45,16 @@ __all__ = ["build"]
               help="Magnitude-prune to this sparsity (e.g. 0.5) before quantizing.")
 @click.option("--train", type=click.Path(exists=True, dir_okay=False),
               help="With --prune on a Keras model: NPZ (x, y) to fine-tune on while pruning.")
+@click.option("--profile-on", "profile_on", multiple=True, metavar="DEVICE",
+              help="Let this device measure every candidate and ship the fastest that passes "
+                   "the gate on its outputs (repeatable; needs --broker and --key).")
+@click.option("--broker", envvar="EDGEPACK_BROKER", help="Broker of the --profile-on devices.")
+@click.option("--fleet", default="default", show_default=True)
+@click.option("--profile-timeout", type=click.FloatRange(1), default=600.0, show_default=True,
+              help="Seconds the devices get for the whole job.")
+@click.option("--profile-runs", type=click.IntRange(5), default=50, show_default=True)
+@click.option("--profile-cache", type=click.Path(dir_okay=False),
+              help="Profile cache file (default ~/.cache/edgepack/profiles.json).")
 @click.option("--no-variants", is_flag=True, help="Skip measuring the profile's candidate schemes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -52,7 +62,9 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
           calibration_method: str | None, calibration_samples: int | None,
           eval_data: str | None, sample_input: str | None, max_drop: float | None, batch: int, name: str | None,
           version: str, key: str | None, out_dir: str, fp16_io: bool, fmt: str | None, tflite_io: str | None,
-          prune: float | None, train: str | None, no_variants: bool, as_json: bool,
+          prune: float | None, train: str | None, profile_on: tuple[str, ...],
+          broker: str | None, fleet: str, profile_timeout: float, profile_runs: int,
+          profile_cache: str | None, no_variants: bool, as_json: bool,
           quiet: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
     from edgepack.host.cli import emit
@@ -65,9 +77,16 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                       max_drop=max_drop, batch=batch, name=name, version=version, key=key,
                       out_dir=out_dir, variants=not no_variants,
                       keep_io_types=not fp16_io, sample_input=sample_input,
-                      format=fmt, tflite_io=tflite_io, prune=prune, train=train)
+                      format=fmt, tflite_io=tflite_io, prune=prune, train=train,
+                      profile_on=profile_on, broker=broker, fleet=fleet,
+                      profile_timeout=profile_timeout, profile_runs=profile_runs,
+                      profile_cache=profile_cache)
     # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
     with Progress(enabled=not (quiet or as_json)) as progress, \
             contextlib.redirect_stdout(sys.stderr):
         result = run_build(cfg, progress=progress)
     emit(result.report, as_json, render_build)
+    if result.report.get("device_profile") and not as_json:
+        from edgepack.host.cli_profile import render_choice
+
+        render_choice(result.report["device_profile"])

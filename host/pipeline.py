@@ -72,6 +72,13 @@ class BuildConfig:
     tflite_io: str | None = None  # float32 | int8 | uint8; default: the target's
     prune: float | None = None  # magnitude-pruning sparsity in (0, 1)
     train: str | None = None  # NPZ to fine-tune a pruned Keras model on
+    scheme: QuantScheme | None = None  # int8 scheme instead of the profile's default
+    profile_on: tuple[str, ...] = ()  # devices that measure the candidates and choose
+    broker: str | None = None
+    fleet: str = "default"
+    profile_timeout: float = 600.0
+    profile_runs: int = 50
+    profile_cache: str | None = None
 
 
 @dataclass
@@ -226,8 +233,8 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
         return cand, []
     # static int8
     assert calib is not None  # checked by the caller
-    schemes = [q.scheme]
-    if cfg.variants and profile.host_can_time and q.candidates:
+    schemes = [cfg.scheme or q.scheme]
+    if cfg.scheme is None and cfg.variants and profile.host_can_time and q.candidates:
         schemes = list(dict.fromkeys([q.scheme, *q.candidates]))
     cands: list[_Candidate] = []
     for scheme in schemes:
@@ -274,6 +281,63 @@ def _optimize(cfg: BuildConfig, profile: Profile, prepared: PreparedModel, mode:
                 f"under {PREFER_DEFAULT:.2f}x is noise, default kept"),
         } for c in cands]
     return best, kept
+
+
+def _choose_on_devices(cfg: BuildConfig, profile: Profile, prepared: PreparedModel,
+                       evalset: Dataset, ref: Outputs, mode: str, name: str, work: Path,
+                       progress: Progress) -> BuildResult:
+    """``--profile-on``: package every candidate, let the named devices measure and gate them,
+    ship the fastest that passes on the devices (with their figures in the manifest)."""
+    from edgepack.agent.bundle import sha256_file
+    from edgepack.host.profile_device import (
+        Candidate,
+        ProfileCache,
+        choose_on_devices,
+        stamp_bundle,
+    )
+
+    if not cfg.broker or not cfg.key:
+        raise DataError("--profile-on needs --broker (where the devices are) and --key (jobs "
+                        "and candidate bundles are signed)")
+    q = profile.quantization
+    plans: list[tuple[str, BuildConfig]] = [("fp32", replace(cfg, quantize="none")),
+                                            ("fp16", replace(cfg, quantize="fp16"))]
+    if mode == "int8" or cfg.calibration:
+        for scheme in dict.fromkeys([q.scheme, *q.candidates]):
+            plans.append((scheme.label, replace(cfg, quantize="int8", scheme=scheme)))
+    elif mode == "dynamic":
+        plans.append(("dynamic", replace(cfg, quantize="dynamic")))
+    built: dict[str, BuildResult] = {}
+    skipped: dict[str, str] = {}
+    for label, plan in plans:
+        with progress.stage(f"candidate {label}"):
+            try:
+                built[label] = run_build(replace(plan, profile_on=(), variants=False,
+                                                 out_dir=str(work / "candidates" / label),
+                                                 name=name))
+            except GateError as exc:  # fails the gate on the host already: not sent to devices
+                skipped[label] = f"failed the gate on the host: {exc.message}"
+    max_drop = cfg.max_drop if cfg.max_drop is not None else q.max_drop_points
+    with progress.stage(f"profiling {len(built)} candidates on {', '.join(cfg.profile_on)}"):
+        choice = choose_on_devices(
+            [Candidate(label, str(r.path)) for label, r in built.items()],
+            devices=cfg.profile_on, broker=cfg.broker, key_path=cfg.key, fleet=cfg.fleet,
+            input_specs=prepared.inputs, output_specs=prepared.outputs, evalset=evalset,
+            reference=ref, batch=cfg.batch, max_drop=max_drop,
+            rss_budget_mb=profile.budgets.rss_mb, p95_budget_ms=profile.budgets.p95_ms,
+            runs=cfg.profile_runs, timeout=cfg.profile_timeout,
+            cache=ProfileCache(cfg.profile_cache) if cfg.profile_cache
+            else ProfileCache.default())
+    winner = choice.require()
+    report = dict(built[winner.label].report)
+    report["device_profile"] = {**choice.to_dict(), "skipped_on_host": skipped}
+    out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"
+    stamp_bundle(winner.bundle, out, choice.manifest_entry(), key_path=cfg.key,
+                 report_extra={"device_profile": choice.to_dict()})
+    bid = sha256_file(out)
+    report["bundle"] = {**report["bundle"], "path": str(out), "bundle_id": bid,
+                        "bytes": out.stat().st_size}
+    return BuildResult(path=out, bundle_id=bid, report=report)
 
 
 def _gate(cand: _Candidate, max_drop: float, what: str) -> None:
@@ -439,6 +503,9 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
         ref = run_outputs(ref_sess, evalset, cfg.batch)
     ctx = {"batch": cfg.batch, "threads": threads, "feed": feed, "ref_session": ref_sess,
            "work": work}
+    if cfg.profile_on:
+        return _choose_on_devices(cfg, profile, prepared, evalset, ref, mode, name, work,
+                                  progress)
 
     report: dict[str, Any] = {"warnings": [float_note] if float_note else []}
     unpruned = prepared.model_bytes
