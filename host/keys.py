@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edgepack.agent.errors import SignatureError
 from edgepack.agent.signing import ALG, key_id
 
-__all__ = ["generate_keys", "load_private_key", "sign_bytes"]
+__all__ = ["generate_keys", "load_private_key", "sign_bytes", "signer"]
 
 
 def generate_keys(out_dir: str | os.PathLike, name: str = "fleet", *,
@@ -61,3 +62,16 @@ def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> dict:
     """The detached signature document stored as ``signature.json`` / ``table_sig``."""
     return {"alg": ALG, "key_id": key_id(key.public_key()),
             "sig": base64.b64encode(key.sign(data)).decode()}
+
+
+def signer(key_path: str | os.PathLike | None) -> tuple[Any, str | None]:
+    """``(sign, key_id)`` for ``write_bundle`` / ``table_sig``: ``sign(bytes) -> signature
+    document`` with the key at ``key_path``; ``(None, None)`` when there is no key."""
+    if key_path is None:
+        return None, None
+    key = load_private_key(key_path)
+
+    def sign(data: bytes) -> dict:
+        return sign_bytes(data, key)
+
+    return sign, key_id(key.public_key())

@@ -620,18 +620,10 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
                                 "threads": threads}},
         "timings_s": dict(progress.timings),
     })
-    sign = None
-    signed_by = None
-    if cfg.key:
-        from edgepack.agent.signing import key_id
-        from edgepack.host.keys import load_private_key, sign_bytes
+    from edgepack.host.keys import signer
 
-        key = load_private_key(cfg.key)
-        signed_by = key_id(key.public_key())
-
-        def sign(data: bytes) -> dict:
-            return sign_bytes(data, key)
-    else:
+    sign, signed_by = signer(cfg.key)
+    if sign is None:
         warnings.append("the bundle is unsigned (no --key): devices refuse it unless "
                         "allow_unsigned = true")
     out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"

@@ -538,17 +538,10 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
                                 "representative": profile.host_can_time, "threads": threads}},
         "timings_s": dict(progress.timings),
     })
-    sign = signed_by = None
-    if cfg.key:
-        from edgepack.agent.signing import key_id
-        from edgepack.host.keys import load_private_key, sign_bytes
+    from edgepack.host.keys import signer
 
-        key = load_private_key(cfg.key)
-        signed_by = key_id(key.public_key())
-
-        def sign(data: bytes) -> dict:
-            return sign_bytes(data, key)
-    else:
+    sign, signed_by = signer(cfg.key)
+    if sign is None:
         warnings.append("the bundle is unsigned (no --key): devices refuse it unless "
                         "allow_unsigned = true")
     out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"

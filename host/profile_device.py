@@ -751,12 +751,7 @@ def stamp_bundle(src: str | os.PathLike, out: str | os.PathLike, entry: Mapping[
         report.update(report_extra)
         files["report.json"] = json.dumps(report, indent=2, sort_keys=True,
                                           default=float).encode()
-    sign = None
-    if key_path is not None:
-        from edgepack.host.keys import load_private_key, sign_bytes
+    from edgepack.host.keys import signer
 
-        key = load_private_key(key_path)
-
-        def sign(data: bytes) -> dict:
-            return sign_bytes(data, key)
+    sign, _ = signer(key_path)
     return write_bundle(out, manifest, b.read_member(b.model_file), files, sign=sign)

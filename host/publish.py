@@ -69,15 +69,9 @@ def publish_bundle(bundle_path: str | os.PathLike, broker: str | BrokerConfig, *
     size = chunk_size or _chunk_size_for(bundle.target)
     if size <= 0:
         raise ProtocolError("chunk size must be positive")
-    sign = None
-    if key_path is not None:
-        from edgepack.host.keys import load_private_key, sign_bytes
+    from edgepack.host.keys import signer
 
-        key = load_private_key(key_path)
-
-        def sign(data: bytes) -> dict:
-            return sign_bytes(data, key)
-
+    sign, _ = signer(key_path)
     msg, chunks = manifest_message(bundle, chunk_size=size, sign=sign)
     topics = Topics(fleet)
     bid = bundle.bundle_id
