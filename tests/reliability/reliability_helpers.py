@@ -44,15 +44,17 @@ class Scenario:
     name: str
     runs: int = 0
     failures: int = 0
-    lost: int = 0
+    lost: int = 0  # messages/data lost without being accounted for
+    dropped: int = 0  # dropped by design and counted (outbox bound)
     recovery_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
-    def run(self, ok: bool, *, lost: int = 0, recovery_s: float | None = None,
+    def run(self, ok: bool, *, lost: int = 0, dropped: int = 0, recovery_s: float | None = None,
             note: str | None = None) -> bool:
         self.runs += 1
         self.failures += 0 if ok else 1
         self.lost += lost
+        self.dropped += dropped
         if recovery_s is not None:
             self.recovery_s = max(self.recovery_s or 0.0, recovery_s)
         if note and note not in self.notes:
@@ -72,17 +74,19 @@ def save_scenario(s: Scenario) -> None:
     except (OSError, ValueError):
         doc = {}
     doc.setdefault("scenarios", {})[s.name] = {
-        "runs": s.runs, "failures": s.failures, "lost": s.lost,
+        "runs": s.runs, "failures": s.failures, "lost": s.lost, "dropped": s.dropped,
         "recovery_s": None if s.recovery_s is None else round(s.recovery_s, 2),
         "notes": s.notes, "ts": time.time()}
     tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(doc, indent=1))  # scenarios in the order the suite ran them
     os.replace(tmp, RESULTS)
 
 
 # --------------------------------------------------------------------------- agents
 class CrashableAgent(AgentProcess):
     """An agent process; ``crash_at`` sets ``EDGEPACK_TEST_CRASH_AT`` (see agent/crashpoint.py)."""
+
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS): run it elsewhere
 
     def start(self, crash_at: str | None = None, skip: int = 0) -> CrashableAgent:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -91,7 +95,8 @@ class CrashableAgent(AgentProcess):
             env.update(EDGEPACK_TEST_CRASH_AT=crash_at, EDGEPACK_TEST_CRASH_SKIP=str(skip))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgepack.agent.daemon", "--config", str(self.config),
+                [*self.prefix, sys.executable, "-m", "edgepack.agent.daemon", "--config",
+                 str(self.config),
                  "--log-level", "debug"], stdout=log, stderr=subprocess.STDOUT, env=env,
                 stdin=subprocess.DEVNULL)
         return self
@@ -233,8 +238,10 @@ class FaultProxy:
       the partition for new connections.
     """
 
-    def __init__(self, upstream_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1",
+                 listen: str = "127.0.0.1") -> None:
         self.upstream = (host, upstream_port)
+        self.listen = listen
         self.delay_s = 0.0
         self.connections = 0
         self.resets = 0
@@ -250,10 +257,10 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.listen}:{self.port}"
 
     async def _listen(self) -> asyncio.AbstractServer:
-        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return await asyncio.start_server(self._accept, self.listen, 0)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -11,7 +11,13 @@ import time
 
 import pytest
 from agent_helpers import Watcher, agent_config, publish_desired
-from reliability_helpers import CrashableAgent, check_disk_state, serves, wait_for
+from reliability_helpers import (
+    CrashableAgent,
+    check_disk_state,
+    save_scenario,
+    serves,
+    wait_for,
+)
 
 from edgepack.agent.crashpoint import POINTS
 from edgepack.host.publish import publish_bundle
@@ -139,8 +145,10 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
                 agent.start()
             t0 = time.monotonic()
             wait_for(lambda: serves(data, ids[target]), 40, "the final model served")
-            rec.run(True, recovery_s=time.monotonic() - t0, note="killed in phase: " + ", ".join(
+            rec.recovery_s = time.monotonic() - t0  # from the last restart to the new model
+            rec.notes.append("killed in phase: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(phases.items())))
+            save_scenario(rec)
     finally:
         agent.stop()
     assert not failures, failures

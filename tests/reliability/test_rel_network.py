@@ -5,6 +5,9 @@ arrives in order after each fault, nothing is lost or duplicated in what a colle
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -131,6 +134,86 @@ def test_30s_blackhole_during_transfer(tmp_path, mosquitto, fleet, rel_bundles, 
             rec.run(ok, lost=lost, recovery_s=took,
                     note=f"{len(during)} messages queued during the partition, "
                     f"{r.duplicates} duplicates dropped" if ok else why)
+            assert ok, why
+    finally:
+        agent.stop()
+        proxy.close()
+
+
+@pytest.fixture
+def capped_netns():
+    """A network namespace joined by a veth pair whose host end is capped by ``tc tbf`` at
+    2 Mbit/s toward the namespace (the download direction). Root and iproute2 only."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        pytest.skip("network namespaces and tc need root and iproute2")
+    n = os.getpid() % 200 + 10
+    ns, host_if, ns_if = f"eprel{n}", f"eprh{n}", f"eprn{n}"
+    host_ip, ns_ip = f"10.213.{n}.1", f"10.213.{n}.2"
+
+    def sh(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    sh("ip", "netns", "del", ns)
+    steps = [("ip", "netns", "add", ns),
+             ("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if),
+             ("ip", "link", "set", ns_if, "netns", ns),
+             ("ip", "addr", "add", f"{host_ip}/30", "dev", host_if),
+             ("ip", "link", "set", host_if, "up"),
+             ("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", ns_if),
+             ("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up"),
+             ("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"),
+             ("tc", "qdisc", "add", "dev", host_if, "root", "tbf", "rate", "2mbit", "burst",
+              "32kbit", "latency", "400ms")]
+    for cmd in steps:
+        r = sh(*cmd)
+        if r.returncode != 0:
+            sh("ip", "netns", "del", ns)
+            sh("ip", "link", "del", host_if)
+            pytest.skip(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    yield ns, host_ip
+    sh("ip", "netns", "del", ns)
+    sh("ip", "link", "del", host_if)
+
+
+@pytest.mark.slow
+def test_bandwidth_capped_link_in_a_netns(tmp_path, capped_netns, mosquitto, fleet, rel_bundles,
+                                          rel_keys, scenario):
+    """The agent in its own network namespace behind a 2 Mbit/s tbf-capped veth, the fault
+    proxy on the host end: the transfer takes as long as the cap says, survives a stall and a
+    reset on the way, and telemetry keeps its order."""
+    rec = scenario("link: tc tbf 2 Mbit/s (netns) + stall + reset")
+    ns, host_ip = capped_netns
+    url = mosquitto.url
+    info = publish_bundle(rel_bundles.medium("1.0.0"), url, key_path=rel_keys.key, fleet=fleet,
+                          chunk_size=CHUNK)
+    proxy = FaultProxy(mosquitto.port, listen=host_ip)
+    cfg = agent_config(tmp_path / "dev1", proxy.url, fleet, pub=rel_keys.pub,
+                       telemetry={"interval_s": 0.5},
+                       transfer={"window": 4, "chunk_timeout_s": 10.0},
+                       broker={"keepalive": 10, "connect_timeout_s": 3.0})
+    agent = CrashableAgent(cfg)
+    agent.prefix = ("ip", "netns", "exec", ns)
+    agent.start()
+    try:
+        with Recorder(url, fleet) as r:
+            r.wait(lambda: len(r.telemetry) >= 2, 20, "telemetry through the namespace")
+            dep = publish_desired(url, fleet, info["bundle_id"])
+            r.wait_event("download_progress", dep, timeout=20)
+            proxy.stall(2.0)
+            time.sleep(2.5)
+            proxy.reset()
+            t_reset = time.time()
+            took = _next_telemetry_after(r, t_reset, 15)
+            dl = r.wait_event("downloaded", dep, timeout=60)
+            r.wait_event("installed", dep, timeout=60)
+            secs = dl["stats"]["seconds"]
+            floor = info["bytes"] * 8 / 2e6 * 0.7  # the cap was really in the path
+            ok, why, lost = _check_stream(r)
+            if ok and secs < floor:
+                ok, why = False, f"{secs:.1f}s for {info['bytes']} bytes: the cap did not apply"
+            rec.run(ok, lost=lost, recovery_s=took,
+                    note=f"{info['bytes']} bytes in {secs:.1f}s (cap floor {floor:.1f}s)"
+                    if ok else why)
             assert ok, why
     finally:
         agent.stop()

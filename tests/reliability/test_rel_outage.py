@@ -67,7 +67,7 @@ def test_broker_outage_outbox_bound(tmp_path, own_mosquitto, fleet, rel_keys, sc
         dropped = last["outbox_dropped"]
         contiguous = not gaps or gaps == list(range(gaps[0], gaps[-1] + 1))
         ok = dropped > 0 and len(gaps) == dropped and contiguous and r.in_order()
-        rec_over.run(ok, lost=len(gaps) - dropped, recovery_s=recovery,
+        rec_over.run(ok, lost=len(gaps) - dropped, dropped=dropped, recovery_s=recovery,
                      note=f"{dropped} oldest messages dropped and counted (outbox "
                      f"{SMALL_OUTBOX // 1024} KiB), {len(gaps)} missing")
         assert ok, (dropped, len(gaps), contiguous, r.in_order())
