@@ -14,7 +14,9 @@ import pytest
 from agent_helpers import agent_config, publish_desired
 from reliability_helpers import CrashableAgent, FaultProxy, Recorder
 
+from edgepack.host.collector import Collector, CollectorOptions
 from edgepack.host.publish import publish_bundle
+from edgepack.host.storage import open_storage
 
 pytestmark = pytest.mark.broker
 CHUNK = 16 * 1024
@@ -53,8 +55,12 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
                        transfer={"window": 4, "chunk_timeout_s": 5.0},
                        broker={"keepalive": 10, "connect_timeout_s": 3.0})
     agent = CrashableAgent(cfg).start()
+    collector = Collector(url, open_storage(f"sqlite:///{tmp_path / 'fleet.db'}"),
+                          CollectorOptions(fleets=(fleet,), client_id=f"{fleet}-collector",
+                                           fetch_reports=False)).start()
     try:
         with Recorder(url, fleet) as r:
+            assert collector.wait_connected(10)
             r.wait(lambda: len(r.telemetry) >= 3, 20, "telemetry")
             dep = publish_desired(url, fleet, info["bundle_id"])
             r.wait_event("download_progress", dep, timeout=20)
@@ -74,10 +80,21 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
             r.wait_event("installed", dep, timeout=60)
             t_end = time.time()
             r.wait(lambda: any(m["ts"] > t_end + 0.5 for m in r.telemetry), 10, "telemetry")
+            agent.stop()  # nothing more is produced: compare what everyone stored
+            time.sleep(1.0)
+            collector.wait_idle(10)
             ok, why, lost = _check_stream(r)
+            stored = {kind: collector.storage.query_one(
+                f"SELECT COUNT(*) AS n, COUNT(DISTINCT ts) AS d FROM {kind} "
+                "WHERE fleet = ? AND device_id = 'dev1'", (fleet,)) for kind in
+                ("telemetry", "events")}
+            want = {"telemetry": len(r.telemetry), "events": len(r.events)}
+            if ok and any(stored[k]["n"] != want[k] or stored[k]["d"] != want[k] for k in want):
+                ok, why = False, f"collector stored {stored}, expected {want} once each"
             dl = next(e for e in r.events if e["kind"] == "downloaded")
-            note = (f"{r.duplicates} duplicates dropped by (device, seq); "
-                    f"{dl['stats']['interruptions']} transfer interruptions")
+            note = (f"{r.duplicates} duplicates delivered and dropped (device, seq), collector "
+                    f"stored each message once; {dl['stats']['interruptions']} transfer "
+                    "interruptions")
             rec_delay.run(ok, lost=lost, note=note if ok else why)
             rec_reset.run(ok, lost=lost, note=note if ok else why)
             assert ok, why
@@ -86,6 +103,7 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
     finally:
         agent.stop()
         proxy.close()
+        collector.stop()
 
 
 @pytest.mark.slow
