@@ -698,35 +698,55 @@ class RolloutEngine:
         targets = [d for d in devices if d["status"] not in ("waiting", "rolled_back")]
         running = {d["device_id"]: d.get("bundle_id") for d in self.storage.devices(
             r["fleet"], ids=[t["device_id"] for t in targets])}
-        updates = []
+        group = r.get("previous_group_desired") or {}
+        fallback = None
+        if group.get("bundle_id") and group["bundle_id"] != r["bundle_id"]:
+            # a device that ran nothing before goes back to what its group named
+            fallback = {"bundle_id": group["bundle_id"], "name": group.get("bundle_name"),
+                        "version": group.get("version")}
+        updates: list[dict[str, Any]] = []
+        kept = 0
         with SyncClient(self.cfg, timeout=30) as c:
             mids = []
             for d in targets:
+                runs_new = running.get(d["device_id"]) == r["bundle_id"]
+                if d["status"] == "failed" and not runs_new:
+                    # failed on the device (rejected, health check): it kept what it ran
+                    mids.append(self._pin(c, topics, r, d) if d.get("previous") else
+                                c.publish(topics.desired(d["device_id"]), b"", qos=1,
+                                          retain=True, wait=False))
+                    continue
+                if not d.get("previous") and fallback is not None:
+                    d["previous"] = fallback
+                    updates.append({"device_id": d["device_id"],
+                                    "previous": json.dumps(fallback)})
                 if d.get("previous"):
                     mids.append(self._pin(c, topics, r, d))
-                    if d["status"] == "rolling_back" or (
-                            d["status"] == "failed"
-                            and running.get(d["device_id"]) == d["previous"]["bundle_id"]):
-                        continue  # a failed device kept (or went back to) its old bundle itself
+                    if d["status"] == "rolling_back":
+                        continue
                     back = f"back to {d['previous'].get('version')}"
                     updates.append({"device_id": d["device_id"], "status": "rolling_back",
                                     "detail": f"{d['detail']}; {back}" if d["status"] == "failed"
                                     and d.get("detail") else back})
                 else:
+                    # nothing to go back to: the device keeps the new bundle and follows its
+                    # group again (no failure of its own)
                     mids.append(c.publish(topics.desired(d["device_id"]), b"", qos=1,
                                           retain=True, wait=False))
+                    kept += 1
                     if d["status"] != "failed":
-                        updates.append({"device_id": d["device_id"], "status": "failed",
-                                        "detail": "no previous bundle to roll back to: it "
-                                                  "keeps the new one"})
+                        updates.append({"device_id": d["device_id"], "detail":
+                                        "no previous bundle to roll back to: keeps the new one"})
             c.wait_published(mids)
         self.storage.update_rollout_devices(r["id"], updates)
         for u in updates:
-            next(d for d in ctx.devices if d["device_id"] == u["device_id"]).update(u)
-        self.storage.update_rollout(r["id"], expect_state=r["state"], state=then,
-                                    stage_started=time.time(),
-                                    log=f"rollback: {len(targets)} device(s) sent back to "
-                                        "their previous bundle")
+            dev = next(d for d in ctx.devices if d["device_id"] == u["device_id"])
+            dev.update({k: v for k, v in u.items() if k != "previous"})
+        self.storage.update_rollout(
+            r["id"], expect_state=r["state"], state=then, stage_started=time.time(),
+            log=f"rollback: {sum(u.get('status') == 'rolling_back' for u in updates)} "
+                "device(s) sent back to their previous bundle"
+                + (f"; {kept} had none and keep the new one" if kept else ""))
         r["state"] = then
 
     def _rolling_back(self, ctx: _Ctx) -> None:
