@@ -23,7 +23,9 @@ database):
    absolute count, or a percentage of the devices deployed so far): the stage's devices get a
    device-level desired state naming their previous bundle (with ``allow_downgrade``), and the
    rollout ends ``halted`` once they report it active again. ``abort`` does the same for every
-   stage deployed so far.
+   stage deployed so far. A device that ran nothing before goes back to the bundle its group
+   named when the rollout started, or keeps the new one; a device that failed on its own
+   (rejected, health check) still runs its old bundle and is left alone.
 6. **Complete**: after the last stage (100 %) the group's desired state names the bundle, so
    devices joining the group later get it, and the device-level desired states of the devices
    that installed it are cleared (they follow their group again). Devices that failed stay pinned
