@@ -143,6 +143,17 @@ def check_disk_state(data_dir: Path, allowed: set[str | None]) -> tuple[bool, st
         return False, f"slot.json unreadable: {exc}", bid
     if slot_json.get("bundle_id") != bid:
         return False, "slot.json and state.json disagree", bid
+    outbox = data_dir / "outbox.sqlite"
+    if outbox.exists():
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(outbox)) as db:
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.Error as exc:
+            check = str(exc)
+        if check != "ok":
+            return False, f"outbox database damaged: {check}", bid
     if bid not in allowed:
         return False, f"active bundle {bid[:12]} is neither the old nor the new one", bid
     return True, "ok", bid
@@ -171,7 +182,8 @@ class Recorder(Watcher):
     def __init__(self, broker_url: str, fleet: str, device_id: str = "dev1") -> None:
         super().__init__(broker_url, fleet, device_id)
         self.duplicates = 0
-        self.seen: set[tuple[str, int]] = set()
+        self.conflicts = 0  # a seq seen again on a different message: a seq reused
+        self.seen: dict[tuple[str, int], float] = {}
         self.order: list[int] = []  # seqs in first-arrival order
         self.arrival: dict[int, float] = {}
         self._client = make_client(self.cfg, f"rec-{uuid.uuid4().hex[:8]}", clean_session=False)
@@ -189,8 +201,9 @@ class Recorder(Watcher):
                 key = (doc.get("device_id"), doc.get("seq"))
                 if key in self.seen:
                     self.duplicates += 1
+                    self.conflicts += self.seen[key] != doc.get("ts")
                     return
-                self.seen.add(key)
+                self.seen[key] = doc.get("ts")
                 self.order.append(doc["seq"])
                 self.arrival[doc["seq"]] = time.time()
             {"events": self.events, "telemetry": self.telemetry,

@@ -13,6 +13,7 @@ import pytest
 from agent_helpers import Watcher, agent_config, publish_desired
 from reliability_helpers import (
     CrashableAgent,
+    Recorder,
     check_disk_state,
     save_scenario,
     serves,
@@ -112,7 +113,7 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
     failures: list[str] = []
     phases: dict[str, int] = {}
     try:
-        with Watcher(url, fleet) as w:
+        with Recorder(url, fleet) as w:
             agent.start()
             publish_desired(url, fleet, ids[0], allow_downgrade=True)
             w.wait_active(ids[0], timeout=30)
@@ -146,10 +147,18 @@ def test_kill9_at_random_moments(tmp_path, mosquitto, fleet, rel_bundles, rel_ke
             t0 = time.monotonic()
             wait_for(lambda: serves(data, ids[target]), 40, "the final model served")
             rec.recovery_s = time.monotonic() - t0  # from the last restart to the new model
+            # nothing the outbox took was lost or renumbered across the kills
+            t_end = time.time()
+            w.wait(lambda: any(m["ts"] > t_end for m in w.telemetry), 10, "telemetry")
+            gaps = w.gaps()
+            rec.lost += len(gaps)
+            if gaps or w.conflicts:
+                failures.append(f"{len(gaps)} messages lost, {w.conflicts} seqs reused")
+                rec.failures += 1
             rec.notes.append("killed in phase: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(phases.items())))
             save_scenario(rec)
     finally:
         agent.stop()
     assert not failures, failures
-    assert rec.runs >= 50
+    assert rec.runs == kills  # 52 in CI: the issue asks for at least 50
