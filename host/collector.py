@@ -450,7 +450,7 @@ class Collector:
         dev_ts: list[float] = []
         rcv_ts: list[float] = []
         base = f"edgepack/{VERSION}/"
-        for received, topic, payload, _retained in items:
+        for received, topic, payload, retained in items:
             try:
                 if not topic.startswith(base):
                     raise ProtocolError("foreign topic")
@@ -474,7 +474,11 @@ class Collector:
                     elif leaf == "events":
                         batch.events.append((fleet, device, received, body))
                     elif leaf == "state":
-                        batch.states.append((fleet, device, received, body))
+                        seen = received
+                        ts = body.get("ts")
+                        if retained and type(ts) in (int, float) and 0 < ts < received:
+                            seen = float(ts)  # a retained state is as old as it says, not new
+                        batch.states.append((fleet, device, seen, body))
                         continue
                     else:
                         continue

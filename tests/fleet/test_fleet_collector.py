@@ -198,3 +198,20 @@ def test_memory_bound_sheds_telemetry_and_counts_it(sqlite_url, mosquitto, fleet
                  what="every message stored or counted")
         assert storage.count_telemetry(fleet) + c.dropped["queue_full"] == sent
     storage.close()
+
+
+def test_retained_state_keeps_its_age(sqlite_url, mosquitto, fleet, serve):
+    """A device that went offline an hour ago is not 'seen just now' by a new collector."""
+    from edgepack.agent.protocol import encode
+
+    t = Topics(fleet)
+    then = time.time() - 3600
+    with SyncClient(mosquitto.url) as client:
+        client.publish(t.state("old-pi"), encode({"online": False, "board": "rpi4",
+                                                   "target": "rpi4", "active": None,
+                                                   "ts": then}), retain=True)
+    server = serve(sqlite_url, fleet)
+    d = wait_for(lambda: server.storage.device(fleet, "old-pi"), 10, what="the retained state")
+    assert d["online"] is False and abs(d["last_seen"] - then) < 1
+    row = next(r for r in server.api.device_rows(fleet) if r["device"] == "old-pi")
+    assert row["age_s"] > 3500 and row["health"] == "offline"
