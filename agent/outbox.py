@@ -88,8 +88,8 @@ class Outbox:
             self._open()
             # consumers drop duplicates by (device_id, seq): the new numbering must stay above
             # whatever the lost database handed out, and a millisecond clock is
-            self._set_meta("seq", max(self._meta("seq"), int(time.time() * 1000)))
-            self._seq = self._meta("seq")
+            self._seq = max(self._seq, int(time.time() * 1000))
+            self._set_meta("seq", self._seq)
             self.recovered = (f"the outbox database {self.path} was damaged ({exc}); moved aside "
                               f"to {aside.name} with the messages it held, and started afresh")
 
@@ -106,9 +106,35 @@ class Outbox:
         if check != "ok":
             raise sqlite3.DatabaseError(f"integrity check: {check}")
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM outbox").fetchone()[0]
-        self._seq = self._meta("seq")
+        # Messages kept in memory while the disk is full carry seqs the database never saw; the
+        # highest is written in place into this small preallocated file (an overwrite needs no
+        # free space), so a restart never hands one out again to a different message.
+        self._seq_file = Path(f"{self.path}.seq")
+        self._seq = max(self._meta("seq"), self._read_seq_file())
+        if not self._seq_file.exists():
+            self._write_seq_file(self._seq, create=True)
         row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._last_id = int(row[0]) if row else 0
+
+    def _read_seq_file(self) -> int:
+        try:
+            value = int.from_bytes(self._seq_file.read_bytes()[:8], "big")
+        except OSError:
+            return 0
+        return value if value < 1 << 62 else 0  # garbage: ignore
+
+    def _write_seq_file(self, seq: int, create: bool = False) -> None:
+        try:
+            fd = os.open(self._seq_file, os.O_WRONLY | (os.O_CREAT if create else 0), 0o644)
+        except OSError:
+            return
+        try:
+            os.pwrite(fd, seq.to_bytes(8, "big"), 0)
+            os.fsync(fd)
+        except OSError:
+            pass  # best effort: the database's own counter still holds everything written
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._db.close()
@@ -152,6 +178,7 @@ class Outbox:
         self._last_id += 1
         self._spill.append(OutboxRow(self._last_id, topic, payload, qos, retain))
         self._seq = seq
+        self._write_seq_file(seq)
         while len(self._spill) > _SPILL_MAX:
             self._spill.pop(0)
             self._spill_dropped += 1
@@ -186,7 +213,7 @@ class Outbox:
              retain: bool) -> int:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            seq = self._meta("seq") + 1
+            seq = max(self._meta("seq"), self._seq) + 1
             self._set_meta("seq", seq)
             payload = _encode(body, seq) if isinstance(body, Mapping) else bytes(body)
             size = len(payload) + len(topic) + 32

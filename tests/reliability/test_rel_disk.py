@@ -96,6 +96,12 @@ def test_disk_full_refusal_and_resume(small_disk, mosquitto, fleet, rel_bundles,
             time.sleep(1.0)  # a few retries against the full disk
             alive_full = agent.alive and serves(data, old)
             state_ok = _state_names(data, old)
+            # a restart (power cut, crash) while the disk is still full: it comes up and serves
+            agent.kill9()
+            agent.start()
+            restarted = wait_for(lambda: serves(data, old), 20, "the old bundle served after a "
+                                 "restart on a full disk")
+            alive_full = alive_full and restarted and agent.alive
             # 3. space is back: the download resumes from disk and installs
             filler.unlink()
             proxy.delay_s = 0.0
