@@ -169,7 +169,13 @@ def browser() -> Iterator[Any]:
             pytest.fail("Chromium is required (EDGEPACK_REQUIRE_BROWSER) but missing: run "
                         ".ci/install-system-deps.sh")
         pytest.skip("chromium is not installed (.ci/install-system-deps.sh installs it)")
-    playwright = pytest.importorskip("playwright.sync_api")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        if os.environ.get("EDGEPACK_REQUIRE_BROWSER"):
+            pytest.fail("playwright is required (EDGEPACK_REQUIRE_BROWSER): pip install "
+                        "'edgepack[dev]'")
+        pytest.skip("playwright is not installed (pip install 'edgepack[dev]')")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists()
                               else shutil.which("chromium"),
