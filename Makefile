@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 sysdeps:
 	.ci/install-system-deps.sh
+	.ci/install-postgres.sh
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -29,6 +30,10 @@ lint: $(STAMP)
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/build.py
+	$(PY) bench/tflite.py
+	$(PY) bench/agent.py
+	$(PY) bench/collector.py
+	$(PY) bench/measurement.py
 
 clean:
 	rm -rf $(VENV) dist build .demo *.egg-info

@@ -130,12 +130,36 @@ def serve_and_measure(url: str, data_dir: Path) -> None:
                   f"{active.get('version')} in slot {active.get('slot')}")
 
 
+def show_dashboard(base: str) -> None:
+    """What the fleet dashboard's JSON API says about the demo device."""
+    import urllib.request
+
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(f"{base}api/devices/{DEVICE}", timeout=5) as r:
+            dev = json.load(r)
+        if dev.get("telemetry") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    with urllib.request.urlopen(f"{base}api/devices/{DEVICE}/telemetry", timeout=5) as r:
+        series = json.load(r).get("series", {})
+    busy = [i for i, n in enumerate(series.get("inferences") or []) if n]
+    t = {k: series[k][busy[-1]] for k in ("p50", "p95", "rss_mb")} if busy else {}
+    kinds = [e.get("kind") for e in reversed(dev.get("events") or [])]
+    print(f"\nfleet dashboard: {base}devices/{DEVICE} (JSON behind it: "
+          f"{base}api/devices/{DEVICE})")
+    print(f"  online {dev.get('online')}, in sync with its desired state {dev.get('in_sync')}, "
+          f"busiest window p50 {t.get('p50')} ms / p95 {t.get('p95')} ms, "
+          f"RSS {t.get('rss_mb')} MB")
+    print(f"  install events the collector stored: {' → '.join(k for k in kinds if k)}")
+
+
 def run_fleet(bundle: str) -> None:
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
     logs = WORK / "logs"
     logs.mkdir(exist_ok=True)
-    broker = agent = None
+    broker = agent = fleet = None
     try:
         print(f"\n$ edgepack broker --port {port} &", flush=True)
         with open(logs / "broker.log", "wb") as log:
@@ -143,6 +167,15 @@ def run_fleet(bundle: str) -> None:
                                        "--port", str(port)], cwd=WORK, stdout=log,
                                       stderr=subprocess.STDOUT)
         wait_port(port, broker)
+        from edgepack.host.dashboard.server import FleetServer
+
+        print(f"\n$ edgepack fleet serve --broker {url} --db sqlite:///fleet.db "
+              "--http 127.0.0.1:0 &", flush=True)
+        for old in WORK.glob("fleet.db*"):
+            old.unlink()  # each demo starts with an empty fleet database
+        fleet = FleetServer(url, f"sqlite:///{WORK / 'fleet.db'}", http=("127.0.0.1", 0))
+        fleet.start()
+        print(f"dashboard: {fleet.url}")
         data_dir = WORK / "device"
         edgepack("agent", "init", "--board", "rpi4", "--device-id", DEVICE, "--broker", url,
                  "--pub", "keys/fleet.pub", "--data-dir", str(data_dir), "--out",
@@ -163,7 +196,11 @@ def run_fleet(bundle: str) -> None:
                  "keys/fleet.key", "--wait", "180")
         edgepack("fleet", "status", "--broker", url)
         serve_and_measure(url, data_dir)
+        show_dashboard(fleet.url)
     finally:
+        if fleet is not None:
+            fleet.stop()
+            print("fleet server stopped")
         stop(agent, "agent")
         stop(broker, "broker")
     print(f"logs: {logs / 'agent.log'}, {logs / 'broker.log'}")

@@ -42,9 +42,16 @@ def main() -> None:
 
 
 def _register() -> None:
-    from edgepack.host import cli_agent, cli_build, cli_distill, cli_fleet, cli_profile
+    from edgepack.host import (
+        cli_agent,
+        cli_build,
+        cli_distill,
+        cli_fleet,
+        cli_fleet_serve,
+        cli_profile,
+    )
 
-    for mod in (cli_build, cli_fleet, cli_agent, cli_distill, cli_profile):
+    for mod in (cli_build, cli_fleet, cli_fleet_serve, cli_agent, cli_distill, cli_profile):
         mod.register(main)
 
 
