@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import publish_manifest_only
+from host_helpers import publish_manifest_only
 
 from edgepack.agent.errors import BundleError, InstallError, ProtocolError
 from edgepack.agent.mqtt import SyncClient

@@ -12,7 +12,6 @@ import click
 import pytest
 from agent_helpers import Watcher, build_bundle, deploy, publish_desired
 from click.testing import CliRunner
-from conftest import TARGET
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.mqtt import SyncClient
@@ -21,6 +20,8 @@ from edgepack.agent.signing import canonical_json
 from edgepack.host.cli_profile import register
 from edgepack.host.keys import load_private_key, sign_bytes
 from edgepack.host.profile_device import ProfileCache, profile_on_devices
+
+TARGET = "x86-64-vnni"
 
 
 @pytest.fixture(scope="module")

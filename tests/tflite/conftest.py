@@ -12,31 +12,20 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tflite_helpers import SavedModel, build  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")
-
-
-@dataclass(frozen=True)
-class SavedModel:
-    dir: Path
-    calib: Path
-    eval: Path
-
-    def imported(self) -> Any:
-        """What ``import_model`` returns for a Keras/SavedModel input."""
-        return SimpleNamespace(kind="saved_model", source=str(self.dir), onnx_path=None,
-                               saved_model_dir=str(self.dir), tflite_bytes=None,
-                               float_only=False, notes=[])
 
 
 def _export(model: Any, d: Path) -> Path:
@@ -172,14 +161,3 @@ def esp32_build(cnn: SavedModel, tmp_path_factory: pytest.TempPathFactory) -> An
 @pytest.fixture(scope="session")
 def coral_build(cnn: SavedModel, tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build(cnn, "coral-edgetpu", tmp_path_factory.mktemp("coral"))
-
-
-def build(sm: SavedModel, target: str, out: Path, **kw: Any) -> Any:
-    from edgepack.agent.profiles import load_profile
-    from edgepack.host.pipeline import BuildConfig
-    from edgepack.host.pipeline_tflite import run_tflite_build
-
-    imported = kw.pop("imported", None) or sm.imported()
-    cfg = BuildConfig(model=str(sm.dir), target=target, calibration=str(sm.calib),
-                      eval_data=str(sm.eval), out_dir=str(out), name="digits", **kw)
-    return run_tflite_build(cfg, load_profile(target), imported)

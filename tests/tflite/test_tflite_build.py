@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SavedModel, build
+from tflite_helpers import SavedModel, build
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BudgetError, GateError, ModelError

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import SavedModel, build
+from tflite_helpers import SavedModel, build
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BudgetError
