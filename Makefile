@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgepack-installed
 
-.PHONY: demo test lint bench sysdeps clean
+.PHONY: demo test lint bench reliability sysdeps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 test: $(STAMP) sysdeps
 	$(PY) -m ruff check host agent tests bench examples
 	$(PY) -m pytest -q
+
+reliability: $(STAMP) sysdeps
+	$(PY) tests/reliability/report.py --run
 
 lint: $(STAMP)
 	$(PY) -m ruff check host agent tests bench examples
