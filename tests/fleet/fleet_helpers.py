@@ -23,8 +23,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def get_json(url: str, **kw: Any) -> Any:
+def get_json(url: str, *, missing: Any = ..., **kw: Any) -> Any:
+    """GET a JSON document; with ``missing``, a 404 returns it instead of raising (for polling
+    something the collector has not stored yet)."""
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10, **kw) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(url, timeout=10, **kw) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404 and missing is not ...:
+            return missing
+        raise
