@@ -587,7 +587,6 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
             res.model_bytes, baseline=unpruned).to_dict()
         optimization["pruning"] = {k: v for k, v in report["pruning"].items() if k != "report"}
     golden, n_golden = _golden(prepared, evalset, best.outputs, cfg.batch)
-    from edgepack.host.package import npz_bytes, write_bundle
 
     manifest: dict[str, Any] = {
         "name": name, "version": cfg.version, "created": _created(), "target": profile.name,
@@ -620,22 +619,35 @@ def _build_onnx(cfg: BuildConfig, profile: Profile, src: Path, work: Path, mode:
                                 "threads": threads}},
         "timings_s": dict(progress.timings),
     })
+    return package_build(cfg, profile, name, manifest, res.model_bytes, {}, golden, report,
+                         warnings, progress)
+
+
+def _json_default(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else float(v)
+
+
+def package_build(cfg: BuildConfig, profile: Profile, name: str, manifest: dict,
+                  model_bytes: bytes, files: dict[str, bytes], golden: dict[str, np.ndarray],
+                  report: dict, warnings: list[str], progress: Progress) -> BuildResult:
+    """Sign (with ``cfg.key``) and write ``NAME-VERSION-TARGET.edgepack``; finish the report."""
+    from edgepack.agent.bundle import sha256_file
     from edgepack.host.keys import signer
+    from edgepack.host.package import npz_bytes, write_bundle
 
     sign, signed_by = signer(cfg.key)
     if sign is None:
         warnings.append("the bundle is unsigned (no --key): devices refuse it unless "
                         "allow_unsigned = true")
     out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"
-    files = {"golden.npz": npz_bytes(golden),
-             "report.json": json.dumps(report, indent=2, sort_keys=True, default=float).encode()}
+    files = {**files, "golden.npz": npz_bytes(golden),
+             "report.json": json.dumps(report, indent=2, sort_keys=True,
+                                       default=_json_default).encode()}
     with progress.stage("packaging"):
-        write_bundle(out, manifest, res.model_bytes, files, sign=sign)
-    from edgepack.agent.bundle import sha256_file
-
+        write_bundle(out, manifest, model_bytes, files, sign=sign)
     bid = sha256_file(out)
     report["bundle"] = {"path": str(out), "bundle_id": bid, "bytes": out.stat().st_size,
                         "name": name, "version": cfg.version, "target": profile.name,
                         "signed_by": signed_by}
     report["timings_s"] = dict(progress.timings)
-    return BuildResult(path=out, bundle_id=bid, report=report, model_bytes=res.model_bytes)
+    return BuildResult(path=out, bundle_id=bid, report=report, model_bytes=model_bytes)

@@ -12,7 +12,6 @@ int8 kernel, an op the Edge TPU does not map, or a gate failure is an error nami
 
 from __future__ import annotations
 
-import json
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from edgepack.host.pipeline import (
     _load_inputs,
     _toolchain,
     host_cpu,
+    package_build,
 )
 from edgepack.host.report import Progress
 from edgepack.host.validate import GateMetrics, Outputs, compare, measure_latency, run_outputs
@@ -504,7 +504,6 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
         # Golden inputs/outputs are the model's own int8/uint8 values: dequantize outputs with
         # model.outputs[j].quantization before applying atol/rtol/min_cosine.
         health["quantized_io"] = True
-    from edgepack.host.package import npz_bytes, write_bundle
 
     delegates = list(profile.runtime.delegates)
     manifest: dict[str, Any] = {
@@ -538,31 +537,8 @@ def _run(cfg: BuildConfig, profile: Profile, imported: Any, progress: Progress,
                                 "representative": profile.host_can_time, "threads": threads}},
         "timings_s": dict(progress.timings),
     })
-    from edgepack.host.keys import signer
-
-    sign, signed_by = signer(cfg.key)
-    if sign is None:
-        warnings.append("the bundle is unsigned (no --key): devices refuse it unless "
-                        "allow_unsigned = true")
-    out = Path(cfg.out_dir) / f"{name}-{cfg.version}-{profile.name}.edgepack"
-    files["golden.npz"] = npz_bytes(golden)
-    files["report.json"] = json.dumps(report, indent=2, sort_keys=True, default=_json).encode()
-    with progress.stage("packaging"):
-        write_bundle(out, manifest, model_bytes, files, sign=sign)
-    from edgepack.agent.bundle import sha256_file
-
-    bid = sha256_file(out)
-    report["bundle"] = {"path": str(out), "bundle_id": bid, "bytes": out.stat().st_size,
-                        "name": name, "version": cfg.version, "target": profile.name,
-                        "signed_by": signed_by}
-    report["timings_s"] = dict(progress.timings)
-    return BuildResult(path=out, bundle_id=bid, report=report, model_bytes=model_bytes)
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    return float(v)
+    return package_build(cfg, profile, name, manifest, model_bytes, files, golden, report,
+                         warnings, progress)
 
 
 def _toolchain_tf() -> dict:
