@@ -69,6 +69,7 @@ __all__ = [
     "parse_max_failures",
     "parse_duration",
     "allowed_failures",
+    "bundle_budgets",
     "ACTIVE_STATES",
     "DEVICE_STATUSES",
 ]
@@ -152,8 +153,9 @@ def stage_sizes(stages: list[float], n: int) -> list[int]:
     return out
 
 
-def _budgets(manifest: dict) -> dict[str, float]:
-    b = manifest.get("budgets") or {}
+def bundle_budgets(manifest: dict | None) -> dict[str, float]:
+    """p95 latency and peak RSS budgets a bundle's manifest sets (positive numbers only)."""
+    b = (manifest or {}).get("budgets") or {}
     out = {}
     p95 = b.get("p95_ms", b.get("p95_latency_ms"))
     rss = b.get("peak_rss_mb", b.get("rss_mb"))
@@ -270,7 +272,7 @@ def start_rollout(storage: Storage, broker: BrokerConfig | str, bundle: str | os
         "id": rid, "fleet": fleet, "group_name": group, "bundle_id": bid,
         "bundle_name": manifest.get("name"), "bundle_version": manifest.get("version"),
         "target": manifest.get("target"), "stages": json.dumps(stage_list), "max_failures": mf,
-        "soak_s": soak_s, "stage_timeout_s": timeout_s, "budgets": json.dumps(_budgets(manifest)),
+        "soak_s": soak_s, "stage_timeout_s": timeout_s, "budgets": json.dumps(bundle_budgets(manifest)),
         "allow_downgrade": int(allow_downgrade), "state": "running", "stage": 0,
         "stage_started": None, "soak_started": None, "created": now, "updated": now,
         "finished": None, "detail": None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edgepack.host.rollout import rollout_status
+from edgepack.host.rollout import bundle_budgets, rollout_status
 from edgepack.host.storage import TELEMETRY_COLUMNS, Storage
 
 __all__ = ["FleetAPI", "NotFound", "health_of", "DEPLOYMENT_STATUSES"]
@@ -26,18 +26,6 @@ _SERIES = ("p50", "p95", "p99", "max_ms", "rss_mb", "peak_rss_mb", "cpu_percent"
 
 class NotFound(LookupError):
     """What the request names does not exist (HTTP 404)."""
-
-
-def _budgets(manifest: dict | None) -> dict[str, float]:
-    b = (manifest or {}).get("budgets") or {}
-    out = {}
-    p95 = b.get("p95_ms", b.get("p95_latency_ms"))
-    rss = b.get("peak_rss_mb", b.get("rss_mb"))
-    if isinstance(p95, (int, float)) and p95 > 0:
-        out["p95_ms"] = float(p95)
-    if isinstance(rss, (int, float)) and rss > 0:
-        out["peak_rss_mb"] = float(rss)
-    return out
 
 
 def health_of(device: dict[str, Any], budgets: dict[str, float], now: float,
@@ -122,7 +110,7 @@ class FleetAPI:
         return {"fleets": known, "default": self.fleet(None), "collecting": self.fleets}
 
     def _budget_map(self, fleet: str) -> dict[str, dict[str, float]]:
-        return {b["bundle_id"]: _budgets(b["manifest"]) for b in self.storage.bundles(fleet)}
+        return {b["bundle_id"]: bundle_budgets(b["manifest"]) for b in self.storage.bundles(fleet)}
 
     def device_rows(self, fleet: str) -> list[dict[str, Any]]:
         now = time.time()
@@ -182,7 +170,7 @@ class FleetAPI:
         if d is None:
             raise NotFound(f"device {device_id} has not reported in fleet {fleet}")
         bundle = self.storage.bundle(fleet, d["bundle_id"]) if d.get("bundle_id") else None
-        budgets = _budgets(bundle["manifest"]) if bundle else {}
+        budgets = bundle_budgets(bundle["manifest"]) if bundle else {}
         health, why = health_of(d, budgets, time.time(), self.stale_after_s)
         desired = {x["scope"] + ":" + x["name"]: x for x in self.storage.desired(fleet)}
         own = desired.get(f"device:{device_id}")
@@ -237,7 +225,7 @@ class FleetAPI:
         return {"fleet": fleet, "device": device_id, "since": since, "until": until or now,
                 "points": len(series["ts"]), "raw_points": len(rows), "bucket": step,
                 "columns": list(TELEMETRY_COLUMNS), "series": series,
-                "budgets": _budgets(bundle["manifest"]) if bundle else {}}
+                "budgets": bundle_budgets(bundle["manifest"]) if bundle else {}}
 
     def events(self, fleet: str | None, *, device_id: str | None = None,
                deployment_id: str | None = None, kind: str | None = None,
@@ -352,7 +340,7 @@ class FleetAPI:
         for b in self.storage.bundles(fleet):
             m = b.pop("manifest") or {}
             out.append({**b, "devices": running.get(b["bundle_id"], 0),
-                        "budgets": _budgets(m), "metrics": m.get("metrics") or {},
+                        "budgets": bundle_budgets(m), "metrics": m.get("metrics") or {},
                         "optimization": (m.get("optimization") or {}).get("mode")})
         return {"fleet": fleet, "bundles": out}
 
@@ -369,7 +357,7 @@ class FleetAPI:
         devices = [d["device_id"] for d in self.storage.devices(fleet)
                    if d.get("bundle_id") == b["bundle_id"]]
         report = b.get("report")
-        return {**b, "fleet": fleet, "budgets": _budgets(m), "metrics": m.get("metrics") or {},
+        return {**b, "fleet": fleet, "budgets": bundle_budgets(m), "metrics": m.get("metrics") or {},
                 "devices": devices,
                 "report_status": "ready" if report is not None else
                 ("unavailable" if b.get("report_error") else "fetching"),
