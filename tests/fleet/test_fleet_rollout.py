@@ -75,22 +75,24 @@ def _retained_desired(url, fleet):
 
 def test_rollout_halts_and_rolls_back_the_stage(db_url, mosquitto, fleet, serve, simulate,
                                                 sim_bundle, fleet_keys):
-    """4 of 20 devices fail health checks: stage 2 (50 %) passes 5 % no more; its devices go
-    back to v1, stage 3 never starts."""
+    """2 of stage 2's 8 devices fail health checks: stage 1 passes, stage 2 (50 %) goes past
+    5 % failures; its devices go back to v1, stage 3 never starts."""
     key, _ = fleet_keys
     server = serve(db_url, fleet)
     sim = simulate(fleet, 20, fail_rate=0.0)
     v1 = sim_bundle("1.0.0")
     _install_v1(mosquitto, fleet, sim, server, v1, key)
-    # from now on, a fixed set of devices fails every health check
-    failing = {d.id for d in sim.devices[:: 5]}  # 4 devices
-    for d in sim.devices:
-        d.fails_health = d.id in failing
     r = start_rollout(server.storage, mosquitto.url, sim_bundle("2.0.0"), group="sim",
                       fleet=fleet, stages="10,50,100", max_failures="5%", soak="1s",
                       stage_timeout="60s", key_path=key)
     rid = r["id"]
     assert [s["devices"] for s in r["stages"]] == [2, 8, 10]
+    # Stage membership is planned by the rollout (hashed with its id): pick the failing devices
+    # from stage 2, which deploys only after stage 1 has soaked, so setting them now is in time.
+    failing = {d["device_id"] for d in r["devices"] if d["stage"] == 1}
+    failing = set(sorted(failing)[:2])
+    for d in sim.devices:
+        d.fails_health = d.id in failing
     final = wait_for(lambda: (s := rollout_status(server.storage, rid))["state"]
                      in ("halted", "completed") and s, 60, what="the rollout to end")
     assert final["state"] == "halted", final["log"]
