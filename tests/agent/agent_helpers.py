@@ -30,6 +30,19 @@ from edgepack.agent.protocol import DesiredState, Topics, encode
 TARGET = "x86-64-avx2"
 
 
+class Keys:
+    """The fleet key pair devices trust, and a foreign one they do not."""
+
+    def __init__(self, root: Path) -> None:
+        from edgepack.host.keys import generate_keys, load_private_key
+
+        self.key, self.pub, self.key_id = generate_keys(root, "fleet")
+        self.other_key, self.other_pub, _ = generate_keys(root, "other")
+        self.private = load_private_key(self.key)
+        self.other_private = load_private_key(self.other_key)
+
+
+
 # --------------------------------------------------------------------------- bundles
 def tiny_onnx(hidden: int = 32, seed: int = 0, n_in: int = 64, n_out: int = 10) -> bytes:
     """An MLP ``x[1,64] → Relu → logits[1,10]`` plus ``label = ArgMax(logits)`` (int64)."""

@@ -9,17 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from agent_helpers import TARGET, AmqttBroker, build_bundle  # noqa: E402
-
-
-class Keys:
-    def __init__(self, root: Path) -> None:
-        from edgepack.host.keys import generate_keys, load_private_key
-
-        self.key, self.pub, self.key_id = generate_keys(root, "fleet")
-        self.other_key, self.other_pub, _ = generate_keys(root, "other")
-        self.private = load_private_key(self.key)
-        self.other_private = load_private_key(self.other_key)
+from agent_helpers import TARGET, AmqttBroker, Keys, build_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -19,21 +19,9 @@ for _p in (_TESTS / "agent", _TESTS / "host", Path(__file__).parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from agent_helpers import build_bundle  # noqa: E402
+from agent_helpers import Keys, build_bundle  # noqa: E402
 from brokers import Mosquitto, start_mosquitto  # noqa: E402
 from reliability_helpers import Scenario  # noqa: E402
-
-
-class Keys:
-    """The fleet key pair devices trust, and a foreign one they do not."""
-
-    def __init__(self, root: Path) -> None:
-        from edgepack.host.keys import generate_keys, load_private_key
-
-        self.key, self.pub, self.key_id = generate_keys(root, "fleet")
-        self.other_key, self.other_pub, _ = generate_keys(root, "other")
-        self.private = load_private_key(self.key)
-        self.other_private = load_private_key(self.other_key)
 
 
 @pytest.fixture(scope="session")
