@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PostgreSQL server binaries for the fleet tests and benchmark (Debian's packages). The tests
-# start their own throwaway cluster with initdb/pg_ctl on a free port (tests/fleet/pgcluster.py):
+# start their own throwaway cluster with initdb/pg_ctl on a free port (tests/host/fleet/server/pgcluster.py):
 # nothing here starts a server, and the packaged cluster, if any, is stopped so it does not hold
 # port 5432 for nothing. Idempotent: does nothing when initdb is already there.
 set -euo pipefail

@@ -6,7 +6,7 @@ covers the exact bytes of the manifest, so one signature protects the whole bund
 
 Reading never extracts a member the manifest does not name, never writes outside the target
 directory, bounds every size (zip bombs), and checks every hash. The writer lives in
-``edgepack.host.package``.
+``edgepack.host.build.package``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ memory
     agent never imports cryptography) measured the same way.
 
 Nothing is downloaded: MobileNetV2 (random weights, batch-norm statistics set from smooth random
-images) and the digits CNN come from ``bench/build.py``'s builders and ``edgepack.host.pipeline``;
+images) and the digits CNN come from ``bench/build.py``'s builders and ``edgepack.host.build.pipeline``;
 the 20 MB bundles from ``tests/agent/agent_helpers.py``. Mosquitto comes from ``tests/brokers.py``.
 
     python bench/agent.py                                  # all three, both models
@@ -104,7 +104,7 @@ def proc_status(pid: int | str = "self") -> dict[str, float]:
 
 def make_model_bundles(models: list[str], work: Path, key: Path, size: int,
                        quantize: str) -> dict[str, Path]:
-    """Build a signed bundle per model with ``edgepack.host.pipeline.run_build`` (cached)."""
+    """Build a signed bundle per model with ``edgepack.host.build.pipeline.run_build`` (cached)."""
     out: dict[str, Path] = {}
     todo = []
     for m in models:
@@ -115,8 +115,8 @@ def make_model_bundles(models: list[str], work: Path, key: Path, size: int,
             todo.append(m)
     if not todo:
         return out
-    from edgepack.host.pipeline import BuildConfig, run_build
-    from edgepack.host.report import Progress
+    from edgepack.host.build.pipeline import BuildConfig, run_build
+    from edgepack.host.build.report import Progress
 
     b = _bench_build()
     for m in todo:
@@ -643,7 +643,7 @@ def bench_transfer(bench: Bench, reps: int, mb: float, threads: int,
     from agent_helpers import Watcher, publish_desired
 
     from edgepack.agent.bundle import read_bundle
-    from edgepack.host.publish import publish_bundle
+    from edgepack.host.fleet.publish import publish_bundle
 
     log(f"transfer: building {reps} signed bundles of ~{mb:g} MB")
     bundles = big_bundles(bench, reps, mb)
@@ -975,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from edgepack.agent.profiles import load_profile
-    from edgepack.host import pipeline
+    from edgepack.host.build import pipeline
 
     threads = args.threads or pipeline._host_threads(load_profile(TARGET))
     b = _bench_build()

@@ -122,7 +122,7 @@ def make_digits(out: Path) -> dict:
 
 # --------------------------------------------------------------------------- onnxruntime check
 
-CALIB_CHUNK = 64  # the CalibMaxIntermediateOutputs edgepack.host.quantize used to pass
+CALIB_CHUNK = 64  # the CalibMaxIntermediateOutputs edgepack.host.build.quantize used to pass
 
 
 def ort_drops_calibration_chunks() -> bool:
@@ -137,8 +137,8 @@ def ort_drops_calibration_chunks() -> bool:
     from onnx import TensorProto, helper, numpy_helper
 
     from edgepack.agent.profiles import QuantScheme
-    from edgepack.host.data import Dataset
-    from edgepack.host.quantize import quantize_static
+    from edgepack.host.build.data import Dataset
+    from edgepack.host.build.quantize import quantize_static
 
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     graph = helper.make_graph(
@@ -183,8 +183,8 @@ def ort_default_quantize(model: Path, calib: Path, out: Path) -> float:
 
 def edgepack_build(files: dict, out: Path, key: Path, variants: bool,
                    max_drop: float | None) -> tuple[float, Any]:
-    from edgepack.host.pipeline import BuildConfig, run_build
-    from edgepack.host.report import Progress
+    from edgepack.host.build.pipeline import BuildConfig, run_build
+    from edgepack.host.build.report import Progress
 
     cfg = BuildConfig(model=str(files["model"]), target=TARGET, quantize="int8",
                       calibration=str(files["calibration"]), eval_data=str(files["eval"]),
@@ -205,7 +205,7 @@ def interleaved_latency(models: dict[str, bytes], feed: dict, threads: int,
     two cores the previous model's spinning threads would otherwise steal the CPU from the
     next one (measured here: fp32 MobileNetV2 2.5 ms alone, 6.5 ms when switching models every
     5 runs without the pause)."""
-    from edgepack.host.validate import Session
+    from edgepack.host.build.validate import Session
 
     sess = {k: Session(b, threads) for k, b in models.items()}
     names = list(sess)
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime.quantization  # noqa: F401  (imported before any timed call)
 
     from edgepack.agent.profiles import load_profile
-    from edgepack.host import pipeline
+    from edgepack.host.build import pipeline
     from edgepack.host.keys import generate_keys
 
     calib_bug = ort_drops_calibration_chunks()

@@ -19,7 +19,7 @@ the ratio says what storing costs on top of MQTT delivery.
     python bench/collector.py --db sqlite --ladder 1000,2000,4000 --duration 20
     python bench/collector.py --json out.json
 
-The PostgreSQL cluster is a throwaway one (``tests/fleet/pgcluster.py``) with fsync on.
+The PostgreSQL cluster is a throwaway one (``tests/host/fleet/server/pgcluster.py``) with fsync on.
 
 Measured on the 2-core development machine (shared with other jobs, load average 4-5), 20 s
 trials, everything — Mosquitto, simulator, collector, PostgreSQL — on the same two cores:
@@ -56,7 +56,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "fleet"))
+sys.path.insert(0, str(ROOT / "tests" / "host" / "fleet" / "server"))
 
 GOAL_N = 2000
 MAX_LAG_S = 1.0
@@ -70,7 +70,7 @@ def log(msg: str) -> None:
 
 def sim_worker(args: argparse.Namespace) -> int:
     """Child process: run the devices, say READY when all are online, stop after duration."""
-    from edgepack.host.simulator import SimOptions, Simulator
+    from edgepack.host.fleet.simulator import SimOptions, Simulator
 
     sim = Simulator(args.broker, SimOptions(
         devices=args.devices, fleet=args.fleet, interval_s=1.0, connect_rate=1500.0,
@@ -158,8 +158,8 @@ class _Sims:
 
 def trial(broker: str, db_url: str, n: int, duration: float, procs: int = 1) -> dict[str, Any]:
     """One run of N devices into one fresh database."""
-    from edgepack.host.collector import Collector, CollectorOptions, LagStats
-    from edgepack.host.storage import open_storage
+    from edgepack.host.fleet.collector import Collector, CollectorOptions, LagStats
+    from edgepack.host.fleet.storage import open_storage
 
     fleet = f"b{uuid.uuid4().hex[:8]}"
     storage = open_storage(db_url)

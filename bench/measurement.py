@@ -3,7 +3,7 @@
 For each model, in rounds, in the same run:
 
 * **agent**: a real ``edgepack-agent`` process (loopback Mosquitto) gets a signed profile job
-  (``edgepack.host.profile_device.profile_on_devices``, cache off) and reports ``latency_ms.p50``
+  (``edgepack.host.fleet.profiling.profile_on_devices``, cache off) and reports ``latency_ms.p50``
   — fetched over MQTT into its scratch directory, measured in its niced child process;
 * **independent**: a fresh Python process that uses nothing from edgepack: ``onnxruntime``
   directly on the same model file (read out of the same ``.edgepack`` zip), the same session
@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT / "tests", ROOT / "tests" / "agent", ROOT / "tests" / "profiling"):
+for _p in (ROOT / "tests", ROOT / "tests" / "agent", ROOT / "tests" / "host" / "fleet" / "profiling"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -79,8 +79,8 @@ def _bundle(out: Path, model_bytes: bytes, key: Path, name: str, shape: tuple[in
     import numpy as np
     import onnxruntime as ort
 
+    from edgepack.host.build.package import npz_bytes, write_bundle
     from edgepack.host.keys import load_private_key, sign_bytes
-    from edgepack.host.package import npz_bytes, write_bundle
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     i0, o0 = sess.get_inputs()[0], sess.get_outputs()
@@ -116,8 +116,8 @@ def _models(work: Path, key: Path) -> dict[str, Path]:
     from profiling_models import CHANNELS, HW, convnet, write_data  # noqa: F401
 
     from edgepack.agent.profiles import QuantScheme
-    from edgepack.host.data import Dataset
-    from edgepack.host.quantize import quantize_static
+    from edgepack.host.build.data import Dataset
+    from edgepack.host.build.quantize import quantize_static
 
     fp32 = convnet()
     calib, _ = write_data(fp32, work / "data")
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from agent_helpers import AgentProcess, Watcher, agent_config
     from brokers import start_mosquitto
 
+    from edgepack.host.fleet.profiling import ProfileCache, profile_on_devices
     from edgepack.host.keys import generate_keys
-    from edgepack.host.profile_device import ProfileCache, profile_on_devices
 
     work = Path(tempfile.mkdtemp(prefix="edgepack-measurement-"))
     key, pub, _ = generate_keys(work, "fleet")

@@ -3,9 +3,9 @@
 For each model, in one run and one process:
 
 * TFLite fp32 and full int8 (float I/O, TFLite's int8 spec), converted by
-  ``edgepack.host.convert_tflite.to_tflite`` and run in LiteRT (XNNPACK);
+  ``edgepack.host.build.convert_tflite.to_tflite`` and run in LiteRT (XNNPACK);
 * ONNX fp32 (tf2onnx from the same SavedModel) and static int8 with the x86-64-vnni profile's
-  scheme (``edgepack.host.quantize.quantize_static``), run in onnxruntime;
+  scheme (``edgepack.host.build.quantize.quantize_static``), run in onnxruntime;
 
 all four timed interleaved (rotating order, same thread count, same input), plus size, size ratio
 fp32 → int8 within each format, and accuracy (digits: against labels; MobileNetV2 with random
@@ -124,11 +124,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def bench_model(label: str, m: dict, work: Path, threads: int, budget_s: float) -> dict:
     from edgepack.agent.profiles import load_profile
-    from edgepack.host.convert_onnx import prepare_onnx
-    from edgepack.host.convert_tflite import LiteRTSession, to_tflite
-    from edgepack.host.data import Dataset
-    from edgepack.host.quantize import quantize_static
-    from edgepack.host.validate import Session
+    from edgepack.host.build.convert_onnx import prepare_onnx
+    from edgepack.host.build.convert_tflite import LiteRTSession, to_tflite
+    from edgepack.host.build.data import Dataset
+    from edgepack.host.build.quantize import quantize_static
+    from edgepack.host.build.validate import Session
 
     sm = work / f"{label}-sm"
     m["model"].export(str(sm), format="tf_saved_model", verbose=False)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per model")
     ap.add_argument("--json", help="write results as JSON to this file ('-' for stdout)")
     args = ap.parse_args(argv)
-    from edgepack.host.pipeline import host_cpu
+    from edgepack.host.build.pipeline import host_cpu
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-tfl-") as tmp:

@@ -167,7 +167,7 @@ def run_fleet(bundle: str) -> None:
                                        "--port", str(port)], cwd=WORK, stdout=log,
                                       stderr=subprocess.STDOUT)
         wait_port(port, broker)
-        from edgepack.host.dashboard.server import FleetServer
+        from edgepack.host.fleet.dashboard.server import FleetServer
 
         print(f"\n$ edgepack fleet serve --broker {url} --db sqlite:///fleet.db "
               "--http 127.0.0.1:0 &", flush=True)

@@ -85,8 +85,8 @@ def build_bundle(out: Path, *, name: str = "tiny", version: str = "1.0.0", targe
     """
     import onnxruntime as ort
 
+    from edgepack.host.build.package import npz_bytes, write_bundle
     from edgepack.host.keys import sign_bytes
-    from edgepack.host.package import npz_bytes, write_bundle
 
     model_bytes = tiny_onnx(hidden=hidden, seed=seed)
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
@@ -165,7 +165,7 @@ def deploy(broker_url: str, fleet: str, bundle: Path, *, key: Path | None, devic
            chunk_size: int | None = 4096, allow_downgrade: bool = False) -> tuple[str, str]:
     """Publish ``bundle`` and point the device at it; returns ``(bundle_id, deployment_id)``."""
     from edgepack.agent.bundle import read_bundle
-    from edgepack.host.publish import publish_bundle
+    from edgepack.host.fleet.publish import publish_bundle
 
     b = read_bundle(bundle)
     publish_bundle(bundle, broker_url, key_path=key, fleet=fleet, chunk_size=chunk_size)

@@ -113,7 +113,7 @@ def test_refusals_change_nothing(agent_env, mosquitto, fleet, bundles, keys):
 
     def refused(bundle, reason, *, key=keys.key, tamper=False, allow_downgrade=False):
         from edgepack.agent.bundle import read_bundle
-        from edgepack.host.publish import publish_bundle
+        from edgepack.host.fleet.publish import publish_bundle
 
         b = read_bundle(bundle)
         publish_bundle(bundle, mosquitto.url, key_path=key, fleet=fleet, chunk_size=4096)
@@ -158,7 +158,7 @@ def test_refusals_change_nothing(agent_env, mosquitto, fleet, bundles, keys):
 
 def test_group_desired_and_device_override(tmp_path, mosquitto, fleet, bundles, keys):
     from edgepack.agent.bundle import read_bundle
-    from edgepack.host.publish import publish_bundle
+    from edgepack.host.fleet.publish import publish_bundle
 
     cfg = agent_config(tmp_path / "d", mosquitto.url, fleet, pub=keys.pub, groups=["lab"])
     agent = AgentProcess(cfg).start()

@@ -91,8 +91,8 @@ def test_tflite_runtime_behind_the_same_interface(tmp_path, keys):
     if "litert" not in available_runtimes():
         pytest.skip("no LiteRT interpreter installed")
     from edgepack.agent.runtimes import open_model
+    from edgepack.host.build.package import npz_bytes, write_bundle
     from edgepack.host.keys import sign_bytes
-    from edgepack.host.package import npz_bytes, write_bundle
 
     sess = open_model(TFLITE, "litert", threads=1)
     assert sess.inputs[0].shape == (1, 8) and sess.inputs[0].dtype == "float32"

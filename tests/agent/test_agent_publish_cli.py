@@ -13,7 +13,7 @@ from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics, parse_chunk_table
 from edgepack.agent.signing import canonical_json, load_public_keys, verify_detached
 from edgepack.host.cli import main
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 

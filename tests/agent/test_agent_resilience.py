@@ -22,7 +22,7 @@ from agent_helpers import (
 from brokers import start_mosquitto
 
 from edgepack.agent.inference import Client
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 CHUNK = 256 * 1024

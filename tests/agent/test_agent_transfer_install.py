@@ -13,7 +13,7 @@ from edgepack.agent.installer import Installer
 from edgepack.agent.protocol import Topics, encode
 from edgepack.agent.signing import load_public_keys
 from edgepack.agent.transfer import Rejected, Transfer
-from edgepack.host.publish import manifest_message
+from edgepack.host.fleet.publish import manifest_message
 
 
 class FakeBroker:

@@ -1,7 +1,7 @@
 """Fixtures for the reliability and security suite.
 
 Reuses the agent suite's helpers (tests/agent/agent_helpers.py) and the host suite's shipped
-Mosquitto + private PKI (tests/host/shipped_mosquitto.py, host_pki.py) instead of copies.
+Mosquitto + private PKI (tests/host/fleet/deploy/shipped_mosquitto.py, host_pki.py) instead of copies.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 _TESTS = Path(__file__).resolve().parents[1]
-for _p in (_TESTS / "agent", _TESTS / "host", Path(__file__).parent):
+for _p in (_TESTS / "agent", _TESTS / "host" / "fleet" / "deploy", Path(__file__).parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

@@ -9,7 +9,7 @@ import pytest
 from agent_helpers import agent_config, publish_desired
 from reliability_helpers import CrashableAgent, FaultProxy, Recorder, kill9_broker
 
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 CHUNK = 16 * 1024

@@ -15,7 +15,7 @@ import pytest
 from agent_helpers import Watcher, agent_config, publish_desired
 from reliability_helpers import CrashableAgent, serves, wait_for
 
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 

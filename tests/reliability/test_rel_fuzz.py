@@ -365,8 +365,8 @@ def test_hostile_messages_to_a_live_agent(tmp_path, mosquitto, fleet, rel_bundle
     """Garbage desired states and manifest messages over MQTT: the agent stays up, reports each
     one as an event, keeps its bundle, and writes nothing outside its directory."""
     rec = scenario("hostile MQTT messages to a live agent")
+    from edgepack.host.fleet.publish import publish_bundle
     from edgepack.host.keys import sign_bytes
-    from edgepack.host.publish import publish_bundle
 
     url = mosquitto.url
     topics = Topics(fleet)

@@ -21,7 +21,7 @@ from reliability_helpers import (
 )
 
 from edgepack.agent.crashpoint import POINTS
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker
 CHUNK = 1024

@@ -14,9 +14,9 @@ import pytest
 from agent_helpers import agent_config, publish_desired
 from reliability_helpers import CrashableAgent, FaultProxy, Recorder
 
-from edgepack.host.collector import Collector, CollectorOptions
-from edgepack.host.publish import publish_bundle
-from edgepack.host.storage import open_storage
+from edgepack.host.fleet.collector import Collector, CollectorOptions
+from edgepack.host.fleet.publish import publish_bundle
+from edgepack.host.fleet.storage import open_storage
 
 pytestmark = pytest.mark.broker
 CHUNK = 16 * 1024

@@ -1,7 +1,7 @@
 """A device runs only what its owner signed: unsigned, foreign-key, tampered (any single byte of
 any member, positions sampled) and downgraded bundles never activate; replaying an old desired
 state does not downgrade; TLS with a private CA and client certificates against a real
-Mosquitto running the shipped config, whose ACL keeps devices apart (tests/host helpers)."""
+Mosquitto running the shipped config, whose ACL keeps devices apart (tests/host/fleet/deploy helpers)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from edgepack.agent.errors import BrokerError, BundleError
 from edgepack.agent.mqtt import BrokerConfig, SyncClient
 from edgepack.agent.protocol import DesiredState, Topics, chunk_table_payload, encode
 from edgepack.agent.signing import canonical_json, load_public_keys
-from edgepack.host.publish import publish_bundle
+from edgepack.host.fleet.publish import publish_bundle
 
 SAMPLES = int(os.environ.get("EDGEPACK_TAMPER_SAMPLES", "40"))
 

@@ -1,0 +1,237 @@
+"""The accuracy gate: run the float and optimized models on the same samples and compare.
+
+Also measures host latency of both in the same run, and — when int8 breaks the gate — ranks the
+nodes that hurt most (per-node signal-to-quantization-noise loss from onnxruntime's
+``qdq_loss_debug``) so the pipeline can keep them in float.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.agent.errors import ModelError
+from edgepack.host.build.data import Dataset, TensorSpec
+
+__all__ = ["Outputs", "GateMetrics", "Session", "run_outputs", "compare", "measure_latency",
+           "measure_interleaved", "rank_sensitive_nodes"]
+
+
+class Session:
+    """An onnxruntime session with fixed threads, for eval and timing on the host."""
+
+    def __init__(self, model_bytes: bytes, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, threads)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load the model: {str(exc)[:300]}") from None
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[Any]:
+        return self.sess.run(None, feed)
+
+
+@dataclass
+class Outputs:
+    """Outputs per model output, stacked over samples; None where the output is not a tensor."""
+
+    arrays: list[np.ndarray | None]
+
+
+def run_outputs(session: Session, data: Dataset, batch: int = 1) -> Outputs:
+    per: list[list[Any]] = [[] for _ in session.output_names]
+    for feed in data.batches(batch):
+        for i, out in enumerate(session.run(feed)):
+            per[i].append(out)
+    arrays: list[np.ndarray | None] = []
+    for outs in per:
+        if outs and isinstance(outs[0], np.ndarray):
+            arrays.append(np.concatenate([o.reshape(batch, *o.shape[1:]) if o.ndim else
+                                          o.reshape(1) for o in outs]))
+        else:
+            arrays.append(None)
+    return Outputs(arrays)
+
+
+@dataclass
+class GateMetrics:
+    """What the report shows about accuracy; ``drop_points`` is what the gate checks."""
+
+    samples: int
+    compared: list[str] = field(default_factory=list)
+    not_compared: dict[str, str] = field(default_factory=dict)
+    top1_agreement: float | None = None
+    accuracy_fp32: float | None = None
+    accuracy_optimized: float | None = None
+    min_cosine: float | None = None
+    max_abs_error: float | None = None
+    drop_points: float = 0.0
+    basis: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _class_scores(arr: np.ndarray) -> np.ndarray | None:
+    """Per-sample predicted class from a score/logit output, or labels from an int output."""
+    if arr.dtype.kind in "iu" and arr.ndim == 1:
+        return arr
+    if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] > 1:
+        return arr.argmax(axis=1)
+    return None
+
+
+def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
+            labels: np.ndarray | None) -> GateMetrics:
+    """Compare what can be compared; say what could not."""
+    n = next((len(a) for a in ref.arrays if a is not None), 0)
+    m = GateMetrics(samples=n)
+    cosines, errors = [], []
+    preds_ref = preds_opt = None
+    for spec, a, b in zip(specs, ref.arrays, opt.arrays, strict=True):
+        if a is None or b is None:
+            m.not_compared[spec.name] = f"{spec.dtype} output (not a tensor): not compared"
+            continue
+        m.compared.append(spec.name)
+        if a.dtype.kind == "f":
+            fa = a.reshape(len(a), -1).astype(np.float64)
+            fb = b.reshape(len(b), -1).astype(np.float64)
+            na, nb = np.linalg.norm(fa, axis=1), np.linalg.norm(fb, axis=1)
+            both_zero = (na == 0) & (nb == 0)
+            cos = np.where(both_zero, 1.0, (fa * fb).sum(1) / np.maximum(na * nb, 1e-30))
+            cosines.append(float(cos.min()))
+            errors.append(float(np.abs(fa - fb).max()))
+        if preds_ref is None:
+            pr, po = _class_scores(a), _class_scores(b)
+            if pr is not None and po is not None:
+                preds_ref, preds_opt = pr, po
+    if cosines:
+        m.min_cosine = min(cosines)
+        m.max_abs_error = max(errors)
+    if preds_ref is not None:
+        m.top1_agreement = float((preds_ref == preds_opt).mean())
+        if labels is not None and len(labels) >= len(preds_ref):
+            lab = labels.reshape(-1)[:len(preds_ref)]  # a batch > 1 drops the last partial batch
+            m.accuracy_fp32 = float((preds_ref == lab).mean())
+            m.accuracy_optimized = float((preds_opt == lab).mean())
+            m.drop_points = 100.0 * (m.accuracy_fp32 - m.accuracy_optimized)
+            m.basis = "accuracy vs labels"
+        else:
+            m.drop_points = 100.0 * (1.0 - m.top1_agreement)
+            m.basis = "top-1 agreement with fp32"
+    elif m.min_cosine is not None:
+        # Regression-like outputs: express the cosine loss in points of a 0-100 scale.
+        m.drop_points = 100.0 * max(0.0, 1.0 - m.min_cosine)
+        m.basis = "min cosine similarity with fp32"
+    return m
+
+
+def measure_latency(session: Session, feed: dict[str, np.ndarray], *, warmup: int = 10,
+                    min_runs: int = 50, max_runs: int = 2000, budget_s: float = 1.5) -> dict:
+    """p50/p95/mean in milliseconds after warm-up; runs until ``budget_s`` or ``max_runs``."""
+    for _ in range(warmup):
+        session.run(feed)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or
+                                     time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        session.run(feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = np.array(times)
+    return {"p50_ms": float(np.percentile(t, 50)), "p95_ms": float(np.percentile(t, 95)),
+            "mean_ms": float(t.mean()), "runs": len(t)}
+
+
+def measure_interleaved(sessions: dict[str, Session], feed: dict[str, np.ndarray], *,
+                        rounds: int = 6, budget_s: float = 1.2, min_runs: int = 5,
+                        warmup: int = 5) -> dict[str, dict]:
+    """p50/p95/mean per session, timed in rotating rounds so drift hits every model alike."""
+    names = list(sessions)
+    for name in names:
+        for _ in range(warmup):
+            sessions[name].run(feed)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    slot = budget_s / (rounds * len(names))
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sess, acc = sessions[name], times[name]
+            end = time.perf_counter() + slot
+            n = 0
+            while n < min_runs or time.perf_counter() < end:
+                t0 = time.perf_counter()
+                sess.run(feed)
+                acc.append((time.perf_counter() - t0) * 1e3)
+                n += 1
+    out = {}
+    for name, t in times.items():
+        a = np.array(t)
+        out[name] = {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+                     "mean_ms": float(a.mean()), "runs": len(a)}
+    return out
+
+
+def rank_sensitive_nodes(fp32_bytes: bytes, qdq_bytes: bytes, data: Dataset,
+                         batch: int = 1) -> list[tuple[str, float]]:
+    """Nodes of the float model ordered by how much quantization noise each one adds (dB).
+
+    For every node, SQNR lost = (worst SQNR of its inputs) − (SQNR of its output), where SQNR
+    compares the QDQ model's activation against the float model's on the same samples.
+    """
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as dbg
+
+    feeds = list(data.batches(batch))  # collect_activations iterates its reader
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-dbg-") as tmp:
+        f_in, q_in = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        f_aug, q_aug = Path(tmp) / "fa.onnx", Path(tmp) / "qa.onnx"
+        f_in.write_bytes(fp32_bytes)
+        q_in.write_bytes(qdq_bytes)
+        dbg.modify_model_output_intermediate_tensors(str(f_in), str(f_aug))
+        dbg.modify_model_output_intermediate_tensors(str(q_in), str(q_aug))
+        f_act = dbg.collect_activations(str(f_aug), iter(feeds))
+        q_act = dbg.collect_activations(str(q_aug), iter(feeds))
+    match = dbg.create_activation_matching(q_act, f_act)
+    sqnr: dict[str, float] = {}
+    for name, m in match.items():
+        if m.get("float") and m.get("post_qdq"):
+            v = float(dbg.compute_signal_to_quantization_noice_ratio(m["float"], m["post_qdq"]))
+            sqnr[name] = v if math.isfinite(v) else 200.0
+    model = onnx.load_from_string(fp32_bytes)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    losses = []
+    for node in model.graph.node:
+        outs = [sqnr[o] for o in node.output if o in sqnr]
+        if not outs:
+            continue
+        # The quantizer fuses e.g. Conv+Relu: the Conv's output is never quantized, so its noise
+        # shows at the Relu. Charge the whole fused chain and keep all of it in float.
+        group, frontier, ins = [node.name], list(node.input), []
+        while frontier:
+            t = frontier.pop()
+            if t in sqnr:
+                ins.append(sqnr[t])
+            elif t in producer and t not in inits and producer[t].name not in group:
+                group.append(producer[t].name)
+                frontier.extend(producer[t].input)
+        loss = (min(ins) if ins else 200.0) - min(outs)
+        losses.extend((name, loss) for name in group)
+    losses.sort(key=lambda x: -x[1])
+    seen: set[str] = set()
+    return [x for x in losses if not (x[0] in seen or seen.add(x[0]))]

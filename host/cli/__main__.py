@@ -1,0 +1,3 @@
+from edgepack.host.cli.main import main
+
+main()

@@ -1,0 +1,252 @@
+"""CLI: ``deploy``, ``fleet status`` and ``broker`` (the embedded one, for a one-machine trial).
+
+Every command that talks to a broker takes the same options (:func:`broker_options`):
+``--broker mqtt[s]://host:port`` plus ``--ca/--cert/--cert-key`` for TLS client certificates and
+``--username/--password``. ``--key`` is always the fleet *signing* key, never a TLS key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+__all__ = ["register", "broker_options", "broker_config", "fleet", "deploy_cmd", "broker_cmd"]
+
+
+def _check_id(what: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from edgepack.agent.errors import ProtocolError
+        from edgepack.agent.protocol import check_id
+
+        if value is None:
+            return None
+        try:
+            return check_id(value, what)
+        except ProtocolError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return callback
+
+
+def broker_options(f: Callable) -> Callable:
+    """Add ``--broker``, TLS and credential options; the command gets ``broker_cfg``."""
+    options = [
+        click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883",
+                     show_default=True, envvar="EDGEPACK_BROKER",
+                     help="mqtt://host[:1883] or mqtts://host[:8883] (env EDGEPACK_BROKER)."),
+        click.option("--ca", type=click.Path(exists=True, dir_okay=False),
+                     help="CA certificate that signed the broker's certificate (private CA)."),
+        click.option("--cert", type=click.Path(exists=True, dir_okay=False),
+                     help="TLS client certificate (mutual TLS)."),
+        click.option("--cert-key", type=click.Path(exists=True, dir_okay=False),
+                     help="Private key of --cert."),
+        click.option("--username", envvar="EDGEPACK_BROKER_USERNAME",
+                     help="Broker username (env EDGEPACK_BROKER_USERNAME)."),
+        click.option("--password", envvar="EDGEPACK_BROKER_PASSWORD",
+                     help="Broker password (prefer env EDGEPACK_BROKER_PASSWORD)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+
+    def wrapper(*args: Any, broker_url: str, ca: str | None, cert: str | None,
+                cert_key: str | None, username: str | None, password: str | None,
+                **kwargs: Any) -> Any:
+        kwargs["broker_cfg"] = broker_config(broker_url, ca=ca, cert=cert, cert_key=cert_key,
+                                             username=username, password=password)
+        return f(*args, **kwargs)
+
+    import functools
+
+    return functools.update_wrapper(wrapper, f)
+
+
+def broker_config(url: str, *, ca: str | None = None, cert: str | None = None,
+                  cert_key: str | None = None, username: str | None = None,
+                  password: str | None = None) -> Any:
+    """A :class:`~edgepack.agent.mqtt.BrokerConfig` from the options of :func:`broker_options`."""
+    from edgepack.agent.mqtt import parse_broker_url
+
+    if cert_key and not cert:
+        raise click.UsageError("--cert-key needs --cert")
+    return parse_broker_url(url, ca=ca, cert=cert, key=cert_key,
+                            username=username, password=password)
+
+
+_fleet_option = click.option(
+    "--fleet", "fleet_name", default="default", show_default=True, envvar="EDGEPACK_FLEET",
+    callback=_check_id("fleet name"), help="Fleet name: the topic prefix edgepack/v1/FLEET/.")
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+# -- deploy ---------------------------------------------------------------------------------
+
+@click.command("deploy")
+@click.argument("bundle_or_id")
+@click.option("--device", callback=_check_id("device id"), help="Deploy to this device.")
+@click.option("--group", callback=_check_id("group name"),
+              help="Deploy to every device of this group.")
+@broker_options
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              help="Fleet signing key (fleet.key), to publish a bundle file not yet published.")
+@_fleet_option
+@click.option("--allow-downgrade", is_flag=True,
+              help="Let devices install a version older than the one they run.")
+@click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS",
+              help="With --device: wait until the device runs the bundle (or reports failure).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_cfg: Any,
+               key_path: str | None, fleet_name: str, allow_downgrade: bool,
+               wait_s: float | None, as_json: bool) -> None:
+    """Point a device or a group at a bundle (a .edgepack file, or the id of a published one).
+
+    A bundle file the broker does not hold yet is published first (signed with --key).
+    """
+    from edgepack.host.cli.main import emit
+    from edgepack.host.fleet.deploy import deploy, wait_for_deployment
+
+    if (device is None) == (group is None):
+        raise click.UsageError("give exactly one of --device or --group")
+    if wait_s is not None and device is None:
+        raise click.UsageError("--wait needs --device")
+    result = deploy(bundle_or_id, broker_cfg, device=device, group=group, fleet=fleet_name,
+                    key_path=key_path, allow_downgrade=allow_downgrade)
+    if not as_json:
+        where = f"device {device}" if device else f"group {group}"
+        click.echo(f"deployed {result['name']} {result['version']} "
+                   f"({result['bundle_id'][:12]}) to {where} in fleet {fleet_name}: deployment "
+                   f"{result['deployment_id']}"
+                   + (" (bundle published first)" if result["published"] else ""))
+        for w in result["warnings"]:
+            click.echo(f"warning: {w}", err=True)
+    if wait_s is not None:
+        t0 = time.monotonic()
+        state = wait_for_deployment(broker_cfg, device, result, fleet=fleet_name,
+                                    timeout=wait_s)
+        result["active"] = True
+        result["waited_s"] = round(time.monotonic() - t0, 3)
+        result["slot"] = state.get("slot")
+        if not as_json:
+            click.echo(f"device {device} runs {result['name']} {result['version']} "
+                       f"(after {result['waited_s']:.1f}s)")
+    if as_json:
+        emit(result, True)
+
+
+# -- fleet status ---------------------------------------------------------------------------
+
+@click.group("fleet")
+def fleet() -> None:
+    """Devices of a fleet: what they run and how they are."""
+
+
+@fleet.command("status")
+@broker_options
+@_fleet_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def fleet_status_cmd(broker_cfg: Any, fleet_name: str, as_json: bool) -> None:
+    """One line per device: presence, board, target, active bundle, slot, last report."""
+    from edgepack.host.cli.main import emit
+    from edgepack.host.fleet.status import fleet_status
+
+    rows = fleet_status(broker_cfg, fleet_name)
+
+    def render(rows: list[dict]) -> None:
+        from rich import box
+        from rich.table import Table
+
+        if not rows:
+            click.echo(f"no device has reported in fleet {fleet_name} on {broker_cfg.url}")
+            return
+        t = Table(title=f"fleet {fleet_name} on {broker_cfg.url}", box=box.SIMPLE_HEAD)
+        # the device id is the key people copy: keep it whole, squeeze the other columns
+        t.add_column("device", overflow="fold",
+                     min_width=min(32, max(len(r["device"]) for r in rows)))
+        t.add_column("status")
+        t.add_column("board")
+        t.add_column("bundle")
+        t.add_column("id", no_wrap=True)
+        t.add_column("slot")
+        t.add_column("desired")
+        t.add_column("last seen")
+        colour = {"online": "green", "offline": "red"}
+        for r in rows:
+            bundle = " ".join(x for x in (r["bundle_name"], r["bundle_version"]) if x) or "-"
+            d = r["desired"]
+            desired = "-" if d is None else "in sync" if r["in_sync"] else \
+                f"→ {d['name']} {d['version']}"
+            status = r["status"] + (" (bad state)" if r.get("error") else "")
+            board = r["board"] or r["target"] or "-"
+            if r["target"] and r["target"] != board:
+                board += f" ({r['target']})"
+            t.add_row(r["device"], f"[{colour.get(r['status'], 'yellow')}]{status}[/]",
+                      board, bundle, (r["bundle_id"] or "-")[:8], str(r["slot"] or "-"),
+                      desired, _ago(r["age_s"]))
+        _console().print(t)
+        online = sum(r["status"] == "online" for r in rows)
+        click.echo(f"{len(rows)} devices, {online} online")
+
+    emit(rows, as_json, render)
+
+
+# -- broker ---------------------------------------------------------------------------------
+
+@click.command("broker")
+@click.option("--port", type=click.IntRange(0, 65535), default=1883, show_default=True,
+              help="TCP port (0 picks a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 exposes the broker to the network.")
+def broker_cmd(port: int, host: str) -> None:
+    """Run an embedded MQTT broker for a one-machine trial, until Ctrl-C or SIGTERM.
+
+    Anonymous, unencrypted and in memory: for trials and development. Use Mosquitto with the
+    config in firmware_configs/mosquitto/ for a real fleet.
+    """
+    import signal
+    import threading
+
+    from edgepack.agent.errors import BrokerError
+    from edgepack.host.fleet.broker import EmbeddedBroker, is_loopback
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with EmbeddedBroker(host, port) as b:
+            if not is_loopback(host):
+                click.echo(f"warning: listening on {host} without authentication or TLS: "
+                           "anyone who can reach this port can deploy to your devices",
+                           err=True)
+            click.echo(f"edgepack broker listening on mqtt://{host}:{b.port} "
+                       "(MQTT 3.1.1, in memory; Ctrl-C to stop)")
+            while not stop.wait(0.5):
+                if not b.running:
+                    raise BrokerError("the embedded broker stopped unexpectedly")
+        click.echo("broker stopped")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def register(main: click.Group) -> None:
+    """Add ``deploy``, ``fleet`` and ``broker`` to the ``edgepack`` group."""
+    for cmd in (deploy_cmd, fleet, broker_cmd):
+        main.add_command(cmd)

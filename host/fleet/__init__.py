@@ -1,0 +1,2 @@
+"""The fleet wing: what runs beside a broker (publish/deploy, collector, storage, rollouts,
+profiling jobs, simulator, dashboard, metrics, embedded broker)."""

@@ -1,0 +1,167 @@
+"""Profile jobs on a real agent: refusals (signature, expiry, busy), the memory bound, the
+active model left alone, and ``edgepack profile``."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import click
+import pytest
+from agent_helpers import Watcher, build_bundle, deploy, publish_desired
+from click.testing import CliRunner
+
+from edgepack.agent.bundle import read_bundle
+from edgepack.agent.mqtt import SyncClient
+from edgepack.agent.protocol import JobBundle, ProfileJob, Topics, encode, parse_result
+from edgepack.agent.signing import canonical_json
+from edgepack.host.cli.profile import register
+from edgepack.host.fleet.profiling import ProfileCache, profile_on_devices
+from edgepack.host.keys import load_private_key, sign_bytes
+
+TARGET = "x86-64-vnni"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, keys) -> Path:
+    return build_bundle(tmp_path_factory.mktemp("tiny") / "tiny.edgepack",
+                        key=load_private_key(keys.key), target=TARGET)
+
+
+def _profile(devices, bundle: Path, device: str, **kw):
+    kw.setdefault("key_path", devices.keys.key)
+    return profile_on_devices([bundle], [device], broker=devices.broker_url, fleet=devices.fleet,
+                              runs=kw.pop("runs", 20), timeout=kw.pop("timeout", 30),
+                              cache=ProfileCache(None), **kw)
+
+
+def _send_raw(devices, device: str, body: dict, timeout: float = 15.0) -> dict:
+    """Publish a hand-made job; return the device's first answer to it."""
+    topics = Topics(devices.fleet)
+    with SyncClient(devices.broker_url) as c:
+        c.subscribe(topics.results(device))
+        c.publish(topics.jobs(device), encode(body), qos=1)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = c.get(left)
+            if msg and msg[1]:
+                m = parse_result(msg[1])
+                if m["job_id"] == body["job_id"]:
+                    return m
+    raise AssertionError(f"no answer to job {body['job_id']}")
+
+
+def _signed(body: dict, key: Path) -> dict:
+    return {**body, "sig": sign_bytes(canonical_json(body), load_private_key(key))}
+
+
+def test_unsigned_foreign_tampered_and_expired_jobs_are_refused(tiny, devices, keys) -> None:
+    devices.start("gw-r")
+    run = _profile(devices, tiny, "gw-r", key_path=None).devices["gw-r"]
+    assert (run.status, run.reason) == ("refused", "signature")
+    assert "not signed" in run.message
+    run = _profile(devices, tiny, "gw-r", key_path=keys.other_key).devices["gw-r"]
+    assert (run.status, run.reason) == ("refused", "signature")
+    assert "not trusted" in run.message
+
+    bid = read_bundle(tiny).bundle_id
+    job = ProfileJob(job_id=f"j-{uuid.uuid4().hex[:8]}", deadline=int(time.time()) + 60,
+                     bundles=(JobBundle(bid),), runs=5)
+    tampered = _signed(job.to_payload(), keys.key)
+    tampered["runs"] = 50_000  # changed after signing
+    m = _send_raw(devices, "gw-r", tampered)
+    assert (m["kind"], m["reason"]) == ("refused", "signature")
+    assert "does not verify" in m["detail"]
+
+    late = ProfileJob(job_id=f"j-{uuid.uuid4().hex[:8]}", deadline=int(time.time()) - 5,
+                      bundles=(JobBundle(bid),))
+    m = _send_raw(devices, "gw-r", _signed(late.to_payload(), keys.key))
+    assert (m["kind"], m["reason"]) == ("refused", "expired")
+
+    floats = _signed({**job.to_payload(), "job_id": "j-float"}, keys.key)
+    floats["runs"] = 5.0
+    m = _send_raw(devices, "gw-r", floats)
+    assert (m["kind"], m["reason"]) == ("refused", "malformed")
+    assert "float" in m["detail"]
+
+    # A valid job still runs after all that.
+    run = _profile(devices, tiny, "gw-r").devices["gw-r"]
+    assert run.status == "complete", run.message
+
+
+def test_busy_device_refuses_and_the_memory_bound_kills(tiny, devices, keys) -> None:
+    devices.start("gw-b")
+    # An install in progress: the desired bundle is not published, so it waits for it.
+    missing = uuid.uuid4().hex * 2
+    with Watcher(devices.broker_url, devices.fleet, "gw-b") as w:
+        publish_desired(devices.broker_url, devices.fleet, missing, device_id="gw-b")
+        w.wait_state(lambda s: s.get("phase") == "downloading")
+        run = _profile(devices, tiny, "gw-b").devices["gw-b"]
+        assert (run.status, run.reason) == ("refused", "busy")
+        assert "install is in progress" in run.message
+        with SyncClient(devices.broker_url) as c:  # clear the desired state
+            c.publish(Topics(devices.fleet).desired("gw-b"), b"", qos=1, retain=True)
+        w.wait_state(lambda s: s.get("phase") == "idle", since=len(w.states))
+
+    run = _profile(devices, tiny, "gw-b", max_rss_mb=40).devices["gw-b"]
+    res = next(iter(run.results.values()))
+    assert res["status"] in ("failed", "partial") and res["reason"] == "memory", res
+    assert "over its bound of 40 MB" in res["detail"]
+    assert run.status == "partial"
+
+
+def test_profiling_leaves_the_active_bundle_alone(tiny, devices, keys, tmp_path: Path) -> None:
+    proc = devices.start("gw-a")
+    other = build_bundle(tmp_path / "other.edgepack", key=load_private_key(keys.key), seed=3,
+                         version="2.0.0", target=TARGET)
+    with Watcher(devices.broker_url, devices.fleet, "gw-a") as w:
+        bid, _ = deploy(devices.broker_url, devices.fleet, tiny, key=keys.key, device_id="gw-a")
+        w.wait_active(bid)
+        n_states = len(w.states)
+        rep = _profile(devices, other, "gw-a")
+        assert rep.devices["gw-a"].status == "complete"
+        time.sleep(0.5)
+        assert all((s.get("active") or {}).get("bundle_id") == bid for s in w.states[n_states:])
+        assert "profile job" in proc.log_text()
+    data = devices.root / "gw-a" / "data"
+    assert not (data / "profiling").exists(), "scratch files are removed after the job"
+    slots = json.loads((data / "state.json").read_text())
+    assert slots["slots"][slots["active"]]["bundle_id"] == bid
+
+
+def test_edgepack_profile_cli_table_json_and_cache(tiny, devices, keys, tmp_path: Path) -> None:
+    devices.start("gw-c")
+
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    args = ["profile", str(tiny), "--device", "gw-c", "--broker", devices.broker_url,
+            "--key", str(keys.key), "--fleet", devices.fleet, "--runs", "30",
+            "--cache", str(tmp_path / "cache.json")]
+    res = CliRunner(env={"COLUMNS": "240"}).invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    for col in ("load ms", "first ms", "p50 ms", "p95 ms", "p99 ms", "peak RSS", "golden",
+                "top ops"):
+        assert col in res.stdout
+    assert "gw-c: accepted the job" in res.stderr
+    assert "pass" in res.stdout
+
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    r = doc["devices"]["gw-c"]["results"][0]
+    assert r["cached"] is True and doc["devices"]["gw-c"]["job_id"] is None
+    assert r["latency_ms"]["runs"] == 30 and r["latency_ms"]["p95"] >= r["latency_ms"]["p50"]
+    assert r["golden"]["passed"] is True and r["ops"]["available"] is True
+
+    res = CliRunner().invoke(cli, [*args, "--json", "--no-cache", "--timeout", "3",
+                                   "--device", "nobody"])
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)
+    assert doc["devices"]["gw-c"]["status"] == "complete"
+    assert doc["devices"]["nobody"]["status"] == "timeout"
+    assert "never acknowledged" in doc["devices"]["nobody"]["message"]
