@@ -1,13 +1,17 @@
 """The ``edgepack`` command line: thin wrappers that turn flags and a profile into library calls.
 
 Heavy libraries (TensorFlow, onnx, onnxruntime) are imported inside commands, so ``--help``
-answers instantly. Only :class:`EdgepackError` is caught: it prints ``error: …`` and exits 1;
-anything else is a bug and keeps its traceback.
+answers instantly. Only :class:`EdgepackError` is caught: it prints ``error: …`` and exits with the
+error's code; anything else is a bug and keeps its traceback.
+
+Library errors name what the caller passed as Python arguments (`` `calibration=` ``); this is the
+one place where those names become the flags a CLI user types (``--calibration``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -15,7 +19,13 @@ import click
 
 from edgepack.agent.errors import EdgepackError
 
-__all__ = ["main", "emit"]
+__all__ = ["main", "emit", "render_error"]
+
+# An argument named in a library message: `calibration=` (see agent/errors.py).
+_ARGUMENT = re.compile(r"`([a-z_][a-z0-9_]*)=`")
+# Where the Python argument and the flag are not spelled alike.
+_FLAG_FOR = {"eval": "--eval", "eval_data": "--eval", "out": "--out", "out_dir": "--out",
+             "fmt": "--format", "format": "--format", "pubs": "--pub", "key": "--key"}
 
 
 def emit(obj: Any, as_json: bool, render: Any = None) -> None:
@@ -26,12 +36,40 @@ def emit(obj: Any, as_json: bool, render: Any = None) -> None:
         render(obj)
 
 
+def _flags(command: click.Command | None) -> dict[str, str]:
+    """Python parameter name -> its first long flag, for ``command`` and any sub-commands."""
+    flags: dict[str, str] = {}
+    todo = [command] if command is not None else []
+    while todo:
+        cmd = todo.pop(0)
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name:
+                longs = [o for o in p.opts if o.startswith("--")]
+                flags.setdefault(p.name, longs[0] if longs else p.opts[0])
+        if isinstance(cmd, click.Group):
+            todo.extend(cmd.commands.values())
+    return flags
+
+
+def render_error(exc: EdgepackError, command: click.Command | None = None) -> str:
+    """The message a CLI user reads: `` `name=` `` becomes ``--name`` (or the flag it maps to)."""
+    flags = _flags(command)
+
+    def flag(m: re.Match) -> str:
+        name = m.group(1)
+        return "`" + (_FLAG_FOR.get(name) or flags.get(name) or "--" + name.replace("_", "-")) + "`"
+
+    return _ARGUMENT.sub(flag, str(exc))
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgepackError as exc:
-            click.echo(f"error: {exc}", err=True)
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            click.echo(f"error: {render_error(exc, command)}", err=True)
             sys.exit(exc.exit_code)
 
 
