@@ -32,6 +32,7 @@ __all__ = [
     "signer_from_seed",
     "create_root",
     "rotate_root",
+    "add_signature",
     "DEFAULT_ROOT_DAYS",
 ]
 
@@ -143,12 +144,15 @@ def _sign_all(md: Any, signers: Sequence[Any]) -> bytes:
 def create_root(*, root_signers: Sequence[Any], root_threshold: int,
                 release_keys: Sequence[Any], online_keys: Sequence[Any],
                 release_threshold: int = 1, online_threshold: int = 1,
+                root_keys: Sequence[Any] | None = None,
                 expires: datetime | None = None) -> bytes:
-    """Root metadata v1, signed by every one of ``root_signers`` (k of them are needed)."""
+    """Root metadata v1 signed by ``root_signers``; the root role holds ``root_keys`` (public
+    keys; default: the signers' own). A threshold of them must sign before devices accept it:
+    with keys on separate machines, sign with one here and :func:`add_signature` elsewhere."""
     from tuf.api.metadata import Metadata, Root
 
     root = Root(expires=_expiry(expires, DEFAULT_ROOT_DAYS), consistent_snapshot=False)
-    _set_role(root, "root", [s.public_key for s in root_signers], root_threshold)
+    _set_role(root, "root", root_keys or [s.public_key for s in root_signers], root_threshold)
     _set_role(root, "release", release_keys, release_threshold)
     _set_role(root, "online", online_keys, online_threshold)
     return _sign_all(Metadata(root), root_signers)
@@ -172,3 +176,13 @@ def rotate_root(current: bytes, *, signers: Sequence[Any],
     for role, (keys, threshold) in roles.items():
         _set_role(root, role, keys, threshold)
     return _sign_all(md, signers)
+
+
+def add_signature(metadata: bytes, signer: Any) -> bytes:
+    """Add one signature to root metadata signed elsewhere (offline ceremonies: each root key
+    holder signs the same bytes on their own machine; the signatures accumulate)."""
+    from tuf.api.metadata import Metadata
+
+    md = Metadata.from_bytes(metadata)
+    md.sign(signer, append=True)
+    return md.to_bytes()

@@ -26,6 +26,7 @@ __all__ = [
     "DESIRED_LIFETIME_S",
     "DOWNGRADE_LIFETIME_S",
     "JOB_LIFETIME_S",
+    "FRESHNESS_INTERVAL_S",
     "FRESHNESS_LIFETIME_S",
     "ControlSigner",
 ]
@@ -33,7 +34,8 @@ __all__ = [
 DESIRED_LIFETIME_S = 30 * 86400     # re-signed by the operator before a month passes
 DOWNGRADE_LIFETIME_S = 7 * 86400    # an authorization is used soon or not at all
 JOB_LIFETIME_S = 3600
-FRESHNESS_LIFETIME_S = 3 * 3600     # re-signed every hour by the fleet server
+FRESHNESS_INTERVAL_S = 600          # the fleet server re-signs freshness this often
+FRESHNESS_LIFETIME_S = 3600         # so a missed re-signing or two does not expire it
 
 
 class ControlSigner:

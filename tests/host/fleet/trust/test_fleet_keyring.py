@@ -82,3 +82,18 @@ def test_signed_message_names_target_hash_and_length(tmp_path):
     assert msg.target == Target("ab" * 32, 42, "m", "1.0.0")
     assert (msg.kind, msg.scope, msg.subject, msg.fields["deployment_id"]) == (
         "desired", "group", "g", "d")
+
+
+def test_offline_ceremony_collects_root_signatures_one_by_one(tmp_path):
+    from edgepack.agent.trust import TrustedRoot
+    from edgepack.host.fleet.keyring import add_signature
+
+    roots = [load_signer(generate_key(tmp_path, f"root-{i}").private_path) for i in range(3)]
+    rel = load_public_key(generate_key(tmp_path, "rel").public_path)
+    first = create_root(root_signers=roots[:1], root_threshold=2, release_keys=[rel],
+                        online_keys=[rel], root_keys=[r.public_key for r in roots])
+    with pytest.raises(Exception) as info:
+        TrustedRoot.install(tmp_path / "dev" / "root.json", first)
+    assert info.value.reason == "threshold_not_met"
+    both = add_signature(first, roots[2])
+    assert TrustedRoot.install(tmp_path / "dev" / "root.json", both).version == 1
