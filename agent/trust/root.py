@@ -167,6 +167,19 @@ class TrustedRoot:
         """Walk several rotations in order (versions N+1, N+2, …); stop at the first refusal."""
         return tuple(self.update(data) for data in chain)
 
+    def v1_keys(self, role: str = "release") -> dict[str, Any]:
+        """``role``'s Ed25519 keys in v1's form (16-hex key id → PublicKey), for checking
+        bundle ``signature.json`` and ``table_sig`` with keys that rotate with the root."""
+        from edgepack.agent.signing import PublicKey, key_id
+
+        out = {}
+        for kid in self.role_keys(role):
+            key = self.signed.keys[kid]
+            if key.keytype == "ed25519":
+                pub = PublicKey(bytes.fromhex(key.keyval["public"]))
+                out[key_id(pub)] = pub
+        return out
+
     def removed_keys(self, before: Any, role: str) -> set[str]:
         """Keys that held ``role`` in root ``before`` and no longer do."""
         name = tuf_role(role)

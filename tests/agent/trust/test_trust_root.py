@@ -115,3 +115,16 @@ def test_expired_root_refuses_control_messages(device, pki, clock):
     with pytest.raises(ControlRefused) as info:
         device.verify(pki.online.freshness(versions={}))
     assert info.value.reason == Reason.EXPIRED
+
+
+def test_release_keys_in_v1_form_check_v1_signatures(device, pki):
+    from edgepack.agent.signing import canonical_json, verify_detached
+
+    table = {"bundle_id": "a" * 64, "bytes": 1, "chunk_size": 1, "chunks": ["b" * 64]}
+    raw = bytes.fromhex(pki.release.signers[0].sign(canonical_json(table)).signature)
+    import base64
+
+    keys = device.root.v1_keys("release")
+    (kid,) = keys
+    sig = {"alg": "ed25519", "key_id": kid, "sig": base64.b64encode(raw).decode()}
+    assert verify_detached(canonical_json(table), sig, keys) == kid
