@@ -105,6 +105,7 @@ class ControlMessage:
     targets: tuple[Target, ...]
     fields: Mapping[str, Any]  # the rest of ``edgepack``: deployment_id, job, versions, ...
     key_ids: tuple[str, ...]   # key ids of the signatures present (not yet checked)
+    payload: bytes = field(repr=False)  # the canonical JSON of ``signed``: what was signed
     metadata: Any = field(repr=False, compare=False)  # the python-tuf Metadata[Targets]
 
     @property
@@ -142,7 +143,13 @@ def _load(data: bytes) -> Any:
         raise _refuse(f"control metadata must be of _type 'targets', not {md.signed.type!r}")
     if not md.signatures:
         raise _refuse("control message carries no signature", Reason.UNSIGNED)
-    return md
+    try:
+        payload = md.signed_bytes
+    except Exception:  # noqa: BLE001 - SerializationError: a float or another non-canonical value
+        raise _refuse("control message holds a value canonical JSON cannot encode (a float?): "
+                      "signed fields are strings, integers, booleans, null, arrays, objects")\
+            from None
+    return md, payload
 
 
 def _targets(signed: Any) -> tuple[Target, ...]:
@@ -167,7 +174,7 @@ def parse_control(data: bytes) -> ControlMessage:
 
     Nothing here is trusted yet: the caller checks the signatures, expiry and version.
     """
-    md = _load(data)
+    md, payload = _load(data)
     signed = md.signed
     ep = signed.unrecognized_fields.get("edgepack")
     if not isinstance(ep, Mapping):
@@ -197,4 +204,4 @@ def parse_control(data: bytes) -> ControlMessage:
     return ControlMessage(
         kind=kind, fleet=fleet, scope=scope, subject=subject, version=signed.version,
         expires=int(signed.expires.timestamp()), issued=issued, targets=targets,
-        fields=fields, key_ids=tuple(sorted(md.signatures)), metadata=md)
+        fields=fields, key_ids=tuple(sorted(md.signatures)), payload=payload, metadata=md)

@@ -20,7 +20,7 @@ from edgepack.agent.trust.control import ROLE_NAMES, tuf_role
 from edgepack.agent.trust.errors import ControlRefused, Reason, RootRefused
 from edgepack.agent.trust.privatefile import write_private
 
-__all__ = ["RoleCheck", "RootUpdate", "TrustedRoot", "check_signatures"]
+__all__ = ["RoleCheck", "RootUpdate", "TrustedRoot", "check_signatures", "refuse_unverified"]
 
 
 @dataclass(frozen=True)

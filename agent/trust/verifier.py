@@ -128,7 +128,8 @@ class ControlVerifier:
         if verified.new:
             self.ledger.record(msg.key, Seen(msg.version, _digest(msg), verified.role,
                                              verified.key_ids, msg.expires))
-            if msg.kind == "freshness":
+            last = self.ledger.freshness
+            if msg.kind == "freshness" and (last is None or msg.issued >= last.issued):
                 self.ledger.record_freshness(FreshnessRecord(
                     msg.version, msg.issued, msg.expires, verified.key_ids,
                     dict(msg.fields["versions"])))
@@ -188,9 +189,8 @@ class ControlVerifier:
                                  reason=Reason.WRONG_FLEET, **ctx)
 
     def _signers(self, msg: ControlMessage) -> tuple[str, RoleCheck]:
-        md = msg.metadata
-        payload = md.signed_bytes
-        checks = [check_signatures(self.root.signed, role, payload, md.signatures)
+        sigs = msg.metadata.signatures
+        checks = [check_signatures(self.root.signed, role, msg.payload, sigs)
                   for role in SIGNERS[(msg.kind, msg.scope)]]
         for c in checks:
             if c.verified:
@@ -297,4 +297,4 @@ class ControlVerifier:
 
 
 def _digest(msg: ControlMessage) -> str:
-    return hashlib.sha256(msg.metadata.signed_bytes).hexdigest()
+    return hashlib.sha256(msg.payload).hexdigest()

@@ -201,3 +201,17 @@ def test_replayed_freshness_cannot_refresh_a_frozen_device(device, pki, clock):
     clock.now += 60
     device.verify(pki.online.freshness(versions={}))
     refused(device, first, Reason.REPLAYED)
+
+
+def test_float_in_signed_fields_is_malformed_not_a_crash(device, pki):
+    doc = json.loads(pki.online.job(device=DEVICE, job={"job_id": "j", "runs": 5}))
+    doc["signed"]["edgepack"]["job"]["runs"] = 5.5
+    refused(device, json.dumps(doc).encode(), Reason.MALFORMED)
+
+
+def test_garbage_and_foreign_metadata_are_malformed(device, pki):
+    refused(device, b"\xff\xfe not json", Reason.UNSIGNED)
+    refused(device, pki.root(), Reason.MALFORMED)  # root metadata where control belongs
+    doc = json.loads(pki.release.desired(group=GROUP, target=bundle(), deployment_id="d"))
+    doc["signatures"].append(dict(doc["signatures"][0]))  # one key counted twice
+    refused(device, json.dumps(doc).encode(), Reason.MALFORMED)
