@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.agent.trust.errors import KeyFileError
-from edgepack.agent.trust.privatefile import read_private, write_private
+from edgepack.agent.trust.privatefile import read_signer, write_private
 
 __all__ = ["IDENTITY_FILE", "SIG_FIELD", "DeviceIdentity", "report_payload"]
 
@@ -77,20 +77,8 @@ class DeviceIdentity:
     @classmethod
     def load(cls, data_dir: str | os.PathLike) -> DeviceIdentity:
         """Read the device key (must be 0600)."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-        from securesystemslib.signer import CryptoSigner, SSlibKey
-
         path = Path(data_dir) / IDENTITY_FILE
-        data = read_private(path, "device identity key")
-        try:
-            priv = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            priv = None
-        if not isinstance(priv, Ed25519PrivateKey):
-            raise KeyFileError(f"{path} is not an Ed25519 PEM private key: make a new identity "
-                               "and enroll the device again", path=path)
-        return cls(path, CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key())))
+        return cls(path, read_signer(path, "device identity key"))
 
     @classmethod
     def load_or_create(cls, data_dir: str | os.PathLike) -> DeviceIdentity:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from edgepack.agent.trust.errors import KeyFileError
 
-__all__ = ["PRIVATE_MODE", "write_private", "read_private"]
+__all__ = ["PRIVATE_MODE", "write_private", "read_private", "read_signer"]
 
 PRIVATE_MODE = 0o600
 
@@ -57,3 +58,20 @@ def read_private(path: str | os.PathLike, what: str) -> bytes:
             f"make it 0600 (chmod 600 {path}) and replace the key if others could read it",
             path=path)
     return data
+
+
+def read_signer(path: str | os.PathLike, what: str) -> Any:
+    """An Ed25519 private key file (PKCS#8 PEM, 0600) as a securesystemslib CryptoSigner."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    data = read_private(path, what)
+    try:
+        priv = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        priv = None
+    if not isinstance(priv, Ed25519PrivateKey):
+        raise KeyFileError(f"{what} {path} is not an unencrypted Ed25519 PEM private key "
+                           "(a .pub.json file is the public half)", path=path)
+    return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))

@@ -22,7 +22,7 @@ from typing import Any
 
 from edgepack.agent.trust.control import ROLE_NAMES
 from edgepack.agent.trust.errors import KeyFileError
-from edgepack.agent.trust.privatefile import read_private, write_private
+from edgepack.agent.trust.privatefile import read_signer, write_private
 
 __all__ = [
     "KeyInfo",
@@ -87,19 +87,7 @@ def generate_key(out_dir: str | os.PathLike, name: str, *, overwrite: bool = Fal
 
 def load_signer(path: str | os.PathLike) -> Any:
     """Read ``NAME.key`` (must be 0600) as a securesystemslib CryptoSigner."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from securesystemslib.signer import CryptoSigner, SSlibKey
-
-    data = read_private(path, "signing key")
-    try:
-        priv = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise KeyFileError(f"{path} is not an unencrypted PEM private key (the .pub.json is "
-                           "the public half)", path=path) from None
-    if not isinstance(priv, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} is not an Ed25519 key", path=path)
-    return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
+    return read_signer(path, "signing key")
 
 
 def load_public_key(path: str | os.PathLike) -> Any:
