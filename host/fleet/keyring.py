@@ -1,0 +1,176 @@
+"""Keys and root metadata of a fleet: generate keys (0600), create the root, rotate it.
+
+Roles (docs/security.md): ``root`` — offline keys, k of n must sign a new root; ``release`` —
+sign bundles and assignments (TUF ``targets``); ``online`` — the fleet server's key, signs
+freshness and per-device assignments within what release keys allowed (TUF ``timestamp`` and
+``snapshot``). Keys are Ed25519 via securesystemslib's :class:`CryptoSigner`; root metadata is
+python-tuf's :class:`~tuf.api.metadata.Root`, signed with :meth:`Metadata.sign`.
+
+A key on disk is two files: ``NAME.key`` (PKCS#8 PEM, mode 0600, refused when wider) and
+``NAME.pub.json`` (``{"keyid": …, "key": <TUF key object>}``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack.agent.trust.control import ROLE_NAMES
+from edgepack.agent.trust.errors import KeyFileError
+from edgepack.agent.trust.privatefile import read_signer, write_private
+
+__all__ = [
+    "KeyInfo",
+    "generate_key",
+    "load_signer",
+    "load_public_key",
+    "signer_from_seed",
+    "create_root",
+    "rotate_root",
+    "add_signature",
+    "DEFAULT_ROOT_DAYS",
+]
+
+DEFAULT_ROOT_DAYS = 365
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key written by :func:`generate_key`."""
+
+    name: str
+    key_id: str
+    private_path: Path
+    public_path: Path
+
+
+def signer_from_seed(seed: bytes) -> Any:
+    """A CryptoSigner for the Ed25519 key with this 32-byte seed (test vectors only)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    priv = Ed25519PrivateKey.from_private_bytes(seed)
+    return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
+
+
+def _write_key(signer: Any, out: Path, name: str, overwrite: bool) -> KeyInfo:
+    priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub.json"
+    if not overwrite and (priv_path.exists() or pub_path.exists()):
+        raise KeyFileError(f"{priv_path} already exists; refusing to overwrite a signing key "
+                           "(pass `overwrite=True` to replace it)", path=priv_path,
+                           field="overwrite")
+    write_private(priv_path, signer.private_bytes)
+    key = signer.public_key
+    pub_path.write_bytes(json.dumps({"keyid": key.keyid, "key": key.to_dict()}, indent=1,
+                                    sort_keys=True).encode() + b"\n")
+    return KeyInfo(name, key.keyid, priv_path, pub_path)
+
+
+def generate_key(out_dir: str | os.PathLike, name: str, *, overwrite: bool = False,
+                 seed: bytes | None = None) -> KeyInfo:
+    """Make an Ed25519 key: ``NAME.key`` (0600) and ``NAME.pub.json``.
+
+    ``seed`` (32 bytes) makes a fixed key: for test vectors, never for a real fleet.
+    """
+    from securesystemslib.signer import CryptoSigner
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    signer = signer_from_seed(seed) if seed is not None else CryptoSigner.generate_ed25519()
+    return _write_key(signer, out, name, overwrite)
+
+
+def load_signer(path: str | os.PathLike) -> Any:
+    """Read ``NAME.key`` (must be 0600) as a securesystemslib CryptoSigner."""
+    return read_signer(path, "signing key")
+
+
+def load_public_key(path: str | os.PathLike) -> Any:
+    """Read ``NAME.pub.json`` as a securesystemslib SSlibKey."""
+    from securesystemslib.signer import SSlibKey
+
+    try:
+        doc = json.loads(Path(path).read_bytes())
+        return SSlibKey.from_dict(doc["keyid"], dict(doc["key"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not a public key written by generate_key ({exc})",
+                           path=path) from None
+
+
+def _expiry(expires: datetime | None, days: int) -> datetime:
+    if expires is not None:
+        return expires
+    return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
+
+
+def _set_role(root: Any, role: str, keys: Iterable[Any], threshold: int) -> None:
+    names = [ROLE_NAMES[role]] + (["snapshot"] if role == "online" else [])
+    keys = list(keys)
+    if not 1 <= threshold <= len(keys):
+        raise KeyFileError(f"{role} threshold {threshold} needs between 1 and {len(keys)} "
+                           "keys", path=None, field=f"{role}_threshold")
+    for name in names:
+        for kid in list(root.roles[name].keyids):
+            root.revoke_key(kid, name)
+        for k in keys:
+            root.add_key(k, name)
+        root.roles[name].threshold = threshold
+
+
+def _sign_all(md: Any, signers: Sequence[Any]) -> bytes:
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+    return md.to_bytes()
+
+
+def create_root(*, root_signers: Sequence[Any], root_threshold: int,
+                release_keys: Sequence[Any], online_keys: Sequence[Any],
+                release_threshold: int = 1, online_threshold: int = 1,
+                root_keys: Sequence[Any] | None = None,
+                expires: datetime | None = None) -> bytes:
+    """Root metadata v1 signed by ``root_signers``; the root role holds ``root_keys`` (public
+    keys; default: the signers' own). A threshold of them must sign before devices accept it:
+    with keys on separate machines, sign with one here and :func:`add_signature` elsewhere."""
+    from tuf.api.metadata import Metadata, Root
+
+    root = Root(expires=_expiry(expires, DEFAULT_ROOT_DAYS), consistent_snapshot=False)
+    _set_role(root, "root", root_keys or [s.public_key for s in root_signers], root_threshold)
+    _set_role(root, "release", release_keys, release_threshold)
+    _set_role(root, "online", online_keys, online_threshold)
+    return _sign_all(Metadata(root), root_signers)
+
+
+def rotate_root(current: bytes, *, signers: Sequence[Any],
+                roles: Mapping[str, tuple[Sequence[Any], int]],
+                expires: datetime | None = None) -> bytes:
+    """The next root version: ``roles`` maps a role (``root``, ``release``, ``online``) to its
+    new ``(public keys, threshold)``; roles not named keep theirs.
+
+    ``signers`` must include a threshold of the current root keys *and* a threshold of the new
+    ones (devices check both); only the new root needs publishing — devices walk to it.
+    """
+    from tuf.api.metadata import Metadata
+
+    md = Metadata.from_bytes(current)
+    root = md.signed
+    root.version += 1
+    root.expires = _expiry(expires, DEFAULT_ROOT_DAYS)
+    for role, (keys, threshold) in roles.items():
+        _set_role(root, role, keys, threshold)
+    return _sign_all(md, signers)
+
+
+def add_signature(metadata: bytes, signer: Any) -> bytes:
+    """Add one signature to root metadata signed elsewhere (offline ceremonies: each root key
+    holder signs the same bytes on their own machine; the signatures accumulate)."""
+    from tuf.api.metadata import Metadata
+
+    md = Metadata.from_bytes(metadata)
+    md.sign(signer, append=True)
+    return md.to_bytes()

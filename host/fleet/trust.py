@@ -1,0 +1,138 @@
+"""Sign control messages (protocol v2) for devices: desired states, downgrade authorizations,
+profile jobs, capture requests and freshness.
+
+A :class:`ControlSigner` holds the keys of one role (release keys on an operator's machine, the
+online key on the fleet server) and makes python-tuf ``targets`` metadata as
+``edgepack.agent.trust.control`` describes, signed with :meth:`Metadata.sign`.
+
+Versions only go up, and two signers (a release laptop and the fleet server) must never need to
+share a counter: a version is ``max(last + 1, now)`` in unix seconds, the last one persisted per
+message key. Expiries are relative to the signer's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack.agent.trust.control import Target, target_path
+
+__all__ = [
+    "DESIRED_LIFETIME_S",
+    "DOWNGRADE_LIFETIME_S",
+    "JOB_LIFETIME_S",
+    "FRESHNESS_INTERVAL_S",
+    "FRESHNESS_LIFETIME_S",
+    "ControlSigner",
+]
+
+DESIRED_LIFETIME_S = 30 * 86400     # re-signed by the operator before a month passes
+DOWNGRADE_LIFETIME_S = 7 * 86400    # an authorization is used soon or not at all
+JOB_LIFETIME_S = 3600
+FRESHNESS_INTERVAL_S = 600          # the fleet server re-signs freshness this often
+FRESHNESS_LIFETIME_S = 3600         # so a missed re-signing or two does not expire it
+
+
+class ControlSigner:
+    """Make signed control messages for ``fleet`` with ``signers`` (one role's keys).
+
+    ``state_path`` keeps the last version per message key (so a restart never reuses one).
+    """
+
+    def __init__(self, fleet: str, signers: Sequence[Any], *,
+                 state_path: str | os.PathLike | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.fleet, self.signers, self.clock = fleet, list(signers), clock
+        self.state_path = Path(state_path) if state_path else None
+        self._last: dict[str, int] = {}
+        if self.state_path and self.state_path.exists():
+            self._last = {k: int(v) for k, v in json.loads(self.state_path.read_bytes()).items()}
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(s.public_key.keyid for s in self.signers)
+
+    def next_version(self, key: str) -> int:
+        """``max(last + 1, now)`` for message key ``kind/scope/subject``; persisted."""
+        v = max(self._last.get(key, 0) + 1, int(self.clock()))
+        self._last[key] = v
+        if self.state_path:
+            tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
+            tmp.write_text(json.dumps(self._last, sort_keys=True))
+            os.replace(tmp, self.state_path)
+        return v
+
+    def sign(self, kind: str, scope: str, subject: str, *, targets: Sequence[Target] = (),
+             fields: Mapping[str, Any] | None = None, lifetime_s: float,
+             version: int | None = None) -> bytes:
+        """The signed control message (compact JSON bytes, what goes on the wire)."""
+        from tuf.api.metadata import Metadata, TargetFile, Targets
+
+        now = self.clock()
+        key = f"{kind}/{scope}/{subject}"
+        files = {}
+        for t in targets:
+            path = target_path(t.bundle_id)
+            custom = {k: v for k, v in (("name", t.name), ("version", t.version)) if v}
+            files[path] = TargetFile(t.length, {"sha256": t.bundle_id}, path,
+                                     {"custom": custom} if custom else None)
+        ep = {"kind": kind, "fleet": self.fleet, "for": {scope: subject}, "issued": int(now),
+              **(fields or {})}
+        signed = Targets(version=version if version is not None else self.next_version(key),
+                         expires=datetime.fromtimestamp(int(now + lifetime_s), timezone.utc),
+                         targets=files, unrecognized_fields={"edgepack": ep})
+        md = Metadata(signed)
+        for s in self.signers:
+            md.sign(s, append=True)
+        return md.to_bytes()
+
+    def desired(self, *, target: Target | None, deployment_id: str | None = None,
+                device: str | None = None, group: str | None = None,
+                authorization: bytes | None = None,
+                lifetime_s: float = DESIRED_LIFETIME_S, version: int | None = None) -> bytes:
+        """A desired state for one device or one group; ``target=None`` clears it.
+
+        An online signer assigning a device passes ``authorization``: the release-signed
+        desired state (bytes) of a group the device follows, naming the same bundle.
+        """
+        scope, subject = ("device", device) if device else ("group", group)
+        fields: dict[str, Any] = {}
+        if deployment_id is not None:
+            fields["deployment_id"] = deployment_id
+        if authorization is not None:
+            fields["authorization"] = json.loads(authorization)
+        return self.sign("desired", scope, subject, targets=[target] if target else [],
+                         fields=fields, lifetime_s=lifetime_s, version=version)
+
+    def downgrade(self, *, device: str, target: Target,
+                  lifetime_s: float = DOWNGRADE_LIFETIME_S, version: int | None = None) -> bytes:
+        """Authorize ``device`` to install ``target`` (name, version, sha256) below its floor."""
+        return self.sign("downgrade", "device", device, targets=[target],
+                         lifetime_s=lifetime_s, version=version)
+
+    def job(self, *, device: str, job: Mapping[str, Any], targets: Sequence[Target] = (),
+            lifetime_s: float = JOB_LIFETIME_S, version: int | None = None) -> bytes:
+        """A profile job (the v1 job object without ``sig``/``ts``) bound to ``device``."""
+        return self.sign("job", "device", device, targets=targets, fields={"job": dict(job)},
+                         lifetime_s=lifetime_s, version=version)
+
+    def capture(self, *, device: str, request: Mapping[str, Any],
+                lifetime_s: float = JOB_LIFETIME_S, version: int | None = None) -> bytes:
+        """A capture request (which inputs to record and send) bound to ``device``."""
+        return self.sign("capture", "device", device, fields={"capture": dict(request)},
+                         lifetime_s=lifetime_s, version=version)
+
+    def freshness(self, *, versions: Mapping[str, int], device: str | None = None,
+                  group: str | None = None, lifetime_s: float = FRESHNESS_LIFETIME_S,
+                  version: int | None = None) -> bytes:
+        """The fleet server's freshness signature: it is alive now, and these are the newest
+        versions of the desired states (``desired/group/g``: version) it published."""
+        scope, subject = (("device", device) if device else ("group", group) if group
+                          else ("fleet", self.fleet))
+        return self.sign("freshness", scope, subject, fields={"versions": dict(versions)},
+                         lifetime_s=lifetime_s, version=version)
