@@ -51,7 +51,7 @@ def register(main: click.Group) -> None:
 
         cfg = broker_config(broker, ca=ca, cert=cert, cert_key=client_key, username=username,
                             password=password)
-        result = init_agent(board, device_id, broker=cfg, out=out, keys=pubs,
+        result = init_agent(board, device_id, broker=cfg, out=out, pub=pubs,
                             data_dir=data_dir, target=target, groups=groups, fleet=fleet,
                             allow_unsigned=allow_unsigned, force=force).to_json()
 

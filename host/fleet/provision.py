@@ -66,14 +66,14 @@ def _broker_section(broker: str | BrokerConfig, template: dict[str, Any]) -> dic
 
 
 def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
-               out: str | Path = "/etc/edgepack/agent.toml", keys: Sequence[str | Path] = (),
+               out: str | Path = "/etc/edgepack/agent.toml", pub: Sequence[str | Path] = (),
                data_dir: str | Path = "/var/lib/edgepack", target: str | None = None,
                groups: Sequence[str] = (), fleet: str = "default", allow_unsigned: bool = False,
                force: bool = False) -> AgentSetup:
-    """Write ``out`` for ``device_id`` on ``board``; trusted public ``keys`` are copied into a
-    ``keys/`` folder next to it. Raises ConfigError for an existing ``out`` (unless ``force``),
-    a device that would trust no key (unless ``allow_unsigned``), or a bad value, and
-    ProfileError for an unknown ``target``.
+    """Write ``out`` for ``device_id`` on ``board``; the trusted public keys ``pub`` (files such
+    as fleet.pub) are copied into a ``keys/`` folder next to it. Raises ConfigError for an
+    existing ``out`` (unless ``force``), a device that would trust no key (unless
+    ``allow_unsigned``), or a bad value, and ProfileError for an unknown ``target``.
     """
     from edgepack.agent.config import ConfigError, load_config, write_config
     from edgepack.agent.profiles import load_profile
@@ -84,16 +84,16 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
                           field="board")
     if out_path.exists() and not force:
         raise ConfigError(f"{out_path} exists; pass `force=` to overwrite it", field="force")
-    if not keys and not allow_unsigned:
-        raise ConfigError("pass `keys=` (fleet.pub, the key bundles are signed with), or "
-                          "`allow_unsigned=` for development", field="keys")
+    if not pub and not allow_unsigned:
+        raise ConfigError("pass `pub=` (fleet.pub, the key bundles are signed with), or "
+                          "`allow_unsigned=` for development", field="pub")
     data = board_template(board)
     if target:
         load_profile(target)  # unknown target: the error lists the known ones
         data["target"] = target
     keys_dir = out_path.parent / "keys"
     trusted = []
-    for p in keys:
+    for p in pub:
         src = Path(p).resolve()
         dst = (keys_dir / src.name).resolve()
         if src != dst:
