@@ -128,6 +128,22 @@ def placeholders(n: int) -> str:
     return ", ".join("?" * n)
 
 
+def filters(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """`` AND …`` for each ``(clause, value)`` whose value is given, and their parameters: a
+    sequence value becomes ``clause IN (…)``, anything else binds the clause's one ``?``."""
+    sql, params = "", []
+    for clause, value in conditions:
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            sql += f" AND {clause} IN ({placeholders(len(value))})"
+            params.extend(value)
+        else:
+            sql += f" AND {clause}"
+            params.append(value)
+    return sql, params
+
+
 # ------------------------------------------------------------------------------ dialects
 
 class _Dialect:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgepack.host.fleet.storage.db import Cursor, Database, dumps, loads, num, placeholders, text
+from edgepack.host.fleet.storage.db import Cursor, Database, dumps, filters, loads, num, text
 
 __all__ = ["EventRecord", "EventTally", "DeploymentSummary", "Events"]
 
@@ -85,21 +85,12 @@ class Events:
              deployment_id: str | None = None, kinds: Sequence[str] | None = None,
              after_id: int | None = None, limit: int = 200) -> list[EventRecord]:
         """Events of ``fleet``, newest first, filtered by device, deployment, kinds, id."""
-        sql = "SELECT * FROM events WHERE fleet = ?"
-        params: list[Any] = [fleet]
-        for column, value in (("device_id", device_id), ("deployment_id", deployment_id)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        if kinds:
-            sql += f" AND kind IN ({placeholders(len(kinds))})"
-            params.extend(kinds)
-        if after_id is not None:
-            sql += " AND id > ?"
-            params.append(after_id)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(int(limit))
-        return [EventRecord(**{**r, "body": loads(r["body"])}) for r in self._db.query(sql, params)]
+        where, params = filters(("device_id = ?", device_id),
+                                ("deployment_id = ?", deployment_id),
+                                ("kind", list(kinds) if kinds else None), ("id > ?", after_id))
+        rows = self._db.query(f"SELECT * FROM events WHERE fleet = ?{where} ORDER BY id DESC "
+                              "LIMIT ?", [fleet, *params, int(limit)])
+        return [EventRecord(**{**r, "body": loads(r["body"])}) for r in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """``{(fleet, kind): n}`` over every stored event: install outcomes for /metrics."""

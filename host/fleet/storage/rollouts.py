@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from edgepack.host.fleet.storage.db import Database, dumps, loads, placeholders
+from edgepack.host.fleet.storage.db import Database, dumps, filters, loads, placeholders
 
 __all__ = ["RolloutRecord", "RolloutDeviceRecord", "RolloutLogEntry", "Rollouts"]
 
@@ -167,16 +167,10 @@ class Rollouts:
     def list(self, fleet: str | None = None, *, states: Sequence[str] | None = None,
              limit: int = 100) -> list[RolloutRecord]:
         """Rollouts, newest first, of one fleet and in some states if given."""
-        sql, params = "SELECT * FROM rollouts WHERE 1 = 1", []
-        if fleet is not None:
-            sql += " AND fleet = ?"
-            params.append(fleet)
-        if states:
-            sql += f" AND state IN ({placeholders(len(states))})"
-            params.extend(states)
-        sql += " ORDER BY created DESC LIMIT ?"
-        params.append(int(limit))
-        return [RolloutRecord.from_row(r) for r in self._db.query(sql, params)]
+        where, params = filters(("fleet = ?", fleet), ("state", list(states) if states else None))
+        return [RolloutRecord.from_row(r) for r in self._db.query(
+            f"SELECT * FROM rollouts WHERE 1 = 1{where} ORDER BY created DESC LIMIT ?",
+            [*params, int(limit)])]
 
     def devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
         return [RolloutDeviceRecord.from_row(r) for r in self._db.query(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgepack.host.fleet.storage.db import Cursor, Database, integer, num, text
+from edgepack.host.fleet.storage.db import Cursor, Database, filters, integer, num, text
 
 __all__ = ["TelemetryRecord", "TelemetryStats", "BudgetTally", "Telemetry", "TELEMETRY_COLUMNS"]
 
@@ -110,18 +110,11 @@ class Telemetry:
     def series(self, fleet: str, device_id: str, *, since: float | None = None,
                until: float | None = None, limit: int = 5000) -> list[TelemetryRecord]:
         """Telemetry of one device, oldest first: the newest ``limit`` rows in the window."""
-        sql = f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry WHERE fleet = ? AND " \
-              "device_id = ?"
-        params: list[Any] = [fleet, device_id]
-        if since is not None:
-            sql += " AND ts >= ?"
-            params.append(since)
-        if until is not None:
-            sql += " AND ts <= ?"
-            params.append(until)
-        sql += " ORDER BY ts DESC LIMIT ?"
-        params.append(int(limit))
-        return [TelemetryRecord(**r) for r in reversed(self._db.query(sql, params))]
+        where, params = filters(("ts >= ?", since), ("ts <= ?", until))
+        rows = self._db.query(f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry WHERE "
+                              f"fleet = ? AND device_id = ?{where} ORDER BY ts DESC LIMIT ?",
+                              [fleet, device_id, *params, int(limit)])
+        return [TelemetryRecord(**r) for r in reversed(rows)]
 
     def stats(self, fleet: str, device_ids: Sequence[str], *, since: float,
               bundle_id: str | None = None) -> dict[str, TelemetryStats]:
