@@ -159,10 +159,10 @@ class _Sims:
 def trial(broker: str, db_url: str, n: int, duration: float, procs: int = 1) -> dict[str, Any]:
     """One run of N devices into one fresh database."""
     from edgepack.host.fleet.collector import Collector, CollectorOptions, LagStats
-    from edgepack.host.fleet.storage import open_storage
+    from edgepack.host.fleet.storage import open_store
 
     fleet = f"b{uuid.uuid4().hex[:8]}"
-    storage = open_storage(db_url)
+    storage = open_store(db_url)
     collector = Collector(broker, storage, CollectorOptions(
         fleets=(fleet,), client_id=f"bench-{fleet}", fetch_reports=False))
     collector.lag = LagStats(recent=2_000_000)
@@ -192,10 +192,10 @@ def trial(broker: str, db_url: str, n: int, duration: float, procs: int = 1) -> 
             raise RuntimeError("the simulator did not finish")
         sent = done["sent"]
         t0 = time.monotonic()
-        while storage.count_telemetry(fleet) < sent and time.monotonic() - t0 < 30:
+        while storage.telemetry.count(fleet) < sent and time.monotonic() - t0 < 30:
             time.sleep(0.2)
         collector.wait_idle(10)
-        stored = storage.count_telemetry(fleet)
+        stored = storage.telemetry.count(fleet)
         lag = collector.lag.quantiles((0.5, 0.95, 0.99))
         ingest = collector.ingest_lag.quantiles((0.5, 0.99))
         result = {

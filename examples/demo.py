@@ -167,13 +167,14 @@ def run_fleet(bundle: str) -> None:
                                        "--port", str(port)], cwd=WORK, stdout=log,
                                       stderr=subprocess.STDOUT)
         wait_port(port, broker)
-        from edgepack.host.fleet.dashboard.server import FleetServer
+        from edgepack.host.fleet.server import FleetServer, ServeConfig
 
         print(f"\n$ edgepack fleet serve --broker {url} --db sqlite:///fleet.db "
               "--http 127.0.0.1:0 &", flush=True)
         for old in WORK.glob("fleet.db*"):
             old.unlink()  # each demo starts with an empty fleet database
-        fleet = FleetServer(url, f"sqlite:///{WORK / 'fleet.db'}", http=("127.0.0.1", 0))
+        fleet = FleetServer(ServeConfig(broker=url, db=f"sqlite:///{WORK / 'fleet.db'}",
+                                        http=("127.0.0.1", 0)))
         fleet.start()
         print(f"dashboard: {fleet.url}")
         data_dir = WORK / "device"

@@ -27,8 +27,9 @@ def generate_keys(out_dir: str | os.PathLike, name: str = "fleet", *,
     priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
     if not overwrite and (priv_path.exists() or pub_path.exists()):
         raise SignatureError(f"{priv_path} already exists; refusing to overwrite a signing key "
-                             "(pass --force to replace it — devices will reject the old key's "
-                             "successors until they trust the new fleet.pub)")
+                             "(pass `overwrite=` to replace it — devices will reject the old "
+                             "key's successors until they trust the new fleet.pub)",
+                             field="overwrite")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())

@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
-from importlib import resources
-from pathlib import Path
-from typing import Any
-
 import click
+
+from edgepack.host.cli.fleet import raw_broker_options
+from edgepack.host.fleet.provision import BOARDS, board_template
 
 __all__ = ["register", "BOARDS", "board_template"]
 
-BOARDS = ("rpi4", "rpi5", "rpi-zero-2w", "jetson-orin-nano", "x86-gateway")
 
-
-def board_template(board: str) -> dict[str, Any]:
-    """The shipped ``firmware_configs/agents/<board>.toml`` as a dict."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    res = resources.files("edgepack.firmware_configs") / "agents" / f"{board}.toml"
-    return tomllib.loads(res.read_text(encoding="utf-8"))
-
-
-def _broker_options(f: Any) -> Any:
-    for opt in reversed([
-        click.option("--broker", required=True, envvar="EDGEPACK_BROKER",
-                     help="mqtt://host[:1883] or mqtts://host[:8883] ($EDGEPACK_BROKER)."),
-        click.option("--ca", type=click.Path(exists=True, dir_okay=False),
-                     help="CA certificate that signed the broker's certificate."),
-        click.option("--cert", type=click.Path(exists=True, dir_okay=False),
-                     help="Client certificate (mutual TLS)."),
-        click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
-                     help="Client certificate's private key."),
-        click.option("--username", envvar="EDGEPACK_BROKER_USERNAME"),
-        click.option("--password", envvar="EDGEPACK_BROKER_PASSWORD"),
-    ]):
-        f = opt(f)
-    return f
+# the broker flags every command shares (``profile`` imports this name too)
+_broker_options = raw_broker_options
 
 
 def register(main: click.Group) -> None:
@@ -73,46 +45,15 @@ def register(main: click.Group) -> None:
              groups: tuple[str, ...], fleet: str, allow_unsigned: bool, force: bool,
              as_json: bool) -> None:
         """Write agent.toml for a device (start it with: edgepack-agent --config OUT)."""
-        from edgepack.agent.config import ConfigError, load_config, write_config
-        from edgepack.agent.profiles import load_profile
+        from edgepack.host.cli.fleet import broker_config
         from edgepack.host.cli.main import emit
+        from edgepack.host.fleet.provision import init_agent
 
-        out_path = Path(out)
-        if out_path.exists() and not force:
-            raise ConfigError(f"{out_path} exists; pass --force to overwrite it")
-        if not pubs and not allow_unsigned:
-            raise ConfigError("pass --pub fleet.pub (the key bundles are signed with), or "
-                              "--allow-unsigned for development")
-        data = board_template(board)
-        if target:
-            load_profile(target)  # unknown target: the error lists the known ones
-            data["target"] = target
-        keys_dir = out_path.parent / "keys"
-        trusted = []
-        for p in pubs:
-            src = Path(p).resolve()
-            dst = (keys_dir / src.name).resolve()
-            if src != dst:
-                keys_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-            trusted.append(str(dst))
-        broker_section = {k: v for k, v in data.get("broker", {}).items()
-                          if k not in ("url", "ca", "cert", "key", "username", "password")}
-        broker_section["url"] = broker
-        for k, v in (("ca", ca), ("cert", cert), ("key", client_key), ("username", username),
-                     ("password", password)):
-            if v:
-                broker_section[k] = str(Path(v).resolve()) if k in ("ca", "cert", "key") else v
-        data.update(device_id=device_id, fleet=fleet, data_dir=str(Path(data_dir).absolute()),
-                    trusted_keys=trusted, allow_unsigned=allow_unsigned, broker=broker_section)
-        if groups:
-            data["groups"] = list(groups)
-        path = write_config(out_path, **data)
-        cfg = load_config(path)
-        result = {"config": str(path), "device_id": cfg.device_id, "board": cfg.board,
-                  "target": cfg.target, "fleet": cfg.fleet, "groups": list(cfg.groups),
-                  "broker": cfg.broker.url, "trusted_keys": list(cfg.trusted_keys),
-                  "data_dir": cfg.data_dir}
+        cfg = broker_config(broker, ca=ca, cert=cert, cert_key=client_key, username=username,
+                            password=password)
+        result = init_agent(board, device_id, broker=cfg, out=out, pub=pubs,
+                            data_dir=data_dir, target=target, groups=groups, fleet=fleet,
+                            allow_unsigned=allow_unsigned, force=force).to_json()
 
         def render(r: dict) -> None:
             click.echo(f"wrote {r['config']} for {r['device_id']} ({board}, target "
@@ -137,14 +78,14 @@ def register(main: click.Group) -> None:
                 key: str | None, fleet: str, chunk_kb: int | None, force: bool,
                 as_json: bool) -> None:
         """Publish BUNDLE to the broker as retained chunks for devices to fetch."""
-        from edgepack.agent.mqtt import parse_broker_url
+        from edgepack.host.cli.fleet import broker_config
         from edgepack.host.cli.main import emit
-        from edgepack.host.fleet.publish import publish_bundle
+        from edgepack.host.fleet.api import publish
 
-        cfg = parse_broker_url(broker, ca=ca, cert=cert, key=client_key, username=username,
-                               password=password)
-        result = publish_bundle(bundle, cfg, key_path=key, fleet=fleet, force=force,
-                                chunk_size=chunk_kb * 1024 if chunk_kb else None)
+        cfg = broker_config(broker, ca=ca, cert=cert, cert_key=client_key, username=username,
+                            password=password)
+        result = publish(bundle, broker=cfg, key=key, fleet=fleet, force=force,
+                         chunk_size=chunk_kb * 1024 if chunk_kb else None).to_json()
 
         def render(r: dict) -> None:
             what = "already published" if r["skipped"] else (

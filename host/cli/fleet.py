@@ -7,13 +7,17 @@ Every command that talks to a broker takes the same options (:func:`broker_optio
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-__all__ = ["register", "broker_options", "broker_config", "fleet", "deploy_cmd", "broker_cmd"]
+__all__ = ["register", "broker_options", "raw_broker_options", "broker_config", "fleet_option",
+           "until_signal", "fleet", "deploy_cmd", "broker_cmd"]
 
 
 def _check_id(what: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -30,25 +34,36 @@ def _check_id(what: str) -> Callable[[click.Context, click.Parameter, Any], Any]
     return callback
 
 
-def broker_options(f: Callable) -> Callable:
-    """Add ``--broker``, TLS and credential options; the command gets ``broker_cfg``."""
-    options = [
-        click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883",
-                     show_default=True, envvar="EDGEPACK_BROKER",
+def _broker_params(*, required: bool, key_flag: str) -> list[Callable]:
+    """The broker flags every command shares; ``agent init`` and ``publish`` (and ``profile``)
+    call the client key ``--client-key`` and need ``--broker``."""
+    return [
+        click.option("--broker", "broker_url", required=required,
+                     default=None if required else "mqtt://127.0.0.1:1883",
+                     show_default=not required, envvar="EDGEPACK_BROKER",
                      help="mqtt://host[:1883] or mqtts://host[:8883] (env EDGEPACK_BROKER)."),
         click.option("--ca", type=click.Path(exists=True, dir_okay=False),
                      help="CA certificate that signed the broker's certificate (private CA)."),
         click.option("--cert", type=click.Path(exists=True, dir_okay=False),
                      help="TLS client certificate (mutual TLS)."),
-        click.option("--cert-key", type=click.Path(exists=True, dir_okay=False),
+        click.option(key_flag, "cert_key", type=click.Path(exists=True, dir_okay=False),
                      help="Private key of --cert."),
         click.option("--username", envvar="EDGEPACK_BROKER_USERNAME",
                      help="Broker username (env EDGEPACK_BROKER_USERNAME)."),
         click.option("--password", envvar="EDGEPACK_BROKER_PASSWORD",
                      help="Broker password (prefer env EDGEPACK_BROKER_PASSWORD)."),
     ]
+
+
+def _apply(f: Callable, options: list[Callable]) -> Callable:
     for opt in reversed(options):
         f = opt(f)
+    return f
+
+
+def broker_options(f: Callable) -> Callable:
+    """Add ``--broker``, TLS and credential options; the command gets ``broker_cfg``."""
+    import functools
 
     def wrapper(*args: Any, broker_url: str, ca: str | None, cert: str | None,
                 cert_key: str | None, username: str | None, password: str | None,
@@ -57,9 +72,21 @@ def broker_options(f: Callable) -> Callable:
                                              username=username, password=password)
         return f(*args, **kwargs)
 
+    return _apply(functools.update_wrapper(wrapper, f),
+                  _broker_params(required=False, key_flag="--cert-key"))
+
+
+def raw_broker_options(f: Callable) -> Callable:
+    """The same flags with ``--broker`` required and the key as ``--client-key``; the command
+    gets the values as given (``broker``, ``ca``, ``cert``, ``client_key``, ``username``,
+    ``password``), e.g. to write them into a device's config."""
     import functools
 
-    return functools.update_wrapper(wrapper, f)
+    def wrapper(*args: Any, broker_url: str, cert_key: str | None, **kwargs: Any) -> Any:
+        return f(*args, broker=broker_url, client_key=cert_key, **kwargs)
+
+    return _apply(functools.update_wrapper(wrapper, f),
+                  _broker_params(required=True, key_flag="--client-key"))
 
 
 def broker_config(url: str, *, ca: str | None = None, cert: str | None = None,
@@ -69,14 +96,31 @@ def broker_config(url: str, *, ca: str | None = None, cert: str | None = None,
     from edgepack.agent.mqtt import parse_broker_url
 
     if cert_key and not cert:
-        raise click.UsageError("--cert-key needs --cert")
+        raise click.UsageError("a client key needs --cert (the certificate it belongs to)")
     return parse_broker_url(url, ca=ca, cert=cert, key=cert_key,
                             username=username, password=password)
 
 
-_fleet_option = click.option(
+fleet_option = click.option(
     "--fleet", "fleet_name", default="default", show_default=True, envvar="EDGEPACK_FLEET",
     callback=_check_id("fleet name"), help="Fleet name: the topic prefix edgepack/v1/FLEET/.")
+
+
+@contextlib.contextmanager
+def until_signal() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM while the block runs (long-running commands stop
+    cleanly instead of dying mid-write); the previous handlers come back after."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _ago(seconds: float | None) -> str:
@@ -104,7 +148,7 @@ def _console() -> Any:
 @broker_options
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
               help="Fleet signing key (fleet.key), to publish a bundle file not yet published.")
-@_fleet_option
+@fleet_option
 @click.option("--allow-downgrade", is_flag=True,
               help="Let devices install a version older than the one they run.")
 @click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS",
@@ -118,34 +162,35 @@ def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_
     A bundle file the broker does not hold yet is published first (signed with --key).
     """
     from edgepack.host.cli.main import emit
-    from edgepack.host.fleet.deploy import deploy, wait_for_deployment
+    from edgepack.host.fleet.api import deploy
 
     if (device is None) == (group is None):
         raise click.UsageError("give exactly one of --device or --group")
     if wait_s is not None and device is None:
         raise click.UsageError("--wait needs --device")
-    result = deploy(bundle_or_id, broker_cfg, device=device, group=group, fleet=fleet_name,
-                    key_path=key_path, allow_downgrade=allow_downgrade)
+    where = f"device {device}" if device else f"group {group}"
+    if wait_s is None or as_json:
+        result = deploy(bundle_or_id, broker=broker_cfg, device=device, group=group,
+                        fleet=fleet_name, key=key_path, allow_downgrade=allow_downgrade,
+                        wait=wait_s)
+    else:  # people see the deployment before the wait
+        result = deploy(bundle_or_id, broker=broker_cfg, device=device, group=group,
+                        fleet=fleet_name, key=key_path, allow_downgrade=allow_downgrade)
     if not as_json:
-        where = f"device {device}" if device else f"group {group}"
-        click.echo(f"deployed {result['name']} {result['version']} "
-                   f"({result['bundle_id'][:12]}) to {where} in fleet {fleet_name}: deployment "
-                   f"{result['deployment_id']}"
-                   + (" (bundle published first)" if result["published"] else ""))
-        for w in result["warnings"]:
+        click.echo(f"deployed {result.name} {result.version} ({result.bundle_id[:12]}) to "
+                   f"{where} in fleet {fleet_name}: deployment {result.deployment_id}"
+                   + (" (bundle published first)" if result.published else ""))
+        for w in result.warnings:
             click.echo(f"warning: {w}", err=True)
-    if wait_s is not None:
-        t0 = time.monotonic()
-        state = wait_for_deployment(broker_cfg, device, result, fleet=fleet_name,
-                                    timeout=wait_s)
-        result["active"] = True
-        result["waited_s"] = round(time.monotonic() - t0, 3)
-        result["slot"] = state.get("slot")
-        if not as_json:
-            click.echo(f"device {device} runs {result['name']} {result['version']} "
-                       f"(after {result['waited_s']:.1f}s)")
-    if as_json:
-        emit(result, True)
+        if wait_s is not None:
+            from edgepack.host.fleet.deploy import wait_for_deployment
+
+            t0 = time.monotonic()
+            wait_for_deployment(broker_cfg, result, timeout=wait_s)
+            click.echo(f"device {device} runs {result.name} {result.version} "
+                       f"(after {time.monotonic() - t0:.1f}s)")
+        return
+    emit(result.to_json(), True)
 
 
 # -- fleet status ---------------------------------------------------------------------------
@@ -157,14 +202,14 @@ def fleet() -> None:
 
 @fleet.command("status")
 @broker_options
-@_fleet_option
+@fleet_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def fleet_status_cmd(broker_cfg: Any, fleet_name: str, as_json: bool) -> None:
     """One line per device: presence, board, target, active bundle, slot, last report."""
     from edgepack.host.cli.main import emit
-    from edgepack.host.fleet.status import fleet_status
+    from edgepack.host.fleet.api import fleet_status
 
-    rows = fleet_status(broker_cfg, fleet_name)
+    rows = [r.to_json() for r in fleet_status(broker=broker_cfg, fleet=fleet_name)]
 
     def render(rows: list[dict]) -> None:
         from rich import box
@@ -217,33 +262,19 @@ def broker_cmd(port: int, host: str) -> None:
     Anonymous, unencrypted and in memory: for trials and development. Use Mosquitto with the
     config in firmware_configs/mosquitto/ for a real fleet.
     """
-    import signal
-    import threading
-
     from edgepack.agent.errors import BrokerError
     from edgepack.host.fleet.broker import EmbeddedBroker, is_loopback
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with EmbeddedBroker(host, port) as b:
-            if not is_loopback(host):
-                click.echo(f"warning: listening on {host} without authentication or TLS: "
-                           "anyone who can reach this port can deploy to your devices",
-                           err=True)
-            click.echo(f"edgepack broker listening on mqtt://{host}:{b.port} "
-                       "(MQTT 3.1.1, in memory; Ctrl-C to stop)")
-            while not stop.wait(0.5):
-                if not b.running:
-                    raise BrokerError("the embedded broker stopped unexpectedly")
-        click.echo("broker stopped")
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with until_signal() as stop, EmbeddedBroker(host, port) as b:
+        if not is_loopback(host):
+            click.echo(f"warning: listening on {host} without authentication or TLS: "
+                       "anyone who can reach this port can deploy to your devices", err=True)
+        click.echo(f"edgepack broker listening on mqtt://{host}:{b.port} "
+                   "(MQTT 3.1.1, in memory; Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            if not b.running:
+                raise BrokerError("the embedded broker stopped unexpectedly")
+    click.echo("broker stopped")
 
 
 def register(main: click.Group) -> None:

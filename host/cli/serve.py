@@ -1,39 +1,28 @@
 """CLI: ``fleet serve``, ``fleet simulate``, ``rollout start|status|list|pause|resume|abort``, and
 the staged options of ``deploy`` (``--stages``, ``--max-failures``, ``--soak``).
 
-``register(main)`` must run after ``cli_fleet.register(main)``: it adds commands to the existing
-``fleet`` group and extends the existing ``deploy`` command.
+Flags in, library calls (:mod:`edgepack.host.fleet.api`, :mod:`edgepack.host.fleet.server`),
+rendering out. ``register(main)`` must run after ``cli.fleet.register(main)``: it adds commands
+to the existing ``fleet`` group and extends the existing ``deploy`` command.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
 
+from edgepack.host.cli.fleet import broker_config, broker_options, fleet_option, until_signal
+
 __all__ = ["register", "rollout", "serve_cmd", "simulate_cmd"]
 
-_DB_HELP = "Fleet database: sqlite:///fleet.db (default) or postgresql://user@host/db " \
-           "(env EDGEPACK_DB)."
-
-
-def _db_option(f: Callable) -> Callable:
-    return click.option("--db", "db_url", default="sqlite:///fleet.db", show_default=True,
-                        envvar="EDGEPACK_DB", help=_DB_HELP)(f)
-
-
-def _fleet_option(f: Callable) -> Callable:
-    from edgepack.host.cli.fleet import _fleet_option as opt
-
-    return opt(f)
-
-
-def _broker_options(f: Callable) -> Callable:
-    from edgepack.host.cli.fleet import broker_options
-
-    return broker_options(f)
+_DB_DECLS = ("--db", "db_url")
+_DB_ATTRS: dict[str, Any] = {
+    "default": "sqlite:///fleet.db", "show_default": True, "envvar": "EDGEPACK_DB",
+    "help": "Fleet database: sqlite:///fleet.db (default) or postgresql://user@host/db "
+            "(env EDGEPACK_DB)."}
+_db_option = click.option(*_DB_DECLS, **_DB_ATTRS)
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -57,16 +46,10 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
         raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)") from None
 
 
-def _open(db_url: str) -> Any:
-    from edgepack.host.fleet.storage import open_storage
-
-    return open_storage(db_url)
-
-
 # ------------------------------------------------------------------------------ fleet serve
 
 @click.command("serve")
-@_broker_options
+@broker_options
 @_db_option
 @click.option("--http", "http", default="127.0.0.1:8080", show_default=True,
               callback=_hostport, help="Address of the dashboard, API and /metrics (port 0: any "
@@ -102,56 +85,36 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
     against the same database advance here.
     """
     import logging
-    import signal
-    import threading
 
     from edgepack.agent.errors import ProtocolError
-    from edgepack.agent.protocol import check_id
-    from edgepack.host.fleet.broker import is_loopback
     from edgepack.host.fleet.collector import CollectorOptions
-    from edgepack.host.fleet.dashboard import FleetServer
+    from edgepack.host.fleet.server import FleetServer, ServeConfig
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("paho").setLevel(logging.WARNING)
     try:
-        for f in fleets:
-            check_id(f, "fleet name")
+        opts = CollectorOptions(fleets=tuple(dict.fromkeys(fleets)), client_id=client_id,
+                                shared=shared, queue_max=queue_max,
+                                telemetry_retention_s=retention,
+                                events_retention_s=events_retention)
     except ProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="--fleet") from None
-    opts = CollectorOptions(fleets=tuple(dict.fromkeys(fleets)), client_id=client_id,
-                            shared=shared, queue_max=queue_max,
-                            telemetry_retention_s=retention,
-                            events_retention_s=events_retention)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server = FleetServer(broker_cfg, db_url, http=http, options=opts,
-                             rollouts=not no_rollouts, token=token).start()
-    except OSError as exc:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        raise click.ClickException(f"cannot listen on {http[0]}:{http[1]}: {exc.strerror}. "
-                                   "Pick another --http address.") from None
-    try:
-        if not is_loopback(http[0]):
-            click.echo(f"warning: the dashboard listens on {http[0]}: anyone who can reach it "
-                       "sees the fleet" + ("" if token else " and can pause or abort rollouts "
-                                           "(set --token)"), err=True)
-        click.echo(f"edgepack fleet serve: collecting fleet(s) {', '.join(opts.fleets)} from "
-                   f"{broker_cfg.url} into {server.storage.safe_url}")
-        click.echo(f"dashboard: {server.url}  (metrics: {server.url}metrics)", )
-        while not stop.wait(0.5):
-            pass
-        click.echo("stopping: storing what is queued…")
-    finally:
-        server.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    config = ServeConfig(broker=broker_cfg, db=db_url, http=http, collector=opts,
+                         rollouts=not no_rollouts, token=token)
+    with until_signal() as stop:
+        server = FleetServer(config).start()
+        try:
+            for w in config.warnings():
+                click.echo(f"warning: {w}".replace("`token=`", "--token"), err=True)
+            click.echo(f"edgepack fleet serve: collecting fleet(s) {', '.join(opts.fleets)} "
+                       f"from {broker_cfg.url} into {server.store.safe_url}")
+            click.echo(f"dashboard: {server.url}  (metrics: {server.url}metrics)")
+            while not stop.wait(0.5):
+                pass
+            click.echo("stopping: storing what is queued…")
+        finally:
+            server.stop()
     click.echo("stopped")
 
 
@@ -160,8 +123,8 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
 @click.command("simulate")
 @click.option("--devices", "n", type=click.IntRange(1, 100_000), default=10, show_default=True,
               help="How many simulated devices.")
-@_broker_options
-@_fleet_option
+@broker_options
+@fleet_option
 @click.option("--target", default="rpi4", show_default=True,
               help="Target (device profile) the devices report and accept bundles for.")
 @click.option("--board", help="Board name they report (default: the target).")
@@ -195,9 +158,6 @@ def simulate_cmd(n: int, broker_cfg: Any, fleet_name: str, target: str, board: s
     transfer, report install events and plausible telemetry; --fail-rate of them fail health
     checks. For demos, dashboards and scale tests.
     """
-    import signal
-    import threading
-
     from edgepack.agent.errors import ProtocolError
     from edgepack.host.cli.main import emit
     from edgepack.host.fleet.simulator import SimOptions, Simulator
@@ -209,29 +169,23 @@ def simulate_cmd(n: int, broker_cfg: Any, fleet_name: str, target: str, board: s
                           install_s=install_time, trusted_keys=tuple(pubs), seed=seed)
     except (ValueError, ProtocolError) as exc:
         raise click.UsageError(str(exc)) from None
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    sim = Simulator(broker_cfg, opts).start()
-    try:
-        t0 = time.monotonic()
-        ok = sim.wait_online(timeout=max(30.0, n / 100.0))
-        if not as_json:
-            failing = sim.stats()["failing_health"]
-            click.echo(f"{sim.online_count()}/{n} simulated {target} devices online in fleet "
-                       f"{fleet_name} on {broker_cfg.url} (groups {', '.join(groups)}; "
-                       f"{failing} fail health checks){'' if ok else ' — some cannot connect'}")
-        end = None if duration is None else t0 + duration
-        while not stop.wait(0.5):
-            if end is not None and time.monotonic() >= end:
-                break
-    finally:
-        sim.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with until_signal() as stop:
+        sim = Simulator(broker_cfg, opts).start()
+        try:
+            t0 = time.monotonic()
+            ok = sim.wait_online(timeout=max(30.0, n / 100.0))
+            if not as_json:
+                failing = sim.stats()["failing_health"]
+                click.echo(f"{sim.online_count()}/{n} simulated {target} devices online in "
+                           f"fleet {fleet_name} on {broker_cfg.url} (groups {', '.join(groups)}"
+                           f"; {failing} fail health checks)"
+                           f"{'' if ok else ' — some cannot connect'}")
+            end = None if duration is None else t0 + duration
+            while not stop.wait(0.5):
+                if end is not None and time.monotonic() >= end:
+                    break
+        finally:
+            sim.stop()
     stats = sim.stats()
     if as_json:
         emit(stats, True)
@@ -263,36 +217,34 @@ def _render_status(s: dict) -> None:
                    f"{line['message']}")
 
 
-def _start(storage: Any, broker_cfg: Any, bundle: str, *, group: str, fleet_name: str,
+def _start(db_url: str, broker_cfg: Any, bundle: str, *, group: str, fleet_name: str,
            stages: str, max_failures: str, soak: str, stage_timeout: str, key_path: str | None,
            allow_downgrade: bool, devices: str | None, as_json: bool) -> None:
-    import json
-
     from edgepack.host.cli.main import emit
-    from edgepack.host.fleet.rollout import start_rollout
+    from edgepack.host.fleet import api
+    from edgepack.host.fleet.storage import open_store
 
-    s = start_rollout(storage, broker_cfg, bundle, group=group, fleet=fleet_name,
-                      stages=stages, max_failures=max_failures, soak=soak,
-                      stage_timeout=stage_timeout, key_path=key_path,
-                      allow_downgrade=allow_downgrade,
-                      devices=[d.strip() for d in devices.split(",") if d.strip()]
-                      if devices else None)
-    beat = [r for r in storage.query("SELECT key, value FROM meta WHERE key LIKE ?",
-                                     ("collector:%",))
-            if time.time() - (json.loads(r["value"]).get("ts") or 0) < 60]
+    with open_store(db_url) as store:
+        status = api.rollout_start(
+            bundle, group=group, broker=broker_cfg, db=store, fleet=fleet_name, stages=stages,
+            max_failures=max_failures, soak=soak, stage_timeout=stage_timeout, key=key_path,
+            allow_downgrade=allow_downgrade,
+            devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None)
+        running = api.collectors_alive(db=store) > 0
+        where = store.safe_url
+    s = status.to_json()
     if as_json:
-        s["collector_running"] = bool(beat)
-        emit(s, True)
+        emit({**s, "collector_running": running}, True)
         return
-    pcts = ", ".join(f"{st['percent']:g}%" for st in s["stages"])
-    click.echo(f"rollout {s['id']} planned: {s['bundle_name']} {s['bundle_version']} to "
-               f"{sum(st['devices'] for st in s['stages'])} devices of group {group} in "
+    pcts = ", ".join(f"{st.percent:g}%" for st in status.stages)
+    click.echo(f"rollout {status.id} planned: {s['bundle_name']} {s['bundle_version']} to "
+               f"{sum(st.devices for st in status.stages)} devices of group {group} in "
                f"stages {pcts}")
-    if not beat:
-        click.echo(f"warning: no 'edgepack fleet serve' has written to {storage.safe_url} in the "
+    if not running:
+        click.echo(f"warning: no 'edgepack fleet serve' has written to {where} in the "
                    "last minute; the rollout advances only while one runs on this database",
                    err=True)
-    click.echo(f"watch it: edgepack rollout status {s['id']} --db {storage.safe_url}")
+    click.echo(f"watch it: edgepack rollout status {status.id} --db {where}")
 
 
 @click.group("rollout")
@@ -313,11 +265,11 @@ def rollout() -> None:
 @click.option("--stage-timeout", default="30m", show_default=True,
               help="A device without an outcome this long after its stage started fails.")
 @click.option("--devices", help="Comma-separated device ids instead of the group's members.")
-@_broker_options
+@broker_options
 @_db_option
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
               help="Fleet signing key, to publish a bundle file not yet published.")
-@_fleet_option
+@fleet_option
 @click.option("--allow-downgrade", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def rollout_start_cmd(bundle: str, group: str, stages: str, max_failures: str, soak: str,
@@ -325,11 +277,10 @@ def rollout_start_cmd(bundle: str, group: str, stages: str, max_failures: str, s
                       key_path: str | None, fleet_name: str, allow_downgrade: bool,
                       as_json: bool) -> None:
     """Plan a staged rollout of BUNDLE (a .edgepack file or a published bundle id)."""
-    with _open(db_url) as storage:
-        _start(storage, broker_cfg, bundle, group=group, fleet_name=fleet_name, stages=stages,
-               max_failures=max_failures, soak=soak, stage_timeout=stage_timeout,
-               key_path=key_path, allow_downgrade=allow_downgrade, devices=devices,
-               as_json=as_json)
+    _start(db_url, broker_cfg, bundle, group=group, fleet_name=fleet_name, stages=stages,
+           max_failures=max_failures, soak=soak, stage_timeout=stage_timeout,
+           key_path=key_path, allow_downgrade=allow_downgrade, devices=devices,
+           as_json=as_json)
 
 
 @rollout.command("status")
@@ -340,13 +291,15 @@ def rollout_start_cmd(bundle: str, group: str, stages: str, max_failures: str, s
 def rollout_status_cmd(rollout_id: str, db_url: str, watch: bool, as_json: bool) -> None:
     """Stages, per-status device counts and the log of a rollout."""
     from edgepack.host.cli.main import emit
-    from edgepack.host.fleet.rollout import FINAL_STATES, rollout_status
+    from edgepack.host.fleet import api
+    from edgepack.host.fleet.rollout import FINAL_STATES
+    from edgepack.host.fleet.storage import open_store
 
-    with _open(db_url) as storage:
+    with open_store(db_url) as store:
         while True:
-            s = rollout_status(storage, rollout_id)
-            emit(s, as_json, _render_status)
-            if not watch or s["state"] in FINAL_STATES:
+            s = api.rollout_status(rollout_id, db=store)
+            emit(s.to_json(), as_json, _render_status)
+            if not watch or s.state in FINAL_STATES:
                 return
             time.sleep(2.0)
             click.echo()
@@ -359,17 +312,18 @@ def rollout_status_cmd(rollout_id: str, db_url: str, watch: bool, as_json: bool)
 def rollout_list_cmd(db_url: str, fleet_name: str | None, as_json: bool) -> None:
     """Rollouts, newest first."""
     from edgepack.host.cli.main import emit
+    from edgepack.host.fleet import api
 
-    with _open(db_url) as storage:
-        rows = storage.rollouts(fleet_name)
+    rows = [r.to_json() for r in api.rollouts(db=db_url, fleet=fleet_name)]
 
     def render(rows: list[dict]) -> None:
         if not rows:
             click.echo("no rollout")
         for r in rows:
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
             click.echo(f"{r['id']}  {r['state']:<15} {r['fleet']}/{r['group_name']}  "
                        f"{r['bundle_name']} {r['bundle_version']}  stage {r['stage'] + 1}/"
-                       f"{len(r['stages'])}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}")
+                       f"{len(r['stages'])}  {created}")
     emit(rows, as_json, render)
 
 
@@ -380,15 +334,14 @@ def _control(name: str, doc: str) -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def cmd(rollout_id: str, db_url: str, as_json: bool, **kw: Any) -> None:
         from edgepack.host.cli.main import emit
-        from edgepack.host.fleet import rollout as ro
+        from edgepack.host.fleet import api
 
-        with _open(db_url) as storage:
-            if name == "abort":
-                s = ro.abort_rollout(storage, rollout_id, rollback=not kw.get("no_rollback"))
-            else:
-                s = {"pause": ro.pause_rollout, "resume": ro.resume_rollout}[name](
-                    storage, rollout_id)
-        emit(s, as_json, _render_status)
+        if name == "abort":
+            s = api.rollout_abort(rollout_id, db=db_url, rollback=not kw.get("no_rollback"))
+        else:
+            s = {"pause": api.rollout_pause, "resume": api.rollout_resume}[name](
+                rollout_id, db=db_url)
+        emit(s.to_json(), as_json, _render_status)
     if name == "abort":
         cmd = click.option("--no-rollback", is_flag=True,
                            help="Stop without rolling devices back.")(cmd)
@@ -422,8 +375,8 @@ def _extend_deploy(deploy: click.Command) -> None:
                      "budgets."),
         click.Option(["--stage-timeout"], default="30m", show_default=True,
                      help="With --stages: a device without an outcome this long fails."),
-        click.Option(["--db", "db_url"], default="sqlite:///fleet.db", show_default=True,
-                     envvar="EDGEPACK_DB", help="With --stages: " + _DB_HELP),
+        click.Option(list(_DB_DECLS), **{**_DB_ATTRS, "help": "With --stages: "
+                                         + _DB_ATTRS["help"]}),
     ])
     original = deploy.callback
 
@@ -431,8 +384,6 @@ def _extend_deploy(deploy: click.Command) -> None:
         staged = {k: kw.pop(k) for k in _STAGED}
         if staged["stages"] is None:
             return original(**kw)
-        from edgepack.host.cli.fleet import broker_config
-
         if kw.get("group") is None or kw.get("device") is not None:
             raise click.UsageError("--stages rolls out to a --group (not a --device)")
         if kw.get("wait_s") is not None:
@@ -441,13 +392,11 @@ def _extend_deploy(deploy: click.Command) -> None:
         cfg = broker_config(kw["broker_url"], ca=kw["ca"], cert=kw["cert"],
                             cert_key=kw["cert_key"], username=kw["username"],
                             password=kw["password"])
-        with _open(staged["db_url"]) as storage:
-            _start(storage, cfg, kw["bundle_or_id"], group=kw["group"],
-                   fleet_name=kw["fleet_name"], stages=staged["stages"],
-                   max_failures=staged["max_failures"], soak=staged["soak"],
-                   stage_timeout=staged["stage_timeout"], key_path=kw["key_path"],
-                   allow_downgrade=kw["allow_downgrade"], devices=None,
-                   as_json=kw["as_json"])
+        _start(staged["db_url"], cfg, kw["bundle_or_id"], group=kw["group"],
+               fleet_name=kw["fleet_name"], stages=staged["stages"],
+               max_failures=staged["max_failures"], soak=staged["soak"],
+               stage_timeout=staged["stage_timeout"], key_path=kw["key_path"],
+               allow_downgrade=kw["allow_downgrade"], devices=None, as_json=kw["as_json"])
         return None
 
     deploy.callback = callback
@@ -457,7 +406,7 @@ def register(main: click.Group) -> None:
     """Add ``fleet serve``, ``fleet simulate`` and ``rollout``; give ``deploy`` --stages."""
     fleet = main.commands.get("fleet")
     if not isinstance(fleet, click.Group):
-        raise RuntimeError("register cli_fleet before cli_fleet_serve: no 'fleet' group yet")
+        raise RuntimeError("register cli.fleet before cli.serve: no 'fleet' group yet")
     fleet.add_command(serve_cmd)
     fleet.add_command(simulate_cmd)
     main.add_command(rollout)

@@ -25,6 +25,12 @@ __all__ = ["EmbeddedBroker", "is_loopback"]
 _log = logging.getLogger(__name__)
 
 
+def _cannot_listen(host: str, port: int, exc: OSError) -> BrokerError:
+    return BrokerError(f"the embedded broker cannot listen on {host}:{port}: "
+                       f"{exc.strerror or exc}. Is another broker running there? Pick another "
+                       "`port=`.", field="port")
+
+
 def is_loopback(host: str) -> bool:
     """True when ``host`` only accepts connections from this machine."""
     if host == "localhost":
@@ -107,9 +113,7 @@ class EmbeddedBroker:
         except OSError as exc:
             self._thread.join(5)
             self._thread = None
-            raise BrokerError(f"the embedded broker cannot listen on {self.host}:{self.port}: "
-                              f"{exc.strerror or exc}. Is another broker running there? Pick "
-                              "another --port.") from None
+            raise _cannot_listen(self.host, self.port, exc) from None
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -185,7 +189,5 @@ def _check_bind(host: str, port: int) -> int:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise BrokerError(f"the embedded broker cannot listen on {host}:{port}: "
-                              f"{exc.strerror or exc}. Is another broker running there? Pick "
-                              "another --port.") from None
+            raise _cannot_listen(host, port, exc) from None
         return s.getsockname()[1]

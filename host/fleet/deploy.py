@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,44 @@ from edgepack.agent.protocol import (
     parse_chunk_table,
 )
 
-__all__ = ["deploy", "wait_for_deployment", "new_deployment_id", "active_bundle"]
+__all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle"]
 
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _FAILED = ("rejected", "health_failed", "rolled_back", "error")
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What :func:`deploy` wrote: the desired state's deployment id, the bundle, where it went
+    (``device`` or ``group``, its ``topic``), whether the bundle was ``published`` first, and
+    ``warnings`` the device's last reported state already gives. After ``wait=``: ``active``,
+    ``waited_s`` and the device's ``slot``."""
+
+    deployment_id: str
+    bundle_id: str
+    name: str
+    version: str
+    target: str
+    fleet: str
+    device: str | None
+    group: str | None
+    topic: str
+    published: bool
+    allow_downgrade: bool
+    ts: float
+    broker: str
+    warnings: tuple[str, ...] = ()
+    active: bool | None = None
+    waited_s: float | None = None
+    slot: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["warnings"] = list(self.warnings)
+        if self.waited_s is None:
+            for k in ("active", "waited_s", "slot"):
+                del out[k]
+        return out
 
 
 def new_deployment_id() -> str:
@@ -50,20 +85,25 @@ def _config(broker: str | BrokerConfig) -> BrokerConfig:
     return parse_broker_url(broker) if isinstance(broker, str) else broker
 
 
-def deploy(bundle_or_id: str | Path, broker: str | BrokerConfig, *, device: str | None = None,
-           group: str | None = None, fleet: str = "default", key_path: str | Path | None = None,
-           allow_downgrade: bool = False, timeout: float = 30.0,
-           lookup_timeout: float = 3.0) -> dict[str, Any]:
+def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str | None = None,
+           group: str | None = None, fleet: str = "default", key: str | Path | None = None,
+           allow_downgrade: bool = False, wait: float | None = None, timeout: float = 30.0,
+           lookup_timeout: float = 3.0) -> DeployResult:
     """Point ``device`` (or every device of ``group``) at a bundle; return what was written.
 
-    ``bundle_or_id`` is a ``.edgepack`` file (published first with ``key_path`` signing the chunk
+    ``bundle_or_id`` is a ``.edgepack`` file (published first with ``key`` signing the chunk
     table, unless the broker already holds it) or the id of a published bundle (full sha256 or
-    a unique prefix of at least 8 hex digits). Raises ProtocolError for an invalid device, group
-    or fleet name, BundleError for an unknown or unpublished bundle, BrokerError for broker
-    trouble.
+    a unique prefix of at least 8 hex digits). With ``wait`` (seconds, ``device`` only), block
+    until the device runs the bundle. Raises ProtocolError for an invalid device, group or fleet
+    name, BundleError for an unknown or unpublished bundle, InstallError when the device reports
+    the deployment failed, BrokerError for broker trouble or when ``wait`` runs out.
     """
     if (device is None) == (group is None):
-        raise EdgepackError("deploy to exactly one target: a device or a group")
+        raise EdgepackError("deploy to exactly one target: pass `device=` or `group=`",
+                            field="device")
+    if wait is not None and device is None:
+        raise EdgepackError("waiting for a deployment needs a single device: pass `device=`",
+                            field="wait")
     topics = Topics(fleet)
     desired_topic = topics.desired(device) if device is not None else topics.group_desired(group)
     cfg = _config(broker)
@@ -101,7 +141,7 @@ def deploy(bundle_or_id: str | Path, broker: str | BrokerConfig, *, device: str 
         elif raw_table is None:
             from edgepack.host.fleet.publish import publish_bundle
 
-            result = publish_bundle(path, cfg, key_path=key_path, fleet=fleet)
+            result = publish_bundle(path, cfg, key_path=key, fleet=fleet)
             if result.get("bundle_id", bundle_id) != bundle_id:
                 raise BundleError(f"publishing {path} produced bundle id "
                                   f"{result['bundle_id'][:16]}, expected {bundle_id[:16]}: was "
@@ -115,23 +155,32 @@ def deploy(bundle_or_id: str | Path, broker: str | BrokerConfig, *, device: str 
                                name=name, version=version, allow_downgrade=allow_downgrade,
                                ts=time.time())
         client.publish(desired_topic, encode(desired.to_payload()), qos=1, retain=True)
-    return {
-        "deployment_id": desired.deployment_id, "bundle_id": bundle_id, "name": name,
-        "version": version, "target": target, "fleet": fleet, "device": device, "group": group,
-        "topic": desired_topic, "published": published, "allow_downgrade": allow_downgrade,
-        "ts": desired.ts, "broker": cfg.url, "warnings": warnings,
-    }
+    result = DeployResult(
+        deployment_id=desired.deployment_id, bundle_id=bundle_id, name=name, version=version,
+        target=target, fleet=fleet, device=device, group=group, topic=desired_topic,
+        published=published, allow_downgrade=allow_downgrade, ts=desired.ts, broker=cfg.url,
+        warnings=tuple(warnings))
+    if wait is None:
+        return result
+    t0 = time.monotonic()
+    state = wait_for_deployment(cfg, result, timeout=wait)
+    return replace(result, active=True, waited_s=round(time.monotonic() - t0, 3),
+                   slot=state.get("slot"))
 
 
-def wait_for_deployment(broker: str | BrokerConfig, device: str, deployment: dict[str, Any], *,
-                        fleet: str = "default", timeout: float = 300.0) -> dict[str, Any]:
-    """Block until ``device`` runs the deployed bundle; return its state.
+def wait_for_deployment(broker: str | BrokerConfig, deployment: DeployResult, *,
+                        timeout: float = 300.0) -> dict[str, Any]:
+    """Block until the device of ``deployment`` runs the deployed bundle; return its state.
 
     Raises InstallError when the device reports the deployment rejected, failed or rolled back,
     and BrokerError when ``timeout`` passes first.
     """
-    topics = Topics(fleet)
-    bundle_id, dep_id = deployment["bundle_id"], deployment["deployment_id"]
+    device = deployment.device
+    if device is None:
+        raise EdgepackError("only a deployment to one device can be waited for: deploy with "
+                            "`device=`", field="device")
+    topics = Topics(deployment.fleet)
+    bundle_id, dep_id = deployment.bundle_id, deployment.deployment_id
     deadline = time.monotonic() + timeout
     cfg = _config(broker)
     with SyncClient(cfg) as client:
@@ -255,6 +304,6 @@ def _preflight(raw_state: bytes | None, device: str, fleet: str, bundle_id: str,
             older = False
         if older and not allow_downgrade:
             warnings.append(f"device {device} runs {name} {active['version']}; {version} is a "
-                            "downgrade the agent will refuse without --allow-downgrade")
+                            "downgrade the agent will refuse without `allow_downgrade=`")
     return warnings
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from edgepack.host.fleet.storage import Storage
+from edgepack.host.fleet.storage import Store
 
 __all__ = ["render_metrics", "CONTENT_TYPE"]
 
@@ -50,9 +50,9 @@ _MB = 1024.0 * 1024.0
 class _FleetCollector:
     """A prometheus_client custom collector reading the database on each scrape."""
 
-    def __init__(self, storage: Storage, fleets: Iterable[str], collector: Any = None,
+    def __init__(self, store: Store, fleets: Iterable[str], collector: Any = None,
                  engine: Any = None, per_device: bool = True) -> None:
-        self.storage = storage
+        self.store = store
         self.fleets = list(fleets)
         self.collector = collector
         self.engine = engine
@@ -95,19 +95,19 @@ class _FleetCollector:
                                  labels=["fleet", "device"])
         for fleet in self.fleets:
             counts = {"online": 0, "offline": 0, "unknown": 0}
-            for d in self.storage.devices(fleet):
-                status = "online" if d["online"] is True else "offline" if d["online"] is False \
+            for d in self.store.devices.list(fleet):
+                status = "online" if d.online is True else "offline" if d.online is False \
                     else "unknown"
                 counts[status] += 1
                 if not self.per_device:
                     continue
-                dev = d["device_id"]
-                online.add_metric([fleet, dev], 1.0 if d["online"] else 0.0)
-                info.add_metric([fleet, dev, d.get("board") or "", d.get("target") or "",
-                                 d.get("bundle_name") or "", d.get("bundle_version") or ""], 1.0)
-                if d.get("last_seen"):
-                    seen.add_metric([fleet, dev], float(d["last_seen"]))
-                t = d.get("telemetry") or {}
+                dev = d.device_id
+                online.add_metric([fleet, dev], 1.0 if d.online else 0.0)
+                info.add_metric([fleet, dev, d.board or "", d.target or "",
+                                 d.bundle_name or "", d.bundle_version or ""], 1.0)
+                if d.last_seen:
+                    seen.add_metric([fleet, dev], float(d.last_seen))
+                t = d.telemetry or {}
                 for q, key in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
                     if t.get(key) is not None and t.get("inferences") != 0:
                         latency.add_metric([fleet, dev, q], t[key] / 1000.0)
@@ -123,7 +123,7 @@ class _FleetCollector:
         outcomes = CounterMetricFamily("edgepack_install_outcomes",
                                        "Install events stored, by outcome.",
                                        labels=["fleet", "outcome"])
-        found = {(r["fleet"], r["kind"]): int(r["n"]) for r in self.storage.event_counts()}
+        found = self.store.events.counts()
         for fleet in self.fleets:
             for kind in _OUTCOMES:
                 outcomes.add_metric([fleet, kind], float(found.get((fleet, kind), 0)))
@@ -132,9 +132,9 @@ class _FleetCollector:
         rollouts = GaugeMetricFamily("edgepack_rollouts", "Rollouts by state.",
                                      labels=["fleet", "state"])
         by_state: dict[tuple[str, str], int] = {}
-        for r in self.storage.rollouts(limit=100_000):
-            if r["fleet"] in self.fleets:
-                by_state[(r["fleet"], r["state"])] = by_state.get((r["fleet"], r["state"]), 0) + 1
+        for r in self.store.rollouts.list(limit=100_000):
+            if r.fleet in self.fleets:
+                by_state[(r.fleet, r.state)] = by_state.get((r.fleet, r.state), 0) + 1
         for (fleet, state), n in sorted(by_state.items()):
             rollouts.add_metric([fleet, state], float(n))
         yield rollouts
@@ -196,11 +196,11 @@ def _le(b: float) -> str:
     return f"{b:g}"
 
 
-def render_metrics(storage: Storage, fleets: Iterable[str], *, collector: Any = None,
+def render_metrics(store: Store, fleets: Iterable[str], *, collector: Any = None,
                    engine: Any = None, per_device: bool = True) -> bytes:
     """The exposition text for one scrape."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_FleetCollector(storage, fleets, collector, engine, per_device))
+    registry.register(_FleetCollector(store, fleets, collector, engine, per_device))
     return generate_latest(registry)

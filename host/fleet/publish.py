@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
 from edgepack.agent.protocol import Topics, chunk_table_payload, decode, encode
 from edgepack.agent.signing import canonical_json
 
-__all__ = ["publish_bundle", "manifest_message", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["publish", "PublishResult", "publish_bundle", "manifest_message",
+           "DEFAULT_CHUNK_SIZE"]
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 _BATCH = 64  # publishes awaiting PUBACK at a time
@@ -53,37 +55,70 @@ def manifest_message(bundle: Bundle | str | os.PathLike, *, chunk_size: int,
     return msg, chunks
 
 
+@dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish` did: the bundle, how it was cut (``chunk_size`` bytes, ``chunks``),
+    where (``fleet``, manifest ``topic``, ``broker``), whether the chunk table is ``signed`` (by
+    ``key_id``), whether the broker held it already (``skipped``) and how long it took."""
+
+    bundle_id: str
+    name: str
+    version: str
+    target: str
+    bytes: int
+    chunk_size: int
+    chunks: int
+    fleet: str
+    topic: str
+    broker: str
+    signed: bool
+    key_id: str | None
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def publish_bundle(bundle_path: str | os.PathLike, broker: str | BrokerConfig, *,
                    key_path: str | os.PathLike | None = None, fleet: str = "default",
                    chunk_size: int | None = None, timeout: float = 60.0,
                    force: bool = False) -> dict[str, Any]:
-    """Publish a bundle for devices to fetch; return what was done.
+    """:func:`publish` with the result as a dict (the form scripts and tests have used)."""
+    return publish(bundle_path, broker=broker, key=key_path, fleet=fleet,
+                   chunk_size=chunk_size, timeout=timeout, force=force).to_json()
 
-    ``key_path`` is the fleet's Ed25519 private key: it signs the chunk table (``table_sig``),
+
+def publish(bundle: str | os.PathLike, *, broker: str | BrokerConfig,
+            key: str | os.PathLike | None = None, fleet: str = "default",
+            chunk_size: int | None = None, timeout: float = 60.0,
+            force: bool = False) -> PublishResult:
+    """Publish a bundle file for devices to fetch; return what was done.
+
+    ``key`` is the fleet's Ed25519 private key: it signs the chunk table (``table_sig``),
     which devices check before fetching a single chunk. Without it devices refuse the bundle
-    unless they run with ``allow_unsigned = true``. ``chunk_size`` defaults to the bundle
-    target's ``transfer.chunk_kb``.
+    unless they run with ``allow_unsigned = true``. ``chunk_size`` (bytes) defaults to the
+    bundle target's ``transfer.chunk_kb``; ``force`` publishes again what the broker holds.
     """
     started = time.monotonic()
-    bundle = read_bundle(bundle_path)
-    size = chunk_size or _chunk_size_for(bundle.target)
+    b = read_bundle(bundle)
+    size = chunk_size or _chunk_size_for(b.target)
     if size <= 0:
-        raise ProtocolError("chunk size must be positive")
+        raise ProtocolError("chunk size must be positive: pass a positive `chunk_size=`",
+                            field="chunk_size")
     from edgepack.host.keys import signer
 
-    sign, _ = signer(key_path)
-    msg, chunks = manifest_message(bundle, chunk_size=size, sign=sign)
+    sign, _ = signer(key)
+    msg, chunks = manifest_message(b, chunk_size=size, sign=sign)
     topics = Topics(fleet)
-    bid = bundle.bundle_id
+    bid = b.bundle_id
     manifest_topic = topics.bundle_manifest(bid)
     cfg = parse_broker_url(broker) if isinstance(broker, str) else broker
-    result: dict[str, Any] = {
-        "bundle_id": bid, "name": bundle.name, "version": bundle.version,
-        "target": bundle.target, "bytes": msg["bytes"], "chunk_size": size,
-        "chunks": len(chunks), "fleet": fleet, "topic": manifest_topic, "broker": cfg.url,
-        "signed": msg["table_sig"] is not None,
-        "key_id": msg["table_sig"]["key_id"] if msg["table_sig"] else None,
-    }
+    result = PublishResult(
+        bundle_id=bid, name=b.name, version=b.version, target=b.target,
+        bytes=msg["bytes"], chunk_size=size, chunks=len(chunks), fleet=fleet,
+        topic=manifest_topic, broker=cfg.url, signed=msg["table_sig"] is not None,
+        key_id=msg["table_sig"]["key_id"] if msg["table_sig"] else None)
     with SyncClient(cfg, timeout=timeout) as client:
         existing = client.retained(manifest_topic, settle=0.3).get(manifest_topic)
         old: dict | None = None
@@ -93,8 +128,8 @@ def publish_bundle(bundle_path: str | os.PathLike, broker: str | BrokerConfig, *
             except ProtocolError:
                 old = None
         if not force and old is not None and all(old.get(k) == msg.get(k) for k in _COMPARED):
-            result.update(skipped=True, seconds=round(time.monotonic() - started, 3))
-            return result
+            return replace(result, skipped=True,
+                           seconds=round(time.monotonic() - started, 3))
         pending: list[int] = []
         for i, chunk in enumerate(chunks):
             pending.append(client.publish(topics.bundle_chunk(bid, i), chunk, qos=1, retain=True,
@@ -109,5 +144,4 @@ def publish_bundle(bundle_path: str | os.PathLike, broker: str | BrokerConfig, *
                                     wait=False) for i in range(len(chunks), len(old["chunks"]))]
             client.wait_published(stale)
         client.publish(manifest_topic, encode(msg), qos=1, retain=True)
-    result.update(skipped=False, seconds=round(time.monotonic() - started, 3))
-    return result
+    return replace(result, seconds=round(time.monotonic() - started, 3))

@@ -9,6 +9,7 @@ live telemetry: ``edgepack fleet serve`` does that.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgepack.agent.errors import ProtocolError
@@ -16,7 +17,44 @@ from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
 from edgepack.agent.protocol import Topics, decode, parse_desired
 from edgepack.host.fleet.deploy import active_bundle
 
-__all__ = ["fleet_status", "collect_retained"]
+__all__ = ["fleet_status", "DeviceStatus", "collect_retained"]
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """One device of a fleet as its retained messages describe it.
+
+    ``status`` is ``online``, ``offline``, ``unknown`` or ``never seen`` (deployed to, never
+    reported); ``last_seen`` is the state's ``ts``; ``desired`` the deployment that applies to
+    it (its own, else its groups' newest, or None); ``in_sync`` whether it runs the desired
+    bundle (None when nothing is desired); ``error`` when the state message could not be read.
+    """
+
+    device: str
+    status: str = "never seen"
+    online: bool | None = None
+    board: str | None = None
+    target: str | None = None
+    agent_version: str | None = None
+    runtimes: Any = None
+    bundle_id: str | None = None
+    bundle_name: str | None = None
+    bundle_version: str | None = None
+    slot: str | None = None
+    phase: str | None = None
+    last_seen: float | None = None
+    age_s: float | None = None
+    groups: tuple[str, ...] = ()
+    desired: dict[str, Any] | None = None
+    in_sync: bool | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["groups"] = list(self.groups)
+        if self.error is None:
+            del out["error"]
+        return out
 
 
 def collect_retained(client: SyncClient, filters: list[str], *, settle: float = 0.5,
@@ -48,17 +86,10 @@ def collect_retained(client: SyncClient, filters: list[str], *, settle: float = 
     return out
 
 
-def fleet_status(broker: str | BrokerConfig, fleet: str = "default", *, settle: float = 0.5,
-                 timeout: float = 30.0) -> list[dict[str, Any]]:
-    """One dict per device that reported a state or was deployed to, sorted by device id.
-
-    Keys: ``device``, ``status`` (``online``/``offline``/``never seen``), ``online``, ``board``,
-    ``target``, ``agent_version``, ``runtimes``, ``bundle_id``, ``bundle_name``,
-    ``bundle_version``, ``slot``, ``phase`` (install state machine, when reported), ``last_seen`` (the state's ``ts``), ``age_s``, ``desired``
-    (the deployment that applies to it: its own, else its groups' newest, or None),
-    ``in_sync`` (runs the desired bundle; None when nothing is desired) and ``error`` when the
-    state message could not be read.
-    """
+def fleet_status(*, broker: str | BrokerConfig, fleet: str = "default", settle: float = 0.5,
+                 timeout: float = 30.0) -> list[DeviceStatus]:
+    """Every device that reported a state or was deployed to, sorted by device id, from the
+    broker's retained messages (``settle``: seconds without a new one before answering)."""
     topics = Topics(fleet)
     cfg = parse_broker_url(broker) if isinstance(broker, str) else broker
     with SyncClient(cfg, timeout=timeout) as client:
@@ -97,20 +128,15 @@ def _desired(payload: bytes) -> dict | None:
 
 
 def _row(device: str, raw: bytes | None, own: dict | None, groups: dict[str, dict],
-         now: float) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "device": device, "status": "never seen", "online": None, "board": None,
-        "target": None, "agent_version": None, "runtimes": None, "bundle_id": None,
-        "bundle_name": None, "bundle_version": None, "slot": None, "phase": None,
-        "last_seen": None,
-        "age_s": None, "groups": [], "desired": None, "in_sync": None,
-    }
+         now: float) -> DeviceStatus:
+    row: dict[str, Any] = {"device": device}
     state: dict[str, Any] = {}
     if raw is not None:
         try:
             state = decode(raw, f"state of device {device}")
         except ProtocolError as exc:
             row["error"] = str(exc)
+    member_of: list[str] = []
     if state or raw is not None:
         online = state.get("online")
         row["online"] = online if isinstance(online, bool) else None
@@ -126,14 +152,13 @@ def _row(device: str, raw: bytes | None, own: dict | None, groups: dict[str, dic
         if isinstance(ts, (int, float)) and not isinstance(ts, bool):
             row["last_seen"] = float(ts)
             row["age_s"] = max(0.0, now - float(ts))
-        member_of = state.get("groups")
-        if isinstance(member_of, list):
-            row["groups"] = [g for g in member_of if isinstance(g, str)]
+        if isinstance(state.get("groups"), list):
+            member_of = [g for g in state["groups"] if isinstance(g, str)]
     applicable = own
     if applicable is None:
-        candidates = [groups[g] for g in row["groups"] if g in groups]
+        candidates = [groups[g] for g in member_of if g in groups]
         applicable = max(candidates, key=lambda d: d.get("ts") or 0.0, default=None)
     if applicable is not None:
         row["desired"] = applicable
-        row["in_sync"] = applicable["bundle_id"] == row["bundle_id"]
-    return row
+        row["in_sync"] = applicable["bundle_id"] == row.get("bundle_id")
+    return DeviceStatus(**row, groups=tuple(member_of))

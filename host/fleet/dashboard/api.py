@@ -7,34 +7,42 @@ server in :mod:`edgepack.host.fleet.dashboard.server` only routes to them.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
-from edgepack.host.fleet.rollout import bundle_budgets, rollout_status
-from edgepack.host.fleet.storage import TELEMETRY_COLUMNS, Storage
+from edgepack.host.fleet.rollout import FINAL_STATES, bundle_budgets, rollout_status
+from edgepack.host.fleet.rollout.plan import EVENT_STATUS
+from edgepack.host.fleet.storage import (
+    TELEMETRY_COLUMNS,
+    DeviceRecord,
+    EventTally,
+    RolloutRecord,
+    Store,
+    TelemetryRecord,
+)
 
 __all__ = ["FleetAPI", "NotFound", "health_of", "DEPLOYMENT_STATUSES"]
 
 DEPLOYMENT_STATUSES = ("pending", "downloading", "installing", "installed", "failed",
                        "rolled_back")
-_PROGRESS = {"download_started": "downloading", "download_progress": "downloading",
-             "downloaded": "installing", "verified": "installing", "staged": "installing",
-             "health_checking": "installing"}
 _RANK = {"pending": 0, "downloading": 1, "installing": 2}
 _SERIES = ("p50", "p95", "p99", "max_ms", "rss_mb", "peak_rss_mb", "cpu_percent",
            "temperature_c", "inferences", "errors")
+_BUNDLE_LIST = ("fleet", "bundle_id", "name", "version", "target", "bytes", "chunk_size",
+                "chunks", "signed_by", "published", "first_seen")
 
 
 class NotFound(LookupError):
     """What the request names does not exist (HTTP 404)."""
 
 
-def health_of(device: dict[str, Any], budgets: dict[str, float], now: float,
+def health_of(device: DeviceRecord, budgets: dict[str, float], now: float,
               stale_after_s: float = 180.0) -> tuple[str, str]:
     """``(health, why)``: healthy, degraded (over budget, inference errors), stale (online but
     silent), offline, unknown (no telemetry yet)."""
-    if device.get("online") is False:
-        return "offline", device.get("offline_reason") or "offline"
-    t = device.get("telemetry")
+    if device.online is False:
+        return "offline", device.offline_reason or "offline"
+    t = device.telemetry
     if not t:
         return "unknown", "no telemetry yet"
     window = t.get("window_s") or 30.0
@@ -52,10 +60,10 @@ def health_of(device: dict[str, Any], budgets: dict[str, float], now: float,
     return ("degraded", "; ".join(problems)) if problems else ("healthy", "")
 
 
-def _outcome(kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _outcome(kinds: dict[str, EventTally]) -> dict[str, Any]:
     """A device's status in a deployment from the kinds of events it sent for it."""
     def pick(kind: str, status: str, prefix: bool = False) -> dict[str, Any]:
-        detail = kinds[kind].get("detail")
+        detail = kinds[kind].detail
         return {"status": status, "detail": f"{kind}: {detail or ''}" if prefix else detail}
 
     if "rolled_back" in kinds:
@@ -63,14 +71,14 @@ def _outcome(kinds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for kind in ("rejected", "health_failed"):
         if kind in kinds:
             return pick(kind, "failed", prefix=True)
-    if "error" in kinds and kinds["error"].get("giving_up"):
+    if "error" in kinds and kinds["error"].giving_up:
         return pick("error", "failed", prefix=True)
     if "installed" in kinds:
         return pick("installed", "installed")
     for kind in ("health_checking", "staged", "verified", "downloaded", "download_progress",
                  "download_started"):
         if kind in kinds:
-            return pick(kind, _PROGRESS[kind])
+            return pick(kind, EVENT_STATUS[kind])
     return {"status": "pending", "detail": None}
 
 
@@ -79,6 +87,10 @@ def _latency_when_serving(t: dict[str, Any]) -> dict[str, Any]:
     if t.get("inferences") == 0:
         return {**t, "p50": None, "p95": None, "p99": None, "max_ms": None}
     return t
+
+
+def _serving(t: TelemetryRecord) -> TelemetryRecord:
+    return replace(t, p50=None, p95=None, p99=None, max_ms=None) if t.inferences == 0 else t
 
 
 def _ago(s: float) -> str:
@@ -91,9 +103,9 @@ def _ago(s: float) -> str:
 class FleetAPI:
     """Answers for ``/api/…``; every method returns JSON-ready dicts."""
 
-    def __init__(self, storage: Storage, fleets: list[str], *, collector: Any = None,
+    def __init__(self, store: Store, fleets: list[str], *, collector: Any = None,
                  engine: Any = None, stale_after_s: float = 180.0) -> None:
-        self.storage = storage
+        self.store = store
         self.fleets = list(fleets)
         self.collector = collector
         self.engine = engine
@@ -106,31 +118,31 @@ class FleetAPI:
 
     # -- fleets and overview
     def list_fleets(self) -> dict[str, Any]:
-        known = sorted(set(self.fleets) | set(self.storage.fleets()))
+        known = sorted(set(self.fleets) | set(self.store.fleets()))
         return {"fleets": known, "default": self.fleet(None), "collecting": self.fleets}
 
-    def _budget_map(self, fleet: str) -> dict[str, dict[str, float]]:
-        return {b["bundle_id"]: bundle_budgets(b["manifest"]) for b in self.storage.bundles(fleet)}
+    def _budgets(self, fleet: str, bundle_id: str | None) -> dict[str, float]:
+        bundle = self.store.bundles.get(fleet, bundle_id) if bundle_id else None
+        return bundle_budgets(bundle.manifest) if bundle else {}
 
     def device_rows(self, fleet: str) -> list[dict[str, Any]]:
         now = time.time()
-        budgets = self._budget_map(fleet)
+        budgets = {b.bundle_id: bundle_budgets(b.manifest) for b in self.store.bundles.list(fleet)}
         rows = []
-        for d in self.storage.devices(fleet):
-            health, why = health_of(d, budgets.get(d.get("bundle_id") or "", {}), now,
+        for d in self.store.devices.list(fleet):
+            health, why = health_of(d, budgets.get(d.bundle_id or "", {}), now,
                                     self.stale_after_s)
-            t = _latency_when_serving(d.get("telemetry") or {})
+            t = _latency_when_serving(d.telemetry or {})
             rows.append({
-                "device": d["device_id"], "online": d["online"],
-                "status": "online" if d["online"] else "offline" if d["online"] is False
+                "device": d.device_id, "online": d.online,
+                "status": "online" if d.online else "offline" if d.online is False
                 else "unknown",
-                "board": d.get("board"), "target": d.get("target"),
-                "agent_version": d.get("agent_version"), "groups": d.get("groups") or [],
-                "bundle_id": d.get("bundle_id"), "bundle_name": d.get("bundle_name"),
-                "bundle_version": d.get("bundle_version"), "slot": d.get("slot"),
-                "phase": d.get("phase"), "last_seen": d.get("last_seen"),
-                "age_s": None if d.get("last_seen") is None else max(0.0, now - d["last_seen"]),
-                "online_changed": d.get("online_changed"), "health": health,
+                "board": d.board, "target": d.target, "agent_version": d.agent_version,
+                "groups": list(d.groups), "bundle_id": d.bundle_id, "bundle_name": d.bundle_name,
+                "bundle_version": d.bundle_version, "slot": d.slot, "phase": d.phase,
+                "last_seen": d.last_seen,
+                "age_s": None if d.last_seen is None else max(0.0, now - d.last_seen),
+                "online_changed": d.online_changed, "health": health,
                 "health_detail": why, "p50_ms": t.get("p50"), "p95_ms": t.get("p95"),
                 "p99_ms": t.get("p99"), "rss_mb": t.get("rss_mb"),
                 "peak_rss_mb": t.get("peak_rss_mb"), "cpu_percent": t.get("cpu_percent"),
@@ -155,8 +167,8 @@ class FleetAPI:
                                            "name": r["bundle_name"],
                                            "version": r["bundle_version"], "devices": 0})
             b["devices"] += 1
-        active = [self._rollout_brief(r) for r in self.storage.rollouts(fleet, limit=20)
-                  if r["state"] not in ("completed", "halted", "aborted")]
+        active = [self._rollout_brief(r) for r in self.store.rollouts.list(fleet, limit=20)
+                  if r.state not in FINAL_STATES]
         return {"fleet": fleet, "generated": time.time(), "counts": counts, "health": health,
                 "by_target": by_target,
                 "by_bundle": sorted(by_bundle.values(), key=lambda b: -b["devices"]),
@@ -166,29 +178,27 @@ class FleetAPI:
     # -- one device
     def device(self, fleet: str | None, device_id: str) -> dict[str, Any]:
         fleet = self.fleet(fleet)
-        d = self.storage.device(fleet, device_id)
+        d = self.store.devices.get(fleet, device_id)
         if d is None:
             raise NotFound(f"device {device_id} has not reported in fleet {fleet}")
-        bundle = self.storage.bundle(fleet, d["bundle_id"]) if d.get("bundle_id") else None
-        budgets = bundle_budgets(bundle["manifest"]) if bundle else {}
+        budgets = self._budgets(fleet, d.bundle_id)
         health, why = health_of(d, budgets, time.time(), self.stale_after_s)
-        desired = {x["scope"] + ":" + x["name"]: x for x in self.storage.desired(fleet)}
+        desired = {x.scope + ":" + x.name: x for x in self.store.desired.list(fleet)}
         own = desired.get(f"device:{device_id}")
-        groups = [desired[f"group:{g}"] for g in d.get("groups") or [] if f"group:{g}" in desired]
-        effective = own or max(groups, key=lambda x: x.get("ts") or 0, default=None)
-        return {"fleet": fleet, "device": device_id, "online": d["online"],
-                "online_changed": d.get("online_changed"),
-                "offline_reason": d.get("offline_reason"), "board": d.get("board"),
-                "target": d.get("target"), "agent_version": d.get("agent_version"),
-                "groups": d.get("groups"), "bundle_id": d.get("bundle_id"),
-                "bundle_name": d.get("bundle_name"), "bundle_version": d.get("bundle_version"),
-                "slot": d.get("slot"), "phase": d.get("phase"), "first_seen": d.get("first_seen"),
-                "last_seen": d.get("last_seen"), "health": health, "health_detail": why,
-                "budgets": budgets, "telemetry": d.get("telemetry"), "state": d.get("state"),
-                "desired": effective,
-                "in_sync": None if effective is None else
-                effective.get("bundle_id") == d.get("bundle_id"),
-                "events": self.storage.events(fleet, device_id=device_id, limit=50)}
+        groups = [desired[f"group:{g}"] for g in d.groups if f"group:{g}" in desired]
+        effective = own or max(groups, key=lambda x: x.ts or 0, default=None)
+        return {"fleet": fleet, "device": device_id, "online": d.online,
+                "online_changed": d.online_changed, "offline_reason": d.offline_reason,
+                "board": d.board, "target": d.target, "agent_version": d.agent_version,
+                "groups": list(d.groups), "bundle_id": d.bundle_id,
+                "bundle_name": d.bundle_name, "bundle_version": d.bundle_version,
+                "slot": d.slot, "phase": d.phase, "first_seen": d.first_seen,
+                "last_seen": d.last_seen, "health": health, "health_detail": why,
+                "budgets": budgets, "telemetry": d.telemetry, "state": d.state,
+                "desired": effective.to_json() if effective else None,
+                "in_sync": None if effective is None else effective.bundle_id == d.bundle_id,
+                "events": [e.to_json() for e in self.store.events.list(
+                    fleet, device_id=device_id, limit=50)]}
 
     def telemetry(self, fleet: str | None, device_id: str, *, since: float | None = None,
                   until: float | None = None, points: int = 1500) -> dict[str, Any]:
@@ -199,21 +209,21 @@ class FleetAPI:
             since = now - 3600.0
         elif since < 0:
             since = now + since  # relative: -600 = the last ten minutes
-        rows = self.storage.telemetry(fleet, device_id, since=since, until=until, limit=200_000)
-        d = self.storage.device(fleet, device_id)
+        rows = self.store.telemetry.series(fleet, device_id, since=since, until=until,
+                                           limit=200_000)
+        d = self.store.devices.get(fleet, device_id)
         if d is None and not rows:
             raise NotFound(f"device {device_id} has not reported in fleet {fleet}")
-        bundle = self.storage.bundle(fleet, d["bundle_id"]) if d and d.get("bundle_id") else None
         series: dict[str, list] = {"ts": []}
         for k in _SERIES:
             series[k] = []
         step = max(1, -(-len(rows) // max(points, 1)))
-        rows = [_latency_when_serving(r) for r in rows]
+        rows = [_serving(r) for r in rows]
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
-            series["ts"].append(chunk[-1]["ts"])
+            series["ts"].append(chunk[-1].ts)
             for k in _SERIES:
-                vals = [r[k] for r in chunk if r[k] is not None]
+                vals = [v for r in chunk if (v := getattr(r, k)) is not None]
                 if not vals:
                     series[k].append(None)
                 elif k in ("inferences", "errors"):
@@ -225,47 +235,43 @@ class FleetAPI:
         return {"fleet": fleet, "device": device_id, "since": since, "until": until or now,
                 "points": len(series["ts"]), "raw_points": len(rows), "bucket": step,
                 "columns": list(TELEMETRY_COLUMNS), "series": series,
-                "budgets": bundle_budgets(bundle["manifest"]) if bundle else {}}
+                "budgets": self._budgets(fleet, d.bundle_id if d else None)}
 
     def events(self, fleet: str | None, *, device_id: str | None = None,
                deployment_id: str | None = None, kind: str | None = None,
                after_id: int | None = None, limit: int = 200) -> dict[str, Any]:
         fleet = self.fleet(fleet)
-        rows = self.storage.events(fleet, device_id=device_id, deployment_id=deployment_id,
-                                   kinds=[kind] if kind else None, after_id=after_id,
-                                   limit=min(limit, 5000))
-        return {"fleet": fleet, "events": rows}
+        rows = self.store.events.list(fleet, device_id=device_id, deployment_id=deployment_id,
+                                      kinds=[kind] if kind else None, after_id=after_id,
+                                      limit=min(limit, 5000))
+        return {"fleet": fleet, "events": [e.to_json() for e in rows]}
 
     # -- deployments and rollouts
-    def _rollout_brief(self, r: dict[str, Any]) -> dict[str, Any]:
-        s = rollout_status(self.storage, r["id"])
-        s.pop("devices", None)
-        s["log"] = s["log"][-5:]
-        return s
+    def _rollout_brief(self, r: RolloutRecord) -> dict[str, Any]:
+        return rollout_status(self.store, r.id).to_json(devices=False, log_tail=5)
 
     def deployments(self, fleet: str | None) -> dict[str, Any]:
         """Rollouts (with per-stage counts) and plain deployments (device or group)."""
         fleet = self.fleet(fleet)
-        rollouts = [self._rollout_brief(r) for r in self.storage.rollouts(fleet, limit=50)]
+        rollouts = [self._rollout_brief(r) for r in self.store.rollouts.list(fleet, limit=50)]
         rollout_ids = [r["id"] for r in rollouts]
-        desired = self.storage.desired(fleet)
         seen: dict[str, dict[str, Any]] = {}
-        for d in desired:
-            dep = d.get("deployment_id")
+        for d in self.store.desired.list(fleet):
+            dep = d.deployment_id
             if dep and not any(dep.startswith(rid) for rid in rollout_ids):
-                seen.setdefault(dep, {"deployment_id": dep, "bundle_id": d["bundle_id"],
-                                      "name": d["bundle_name"], "version": d["version"],
-                                      "ts": d["ts"], "targets": []})
-                seen[dep]["targets"].append({"scope": d["scope"], "name": d["name"]})
-        for s in self.storage.deployment_summaries(fleet, limit=30):
-            dep = s["deployment_id"]
+                seen.setdefault(dep, {"deployment_id": dep, "bundle_id": d.bundle_id,
+                                      "name": d.bundle_name, "version": d.version,
+                                      "ts": d.ts, "targets": []})
+                seen[dep]["targets"].append({"scope": d.scope, "name": d.name})
+        for s in self.store.events.deployments(fleet, limit=30):
+            dep = s.deployment_id
             if any(dep.startswith(rid) for rid in rollout_ids) or dep.startswith("ro-"):
                 continue
             if dep not in seen:
-                seen[dep] = {"deployment_id": dep, "bundle_id": s["bundle_id"], "name": None,
-                             "version": None, "ts": s["first"], "targets": []}
+                seen[dep] = {"deployment_id": dep, "bundle_id": s.bundle_id, "name": None,
+                             "version": None, "ts": s.first, "targets": []}
         plain = []
-        devices = {d["device_id"]: d for d in self.storage.devices(fleet)}
+        devices = {d.device_id: d for d in self.store.devices.list(fleet)}
         for dep in sorted(seen.values(), key=lambda x: -(x["ts"] or 0))[:30]:
             detail = self.deployment(fleet, dep["deployment_id"], _known=dep, _devices=devices)
             detail.pop("devices", None)
@@ -274,43 +280,42 @@ class FleetAPI:
 
     def deployment(self, fleet: str | None, deployment_id: str, *,
                    _known: dict[str, Any] | None = None,
-                   _devices: dict[str, dict] | None = None) -> dict[str, Any]:
+                   _devices: dict[str, DeviceRecord] | None = None) -> dict[str, Any]:
         """One plain deployment: which devices it reached and how far each got."""
         fleet = self.fleet(fleet)
-        kinds = self.storage.deployment_kinds(fleet, deployment_id)
+        tallies = self.store.events.tallies(fleet, [deployment_id])
         info = dict(_known or {})
         if not info:
-            for d in self.storage.desired(fleet):
-                if d.get("deployment_id") == deployment_id:
+            for d in self.store.desired.list(fleet):
+                if d.deployment_id == deployment_id:
                     info.setdefault("deployment_id", deployment_id)
-                    info.update(bundle_id=d["bundle_id"], name=d["bundle_name"],
-                                version=d["version"], ts=d["ts"])
-                    info.setdefault("targets", []).append({"scope": d["scope"],
-                                                           "name": d["name"]})
-            if not info and not kinds:
+                    info.update(bundle_id=d.bundle_id, name=d.bundle_name, version=d.version,
+                                ts=d.ts)
+                    info.setdefault("targets", []).append({"scope": d.scope, "name": d.name})
+            if not info and not tallies:
                 raise NotFound(f"no deployment {deployment_id} in fleet {fleet}")
             info.setdefault("deployment_id", deployment_id)
             if "bundle_id" not in info:
-                first = self.storage.events(fleet, deployment_id=deployment_id, limit=1)
-                info["bundle_id"] = first[0]["bundle_id"] if first else None
+                first = self.store.events.list(fleet, deployment_id=deployment_id, limit=1)
+                info["bundle_id"] = first[0].bundle_id if first else None
             info.setdefault("targets", [])
         bundle_id = info.get("bundle_id")
         devices = _devices if _devices is not None else {
-            d["device_id"]: d for d in self.storage.devices(fleet)}
+            d.device_id: d for d in self.store.devices.list(fleet)}
         reached: set[str] = set()
         for t in info.get("targets", []):
             if t["scope"] == "device":
                 reached.add(t["name"])
             else:
-                reached |= {k for k, d in devices.items() if t["name"] in (d.get("groups") or [])}
-        seen: dict[str, dict[str, dict]] = {}
-        for row in kinds:
-            seen.setdefault(row["device_id"], {})[row["kind"]] = row
+                reached |= {k for k, d in devices.items() if t["name"] in d.groups}
+        seen: dict[str, dict[str, EventTally]] = {}
+        for row in tallies:
+            seen.setdefault(row.device_id, {})[row.kind] = row
         per: dict[str, dict[str, Any]] = {}
         for dev in reached | set(seen):
             per[dev] = _outcome(seen.get(dev, {}))
             d = devices.get(dev)
-            if d is not None and bundle_id and d.get("bundle_id") == bundle_id \
+            if d is not None and bundle_id and d.bundle_id == bundle_id \
                     and per[dev]["status"] in _RANK:
                 per[dev]["status"] = "installed"
         counts = {s: 0 for s in DEPLOYMENT_STATUSES}
@@ -322,49 +327,48 @@ class FleetAPI:
     def rollouts(self, fleet: str | None) -> dict[str, Any]:
         fleet = self.fleet(fleet)
         return {"fleet": fleet,
-                "rollouts": [self._rollout_brief(r) for r in self.storage.rollouts(fleet)]}
+                "rollouts": [self._rollout_brief(r) for r in self.store.rollouts.list(fleet)]}
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
-        if self.storage.rollout(rollout_id) is None:
+        if self.store.rollouts.get(rollout_id) is None:
             raise NotFound(f"no rollout {rollout_id}")
-        return rollout_status(self.storage, rollout_id)
+        return rollout_status(self.store, rollout_id).to_json()
 
     # -- bundles
     def bundles(self, fleet: str | None) -> dict[str, Any]:
         fleet = self.fleet(fleet)
         running: dict[str, int] = {}
-        for d in self.storage.devices(fleet):
-            if d.get("bundle_id"):
-                running[d["bundle_id"]] = running.get(d["bundle_id"], 0) + 1
+        for d in self.store.devices.list(fleet):
+            if d.bundle_id:
+                running[d.bundle_id] = running.get(d.bundle_id, 0) + 1
         out = []
-        for b in self.storage.bundles(fleet):
-            m = b.pop("manifest") or {}
-            out.append({**b, "devices": running.get(b["bundle_id"], 0),
-                        "budgets": bundle_budgets(m), "metrics": m.get("metrics") or {},
+        for b in self.store.bundles.list(fleet):
+            m = b.manifest
+            out.append({**{k: getattr(b, k) for k in _BUNDLE_LIST},
+                        "devices": running.get(b.bundle_id, 0), "budgets": bundle_budgets(m),
+                        "metrics": m.get("metrics") or {},
                         "optimization": (m.get("optimization") or {}).get("mode")})
         return {"fleet": fleet, "bundles": out}
 
     def bundle(self, fleet: str | None, bundle_id: str) -> dict[str, Any]:
         fleet = self.fleet(fleet)
-        b = self.storage.bundle(fleet, bundle_id)
+        b = self.store.bundles.get(fleet, bundle_id)
         if b is None:
-            matches = [x for x in self.storage.bundles(fleet)
-                       if x["bundle_id"].startswith(bundle_id)]
+            matches = [x for x in self.store.bundles.list(fleet)
+                       if x.bundle_id.startswith(bundle_id)]
             if len(matches) != 1:
                 raise NotFound(f"no bundle {bundle_id} published in fleet {fleet}")
-            b = self.storage.bundle(fleet, matches[0]["bundle_id"])
-        m = b.get("manifest") or {}
-        devices = [d["device_id"] for d in self.storage.devices(fleet)
-                   if d.get("bundle_id") == b["bundle_id"]]
-        report = b.get("report")
-        return {**b, "fleet": fleet, "budgets": bundle_budgets(m), "metrics": m.get("metrics") or {},
-                "devices": devices,
-                "report_status": "ready" if report is not None else
-                ("unavailable" if b.get("report_error") else "fetching"),
-                "rollouts": [{"id": r["id"], "state": r["state"], "group": r["group_name"],
-                              "created": r["created"]}
-                             for r in self.storage.rollouts(fleet)
-                             if r["bundle_id"] == b["bundle_id"]]}
+            b = self.store.bundles.get(fleet, matches[0].bundle_id)
+        devices = [d.device_id for d in self.store.devices.list(fleet)
+                   if d.bundle_id == b.bundle_id]
+        return {**b.to_json(), "fleet": fleet, "budgets": bundle_budgets(b.manifest),
+                "metrics": b.manifest.get("metrics") or {}, "devices": devices,
+                "report_status": "ready" if b.report is not None else
+                ("unavailable" if b.report_error else "fetching"),
+                "rollouts": [{"id": r.id, "state": r.state, "group": r.group_name,
+                              "created": r.created}
+                             for r in self.store.rollouts.list(fleet)
+                             if r.bundle_id == b.bundle_id]}
 
     # -- collector
     def health(self) -> dict[str, Any]:
@@ -374,4 +378,4 @@ class FleetAPI:
             e = {"owner": self.engine.owner, "errors": self.engine.errors,
                  "last_error": self.engine.last_error}
         return {"ok": bool(c is None or c["connected"]), "collector": c, "rollouts": e,
-                "database": self.storage.kind, "fleets": self.fleets, "time": time.time()}
+                "database": self.store.kind, "fleets": self.fleets, "time": time.time()}

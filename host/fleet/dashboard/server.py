@@ -1,4 +1,4 @@
-"""``edgepack fleet serve``: collector, rollout engine and dashboard in one process.
+"""The dashboard's HTTP server: pages, the JSON API and ``/metrics``.
 
 The dashboard is a few static files (``static/``: one HTML shell, a script, a stylesheet and the
 vendored uPlot chart library — nothing is fetched from the internet) over a JSON API
@@ -17,8 +17,6 @@ import hmac
 import json
 import logging
 import mimetypes
-import threading
-import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,13 +24,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgepack.agent.errors import EdgepackError
-from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
-from edgepack.host.fleet.collector import Collector, CollectorOptions
 from edgepack.host.fleet.dashboard.api import FleetAPI, NotFound
-from edgepack.host.fleet.rollout import RolloutEngine, abort_rollout, pause_rollout, resume_rollout
-from edgepack.host.fleet.storage import Storage, open_storage
+from edgepack.host.fleet.rollout import abort_rollout, pause_rollout, resume_rollout
 
-__all__ = ["FleetServer", "make_http_server", "STATIC_DIR"]
+__all__ = ["make_http_server", "STATIC_DIR"]
 
 log = logging.getLogger("edgepack.dashboard")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -122,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
                     path[3] in ("pause", "resume", "abort"):
                 action = {"pause": pause_rollout, "resume": resume_rollout,
                           "abort": abort_rollout}[path[3]]
-                self._json(action(self.api.storage, path[2]))
+                self._json(action(self.api.store, path[2]).to_json())
             else:
                 self._error(404, f"no action {'/'.join(path)}")
         except EdgepackError as exc:
@@ -197,7 +192,7 @@ def make_http_server(api: FleetAPI, host: str = "127.0.0.1", port: int = 8080, *
     from edgepack.host.fleet.metrics import render_metrics
 
     def metrics() -> bytes:
-        return render_metrics(api.storage, api.fleets, collector=collector, engine=engine)
+        return render_metrics(api.store, api.fleets, collector=collector, engine=engine)
 
     handler = type("FleetHandler", (_Handler,), {"api": api, "token": token,
                                                  "metrics": staticmethod(metrics)})
@@ -206,58 +201,3 @@ def make_http_server(api: FleetAPI, host: str = "127.0.0.1", port: int = 8080, *
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-class FleetServer:
-    """Collector + rollout engine + dashboard, started and stopped together.
-
-    ``FleetServer(broker_url, "sqlite:///fleet.db", http=("127.0.0.1", 8080)).start()``; then
-    ``.url`` is the dashboard. ``http`` port 0 picks a free port.
-    """
-
-    def __init__(self, broker: BrokerConfig | str, db: str | Storage, *,
-                 http: tuple[str, int] = ("127.0.0.1", 8080),
-                 options: CollectorOptions | None = None, rollouts: bool = True,
-                 rollout_tick_s: float = 1.0, token: str | None = None) -> None:
-        self.cfg = parse_broker_url(broker) if isinstance(broker, str) else broker
-        self._own_storage = not isinstance(db, Storage)
-        self.storage = open_storage(db) if isinstance(db, str) else db
-        self.options = options or CollectorOptions()
-        self.collector = Collector(self.cfg, self.storage, self.options)
-        self.engine = RolloutEngine(self.storage, self.cfg, tick_s=rollout_tick_s,
-                                    owner=f"{self.collector.client_id}-{uuid.uuid4().hex[:6]}") \
-            if rollouts else None
-        self.api = FleetAPI(self.storage, list(self.options.fleets), collector=self.collector,
-                            engine=self.engine)
-        self.http = make_http_server(self.api, http[0], http[1], token=token,
-                                     collector=self.collector, engine=self.engine)
-        self._thread = threading.Thread(target=self.http.serve_forever,
-                                        name="edgepack-dashboard", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.http.server_address[:2]
-        host = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{port}/"
-
-    def start(self) -> FleetServer:
-        self.collector.start()
-        if self.engine is not None:
-            self.engine.start()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
-        if self.engine is not None:
-            self.engine.stop()
-        self.collector.stop()
-        if self._own_storage:
-            self.storage.close()
-
-    def __enter__(self) -> FleetServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

@@ -28,7 +28,7 @@ def test_retained_1mb_and_20mb_reach_a_fresh_client(embedded_broker: EmbeddedBro
 
 
 def test_port_in_use_is_a_clear_error(embedded_broker: EmbeddedBroker) -> None:
-    with pytest.raises(BrokerError, match="cannot listen.*another --port"):
+    with pytest.raises(BrokerError, match="cannot listen.*another `port=`"):
         EmbeddedBroker(port=embedded_broker.port).start()
 
 

@@ -25,38 +25,40 @@ def _retained(url: str, topic: str) -> bytes | None:
 def test_deploy_by_id_to_a_device(any_broker: str, fleet: str, make_bundle) -> None:
     bid = publish_manifest_only(any_broker, fleet, make_bundle(version="1.2.0"))
 
-    result = deploy(bid, any_broker, device="pi-kitchen", fleet=fleet, lookup_timeout=1)
+    result = deploy(bid, broker=any_broker, device="pi-kitchen", fleet=fleet, lookup_timeout=1)
 
     desired = parse_desired(_retained(any_broker, Topics(fleet).desired("pi-kitchen")))
     assert desired.bundle_id == bid
     assert (desired.name, desired.version) == ("tiny", "1.2.0")
-    assert desired.deployment_id == result["deployment_id"]
+    assert desired.deployment_id == result.deployment_id
     check_id(desired.deployment_id, "deployment id")
     assert desired.allow_downgrade is False and desired.ts > 0
-    assert result["published"] is False and result["device"] == "pi-kitchen"
-    assert any("has not reported a state" in w for w in result["warnings"])
+    assert result.published is False and result.device == "pi-kitchen"
+    assert any("has not reported a state" in w for w in result.warnings)
 
 
 def test_deploy_by_id_to_a_group_with_downgrade(mosquitto, fleet: str, make_bundle) -> None:
     bid = publish_manifest_only(mosquitto.url, fleet, make_bundle(version="0.9.0"))
 
-    first = deploy(bid, mosquitto.url, group="rpi4-fleet", fleet=fleet, allow_downgrade=True)
-    second = deploy(bid, mosquitto.url, group="rpi4-fleet", fleet=fleet, allow_downgrade=True)
+    first = deploy(bid, broker=mosquitto.url, group="rpi4-fleet", fleet=fleet,
+                   allow_downgrade=True)
+    second = deploy(bid, broker=mosquitto.url, group="rpi4-fleet", fleet=fleet,
+                    allow_downgrade=True)
 
     desired = parse_desired(_retained(mosquitto.url, Topics(fleet).group_desired("rpi4-fleet")))
     assert desired.bundle_id == bid and desired.version == "0.9.0"
     assert desired.allow_downgrade is True
-    assert desired.deployment_id == second["deployment_id"] != first["deployment_id"]
-    assert second["topic"].endswith("/groups/rpi4-fleet/desired") and second["warnings"] == []
+    assert desired.deployment_id == second.deployment_id != first.deployment_id
+    assert second.topic.endswith("/groups/rpi4-fleet/desired") and second.warnings == ()
 
 
 def test_deploy_by_unique_id_prefix(mosquitto, fleet: str, make_bundle) -> None:
     bid = publish_manifest_only(mosquitto.url, fleet, make_bundle(version="3.0.0"))
     publish_manifest_only(mosquitto.url, fleet, make_bundle(version="3.0.1"))
 
-    result = deploy(bid[:12], mosquitto.url, group="g1", fleet=fleet)
+    result = deploy(bid[:12], broker=mosquitto.url, group="g1", fleet=fleet)
 
-    assert result["bundle_id"] == bid and result["version"] == "3.0.0"
+    assert result.bundle_id == bid and result.version == "3.0.0"
 
 
 def test_cli_unknown_bundle_id_fails_clearly(mosquitto, fleet: str) -> None:
@@ -71,16 +73,16 @@ def test_cli_unknown_bundle_id_fails_clearly(mosquitto, fleet: str) -> None:
 
 def test_not_a_file_nor_an_id(mosquitto, fleet: str) -> None:
     with pytest.raises(BundleError, match="does not exist"):
-        deploy("dist/missing.edgepack", mosquitto.url, device="d1", fleet=fleet)
+        deploy("dist/missing.edgepack", broker=mosquitto.url, device="d1", fleet=fleet)
     with pytest.raises(BundleError, match="neither a bundle file nor a bundle id"):
-        deploy("latest", mosquitto.url, device="d1", fleet=fleet)
+        deploy("latest", broker=mosquitto.url, device="d1", fleet=fleet)
 
 
 @pytest.mark.parametrize("bad", ["pi/kitchen", "pi+kitchen", "#", "", "pi kitchen"])
 def test_invalid_device_id_is_refused_before_anything_is_written(mosquitto, fleet: str,
                                                                  bad: str) -> None:
     with pytest.raises(ProtocolError, match="device id .* is not allowed"):
-        deploy("ab" * 32, mosquitto.url, device=bad, fleet=fleet)
+        deploy("ab" * 32, broker=mosquitto.url, device=bad, fleet=fleet)
 
     r = CliRunner().invoke(main, ["deploy", "ab" * 32, "--device", bad,
                                   "--broker", mosquitto.url, "--fleet", fleet])
@@ -120,22 +122,22 @@ def test_deploy_a_bundle_file(mosquitto, fleet: str, make_bundle, signing_key) -
     pytest.importorskip("edgepack.host.fleet.publish")
     path: Path = make_bundle(version="4.0.0")
 
-    first = deploy(path, mosquitto.url, device="pi-file", fleet=fleet,
-                   key_path=signing_key[0], lookup_timeout=1)
-    second = deploy(path, mosquitto.url, device="pi-file", fleet=fleet,
-                    key_path=signing_key[0], lookup_timeout=1)
+    first = deploy(path, broker=mosquitto.url, device="pi-file", fleet=fleet,
+                   key=signing_key[0], lookup_timeout=1)
+    second = deploy(path, broker=mosquitto.url, device="pi-file", fleet=fleet,
+                    key=signing_key[0], lookup_timeout=1)
 
-    assert first["published"] is True and second["published"] is False
-    topic = Topics(fleet).bundle_manifest(first["bundle_id"])
+    assert first.published is True and second.published is False
+    topic = Topics(fleet).bundle_manifest(first.bundle_id)
     assert _retained(mosquitto.url, topic) is not None
     desired = parse_desired(_retained(mosquitto.url, Topics(fleet).desired("pi-file")))
-    assert desired.bundle_id == first["bundle_id"] and desired.version == "4.0.0"
+    assert desired.bundle_id == first.bundle_id and desired.version == "4.0.0"
 
 
 def test_wait_for_deployment_success_and_failure(mosquitto, fleet: str, make_bundle) -> None:
     bid = publish_manifest_only(mosquitto.url, fleet, make_bundle(version="5.0.0"))
     t = Topics(fleet)
-    dep = deploy(bid, mosquitto.url, device="pi-w", fleet=fleet, lookup_timeout=0.5)
+    dep = deploy(bid, broker=mosquitto.url, device="pi-w", fleet=fleet, lookup_timeout=0.5)
 
     done = threading.Event()
 
@@ -153,19 +155,19 @@ def test_wait_for_deployment_success_and_failure(mosquitto, fleet: str, make_bun
     th = device_reports(t.state("pi-w"), {"online": True, "slot": "b", "active": {
         "bundle_id": bid, "name": "tiny", "version": "5.0.0"}}, True)
     try:
-        state = wait_for_deployment(mosquitto.url, "pi-w", dep, fleet=fleet, timeout=10)
+        state = wait_for_deployment(mosquitto.url, dep, timeout=10)
     finally:
         done.set()
         th.join()
     assert state["slot"] == "b"
 
-    dep2 = deploy(bid, mosquitto.url, device="pi-x", fleet=fleet, lookup_timeout=0.5)
+    dep2 = deploy(bid, broker=mosquitto.url, device="pi-x", fleet=fleet, lookup_timeout=0.5)
     th = device_reports(t.events("pi-x"), {"kind": "rejected", "bundle_id": bid,
-                                           "deployment_id": dep2["deployment_id"],
+                                           "deployment_id": dep2.deployment_id,
                                            "detail": "wrong target"}, False)
     try:
         with pytest.raises(InstallError, match="rejected: wrong target"):
-            wait_for_deployment(mosquitto.url, "pi-x", dep2, fleet=fleet, timeout=10)
+            wait_for_deployment(mosquitto.url, dep2, timeout=10)
     finally:
         done.set()
         th.join()

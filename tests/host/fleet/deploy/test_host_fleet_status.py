@@ -43,7 +43,8 @@ def _seed(url: str, fleet: str) -> None:
 def test_rows(mosquitto, fleet: str) -> None:
     _seed(mosquitto.url, fleet)
 
-    rows = {r["device"]: r for r in fleet_status(mosquitto.url, fleet, settle=0.3)}
+    rows = {r.device: r.to_json() for r in fleet_status(broker=mosquitto.url, fleet=fleet,
+                                                          settle=0.3)}
 
     assert sorted(rows) == ["jetson-1", "pi-garage", "pi-kitchen", "pi-new"]
     k = rows["pi-kitchen"]

@@ -117,16 +117,17 @@ def sim_bundle(tmp_path_factory: pytest.TempPathFactory,
 def serve(mosquitto: Any) -> Iterator[Callable[..., Any]]:
     """``serve(db_url, fleet, **collector_options)`` -> a started FleetServer on a free port."""
     from edgepack.host.fleet.collector import CollectorOptions
-    from edgepack.host.fleet.dashboard import FleetServer
+    from edgepack.host.fleet.server import FleetServer, ServeConfig
 
     started: list[Any] = []
 
     def make(db: str, fleet: str, *, broker: str | None = None, rollout_tick_s: float = 0.2,
              token: str | None = None, **opts: Any) -> Any:
         opts.setdefault("client_id", f"collector-{uuid.uuid4().hex[:8]}")
-        server = FleetServer(broker or mosquitto.url, db, http=("127.0.0.1", 0),
-                             options=CollectorOptions(fleets=(fleet,), **opts),
-                             rollout_tick_s=rollout_tick_s, token=token).start()
+        server = FleetServer(ServeConfig(broker=broker or mosquitto.url, db=db,
+                                         http=("127.0.0.1", 0),
+                                         collector=CollectorOptions(fleets=(fleet,), **opts),
+                                         rollout_tick_s=rollout_tick_s, token=token)).start()
         started.append(server)
         assert server.collector.wait_connected(10), "collector did not connect"
         return server

@@ -31,11 +31,13 @@ def test_api_and_metrics(db_url, mosquitto, fleet, serve, simulate, sim_bundle, 
     server = serve(db_url, fleet, token="s3cret")
     sim = simulate(fleet, N, fail_rate=1 / N, interval_s=0.25)
     base = server.url + "api/"
-    res = deploy(sim_bundle("1.0.0", p95_ms=150.0), mosquitto.url, group="sim", fleet=fleet,
-                 key_path=key)
-    dep, bid = res["deployment_id"], res["bundle_id"]
-    wait_for(lambda: get_json(f"{base}deployments/{dep}?fleet={fleet}")["counts"]["installed"]
-             == N - 1, 30, what="installs")
+    res = deploy(sim_bundle("1.0.0", p95_ms=150.0), broker=mosquitto.url, group="sim",
+                 fleet=fleet, key=key)
+    dep, bid = res.deployment_id, res.bundle_id
+    # polled from the moment of the deploy: the collector may not have stored it yet (404)
+    wait_for(lambda: get_json(f"{base}deployments/{dep}?fleet={fleet}",
+                              missing={"counts": {}})["counts"].get("installed") == N - 1, 30,
+             what="installs")
 
     fleets = get_json(f"{base}fleets")
     assert fleets["default"] == fleet and fleet in fleets["fleets"]

@@ -73,7 +73,7 @@ def test_fleet_simulate_command(mosquitto, fleet, sim_bundle, fleet_keys):
 
         def later() -> None:
             time.sleep(1.5)
-            deploy(sim_bundle("1.0.0"), mosquitto.url, group="sim", fleet=fleet, key_path=key)
+            deploy(sim_bundle("1.0.0"), broker=mosquitto.url, group="sim", fleet=fleet, key=key)
 
         th = threading.Thread(target=later)
         th.start()
@@ -104,11 +104,11 @@ def test_simulated_devices_refuse_what_agents_refuse(mosquitto, fleet, simulate,
 
     key, pub = fleet_keys
     sim = simulate(fleet, 2, trusted_keys=(str(pub),))
-    deploy(sim_bundle("1.0.0", target="rpi5"), mosquitto.url, device=sim.devices[0].id,
-           fleet=fleet, key_path=key)
+    deploy(sim_bundle("1.0.0", target="rpi5"), broker=mosquitto.url, device=sim.devices[0].id,
+           fleet=fleet, key=key)
     unsigned = sim_bundle("1.1.0")
     publish_bundle(unsigned, mosquitto.url, fleet=fleet)  # no key: no table signature
-    deploy(unsigned, mosquitto.url, device=sim.devices[1].id, fleet=fleet)
+    deploy(unsigned, broker=mosquitto.url, device=sim.devices[1].id, fleet=fleet)
     wait_for(lambda: sim.counters["event_rejected"] == 2, 15, what="two rejections")
     assert all(d.active is None for d in sim.devices)
     assert ("1", "rejected") not in sim.counters  # nothing else went wrong

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from fleet_helpers import wait_for
 
+from edgepack.host.fleet.api import rollout_start
 from edgepack.host.fleet.deploy import deploy
-from edgepack.host.fleet.rollout import start_rollout
 
 pytestmark = pytest.mark.broker
 
@@ -23,7 +23,7 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     key, _ = fleet_keys
     server = serve(sqlite_url, fleet)
     sim = simulate(fleet, N, fail_rate=1 / N, interval_s=0.3)
-    wait_for(lambda: len(server.storage.devices(fleet)) == N, 15, what="devices stored")
+    wait_for(lambda: len(server.store.devices.list(fleet)) == N, 15, what="devices stored")
     base = server.url
 
     # ---- fleet overview: counts match the simulated fleet
@@ -46,8 +46,8 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     page.goto(f"{base}deployments?fleet={fleet}")
     page.wait_for_selector("h1:has-text('Deployments')")
     loaded = page.locator("#app").get_attribute("data-loaded")
-    res = deploy(sim_bundle("1.0.0"), mosquitto.url, group="sim", fleet=fleet, key_path=key)
-    dep = page.locator(f"tr[data-deployment='{res['deployment_id']}']")
+    res = deploy(sim_bundle("1.0.0"), broker=mosquitto.url, group="sim", fleet=fleet, key=key)
+    dep = page.locator(f"tr[data-deployment='{res.deployment_id}']")
     dep.wait_for(timeout=15_000)
     installed = dep.locator("[data-count=installed]")
     wait_for(lambda: int(installed.inner_text()) == N - 1, 30, what="installed count")
@@ -75,7 +75,7 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     assert "in sync" in page.locator(".panel").first.inner_text()
 
     # ---- bundle page: manifest, build metrics, report fetched from the broker
-    page.goto(f"{base}bundles/{res['bundle_id']}?fleet={fleet}")
+    page.goto(f"{base}bundles/{res.bundle_id}?fleet={fleet}")
     page.wait_for_selector("#manifest")
     assert "rpi4" in page.locator("#manifest").inner_text()
     assert "size_ratio" in page.locator("#metrics").inner_text()
@@ -84,10 +84,10 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     assert f"Devices running it ({N - 1})" in page.inner_text("main")
 
     # ---- a staged rollout: stage table with live counts, controls
-    r = start_rollout(server.storage, mosquitto.url, sim_bundle("2.0.0"), group="sim",
-                      fleet=fleet, stages="50,100", max_failures="50%", soak="60s",
-                      key_path=key)
-    page.goto(f"{base}rollouts/{r['id']}?fleet={fleet}")
+    r = rollout_start(sim_bundle("2.0.0"), group="sim", broker=mosquitto.url,
+                      db=server.store, fleet=fleet, stages="50,100", max_failures="50%",
+                      soak="60s", key=key)
+    page.goto(f"{base}rollouts/{r.id}?fleet={fleet}")
     page.wait_for_selector("tr[data-stage='1']")
     stage1 = page.locator("tr[data-stage='1'] [data-count=installed]")
     wait_for(lambda: int(stage1.inner_text()) >= N // 2 - 1, 30, what="stage 1 installed")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fleet_helpers import get_json, wait_for
 
+from edgepack.host.fleet.api import rollout_start, rollout_status
 from edgepack.host.fleet.deploy import deploy
-from edgepack.host.fleet.rollout import rollout_status, start_rollout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent"))
 from agent_helpers import TARGET, AgentProcess, agent_config, build_bundle  # noqa: E402
@@ -34,17 +34,17 @@ def test_real_agent_on_the_dashboard(tmp_path, sqlite_url, mosquitto, fleet, ser
     agent = AgentProcess(cfg).start()
     try:
         api = f"{server.url}api/"
-        wait_for(lambda: (d := server.storage.device(fleet, "gw-1")) and d["online"], 30,
+        wait_for(lambda: (d := server.store.devices.get(fleet, "gw-1")) and d.online, 30,
                  what="the agent's birth message")
-        res = deploy(v1, mosquitto.url, group="gateways", fleet=fleet, key_path=key)
-        wait_for(lambda: get_json(f"{api}deployments/{res['deployment_id']}?fleet={fleet}",
+        res = deploy(v1, broker=mosquitto.url, group="gateways", fleet=fleet, key=key)
+        wait_for(lambda: get_json(f"{api}deployments/{res.deployment_id}?fleet={fleet}",
                                   missing={"counts": {}})["counts"].get("installed") == 1, 60,
                  what="v1 installed")
-        r = start_rollout(server.storage, mosquitto.url, v2, group="gateways", fleet=fleet,
-                          stages="100", max_failures="0", soak="2s", key_path=key)
-        final = wait_for(lambda: (s := rollout_status(server.storage, r["id"]))["state"]
+        r = rollout_start(v2, group="gateways", broker=mosquitto.url, db=server.store,
+                          fleet=fleet, stages="100", max_failures="0", soak="2s", key=key)
+        final = wait_for(lambda: (s := rollout_status(r.id, db=server.store)).state
                          in ("completed", "halted") and s, 90, what="the rollout")
-        assert final["state"] == "completed", final["log"]
+        assert final.state == "completed", final.log
         # real inferences show up as real latency in telemetry
         client = Client(f"unix:{cfg.parent / 'data' / 'agent.sock'}")
         x = np.zeros((1, 64), np.float32)
@@ -65,7 +65,7 @@ def test_real_agent_on_the_dashboard(tmp_path, sqlite_url, mosquitto, fleet, ser
         assert any(line.startswith("edgepack_device_latency_seconds{") and 'device="gw-1"' in line
                    for line in text.splitlines())
         assert agent.stop() == 0
-        wait_for(lambda: server.storage.device(fleet, "gw-1")["online"] is False, 15,
+        wait_for(lambda: server.store.devices.get(fleet, "gw-1").online is False, 15,
                  what="the clean shutdown")
     finally:
         if agent.alive:

@@ -10,6 +10,7 @@ from fleet_helpers import get_json, wait_for
 
 from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
+from edgepack.host.fleet.api import rollout_start, rollout_status
 from edgepack.host.fleet.deploy import deploy
 from edgepack.host.fleet.rollout import (
     RolloutError,
@@ -17,9 +18,7 @@ from edgepack.host.fleet.rollout import (
     parse_duration,
     parse_max_failures,
     parse_stages,
-    rollout_status,
     stage_sizes,
-    start_rollout,
 )
 
 pytestmark = pytest.mark.broker
@@ -52,14 +51,14 @@ def test_plan_arithmetic():
 
 def _install_v1(mosquitto, fleet, sim, server, bundle, key):
     """Put every simulated device on v1 with a plain group deploy; returns the bundle id."""
-    res = deploy(bundle, mosquitto.url, group="sim", fleet=fleet, key_path=key)
+    res = deploy(bundle, broker=mosquitto.url, group="sim", fleet=fleet, key=key)
     wait_for(lambda: sim.stats()["active"].get("1.0.0") == sim.opts.devices, 30,
              what="every device on v1")
-    wait_for(lambda: all(d["bundle_version"] == "1.0.0"
-                         for d in server.storage.devices(fleet))
-             and len(server.storage.devices(fleet)) == sim.opts.devices, 15,
+    wait_for(lambda: all(d.bundle_version == "1.0.0"
+                         for d in server.store.devices.list(fleet))
+             and len(server.store.devices.list(fleet)) == sim.opts.devices, 15,
              what="the collector seeing v1 everywhere")
-    return res["bundle_id"]
+    return res.bundle_id
 
 
 def _retained_desired(url, fleet):
@@ -82,39 +81,39 @@ def test_rollout_halts_and_rolls_back_the_stage(db_url, mosquitto, fleet, serve,
     sim = simulate(fleet, 20, fail_rate=0.0)
     v1 = sim_bundle("1.0.0")
     _install_v1(mosquitto, fleet, sim, server, v1, key)
-    r = start_rollout(server.storage, mosquitto.url, sim_bundle("2.0.0"), group="sim",
-                      fleet=fleet, stages="10,50,100", max_failures="5%", soak="1s",
-                      stage_timeout="60s", key_path=key)
-    rid = r["id"]
-    assert [s["devices"] for s in r["stages"]] == [2, 8, 10]
+    r = rollout_start(sim_bundle("2.0.0"), group="sim", broker=mosquitto.url,
+                      db=server.store, fleet=fleet, stages="10,50,100", max_failures="5%",
+                      soak="1s", stage_timeout="60s", key=key)
+    rid = r.id
+    assert [s.devices for s in r.stages] == [2, 8, 10]
     # Stage membership is planned by the rollout (hashed with its id): pick the failing devices
     # from stage 2, which deploys only after stage 1 has soaked, so setting them now is in time.
-    failing = {d["device_id"] for d in r["devices"] if d["stage"] == 1}
+    failing = {d.device_id for d in r.devices if d.stage == 1}
     failing = set(sorted(failing)[:2])
     for d in sim.devices:
         d.fails_health = d.id in failing
-    final = wait_for(lambda: (s := rollout_status(server.storage, rid))["state"]
+    final = wait_for(lambda: (s := rollout_status(rid, db=server.store)).state
                      in ("halted", "completed") and s, 60, what="the rollout to end")
-    assert final["state"] == "halted", final["log"]
-    devs = {d["device_id"]: d for d in final["devices"]}
-    halted_stage = final["stage"] - 1
-    assert "halted at stage" in final["detail"]
-    in_stage = [d for d in devs.values() if d["stage"] == halted_stage]
-    assert any(d["status"] == "failed" for d in in_stage)
+    assert final.state == "halted", final.log
+    devs = {d.device_id: d for d in final.devices}
+    halted_stage = final.stage - 1
+    assert "halted at stage" in final.rollout.detail
+    in_stage = [d for d in devs.values() if d.stage == halted_stage]
+    assert any(d.status == "failed" for d in in_stage)
     # every device of the halted stage runs v1 again (failed ones never left it)
     for d in in_stage:
-        assert d["status"] in ("rolled_back", "failed"), d
-        assert sim.by_id[d["device_id"]].active["version"] == "1.0.0", d
-    assert any(d["status"] == "rolled_back" for d in in_stage) or \
-        all(d["status"] == "failed" for d in in_stage)
+        assert d.status in ("rolled_back", "failed"), d
+        assert sim.by_id[d.device_id].active["version"] == "1.0.0", d
+    assert any(d.status == "rolled_back" for d in in_stage) or \
+        all(d.status == "failed" for d in in_stage)
     # later stages were never deployed
-    later = [d for d in devs.values() if d["stage"] > halted_stage]
-    assert later and all(d["status"] == "waiting" for d in later)
-    assert all(sim.by_id[d["device_id"]].active["version"] == "1.0.0" for d in later)
+    later = [d for d in devs.values() if d.stage > halted_stage]
+    assert later and all(d.status == "waiting" for d in later)
+    assert all(sim.by_id[d.device_id].active["version"] == "1.0.0" for d in later)
     # the group still names v1: rolled-back devices follow it again, nobody got v2 by group
     _, groups = _retained_desired(mosquitto.url, fleet)
     assert groups["sim"]["version"] == "1.0.0"
-    counts = final["stages"][halted_stage]["counts"]
+    counts = final.stages[halted_stage].counts
     assert counts["failed"] >= 1 and counts["failed"] + counts["rolled_back"] == len(in_stage)
 
 
@@ -124,19 +123,19 @@ def test_rollout_completes_and_hands_over_to_the_group(sqlite_url, mosquitto, fl
     server = serve(sqlite_url, fleet)
     sim = simulate(fleet, 12)
     _install_v1(mosquitto, fleet, sim, server, sim_bundle("1.0.0"), key)
-    r = start_rollout(server.storage, mosquitto.url, sim_bundle("2.0.0"), group="sim",
-                      fleet=fleet, stages="10,100", max_failures="0", soak="0.5s",
-                      key_path=key)
-    final = wait_for(lambda: (s := rollout_status(server.storage, r["id"]))["state"]
+    r = rollout_start(sim_bundle("2.0.0"), group="sim", broker=mosquitto.url,
+                      db=server.store, fleet=fleet, stages="10,100", max_failures="0",
+                      soak="0.5s", key=key)
+    final = wait_for(lambda: (s := rollout_status(r.id, db=server.store)).state
                      in ("halted", "completed") and s, 60, what="the rollout to end")
-    assert final["state"] == "completed", final["log"]
+    assert final.state == "completed", final.log
     assert sim.stats()["active"] == {"2.0.0": 12}
     own, groups = _retained_desired(mosquitto.url, fleet)
     assert groups["sim"]["version"] == "2.0.0" and groups["sim"]["deployment_id"].startswith(
-        r["id"])
+        r.id)
     assert not own  # device-level desired states cleared: they follow the group again
-    assert [s["counts"]["installed"] for s in final["stages"]] == [2, 10]
-    assert any("soaking" in line["message"] for line in final["log"])
+    assert [s.counts["installed"] for s in final.stages] == [2, 10]
+    assert any("soaking" in line.message for line in final.log)
 
 
 def test_soak_catches_devices_over_budget(sqlite_url, mosquitto, fleet, serve, simulate,
@@ -148,15 +147,15 @@ def test_soak_catches_devices_over_budget(sqlite_url, mosquitto, fleet, serve, s
     _install_v1(mosquitto, fleet, sim, server, sim_bundle("1.0.0"), key)
     for d in sim.devices:
         d.over_budget = True
-    r = start_rollout(server.storage, mosquitto.url, sim_bundle("2.0.0", p95_ms=20.0),
-                      group="sim", fleet=fleet, stages="20,100", max_failures="0",
-                      soak="4s", key_path=key)
-    final = wait_for(lambda: (s := rollout_status(server.storage, r["id"]))["state"]
+    r = rollout_start(sim_bundle("2.0.0", p95_ms=20.0), group="sim", broker=mosquitto.url,
+                      db=server.store, fleet=fleet, stages="20,100", max_failures="0",
+                      soak="4s", key=key)
+    final = wait_for(lambda: (s := rollout_status(r.id, db=server.store)).state
                      in ("halted", "completed") and s, 60, what="the rollout to end")
-    assert final["state"] == "halted", final["log"]
-    canaries = [d for d in final["devices"] if d["stage"] == 0]
-    assert canaries and any("over budget" in (d["detail"] or "") for d in canaries)
-    assert all(sim.by_id[d["device_id"]].active["version"] == "1.0.0" for d in canaries)
+    assert final.state == "halted", final.log
+    canaries = [d for d in final.devices if d.stage == 0]
+    assert canaries and any("over budget" in (d.detail or "") for d in canaries)
+    assert all(sim.by_id[d.device_id].active["version"] == "1.0.0" for d in canaries)
 
 
 def test_pause_resume_abort_and_restart(sqlite_url, mosquitto, fleet, serve, simulate,
@@ -178,7 +177,7 @@ def test_pause_resume_abort_and_restart(sqlite_url, mosquitto, fleet, serve, sim
     assert res.exit_code == 0, res.output
     rid = json.loads(res.output)["id"]
     assert json.loads(res.output)["collector_running"] is True
-    wait_for(lambda: rollout_status(server.storage, rid)["stages"][0]["counts"]["installed"]
+    wait_for(lambda: rollout_status(rid, db=server.store).stages[0].counts["installed"]
              == 1, 30, what="the canary installed")
     res = runner.invoke(main, ["rollout", "pause", rid, "--db", sqlite_url])
     assert res.exit_code == 0 and "paused" in res.output, res.output
@@ -206,10 +205,10 @@ def test_pause_resume_abort_and_restart(sqlite_url, mosquitto, fleet, serve, sim
                                  method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert json.loads(resp.read())["state"] == "abort_requested"
-    final = wait_for(lambda: (s := rollout_status(server.storage, rid))["state"] == "aborted"
+    final = wait_for(lambda: (s := rollout_status(rid, db=server.store)).state == "aborted"
                      and s, 30, what="the abort to finish")
     assert sim.stats()["active"] == {"1.0.0": 10}
-    assert final["stages"][0]["counts"]["rolled_back"] == 1
+    assert final.stages[0].counts["rolled_back"] == 1
     res = runner.invoke(main, ["rollout", "status", rid, "--db", sqlite_url])
     assert res.exit_code == 0 and "aborted" in res.output and "stage" in res.output
     res = runner.invoke(main, ["rollout", "list", "--db", sqlite_url, "--json"])
@@ -218,8 +217,6 @@ def test_pause_resume_abort_and_restart(sqlite_url, mosquitto, fleet, serve, sim
 
 def test_rollout_needs_known_group_members(sqlite_url, mosquitto, fleet, sim_bundle,
                                            fleet_keys):
-    from edgepack.host.fleet.storage import open_storage
-
-    with open_storage(sqlite_url) as storage, pytest.raises(RolloutError, match="no device"):
-        start_rollout(storage, mosquitto.url, sim_bundle("1.0.0"), group="nobody",
-                      fleet=fleet, key_path=fleet_keys[0])
+    with pytest.raises(RolloutError, match="no device"):
+        rollout_start(sim_bundle("1.0.0"), group="nobody", broker=mosquitto.url,
+                      db=sqlite_url, fleet=fleet, key=fleet_keys[0])

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edgepack.host.fleet.storage import Batch, StorageError, open_storage
+from edgepack.host.fleet.storage import Batch, StorageError, open_store
 
 BID = "ab" * 32
 
@@ -28,7 +28,7 @@ def _telemetry(ts: float, p95: float = 12.0) -> dict:
 
 def test_state_lwt_telemetry_events_desired(db_url):
     now = time.time()
-    with open_storage(db_url) as s:
+    with open_store(db_url) as s:
         b = Batch()
         b.states.append(("f", "dev1", now, _state()))
         b.telemetry += [("f", "dev1", now, _telemetry(now - 2)),
@@ -47,40 +47,40 @@ def test_state_lwt_telemetry_events_desired(db_url):
                                          "budgets": {"p95_ms": 50}},
                                      "table_sig": {"key_id": "k1"}, "ts": now}))
         s.write_batch(b)
-        d = s.device("f", "dev1")
-        assert d["online"] is True and d["board"] == "rpi4" and d["groups"] == ["g1", "g2"]
-        assert (d["bundle_id"], d["bundle_name"], d["bundle_version"]) == (BID, "kws", "1.2.0")
-        assert d["telemetry"]["p95"] == 14.0  # the newest report
-        assert len(s.telemetry("f", "dev1")) == 2  # the duplicate was stored once
-        assert s.telemetry("f", "dev1")[0]["p95"] == 12.0  # oldest first
-        ev = s.events("f", deployment_id="dep-1")
-        assert [e["kind"] for e in ev] == ["installed"] and ev[0]["body"]["detail"] == "ok"
-        assert {(x["scope"], x["name"]) for x in s.desired("f")} == {("device", "dev1"),
-                                                                     ("group", "g1")}
-        assert s.bundle("f", BID)["signed_by"] == "k1"
-        s.set_bundle_report("f", BID, {"speedup": 2.5})
-        assert s.bundle("f", BID)["report"] == {"speedup": 2.5}
+        d = s.devices.get("f", "dev1")
+        assert d.online is True and d.board == "rpi4" and d.groups == ("g1", "g2")
+        assert (d.bundle_id, d.bundle_name, d.bundle_version) == (BID, "kws", "1.2.0")
+        assert d.telemetry["p95"] == 14.0  # the newest report
+        assert len(s.telemetry.series("f", "dev1")) == 2  # the duplicate was stored once
+        assert s.telemetry.series("f", "dev1")[0].p95 == 12.0  # oldest first
+        ev = s.events.list("f", deployment_id="dep-1")
+        assert [e.kind for e in ev] == ["installed"] and ev[0].body["detail"] == "ok"
+        assert {(x.scope, x.name) for x in s.desired.list("f")} == {("device", "dev1"),
+                                                                    ("group", "g1")}
+        assert s.bundles.get("f", BID).signed_by == "k1"
+        s.bundles.set_report("f", BID, {"speedup": 2.5})
+        assert s.bundles.get("f", BID).report == {"speedup": 2.5}
 
         # the LWT says only {"online": false}: presence changes, the rest is kept
         s.write_batch(Batch(states=[("f", "dev1", now + 5, {"online": False,
                                                             "reason": "connection lost"})],
                             desired=[("f", "group", "g1", now + 5, None)]))
-        d = s.device("f", "dev1")
-        assert d["online"] is False and d["offline_reason"] == "connection lost"
-        assert d["board"] == "rpi4" and d["bundle_version"] == "1.2.0"
-        assert d["online_changed"] == pytest.approx(now + 5) and d["last_seen"] >= now + 5
-        assert [x["scope"] for x in s.desired("f")] == ["device"]
+        d = s.devices.get("f", "dev1")
+        assert d.online is False and d.offline_reason == "connection lost"
+        assert d.board == "rpi4" and d.bundle_version == "1.2.0"
+        assert d.online_changed == pytest.approx(now + 5) and d.last_seen >= now + 5
+        assert [x.scope for x in s.desired.list("f")] == ["device"]
         # back online
         s.write_batch(Batch(states=[("f", "dev1", now + 9, _state())]))
-        assert s.device("f", "dev1")["online"] is True
+        assert s.devices.get("f", "dev1").online is True
         assert s.fleets() == ["f"]
-        stats = s.telemetry_stats("f", ["dev1"], since=0, bundle_id=BID)
-        assert stats["dev1"]["n"] == 2 and stats["dev1"]["p95"] == 14.0
+        stats = s.telemetry.stats("f", ["dev1"], since=0, bundle_id=BID)
+        assert stats["dev1"].n == 2 and stats["dev1"].p95 == 14.0
 
 
 def test_retention_and_leases(db_url):
     now = time.time()
-    with open_storage(db_url) as s:
+    with open_store(db_url) as s:
         old, new = now - 10 * 86400, now - 60
         s.write_batch(Batch(telemetry=[("f", "d", old, _telemetry(old)),
                                        ("f", "d", new, _telemetry(new))],
@@ -88,32 +88,32 @@ def test_retention_and_leases(db_url):
                                     ("f", "d", new, {"kind": "installed", "ts": new})]))
         assert s.prune(telemetry_before=now - 7 * 86400, events_before=now - 7 * 86400) == \
             {"telemetry": 1, "events": 1}
-        assert s.count_telemetry("f") == 1 and len(s.events("f")) == 1
-        assert s.acquire_lease("rollouts", "a", 30)
-        assert s.acquire_lease("rollouts", "a", 30)  # renewal
-        assert not s.acquire_lease("rollouts", "b", 30)
-        s.release_lease("rollouts", "a")
-        assert s.acquire_lease("rollouts", "b", 30)
+        assert s.telemetry.count("f") == 1 and len(s.events.list("f")) == 1
+        assert s.meta.acquire_lease("rollouts", "a", 30)
+        assert s.meta.acquire_lease("rollouts", "a", 30)  # renewal
+        assert not s.meta.acquire_lease("rollouts", "b", 30)
+        s.meta.release_lease("rollouts", "a")
+        assert s.meta.acquire_lease("rollouts", "b", 30)
 
 
 def test_open_errors(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
-        open_storage(f"sqlite:///{tmp_path}/missing/dir/fleet.db")
+        open_store(f"sqlite:///{tmp_path}/missing/dir/fleet.db")
     with pytest.raises(StorageError, match="neither"):
-        open_storage("mysql://x@y/z")
+        open_store("mysql://x@y/z")
     with pytest.raises(StorageError, match="in-memory"):
-        open_storage("sqlite://")
+        open_store("sqlite://")
     # a database written by a newer edgepack is refused, not misread
     url = f"sqlite:///{tmp_path}/fleet.db"
-    open_storage(url).close()
+    open_store(url).close()
     conn = sqlite3.connect(tmp_path / "fleet.db")
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(StorageError, match="newer"):
-        open_storage(url)
+        open_store(url)
     # a bare path works too, and the file is in WAL mode
-    s = open_storage(str(tmp_path / "other.db"))
-    with s._pool.get() as c:
+    s = open_store(str(tmp_path / "other.db"))
+    with s.db.connection() as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()

@@ -1,0 +1,91 @@
+"""From what the broker delivered to a :class:`Batch`: topic routing and payload decoding.
+
+Garbage (a foreign topic, an invalid device id, a payload that is not JSON) is counted and
+skipped; the rest of the batch is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from edgepack.agent.errors import ProtocolError
+from edgepack.agent.protocol import VERSION, check_id, decode
+from edgepack.host.fleet.storage import Batch
+
+__all__ = ["Parsed", "parse_messages"]
+
+log = logging.getLogger("edgepack.collector")
+
+# (received, topic, payload, retained)
+Message = tuple[float, str, bytes, bool]
+
+
+class Parsed:
+    """A batch and the device / receive timestamps of its telemetry and events (for lag)."""
+
+    __slots__ = ("batch", "device_ts", "received_ts")
+
+    def __init__(self) -> None:
+        self.batch = Batch()
+        self.device_ts: list[float] = []
+        self.received_ts: list[float] = []
+
+
+def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Counter,
+                   dropped: Counter, on_bundle: Callable[[str, dict], None]) -> Parsed:
+    """Decode messages into a batch, counting them by kind in ``received`` and the garbage in
+    ``dropped["bad_message"]``; ``on_bundle(fleet, table)`` hears of every manifest message."""
+    out = Parsed()
+    batch = out.batch
+    base = f"edgepack/{VERSION}/"
+    for rcv, topic, payload, retained in items:
+        try:
+            if not topic.startswith(base):
+                raise ProtocolError("foreign topic")
+            parts = topic[len(base):].split("/")
+            fleet = parts[0]
+            if fleet not in fleets or len(parts) != 4:
+                raise ProtocolError("foreign topic")
+            kind, name, leaf = parts[1:]
+            if kind == "devices":
+                device = check_id(name)
+                received[leaf] += 1
+                if leaf == "desired":
+                    batch.desired.append((fleet, "device", device, rcv,
+                                          decode(payload) if payload else None))
+                    continue
+                if not payload or leaf not in ("telemetry", "events", "state"):
+                    continue  # a cleared state: nothing to record
+                body = decode(bytes(payload), f"{leaf} of {device}")
+                if leaf == "state":
+                    seen = rcv
+                    ts = body.get("ts")
+                    if retained and type(ts) in (int, float) and 0 < ts < rcv:
+                        seen = float(ts)  # a retained state is as old as it says, not new
+                    batch.states.append((fleet, device, seen, body))
+                    continue
+                (batch.telemetry if leaf == "telemetry" else batch.events).append(
+                    (fleet, device, rcv, body))
+                ts = body.get("ts")
+                if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                    out.device_ts.append(float(ts))
+                out.received_ts.append(rcv)
+            elif kind == "groups" and leaf == "desired":
+                received["group_desired"] += 1
+                batch.desired.append((fleet, "group", check_id(name, "group name"), rcv,
+                                      decode(payload) if payload else None))
+            elif kind == "bundles" and leaf == "manifest":
+                received["manifest"] += 1
+                if payload:
+                    table = decode(bytes(payload), "bundle manifest message")
+                    if table.get("bundle_id") == name:
+                        batch.bundles.append((fleet, rcv, table))
+                        on_bundle(fleet, table)
+            else:
+                raise ProtocolError("unexpected topic")
+        except ProtocolError as exc:
+            dropped["bad_message"] += 1
+            log.debug("dropped a message on %s: %s", topic, exc)
+    return out

@@ -1,0 +1,113 @@
+"""Provisioning a device: write the ``agent.toml`` ``edgepack-agent`` runs with, from the
+shipped per-board defaults (``firmware_configs/agents/<board>.toml``), the broker it reaches,
+the keys it trusts and the fleet and groups it belongs to."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgepack.agent.mqtt import BrokerConfig
+
+__all__ = ["init_agent", "AgentSetup", "BOARDS", "board_template"]
+
+BOARDS = ("rpi4", "rpi5", "rpi-zero-2w", "jetson-orin-nano", "x86-gateway")
+_BROKER_KEYS = ("url", "ca", "cert", "key", "username", "password")
+
+
+def board_template(board: str) -> dict[str, Any]:
+    """The shipped ``firmware_configs/agents/<board>.toml`` as a dict."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    res = resources.files("edgepack.firmware_configs") / "agents" / f"{board}.toml"
+    return tomllib.loads(res.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class AgentSetup:
+    """The config :func:`init_agent` wrote, as the agent will read it."""
+
+    config: str
+    device_id: str
+    board: str
+    target: str
+    fleet: str
+    groups: tuple[str, ...]
+    broker: str
+    trusted_keys: tuple[str, ...]
+    data_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(groups=list(self.groups), trusted_keys=list(self.trusted_keys))
+        return out
+
+
+def _broker_section(broker: str | BrokerConfig, template: dict[str, Any]) -> dict[str, Any]:
+    """The ``[broker]`` table: the board's settings, the address and the credentials (TLS
+    files as absolute paths)."""
+    section = {k: v for k, v in template.items() if k not in _BROKER_KEYS}
+    if isinstance(broker, str):
+        section["url"] = broker
+        return section
+    section["url"] = broker.url
+    for k in _BROKER_KEYS[1:]:
+        v = getattr(broker, k)
+        if v:
+            section[k] = str(Path(v).resolve()) if k in ("ca", "cert", "key") else v
+    return section
+
+
+def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
+               out: str | Path = "/etc/edgepack/agent.toml", pub: Sequence[str | Path] = (),
+               data_dir: str | Path = "/var/lib/edgepack", target: str | None = None,
+               groups: Sequence[str] = (), fleet: str = "default", allow_unsigned: bool = False,
+               force: bool = False) -> AgentSetup:
+    """Write ``out`` for ``device_id`` on ``board``; the trusted public keys ``pub`` (files such
+    as fleet.pub) are copied into a ``keys/`` folder next to it. Raises ConfigError for an
+    existing ``out`` (unless ``force``), a device that would trust no key (unless
+    ``allow_unsigned``), or a bad value, and ProfileError for an unknown ``target``.
+    """
+    from edgepack.agent.config import ConfigError, load_config, write_config
+    from edgepack.agent.profiles import load_profile
+
+    out_path = Path(out)
+    if board not in BOARDS:
+        raise ConfigError(f"unknown board {board!r}: pass `board=` one of {', '.join(BOARDS)}",
+                          field="board")
+    if out_path.exists() and not force:
+        raise ConfigError(f"{out_path} exists; pass `force=` to overwrite it", field="force")
+    if not pub and not allow_unsigned:
+        raise ConfigError("pass `pub=` (fleet.pub, the key bundles are signed with), or "
+                          "`allow_unsigned=` for development", field="pub")
+    data = board_template(board)
+    if target:
+        load_profile(target)  # unknown target: the error lists the known ones
+        data["target"] = target
+    keys_dir = out_path.parent / "keys"
+    trusted = []
+    for p in pub:
+        src = Path(p).resolve()
+        dst = (keys_dir / src.name).resolve()
+        if src != dst:
+            keys_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        trusted.append(str(dst))
+    data.update(device_id=device_id, fleet=fleet, data_dir=str(Path(data_dir).absolute()),
+                trusted_keys=trusted, allow_unsigned=allow_unsigned,
+                broker=_broker_section(broker, data.get("broker", {})))
+    if groups:
+        data["groups"] = list(groups)
+    path = write_config(out_path, **data)
+    cfg = load_config(path)
+    return AgentSetup(config=str(path), device_id=cfg.device_id, board=cfg.board,
+                      target=cfg.target, fleet=cfg.fleet, groups=tuple(cfg.groups),
+                      broker=cfg.broker.url, trusted_keys=tuple(cfg.trusted_keys),
+                      data_dir=cfg.data_dir)

@@ -1,0 +1,190 @@
+"""What the rollout engine does on the broker: deploy a stage, hand a completed rollout over to
+the group, pin devices back to their previous bundle, and clear pins that became redundant.
+
+Every action publishes retained desired states first and records the decision after, so a
+restart in between publishes them again (they are idempotent).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edgepack.agent.mqtt import BrokerConfig, SyncClient
+from edgepack.agent.protocol import DesiredState, Topics, encode
+from edgepack.host.fleet.storage import RolloutDeviceRecord, RolloutRecord, Store
+
+__all__ = ["Tick", "deploy_stage", "complete", "start_rollback", "finish_rollback"]
+
+
+@dataclass
+class Tick:
+    """One engine step of one rollout: the rollout and its devices as this step changes them."""
+
+    rollout: RolloutRecord
+    devices: list[RolloutDeviceRecord]
+    now: float
+
+    def stage_devices(self, k: int) -> list[RolloutDeviceRecord]:
+        return [d for d in self.devices if d.stage == k]
+
+    def apply(self, store: Store, changes: dict[str, dict[str, Any]]) -> None:
+        """Store ``{device_id: {field: value}}`` and see it in :attr:`devices`."""
+        store.rollouts.update_devices(self.rollout.id, changes)
+        self.devices = [replace(d, **changes[d.device_id]) if d.device_id in changes else d
+                        for d in self.devices]
+
+    def set_state(self, state: str) -> None:
+        self.rollout = replace(self.rollout, state=state)
+
+
+def _desired(r: RolloutRecord, deployment_id: str, *, bundle: dict[str, Any] | None = None,
+             allow_downgrade: bool | None = None) -> bytes:
+    b = bundle or {"bundle_id": r.bundle_id, "name": r.bundle_name, "version": r.bundle_version}
+    ds = DesiredState(deployment_id=deployment_id, bundle_id=b["bundle_id"],
+                      name=b.get("name") or "", version=b.get("version") or "",
+                      allow_downgrade=r.allow_downgrade if allow_downgrade is None
+                      else allow_downgrade, ts=time.time())
+    return encode(ds.to_payload())
+
+
+def _set(c: SyncClient, topics: Topics, device_id: str, payload: bytes) -> int:
+    """Retain ``payload`` (b"" clears) as the device's desired state; the message id."""
+    return c.publish(topics.desired(device_id), payload, qos=1, retain=True, wait=False)
+
+
+def _pin(c: SyncClient, topics: Topics, r: RolloutRecord, d: RolloutDeviceRecord) -> int:
+    return _set(c, topics, d.device_id, _desired(r, f"{r.id}-rb", bundle=d.previous,
+                                                 allow_downgrade=True))
+
+
+def deploy_stage(store: Store, cfg: BrokerConfig, tick: Tick,
+                 devices: list[RolloutDeviceRecord], k: int) -> None:
+    """A device-level desired state naming the bundle for each device of stage ``k``."""
+    r = tick.rollout
+    topics = Topics(r.fleet)
+    deployment_id = f"{r.id}-s{k + 1}"
+    payload = _desired(r, deployment_id)
+    with SyncClient(cfg, timeout=30) as c:
+        c.wait_published([_set(c, topics, d.device_id, payload) for d in devices])
+    now = time.time()
+    tick.apply(store, {d.device_id: {"status": "pending", "deployment_id": deployment_id,
+                                     "deployed_at": now, "detail": None} for d in devices})
+
+
+def complete(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
+    """After the last stage: the group names the bundle (at 100 %), installed devices follow
+    their group again, failed ones stay pinned to their previous bundle."""
+    r = tick.rollout
+    topics = Topics(r.fleet)
+    full = r.stages[-1] >= 100
+    with SyncClient(cfg, timeout=30) as c:
+        mids = []
+        if full:
+            c.publish(topics.group_desired(r.group_name), _desired(r, f"{r.id}-group"), qos=1,
+                      retain=True)
+            mids += [_set(c, topics, d.device_id, b"") for d in tick.devices
+                     if d.status == "installed"]
+        mids += [_pin(c, topics, r, d) for d in tick.devices
+                 if d.status == "failed" and d.previous]
+        c.wait_published(mids)
+    ok = sum(d.status == "installed" for d in tick.devices)
+    failed = sum(d.status == "failed" for d in tick.devices)
+    store.rollouts.update(
+        r.id, expect_state="running", state="completed", finished=time.time(),
+        detail=f"{ok} installed, {failed} failed",
+        log=f"completed: {ok} device(s) run {r.bundle_name} {r.bundle_version}, "
+            f"{failed} failed" + (f"; group {r.group_name} now names the bundle"
+                                  if full else ""))
+
+
+def start_rollback(store: Store, cfg: BrokerConfig, tick: Tick,
+                   devices: list[RolloutDeviceRecord], *, then: str) -> None:
+    """Pin ``devices`` to their previous bundle, then move the rollout to ``then``.
+
+    Idempotent (retained desired states): a restart in between publishes them again.
+    """
+    r = tick.rollout
+    topics = Topics(r.fleet)
+    targets = [d for d in devices if d.status not in ("waiting", "rolled_back")]
+    running = {d.device_id: d.bundle_id for d in store.devices.list(
+        r.fleet, ids=[t.device_id for t in targets])}
+    group = r.previous_group_desired or {}
+    fallback = None
+    if group.get("bundle_id") and group["bundle_id"] != r.bundle_id:
+        # a device that ran nothing before goes back to what its group named
+        fallback = {"bundle_id": group["bundle_id"], "name": group.get("bundle_name"),
+                    "version": group.get("version")}
+    changes: dict[str, dict[str, Any]] = {}
+    kept = 0
+    with SyncClient(cfg, timeout=30) as c:
+        mids = []
+        for d in targets:
+            runs_new = running.get(d.device_id) == r.bundle_id
+            if d.status == "failed" and not runs_new:
+                # failed on the device (rejected, health check): it kept what it ran
+                mids.append(_pin(c, topics, r, d) if d.previous else
+                            _set(c, topics, d.device_id, b""))
+                continue
+            if not d.previous and fallback is not None:
+                d = replace(d, previous=fallback)
+                changes[d.device_id] = {"previous": fallback}
+            if d.previous:
+                mids.append(_pin(c, topics, r, d))
+                if d.status == "rolling_back":
+                    continue
+                back = f"back to {d.previous.get('version')}"
+                changes.setdefault(d.device_id, {}).update(
+                    status="rolling_back", detail=f"{d.detail}; {back}"
+                    if d.status == "failed" and d.detail else back)
+            else:
+                # nothing to go back to: the device keeps the new bundle and follows its group
+                # again (no failure of its own)
+                mids.append(_set(c, topics, d.device_id, b""))
+                kept += 1
+                if d.status != "failed":
+                    changes[d.device_id] = {
+                        "detail": "no previous bundle to roll back to: keeps the new one"}
+        c.wait_published(mids)
+    tick.apply(store, changes)
+    sent = sum(ch.get("status") == "rolling_back" for ch in changes.values())
+    store.rollouts.update(
+        r.id, expect_state=r.state, state=then, stage_started=time.time(),
+        log=f"rollback: {sent} device(s) sent back to their previous bundle"
+            + (f"; {kept} had none and keep the new one" if kept else ""))
+    tick.set_state(then)
+
+
+def finish_rollback(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
+    """Once the devices sent back confirm (or time out): end the rollout halted or aborted."""
+    r = tick.rollout
+    back = [d for d in tick.devices if d.status == "rolling_back"]
+    started = r.stage_started or tick.now
+    if back and tick.now - started <= r.stage_timeout_s:
+        return
+    if back:
+        # stored, not applied to the tick: a device that never confirmed keeps its pin
+        store.rollouts.update_devices(r.id, {d.device_id: {
+            "status": "failed", "detail": "did not confirm the rollback in time"} for d in back})
+    _unpin(store, cfg, tick)
+    final = "aborted" if r.state == "aborting" else "halted"
+    n = sum(d.status == "rolled_back" for d in tick.devices)
+    store.rollouts.update(r.id, state=final, finished=time.time(),
+                          log=f"{final}: {n} device(s) rolled back"
+                              + (f", {len(back)} did not confirm" if back else ""))
+
+
+def _unpin(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
+    """Clear rollback pins the group's own desired state makes redundant."""
+    r = tick.rollout
+    group = store.desired.group(r.fleet, r.group_name)
+    if group is None:
+        return
+    redundant = [d for d in tick.devices if d.status in ("rolled_back", "failed")
+                 and (d.previous or {}).get("bundle_id") == group.bundle_id]
+    if not redundant:
+        return
+    topics = Topics(r.fleet)
+    with SyncClient(cfg, timeout=30) as c:
+        c.wait_published([_set(c, topics, d.device_id, b"") for d in redundant])
