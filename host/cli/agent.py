@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgepack.host.cli.fleet import raw_broker_options
+from edgepack.host.cli.options import raw_broker_options
 from edgepack.host.fleet.provision import BOARDS, board_template
 
 __all__ = ["register", "BOARDS", "board_template"]
@@ -45,8 +45,8 @@ def register(main: click.Group) -> None:
              groups: tuple[str, ...], fleet: str, allow_unsigned: bool, force: bool,
              as_json: bool) -> None:
         """Write agent.toml for a device (start it with: edgepack-agent --config OUT)."""
-        from edgepack.host.cli.fleet import broker_config
         from edgepack.host.cli.main import emit
+        from edgepack.host.cli.options import broker_config
         from edgepack.host.fleet.provision import init_agent
 
         cfg = broker_config(broker, ca=ca, cert=cert, cert_key=client_key, username=username,
@@ -78,8 +78,8 @@ def register(main: click.Group) -> None:
                 key: str | None, fleet: str, chunk_kb: int | None, force: bool,
                 as_json: bool) -> None:
         """Publish BUNDLE to the broker as retained chunks for devices to fetch."""
-        from edgepack.host.cli.fleet import broker_config
         from edgepack.host.cli.main import emit
+        from edgepack.host.cli.options import broker_config
         from edgepack.host.fleet.api import publish
 
         cfg = broker_config(broker, ca=ca, cert=cert, cert_key=client_key, username=username,

@@ -25,7 +25,8 @@ __all__ = ["main", "emit", "render_error"]
 _ARGUMENT = re.compile(r"`([a-z_][a-z0-9_]*)=`")
 # Where the Python argument and the flag are not spelled alike.
 _FLAG_FOR = {"eval": "--eval", "eval_data": "--eval", "out": "--out", "out_dir": "--out",
-             "fmt": "--format", "format": "--format", "pubs": "--pub", "key": "--key"}
+             "fmt": "--format", "format": "--format", "pubs": "--pub", "key": "--key",
+             "overwrite": "--force"}
 
 
 def emit(obj: Any, as_json: bool, render: Any = None) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from edgepack.host.cli.fleet import broker_config, broker_options, fleet_option, until_signal
+from edgepack.host.cli.fleet import until_signal
+from edgepack.host.cli.options import broker_config, broker_options, fleet_option
 
 __all__ = ["register", "rollout", "serve_cmd", "simulate_cmd"]
 
