@@ -22,11 +22,9 @@ import contextlib
 import logging
 import os
 import queue
-import random
 import signal
 import socket
 import sqlite3
-import ssl
 import sys
 import threading
 import time
@@ -38,11 +36,17 @@ from edgepack.agent import __version__
 from edgepack.agent.bundle import Bundle, parse_version, read_bundle
 from edgepack.agent.config import AgentConfig, load_config
 from edgepack.agent.crashpoint import crash_point
-from edgepack.agent.errors import BundleError, EdgepackError, InstallError, SignatureError
+from edgepack.agent.errors import (
+    BrokerError,
+    BundleError,
+    EdgepackError,
+    InstallError,
+    SignatureError,
+)
 from edgepack.agent.health import HealthCheck, HealthOptions, run_health_check
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
 from edgepack.agent.installer import Installer, SlotInfo
-from edgepack.agent.mqtt import BrokerConfig, make_client
+from edgepack.agent.mqtt import Connection, backoff_delay
 from edgepack.agent.outbox import Outbox
 from edgepack.agent.profiler import Profiler
 from edgepack.agent.protocol import (
@@ -62,151 +66,6 @@ __all__ = ["Agent", "main", "backoff_delay"]
 log = logging.getLogger("edgepack.agent")
 _MB = 1024 * 1024
 _MAX_INFLIGHT = 32
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with "equal jitter": in [d/2, d] for d = min(hi, lo * 2**attempt)."""
-    d = min(hi, lo * (2 ** max(0, attempt)))
-    return (rng or random).uniform(d / 2, d)
-
-
-class _Connection:
-    """The MQTT connection, owned by the connector thread; paho callbacks only enqueue."""
-
-    def __init__(self, cfg: BrokerConfig, client_id: str, will: tuple[str, bytes, int, bool],
-                 inbox: queue.Queue, reconnect_min: float, reconnect_max: float) -> None:
-        self.cfg = cfg
-        self.client_id = client_id
-        self.will = will
-        self.inbox = inbox
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
-        self.gen = 0
-        self._client: Any = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgepack-connector", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    # ---- connector thread
-    def _run(self) -> None:
-        attempt = 0
-        while not self._stop.is_set():
-            with self._lock:
-                self.gen += 1
-                gen = self.gen
-            client = make_client(self.cfg, self.client_id, clean_session=False, will=self.will,
-                                 reconnect_on_failure=False)
-            client.connect_timeout = self.cfg.connect_timeout
-            ended = threading.Event()
-            outcome: dict[str, bool] = {}
-            self._bind(client, gen, ended, outcome)
-            try:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.inbox.put(("connect_failed", gen, str(exc)))
-                self._sleep(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
-                attempt += 1
-                continue
-            with self._lock:
-                self._client = client
-            client.loop_start()
-            deadline = time.monotonic() + self.cfg.connect_timeout
-            while not (ended.is_set() or self._stop.is_set() or "ok" in outcome):
-                if time.monotonic() > deadline:
-                    self.inbox.put(("connect_failed", gen, "no CONNACK within "
-                                    f"{self.cfg.connect_timeout:g}s"))
-                    break
-                ended.wait(0.05)
-            if outcome.get("ok"):
-                attempt = 0
-                while not (ended.is_set() or self._stop.is_set()):
-                    ended.wait(0.2)
-            if self._stop.is_set():
-                return  # Agent.close() disconnects gracefully
-            with self._lock:
-                self._client = None
-            with contextlib.suppress(Exception):  # the socket may already be gone
-                client.disconnect()
-            client.loop_stop()
-            self._sleep(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
-            attempt += 1
-
-    def _bind(self, client: Any, gen: int, ended: threading.Event, outcome: dict) -> None:
-        inbox = self.inbox
-
-        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            ok = not rc.is_failure
-            outcome["ok"] = ok
-            if ok:
-                inbox.put(("connected", gen, bool(getattr(flags, "session_present", False))))
-            else:
-                inbox.put(("refused", gen, str(rc)))
-                ended.set()
-
-        def on_disconnect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            c.loop_stop()  # only sets a flag from this thread: no reconnect by paho, we do it
-            inbox.put(("disconnected", gen, str(rc)))
-            ended.set()
-
-        def on_message(c: Any, userdata: Any, msg: Any) -> None:
-            inbox.put(("message", gen, msg.topic, bytes(msg.payload)))
-
-        def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-            inbox.put(("puback", gen, mid))
-
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
-        client.on_message = on_message
-        client.on_publish = on_publish
-
-    def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-
-    # ---- used by the agent loop
-    def publish(self, topic: str, payload: bytes, qos: int = 1,
-                retain: bool = False) -> tuple[int, int] | None:
-        with self._lock:
-            client, gen = self._client, self.gen
-        if client is None:
-            return None
-        info = client.publish(topic, payload, qos=qos, retain=retain)
-        return (gen, info.mid) if info.rc == 0 else None
-
-    def subscribe(self, topics: list[str], qos: int = 1) -> bool:
-        with self._lock:
-            client = self._client
-        if client is None or not topics:
-            return False
-        rc, _ = client.subscribe([(t, qos) for t in topics])
-        return rc == 0
-
-    def unsubscribe(self, topics: list[str]) -> bool:
-        with self._lock:
-            client = self._client
-        if client is None or not topics:
-            return False
-        rc, _ = client.unsubscribe(topics)
-        return rc == 0
-
-    def close(self, last_will: tuple[str, bytes] | None, connected: bool) -> None:
-        """Say goodbye (retained offline state) and disconnect cleanly (no LWT)."""
-        self._stop.set()
-        with self._lock:
-            client = self._client
-        if client is not None:
-            if connected and last_will is not None:
-                try:
-                    info = client.publish(last_will[0], last_will[1], qos=1, retain=True)
-                    info.wait_for_publish(timeout=2.0)
-                except (RuntimeError, ValueError):
-                    pass
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            client.loop_stop()
-        self._thread.join(timeout=5)
 
 
 @dataclass
@@ -258,7 +117,7 @@ class Agent:
         will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
                                           "reason": "connection lost"}), 1, True)
         b = cfg.broker
-        self.net = _Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
+        self.net = Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
                                will, self.inbox, b.reconnect_min_s, b.reconnect_max_s)
         # Profile jobs run in the profiler's thread; its answers come back through the inbox
         # because only this loop writes the outbox.
@@ -383,8 +242,11 @@ class Agent:
         self._sent_upto = 0
         log.info("connected to %s", self.net.cfg.url)
         self._publish_state()
-        self.net.subscribe([self.desired_topic, *self.group_topics])
-        self.net.subscribe([self.profiler.jobs_topic])
+        try:
+            self.net.subscribe([self.desired_topic, *self.group_topics])
+            self.net.subscribe([self.profiler.jobs_topic])
+        except BrokerError as exc:  # the connection dropped again: the next one subscribes
+            log.warning("%s", exc)
         self.profiler.on_connected()
         if self.job is not None and self.job.transfer is not None:
             self.job.transfer.on_connected()
@@ -818,7 +680,9 @@ class Agent:
 
     def _publish_state(self) -> None:
         if self.connected:
-            self.net.publish(self.state_topic, encode(self._state_payload()), qos=1, retain=True)
+            with contextlib.suppress(BrokerError):  # sent again on the next connection
+                self.net.publish(self.state_topic, encode(self._state_payload()), qos=1,
+                                 retain=True)
 
     def _event(self, kind: str, detail: str, *, desired: DesiredState | None = None,
                **extra: Any) -> None:
@@ -856,8 +720,9 @@ class Agent:
         if room <= 0:
             return
         for row in self.outbox.peek(room, after_id=self._sent_upto):
-            sent = self.net.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-            if sent is None:
+            try:
+                sent = self.net.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            except BrokerError:
                 return
             self._sent_upto = row.id
             if row.qos == 0:

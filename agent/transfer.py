@@ -26,6 +26,7 @@ the agent still knows which chunks of the window arrived and asks only for the o
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 from edgepack.agent.bundle import sha256_file
 from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import (
+    BrokerError,
     BundleError,
     EdgepackError,
     ProtocolError,
@@ -65,9 +67,10 @@ class Rejected(EdgepackError):
 class Link(Protocol):
     """What a transfer needs from the agent's MQTT connection."""
 
-    def subscribe(self, topics: list[str], qos: int = 1) -> bool: ...
+    def subscribe(self, topics: list[str], qos: int = 1) -> object:
+        """Send SUBSCRIBE; raise :class:`BrokerError` when it cannot be sent."""
 
-    def unsubscribe(self, topics: list[str]) -> bool: ...
+    def unsubscribe(self, topics: list[str]) -> object: ...
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -506,12 +509,18 @@ class Transfer:
 
     # ---- plumbing
     def _subscribe(self, topics: list[str]) -> None:
-        if topics and self._connected and self.link.subscribe(topics):
-            self.stats.requests += 1
+        if not (topics and self._connected):
+            return
+        try:
+            self.link.subscribe(topics)
+        except BrokerError:  # the connection dropped: on_connected() asks again
+            return
+        self.stats.requests += 1
 
     def _unsubscribe(self, topics: list[str]) -> None:
         if topics and self._connected:
-            self.link.unsubscribe(topics)
+            with contextlib.suppress(BrokerError):  # a dropped connection forgets them anyway
+                self.link.unsubscribe(topics)
 
     def _unsubscribe_current(self) -> None:
         if self.state == "manifest":

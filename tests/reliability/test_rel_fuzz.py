@@ -30,7 +30,6 @@ from reliability_helpers import CrashableAgent, Recorder, save_scenario, wait_fo
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.config import ConfigError, load_config, parse_config
 from edgepack.agent.errors import EdgepackError, ProtocolError
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import (
     DesiredState,
     Topics,
@@ -40,6 +39,7 @@ from edgepack.agent.protocol import (
 )
 from edgepack.agent.signing import canonical_json
 from edgepack.agent.transfer import Transfer
+from edgepack.host.fleet.client import SyncClient
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGEPACK_FUZZ_EXAMPLES", "300")),
                 deadline=None, suppress_health_check=[HealthCheck.too_slow,
