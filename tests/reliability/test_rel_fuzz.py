@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from reliability_helpers import CrashableAgent, Recorder, save_scenario, wait_for
 
 from edgepack.agent.bundle import read_bundle
+from edgepack.agent.compat import check_compat
 from edgepack.agent.config import ConfigError, load_config, parse_config
 from edgepack.agent.errors import EdgepackError, ProtocolError
 from edgepack.agent.protocol import (
@@ -250,8 +251,8 @@ def test_fuzz_precheck_of_published_manifest(offline_agent, scenario, manifest) 
     agent's early compatibility check must refuse garbage, not crash on it."""
     count = _counters(scenario, "fuzz: early checks of the published manifest (hypothesis)")
     desired = DesiredState("d1", SHA, "tiny", "1.0.0")
-    count(offline_agent._check_compat, manifest if isinstance(manifest, dict) else
-          {"model": manifest}, desired, 1000)
+    count(check_compat, manifest if isinstance(manifest, dict) else
+          {"model": manifest}, desired, offline_agent.facts)
 
 
 def _mutated(path: list[str], value: Any) -> dict:
