@@ -186,6 +186,7 @@ class MqttClient:
         self._auto_reconnect = reconnect_on_failure
         self._connack = threading.Event()
         self._refusal: str | None = None
+        self._refusal_rc: Any = None
         self._started = False
         self._bind(sockets)
 
@@ -195,6 +196,7 @@ class MqttClient:
 
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
             if rc.is_failure:
+                self._refusal_rc = rc
                 self._refusal = (f"refused the connection: {rc}. Check username/password or "
                                  "certificates.")
                 self.handler(("refused", str(rc)))
@@ -206,6 +208,7 @@ class MqttClient:
             if not self._auto_reconnect:
                 client.loop_stop()  # only sets a flag from this thread: the owner reconnects
             if not self._connack.is_set():  # dropped before CONNACK (e.g. TLS cert refused)
+                self._refusal_rc = rc
                 self._refusal = (f"closed the connection before accepting it ({rc}): check "
                                  "certificates, CA and credentials")
                 self._connack.set()
@@ -235,7 +238,7 @@ class MqttClient:
         """Open the socket and send CONNECT (CONNACK arrives as an event); raises
         :class:`MqttError` when the broker cannot be reached. A second call reconnects."""
         self._connack.clear()
-        self._refusal = None
+        self._refusal = self._refusal_rc = None
         try:
             if self._started:
                 rc = self._paho.reconnect()
@@ -255,7 +258,8 @@ class MqttClient:
             raise MqttError(f"broker at {self.cfg.url} did not answer CONNECT within "
                             f"{timeout:g}s", op="connect")
         if self._refusal is not None:
-            raise ConnectionRefused(f"broker at {self.cfg.url} {self._refusal}", op="connect")
+            raise ConnectionRefused(f"broker at {self.cfg.url} {self._refusal}",
+                                    rc=self._refusal_rc, op="connect")
 
     def loop_start(self) -> None:
         _check(self._paho.loop_start(), "loop_start", self.cfg, "starting the network thread")
