@@ -131,7 +131,7 @@ def measure_bundle(bundle_dir: str | os.PathLike, opts: MeasureOptions = Measure
     import numpy as np
 
     # The health gate's own comparison, so "golden passed" means what the install gate means.
-    from edgepack.agent.health import DEFAULT_TOLERANCES, _compare, _dequantize, _rss_mb
+    from edgepack.agent.health import DEFAULT_TOLERANCES, _rss_mb, compare_golden
     from edgepack.agent.runtimes import (
         FORMAT_RUNTIME,
         open_model,
@@ -200,18 +200,8 @@ def measure_bundle(bundle_dir: str | os.PathLike, opts: MeasureOptions = Measure
         tol = {k: float(health[k]) if health.get(k) is not None else v
                for k, v in DEFAULT_TOLERANCES.items()}
         results = [session.run(f) for f in golden_feeds]
-        rows, failures = [], []
-        for j, spec in enumerate(out_specs):
-            if f"output_{j}" not in golden:
-                continue
-            got = np.stack([np.asarray(r[j]) for r in results])
-            expected = golden[f"output_{j}"][:n_golden]
-            if health.get("quantized_io"):
-                got, expected = _dequantize(got, spec), _dequantize(expected, spec)
-            row = _compare(j, spec, got, expected, tol)
-            rows.append(row)
-            if not row["passed"]:
-                failures.append(f"output {row['name']}: {row.get('detail', 'mismatch')}")
+        rows, failures = compare_golden(results, golden, out_specs, n_golden, tol,
+                                        quantized_io=bool(health.get("quantized_io")))
         step("golden", golden={"passed": bool(rows) and not failures, "samples": n_golden,
                                "outputs": rows, "failures": failures})
     else:
@@ -256,13 +246,10 @@ def _onnx_ops(path: Path, feeds: list[dict], threads: int, providers: tuple[str,
 
     import onnxruntime as ort
 
+    from edgepack.agent.runtimes.onnx import session_options
+
     with tempfile.TemporaryDirectory(prefix="edgepack-ops-") as tmp:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so = session_options(threads)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "ort")
         have = set(ort.get_available_providers())
