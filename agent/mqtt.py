@@ -13,7 +13,10 @@ checks its return code and raises at once::
 Events handed to ``handler`` (tuples)::
 
     ("connected", session_present)      ("refused", reason)        ("disconnected", reason)
-    ("message", topic, payload, retain) ("puback", mid)            ("suback", mid)
+    ("message", topic, payload, retain) ("puback", mid)            ("suback", mid, codes)
+
+``codes``: the broker's reason code per topic filter of a SUBSCRIBE (``code.is_failure`` when
+a filter was refused, e.g. a shared subscription); empty for UNSUBSCRIBE.
 
 :class:`Connection` keeps the agent connected: a connector thread builds a fresh client per
 attempt (a new *generation*: every event carries it, so late events of an old connection are
@@ -101,13 +104,19 @@ def no_delay(client: Any, userdata: Any, sock: Any) -> None:
 
 
 def make_client(cfg: BrokerConfig, client_id: str, *, clean_session: bool = True,
-                will: Will | None = None, reconnect_on_failure: bool = True) -> Any:
-    """A configured paho client (VERSION2 callbacks, MQTT 3.1.1, TCP_NODELAY), not connected."""
+                will: Will | None = None, reconnect_on_failure: bool = True,
+                mqtt5: bool = False) -> Any:
+    """A configured paho client (VERSION2 callbacks, MQTT 3.1.1 or 5, TCP_NODELAY), not
+    connected. With ``mqtt5`` the session is chosen at connect (clean start, expiry)."""
     import paho.mqtt.client as mqtt
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                    clean_session=clean_session, protocol=mqtt.MQTTv311,
-                    reconnect_on_failure=reconnect_on_failure)
+    if mqtt5:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect_on_failure)
+    else:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        clean_session=clean_session, protocol=mqtt.MQTTv311,
+                        reconnect_on_failure=reconnect_on_failure)
     c.on_socket_open = no_delay
     if cfg.username is not None:
         c.username_pw_set(cfg.username, cfg.password)
@@ -175,13 +184,17 @@ class MqttClient:
     def __init__(self, cfg: BrokerConfig, client_id: str, *, handler: Handler | None = None,
                  clean_session: bool = True, will: Will | None = None,
                  keepalive: int | None = None, reconnect_on_failure: bool = True,
-                 sockets: SocketHooks | None = None) -> None:
+                 sockets: SocketHooks | None = None, mqtt5: bool = False,
+                 session_expiry_s: float | None = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.keepalive = cfg.keepalive if keepalive is None else keepalive
         self.handler: Handler = handler or (lambda event: None)
+        self.mqtt5 = mqtt5
+        self._clean = clean_session
+        self._session_expiry_s = session_expiry_s
         self._paho = make_client(cfg, client_id, clean_session=clean_session, will=will,
-                                 reconnect_on_failure=reconnect_on_failure)
+                                 reconnect_on_failure=reconnect_on_failure, mqtt5=mqtt5)
         self._paho.connect_timeout = cfg.connect_timeout
         self._auto_reconnect = reconnect_on_failure
         self._connack = threading.Event()
@@ -219,8 +232,9 @@ class MqttClient:
         c.on_message = lambda client, u, msg: self.handler(
             ("message", msg.topic, bytes(msg.payload), bool(msg.retain)))
         c.on_publish = lambda client, u, mid, rc, props: self.handler(("puback", mid))
-        c.on_subscribe = lambda client, u, mid, *rest: self.handler(("suback", mid))
-        c.on_unsubscribe = lambda client, u, mid, *rest: self.handler(("suback", mid))
+        c.on_subscribe = lambda client, u, mid, codes, props: self.handler(
+            ("suback", mid, tuple(codes)))
+        c.on_unsubscribe = lambda client, u, mid, *rest: self.handler(("suback", mid, ()))
         if sockets is None:
             return
 
@@ -242,14 +256,28 @@ class MqttClient:
         try:
             if self._started:
                 rc = self._paho.reconnect()
+            elif self.mqtt5:
+                rc = self._paho.connect(self.cfg.host, self.cfg.port, keepalive=self.keepalive,
+                                        clean_start=self._clean,
+                                        properties=self._connect_properties())
             else:
                 rc = self._paho.connect(self.cfg.host, self.cfg.port, keepalive=self.keepalive)
-                self._started = True
+            self._started = True
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise MqttError(f"cannot reach the broker at {self.cfg.url}: {exc}. Is it running? "
                             "(edgepack broker starts one for a one-machine trial)",
                             op="connect") from None
         _check(rc, "connect", self.cfg, f"connecting to {self.cfg.url}")
+
+    def _connect_properties(self) -> Any:
+        if self._session_expiry_s is None:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(self._session_expiry_s)
+        return props
 
     def wait_connected(self, timeout: float | None = None) -> None:
         """Block until the broker accepted CONNECT (threaded mode); raise if it refused."""

@@ -92,3 +92,21 @@ def test_connection_reconnects_with_a_new_generation(fleet: str) -> None:
     finally:
         conn.close(None, connected=True)
         broker.stop()
+
+
+def test_mqtt5_session_and_suback_codes(mosquitto: Mosquitto, fleet: str) -> None:
+    events: queue.Queue = queue.Queue()
+    client = MqttClient(parse_broker_url(mosquitto.url), f"{fleet}-v5", handler=events.put,
+                        mqtt5=True, clean_session=False, session_expiry_s=60)
+    client.connect()
+    client.loop_start()
+    try:
+        client.wait_connected()
+        mid = client.subscribe([f"$share/g/{fleet}/a", f"{fleet}/b"])
+        while True:
+            e = events.get(timeout=5)
+            if e[0] == "suback":
+                break
+        assert e[1] == mid and len(e[2]) == 2 and not any(c.is_failure for c in e[2])
+    finally:
+        client.close()
