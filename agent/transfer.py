@@ -2,7 +2,10 @@
 
 A :class:`Transfer` is a state machine driven by the agent loop: it never blocks and never
 touches the network itself. The loop feeds it messages (:meth:`Transfer.on_message`), connection
-changes and clock ticks; it asks the loop to subscribe/unsubscribe through a :class:`Link`.
+changes and clock ticks; it asks the loop to subscribe/unsubscribe through a :class:`Link`
+(whose calls raise :class:`BrokerError` when they cannot be sent) and hands verified chunks to a
+:class:`~edgepack.agent.chunkstore.ChunkStore`: on disk for the agent (the file names below),
+in memory for the fleet simulator.
 
 Algorithm (``docs/protocol.md`` § Transfer):
 
