@@ -22,205 +22,38 @@ import contextlib
 import logging
 import os
 import queue
-import random
 import signal
 import socket
 import sqlite3
-import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgepack.agent import __version__
-from edgepack.agent.bundle import Bundle, parse_version, read_bundle
+from edgepack.agent.compat import DeviceFacts
 from edgepack.agent.config import AgentConfig, load_config
-from edgepack.agent.crashpoint import crash_point
-from edgepack.agent.errors import BundleError, EdgepackError, InstallError, SignatureError
-from edgepack.agent.health import HealthCheck, HealthOptions, run_health_check
+from edgepack.agent.deployment import Deployment, label
+from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
+from edgepack.agent.health import HealthOptions, run_health_check
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
-from edgepack.agent.installer import Installer, SlotInfo
-from edgepack.agent.mqtt import BrokerConfig, make_client
+from edgepack.agent.installer import Installer
+from edgepack.agent.mqtt import Connection
 from edgepack.agent.outbox import Outbox
 from edgepack.agent.profiler import Profiler
-from edgepack.agent.protocol import (
-    ChunkTable,
-    DesiredState,
-    Topics,
-    encode,
-    parse_desired,
-)
-from edgepack.agent.runtimes import FORMAT_RUNTIME, available_runtimes, runtime_version
+from edgepack.agent.protocol import DesiredState, Topics, encode, parse_desired
+from edgepack.agent.reconcile import Action, decide, effective_desired
+from edgepack.agent.runtimes import available_runtimes, runtime_version
 from edgepack.agent.signing import load_public_keys
+from edgepack.agent.states import Phase
 from edgepack.agent.telemetry import LatencyStats, SystemSampler
-from edgepack.agent.transfer import Rejected, Transfer
 
-__all__ = ["Agent", "main", "backoff_delay"]
+__all__ = ["Agent", "main"]
 
 log = logging.getLogger("edgepack.agent")
 _MB = 1024 * 1024
 _MAX_INFLIGHT = 32
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with "equal jitter": in [d/2, d] for d = min(hi, lo * 2**attempt)."""
-    d = min(hi, lo * (2 ** max(0, attempt)))
-    return (rng or random).uniform(d / 2, d)
-
-
-class _Connection:
-    """The MQTT connection, owned by the connector thread; paho callbacks only enqueue."""
-
-    def __init__(self, cfg: BrokerConfig, client_id: str, will: tuple[str, bytes, int, bool],
-                 inbox: queue.Queue, reconnect_min: float, reconnect_max: float) -> None:
-        self.cfg = cfg
-        self.client_id = client_id
-        self.will = will
-        self.inbox = inbox
-        self.reconnect_min = reconnect_min
-        self.reconnect_max = reconnect_max
-        self.gen = 0
-        self._client: Any = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgepack-connector", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    # ---- connector thread
-    def _run(self) -> None:
-        attempt = 0
-        while not self._stop.is_set():
-            with self._lock:
-                self.gen += 1
-                gen = self.gen
-            client = make_client(self.cfg, self.client_id, clean_session=False, will=self.will,
-                                 reconnect_on_failure=False)
-            client.connect_timeout = self.cfg.connect_timeout
-            ended = threading.Event()
-            outcome: dict[str, bool] = {}
-            self._bind(client, gen, ended, outcome)
-            try:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.inbox.put(("connect_failed", gen, str(exc)))
-                self._sleep(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
-                attempt += 1
-                continue
-            with self._lock:
-                self._client = client
-            client.loop_start()
-            deadline = time.monotonic() + self.cfg.connect_timeout
-            while not (ended.is_set() or self._stop.is_set() or "ok" in outcome):
-                if time.monotonic() > deadline:
-                    self.inbox.put(("connect_failed", gen, "no CONNACK within "
-                                    f"{self.cfg.connect_timeout:g}s"))
-                    break
-                ended.wait(0.05)
-            if outcome.get("ok"):
-                attempt = 0
-                while not (ended.is_set() or self._stop.is_set()):
-                    ended.wait(0.2)
-            if self._stop.is_set():
-                return  # Agent.close() disconnects gracefully
-            with self._lock:
-                self._client = None
-            with contextlib.suppress(Exception):  # the socket may already be gone
-                client.disconnect()
-            client.loop_stop()
-            self._sleep(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
-            attempt += 1
-
-    def _bind(self, client: Any, gen: int, ended: threading.Event, outcome: dict) -> None:
-        inbox = self.inbox
-
-        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            ok = not rc.is_failure
-            outcome["ok"] = ok
-            if ok:
-                inbox.put(("connected", gen, bool(getattr(flags, "session_present", False))))
-            else:
-                inbox.put(("refused", gen, str(rc)))
-                ended.set()
-
-        def on_disconnect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            c.loop_stop()  # only sets a flag from this thread: no reconnect by paho, we do it
-            inbox.put(("disconnected", gen, str(rc)))
-            ended.set()
-
-        def on_message(c: Any, userdata: Any, msg: Any) -> None:
-            inbox.put(("message", gen, msg.topic, bytes(msg.payload)))
-
-        def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-            inbox.put(("puback", gen, mid))
-
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
-        client.on_message = on_message
-        client.on_publish = on_publish
-
-    def _sleep(self, seconds: float) -> None:
-        self._stop.wait(seconds)
-
-    # ---- used by the agent loop
-    def publish(self, topic: str, payload: bytes, qos: int = 1,
-                retain: bool = False) -> tuple[int, int] | None:
-        with self._lock:
-            client, gen = self._client, self.gen
-        if client is None:
-            return None
-        info = client.publish(topic, payload, qos=qos, retain=retain)
-        return (gen, info.mid) if info.rc == 0 else None
-
-    def subscribe(self, topics: list[str], qos: int = 1) -> bool:
-        with self._lock:
-            client = self._client
-        if client is None or not topics:
-            return False
-        rc, _ = client.subscribe([(t, qos) for t in topics])
-        return rc == 0
-
-    def unsubscribe(self, topics: list[str]) -> bool:
-        with self._lock:
-            client = self._client
-        if client is None or not topics:
-            return False
-        rc, _ = client.unsubscribe(topics)
-        return rc == 0
-
-    def close(self, last_will: tuple[str, bytes] | None, connected: bool) -> None:
-        """Say goodbye (retained offline state) and disconnect cleanly (no LWT)."""
-        self._stop.set()
-        with self._lock:
-            client = self._client
-        if client is not None:
-            if connected and last_will is not None:
-                try:
-                    info = client.publish(last_will[0], last_will[1], qos=1, retain=True)
-                    info.wait_for_publish(timeout=2.0)
-                except (RuntimeError, ValueError):
-                    pass
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            client.loop_stop()
-        self._thread.join(timeout=5)
-
-
-@dataclass
-class _Job:
-    """One deployment being worked on."""
-
-    desired: DesiredState
-    phase: str = "downloading"
-    transfer: Transfer | None = None
-    health: HealthCheck | None = None
-    slot: SlotInfo | None = None
-    attempts: int = 0
-    retry_at: float | None = None
-    last_progress: float = 0.0
 
 
 class Agent:
@@ -239,10 +72,12 @@ class Agent:
         self.sampler = SystemSampler(cfg.data_dir)
         self.inbox: queue.Queue = queue.Queue()
         self.runtimes = {name: runtime_version(name) for name in available_runtimes()}
+        self.facts = DeviceFacts(cfg.target, tuple(cfg.compatible_targets), self.runtimes,
+                                 _ram_mb())
         self.connected = False
         self.desired_device: DesiredState | None = None
         self.desired_groups: dict[str, DesiredState] = {}
-        self.job: _Job | None = None
+        self.job: Deployment | None = None
         self.server: InferenceServer | None = None
         self._stop = threading.Event()
         self._inflight: dict[tuple[int, int], int] = {}
@@ -258,7 +93,7 @@ class Agent:
         will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
                                           "reason": "connection lost"}), 1, True)
         b = cfg.broker
-        self.net = _Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
+        self.net = Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
                                will, self.inbox, b.reconnect_min_s, b.reconnect_max_s)
         # Profile jobs run in the profiler's thread; its answers come back through the inbox
         # because only this loop writes the outbox.
@@ -278,25 +113,26 @@ class Agent:
         boot = self.installer.boot(crash_window_s=cfg.health.crash_window_s,
                                    max_crashes=cfg.health.max_crashes)
         if boot.interrupted:
-            log.warning("install of %s was interrupted at phase %s; it will be redone",
-                        str(boot.interrupted.get("bundle_id", "?"))[:12],
-                        boot.interrupted.get("phase"))
+            cand = boot.interrupted.candidate
+            log.warning("install of %s was interrupted in phase %s; resuming: %s",
+                        cand.bundle_id[:12] if cand else "?", boot.interrupted.phase,
+                        boot.resume.value)
         if boot.unclean and boot.crashes:
             log.warning("unclean restart %d within the crash window after the last commit",
                         boot.crashes)
         if boot.rolled_back is not None:
             rb = boot.rolled_back
             active = self.installer.active
-            self._event("rolled_back", f"{rb.name} {rb.version} crashed the agent "
+            self.event("rolled_back", f"{rb.name} {rb.version} crashed the agent "
                         f"{cfg.health.max_crashes} times within {cfg.health.crash_window_s:g}s "
                         f"of its commit; back to {active.name} {active.version}" if active else
                         "back to no bundle", deployment_id=rb.deployment_id,
                         bundle_id=rb.bundle_id, reason="crash_loop")
         if self.outbox.recovered:
-            self._event("error", self.outbox.recovered, reason="outbox_recovered")
+            self.event("error", self.outbox.recovered, reason="outbox_recovered")
         if self.installer.damaged:
             self._recover_state(self.installer.damaged)
-        self._load_active()
+        self.load_active()
         if cfg.socket_path is not None or cfg.serve.http:
             self.server = InferenceServer(self.service, socket_path=cfg.socket_path,
                                           http=cfg.serve.http).start()
@@ -304,7 +140,7 @@ class Agent:
         _sd_notify("READY=1")
         log.info("edgepack-agent %s: device %s, fleet %s, target %s, active %s", __version__,
                  cfg.device_id, cfg.fleet, cfg.target,
-                 _label(self.installer.active) or "none")
+                 label(self.installer.active) or "none")
         try:
             self._loop()
         finally:
@@ -313,7 +149,8 @@ class Agent:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            busy = self.job is not None and self.job.phase in ("health_checking", "downloading")
+            busy = self.job is not None and self.job.phase in (Phase.HEALTH_CHECKING,
+                                                               Phase.DOWNLOADING)
             wait = min(0.05 if busy else 0.5, self._next_telemetry - time.monotonic())
             try:
                 item = self.inbox.get(timeout=max(0.001, wait))
@@ -325,7 +162,7 @@ class Agent:
                     self._handle(item)
                 except EdgepackError as exc:  # a bad message must not stop the agent
                     log.warning("%s", exc)
-                    self._event("error", str(exc))
+                    self.event("error", str(exc))
                 handled += 1
                 if handled >= 256 or self._stop.is_set():
                     break
@@ -337,12 +174,8 @@ class Agent:
 
     def _shutdown(self) -> None:
         _sd_notify("STOPPING=1")
-        job = self.job
-        if job is not None:
-            if job.health is not None:
-                job.health.kill()
-            if job.transfer is not None and not job.transfer.done:
-                job.transfer.cancel()
+        if self.job is not None:
+            self.job.stop()
         self.profiler.close()
         self.net.close((self.state_topic, encode(self._state_payload(online=False))),
                        self.connected)
@@ -382,12 +215,15 @@ class Agent:
         self._inflight.clear()
         self._sent_upto = 0
         log.info("connected to %s", self.net.cfg.url)
-        self._publish_state()
-        self.net.subscribe([self.desired_topic, *self.group_topics])
-        self.net.subscribe([self.profiler.jobs_topic])
+        self.publish_state()
+        try:
+            self.net.subscribe([self.desired_topic, *self.group_topics])
+            self.net.subscribe([self.profiler.jobs_topic])
+        except BrokerError as exc:  # the connection dropped again: the next one subscribes
+            log.warning("%s", exc)
         self.profiler.on_connected()
-        if self.job is not None and self.job.transfer is not None:
-            self.job.transfer.on_connected()
+        if self.job is not None:
+            self.job.on_connected()
         self._flush_outbox()
 
     def _on_disconnected(self) -> None:
@@ -395,8 +231,8 @@ class Agent:
         self._inflight.clear()
         self._sent_upto = 0
         self.profiler.on_disconnected()
-        if self.job is not None and self.job.transfer is not None:
-            self.job.transfer.on_disconnected()
+        if self.job is not None:
+            self.job.on_disconnected()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if self.profiler.wants(topic):  # its jobs, and chunks it fetches (maybe an install's too)
@@ -412,26 +248,16 @@ class Agent:
             else:
                 self.desired_groups[group] = ds
             self._reconcile()
-        elif self.job is not None and self.job.transfer is not None \
-                and self.job.transfer.wants(topic):
-            self.job.transfer.on_message(topic, payload)
-            self._after_transfer_step()
+        elif self.job is not None and self.job.wants(topic):
+            self.job.on_message(topic, payload)
+            self._forget_finished()
 
     # ------------------------------------------------------------------ timers
     def _tick(self) -> None:
         now = time.monotonic()
-        job = self.job
-        if job is not None:
-            if job.transfer is not None and not job.transfer.done:
-                job.transfer.tick()
-                self._after_transfer_step()
-            elif job.phase == "waiting" and job.retry_at is not None and now >= job.retry_at:
-                job.retry_at = None
-                self._start_transfer(job)
-            elif job.phase == "health_checking" and job.health is not None:
-                report = job.health.poll()
-                if report is not None:
-                    self._after_health(job, report)
+        if self.job is not None:
+            self.job.step()
+            self._forget_finished()
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.cfg.telemetry.interval_s
             self._telemetry()
@@ -444,300 +270,48 @@ class Agent:
     # ------------------------------------------------------------------ desired state
     def effective_desired(self) -> DesiredState | None:
         """The device's own desired state wins; otherwise the newest of its groups'."""
-        if self.desired_device is not None:
-            return self.desired_device
-        if not self.desired_groups:
-            return None
-        order = {g: i for i, g in enumerate(self.cfg.groups)}
-        return max(self.desired_groups.items(),
-                   key=lambda kv: (kv[1].ts, -order.get(kv[0], 0)))[1]
+        return effective_desired(self.desired_device, self.desired_groups, self.cfg.groups)
 
     def _reconcile(self) -> None:
-        want = self.effective_desired()
-        if want is None:
-            self._cancel_job("the desired state was cleared")  # keep running what is active
-            return
+        inst = self.installer
         job = self.job
-        if job is not None:
-            if job.desired.bundle_id == want.bundle_id:
-                job.desired = want  # same bundle, maybe a new deployment id: carry on
-                return
-            self._cancel_job(f"superseded by deployment {want.deployment_id}")
-        active = self.installer.active
-        if active is not None and active.bundle_id == want.bundle_id:
-            if self.installer.state.get("handled") != want.deployment_id:
-                # the event first: a kill between commit and report leaves "handled" unset, so
-                # the restarted agent still reports the install (at least once, via the outbox)
-                mine = active.deployment_id == want.deployment_id
-                self._event("installed", f"{active.name} {active.version} "
-                            + ("was committed before the agent restarted" if mine
-                               else "is already active"),
-                            desired=want, slot=active.slot, already_active=not mine)
-                self.installer.mark_handled(want.deployment_id)
-                self._publish_state()
-            return
-        failed = self.installer.is_failed(want.deployment_id, want.bundle_id)
-        if failed is not None:
+        active = inst.active
+        plan = decide(self.effective_desired(), working=job.desired if job else None,
+                      active_bundle=active.bundle_id if active else None,
+                      reported=lambda dep: inst.handled == dep,
+                      failed=lambda dep, bid: inst.is_failed(dep, bid) is not None)
+        if plan.cancel is not None and job is not None:
+            job.cancel(plan.cancel)  # keep running what is active
+            self.job = None
+            self.publish_state()
+        want = plan.desired
+        if plan.action == Action.CARRY_ON and job is not None and want is not None:
+            job.desired = want  # same bundle, maybe a new deployment id: carry on
+        elif plan.action == Action.REPORT and active is not None and want is not None:
+            # the event first: a kill between commit and report leaves "handled" unset, so
+            # the restarted agent still reports the install (at least once, via the outbox)
+            mine = active.deployment_id == want.deployment_id
+            self.event("installed", f"{active.name} {active.version} "
+                       + ("was committed before the agent restarted" if mine
+                          else "is already active"),
+                       desired=want, slot=active.slot, already_active=not mine)
+            inst.mark_handled(want.deployment_id)
+            self.publish_state()
+        elif plan.action == Action.SKIP and want is not None:
+            failed = inst.is_failed(want.deployment_id, want.bundle_id) or {}
             log.info("deployment %s of %s already failed (%s); waiting for a new deployment",
-                     want.deployment_id, want.bundle_id[:12], failed["kind"])
-            return
-        self.job = _Job(desired=want)
-        self._start_transfer(self.job)
+                     want.deployment_id, want.bundle_id[:12], failed.get("kind"))
+        elif plan.action == Action.INSTALL and want is not None:
+            self.job = Deployment(want, self)
+            self.job.start()
+            self._forget_finished()
 
-    def _cancel_job(self, why: str) -> None:
-        job = self.job
-        if job is None:
-            return
-        log.info("cancelling deployment %s: %s", job.desired.deployment_id, why)
-        if job.health is not None:
-            job.health.kill()
-        if job.transfer is not None:
-            job.transfer.cancel()
-        self.installer.set_phase("idle")
-        self.job = None
-        self._publish_state()
-
-    # ------------------------------------------------------------------ transfer
-    def _start_transfer(self, job: _Job) -> None:
-        d = job.desired
-        t = self.cfg.transfer
-        job.phase = "downloading"
-        self.installer.set_phase("downloading", candidate={
-            "bundle_id": d.bundle_id, "deployment_id": d.deployment_id, "name": d.name,
-            "version": d.version})
-        job.transfer = Transfer(
-            d.bundle_id, topics=self.topics, directory=self.installer.downloads, link=self.net,
-            keys=self.keys, allow_unsigned=self.cfg.allow_unsigned, window=t.window,
-            chunk_timeout_s=t.chunk_timeout_s, manifest_timeout_s=t.manifest_timeout_s,
-            max_bundle_mb=t.max_bundle_mb, min_free_mb=t.min_free_mb,
-            precheck=lambda table: self._precheck(job, table),
-            on_started=lambda tr: self._on_transfer_started(job, tr),
-            on_progress=lambda tr: self._on_transfer_progress(job, tr))
-        self._publish_state()
-        job.transfer.start(self.connected)
-        self._after_transfer_step()
-
-    def _precheck(self, job: _Job, table: ChunkTable) -> None:
-        # Unauthenticated until the bundle's own signature is checked: used only to refuse early.
-        self._check_compat(table.manifest, job.desired, table.bytes)
-
-    def _on_transfer_started(self, job: _Job, tr: Transfer) -> None:
-        st = tr.stats
-        resumed = f", resuming with {st.resumed_from} on disk" if st.resumed_from else ""
-        self._event("download_started", f"fetching {st.bytes} bytes in {st.chunks_total} chunks "
-                    f"of {st.chunk_size} (window {st.window}){resumed}", desired=job.desired,
-                    bytes=st.bytes, chunks_total=st.chunks_total, chunk_size=st.chunk_size,
-                    resumed_chunks=st.resumed_from, window=st.window)
-
-    def _on_transfer_progress(self, job: _Job, tr: Transfer) -> None:
-        now = time.monotonic()
-        if now - job.last_progress < 1.0:
-            return
-        job.last_progress = now
-        st = tr.stats
-        self._event("download_progress", f"{st.chunks_done}/{st.chunks_total} chunks",
-                    desired=job.desired, chunks_done=st.chunks_done,
-                    chunks_total=st.chunks_total, received=st.received)
-
-    def _after_transfer_step(self) -> None:
-        job = self.job
-        if job is None or job.transfer is None or not job.transfer.done \
-                or job.phase != "downloading":
-            return
-        tr = job.transfer
-        if tr.state == "done":
-            self._event("downloaded", f"{tr.stats.bytes} bytes, sha256 matches the bundle id",
-                        desired=job.desired, stats=tr.stats.to_dict())
-            self._verify_and_stage(job)
-            return
-        exc = tr.error
-        if isinstance(exc, (Rejected, BundleError)):
-            self._reject(job, exc)
-            return
-        job.attempts += 1
-        if job.attempts > self.cfg.transfer.max_retries:
-            self._event("error", f"{exc}; giving up after {job.attempts} attempts (deploy again "
-                        "to retry)", desired=job.desired)
-            self.installer.abandon(job.desired.deployment_id, job.desired.bundle_id,
-                                   "transfer_failed", str(exc))
-            tr.cleanup()
+    def _forget_finished(self) -> None:
+        if self.job is not None and self.job.finished:
             self.job = None
-            self._publish_state()
-            return
-        delay = backoff_delay(job.attempts - 1, self.cfg.transfer.retry_s,
-                              self.cfg.transfer.retry_s * 16)
-        self._event("error", f"{exc}; retrying in {delay:.0f}s", desired=job.desired,
-                    attempt=job.attempts)
-        job.phase = "waiting"
-        job.retry_at = time.monotonic() + delay
-        job.transfer = None
-        self.installer.set_phase("idle")
+            self.publish_state()
 
-    # ------------------------------------------------------------------ verify, stage, health
-    def _check_compat(self, manifest: dict, desired: DesiredState, size: int | None = None) -> None:
-        # Before the download, ``manifest`` comes from the published message, which table_sig
-        # does not cover: any field may have any type. Garbage is refused, never a crash.
-        try:
-            self._check_compat_fields(manifest, desired)
-        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
-            raise Rejected(f"the bundle's manifest has a field of the wrong type or value "
-                           f"({type(exc).__name__}: {exc})", reason="malformed",
-                           bundle_id=desired.bundle_id) from None
-
-    def _check_compat_fields(self, manifest: dict, desired: DesiredState) -> None:
-        cfg = self.cfg
-        bid = desired.bundle_id
-        target = manifest.get("target")
-        if not isinstance(target, str) or not cfg.accepts_target(target):
-            extra = f" or {', '.join(cfg.compatible_targets)}" if cfg.compatible_targets else ""
-            raise Rejected(f"bundle is built for target {target!r}; this device runs "
-                           f"{cfg.target!r}{extra}. Build for {cfg.target} (edgepack build "
-                           f"--target {cfg.target}) or list the target in compatible_targets.",
-                           reason="target", bundle_id=bid)
-        model = manifest.get("model") or {}
-        fmt = model.get("format")
-        runtime = (manifest.get("runtime") or {}).get("name") or FORMAT_RUNTIME.get(fmt or "")
-        if fmt == "tflm" or runtime not in FORMAT_RUNTIME.values():
-            raise Rejected(f"bundle needs runtime {runtime!r} (format {fmt!r}), which the Python "
-                           "agent does not run", reason="runtime", bundle_id=bid)
-        if runtime not in self.runtimes:
-            raise Rejected(f"bundle needs runtime {runtime!r}, not installed on this device "
-                           f"(available: {', '.join(self.runtimes) or 'none'})",
-                           reason="runtime", bundle_id=bid)
-        need = (manifest.get("runtime") or {}).get("min_version")
-        have = self.runtimes.get(runtime)
-        if need and have and _vtuple(have) < _vtuple(str(need)):
-            raise Rejected(f"bundle needs {runtime} >= {need}; this device has {have}",
-                           reason="runtime", bundle_id=bid)
-        budgets = manifest.get("budgets") or {}
-        model_mb = budgets.get("model_mb")
-        if model_mb and isinstance(model.get("bytes"), int) \
-                and model["bytes"] > float(model_mb) * _MB:
-            raise Rejected(f"model is {model['bytes'] / _MB:.1f} MB, over its budget of "
-                           f"{model_mb} MB", reason="budget", bundle_id=bid)
-        rss = budgets.get("peak_rss_mb")
-        if rss:
-            import psutil
-
-            total = psutil.virtual_memory().total / _MB
-            if float(rss) > total:
-                raise Rejected(f"bundle budgets {rss} MB of RSS; this device has {total:.0f} MB "
-                               "of RAM", reason="budget", bundle_id=bid)
-        active = self.installer.active
-        name, version = manifest.get("name"), manifest.get("version")
-        if active is not None and name == active.name and isinstance(version, str):
-            try:
-                older = parse_version(version) < parse_version(active.version)
-            except BundleError:
-                older = False
-            if older and not desired.allow_downgrade:
-                raise Rejected(f"{name} {version} is older than the active {active.version}: a "
-                               "downgrade. Deploy with allow_downgrade (edgepack deploy "
-                               "--allow-downgrade) if you mean it.", reason="downgrade",
-                               bundle_id=bid)
-        if (name, version) != (desired.name, desired.version):
-            log.warning("desired state names %s %s but the bundle is %s %s", desired.name,
-                        desired.version, name, version)
-
-    def _verify_and_stage(self, job: _Job) -> None:
-        assert job.transfer is not None
-        d = job.desired
-        job.phase = "verifying"
-        self.installer.set_phase("verifying")
-        crash_point("verifying")
-        try:
-            bundle: Bundle = read_bundle(job.transfer.result_path, bundle_id=d.bundle_id)
-            key = bundle.verify(self.keys, allow_unsigned=self.cfg.allow_unsigned)
-            self._check_compat(bundle.manifest, d, bundle.size)
-        except (Rejected, BundleError) as exc:
-            self._reject(job, exc)
-            return
-        signer = f"signed by key {key}" if key else "unsigned (allow_unsigned)"
-        self._event("verified", f"{bundle.name} {bundle.version} for {bundle.target}: {signer}; "
-                    "target, runtime, budgets and version checked", desired=d, key_id=key,
-                    name=bundle.name, version=bundle.version)
-        try:
-            job.slot = self.installer.stage(bundle, d.deployment_id)
-        except (OSError, EdgepackError) as exc:
-            self._event("error", f"cannot unpack the bundle: {exc}", desired=d)
-            self.installer.abandon(d.deployment_id, d.bundle_id, "install_failed", str(exc))
-            self.job = None
-            self._publish_state()
-            return
-        self._event("staged", f"unpacked into slot {job.slot.slot}", desired=d,
-                    slot=job.slot.slot)
-        h = self.cfg.health
-        job.phase = "health_checking"
-        self.installer.set_phase("health_checking")
-        self._event("health_checking", "loading the model, running golden.npz, timing p95 and "
-                    "peak RSS in a child process", desired=d, slot=job.slot.slot)
-        job.health = HealthCheck(self.installer.slot_dir(job.slot.slot), HealthOptions(
-            threads=self.cfg.runtime.threads, warmup=h.warmup_runs, runs=h.latency_runs,
-            enforce_budgets=h.enforce_budgets, timeout_s=h.timeout_s))
-        crash_point("health_checking")
-        self._publish_state()
-
-    def _after_health(self, job: _Job, report: Any) -> None:
-        d = job.desired
-        assert job.slot is not None
-        slot = job.slot.slot
-        old = self.installer.active
-        if not report.passed:
-            self._event("health_failed", report.summary(), desired=d, health=report.to_dict())
-            self.installer.abandon(d.deployment_id, d.bundle_id, "health_failed",
-                                   "; ".join(report.failures), slot=slot)
-            self._event("rolled_back", f"{_label(old)} stays active" if old else
-                        "no bundle was active; none is", desired=d, reason="health_failed",
-                        active=old.public() if old else None)
-            self._finish(job)
-            return
-        try:
-            info = self.installer.commit(slot)
-        except InstallError as exc:  # the state file cannot be written: nothing changed
-            self._event("error", f"cannot commit {d.name} {d.version}: {exc} "
-                        f"{_label(old) or 'No bundle'} stays active; deploy again to retry.",
-                        desired=d)
-            self.installer.abandon(d.deployment_id, d.bundle_id, "install_failed", str(exc),
-                                   slot=slot)
-            self._finish(job)
-            return
-        try:
-            model = Model.open(self.installer.slot_dir(slot), threads=self.cfg.runtime.threads,
-                               stats=self.stats)
-        except EdgepackError as exc:
-            back = self.installer.rollback("load_failed", str(exc))
-            self._event("health_failed", f"passed in the health check but the agent cannot "
-                        f"load it: {exc}", desired=d, health=report.to_dict())
-            self._event("rolled_back", f"{_label(back)} is active again" if back else
-                        "no previous bundle", desired=d, reason="load_failed")
-            self._load_active()
-            self._finish(job)
-            return
-        self.service.swap(model)
-        self._event("installed", f"{info.name} {info.version} committed in slot {slot} "
-                    f"({report.summary()})", desired=d, slot=slot, health=report.to_dict(),
-                    previous=old.public() if old else None)
-        self.installer.mark_handled(d.deployment_id)
-        self._finish(job)
-
-    def _finish(self, job: _Job) -> None:
-        if job.transfer is not None:
-            job.transfer.cleanup()
-        self.job = None
-        self._publish_state()
-
-    def _reject(self, job: _Job, exc: EdgepackError) -> None:
-        d = job.desired
-        reason = getattr(exc, "reason", None) or (
-            "signature" if isinstance(exc, SignatureError) else "invalid")
-        self._event("rejected", str(exc), desired=d, reason=reason)
-        self.installer.abandon(d.deployment_id, d.bundle_id, f"rejected:{reason}", str(exc))
-        if job.transfer is not None:
-            job.transfer.cleanup()
-        self.job = None
-        self._publish_state()
-
-    def _load_active(self) -> None:
+    def load_active(self) -> None:
         """Load the committed bundle for serving; fall back to the previous slot if it fails."""
         for _ in range(2):
             d = self.installer.active_dir()
@@ -753,7 +327,7 @@ class Agent:
                 return
             except EdgepackError as exc:
                 bad = self.installer.active
-                log.error("cannot load the active bundle %s: %s", _label(bad), exc)
+                log.error("cannot load the active bundle %s: %s", label(bad), exc)
                 try:
                     back = self.installer.rollback("load_failed", str(exc))
                 except InstallError:
@@ -761,8 +335,8 @@ class Agent:
                 if back is None:
                     # nothing to return to: forget it, so the desired state installs it afresh
                     self.installer.deactivate()
-                self._event("rolled_back", f"active bundle {_label(bad)} cannot be loaded ({exc})"
-                            + (f"; back to {_label(back)}" if back else "; no previous bundle: "
+                self.event("rolled_back", f"active bundle {label(bad)} cannot be loaded ({exc})"
+                            + (f"; back to {label(back)}" if back else "; no previous bundle: "
                                "it is fetched again from the broker"),
                             bundle_id=bad.bundle_id if bad else None, reason="load_failed")
                 if back is None:
@@ -779,7 +353,7 @@ class Agent:
         for info in self.installer.recovery_candidates():
             report = run_health_check(self.installer.slot_dir(info.slot), opts)
             if not report.passed:
-                log.warning("slot %s (%s) fails the health check: %s", info.slot, _label(info),
+                log.warning("slot %s (%s) fails the health check: %s", info.slot, label(info),
                             report.summary())
                 continue
             try:
@@ -787,11 +361,11 @@ class Agent:
             except InstallError as exc:
                 log.error("%s", exc)
                 break
-            self._event("error", f"{why}; recovered: {_label(info)} in slot {info.slot} passed "
+            self.event("error", f"{why}; recovered: {label(info)} in slot {info.slot} passed "
                         "the health check and is active again", bundle_id=info.bundle_id,
                         reason="state_recovered", slot=info.slot)
             return
-        self._event("error", f"{why}; no slot holds a bundle that passes the health check, so "
+        self.event("error", f"{why}; no slot holds a bundle that passes the health check, so "
                     "none is active until the desired state installs one",
                     reason="state_recovered")
 
@@ -807,20 +381,22 @@ class Agent:
             "active": active.public() if active else None,
             "previous": previous.public() if previous else None,
             "slot": active.slot if active else None,
-            "phase": job.phase if job else "idle",
+            "phase": job.phase.value if job else "idle",
             "deployment": {"deployment_id": job.desired.deployment_id,
-                           "bundle_id": job.desired.bundle_id, "phase": job.phase}
+                           "bundle_id": job.desired.bundle_id, "phase": job.phase.value}
             if job else None,
             "started_at": self._started,
             "endpoint": {"socket": str(cfg.socket_path) if cfg.socket_path else None,
                          "http": cfg.serve.http or None},
         }
 
-    def _publish_state(self) -> None:
+    def publish_state(self) -> None:
         if self.connected:
-            self.net.publish(self.state_topic, encode(self._state_payload()), qos=1, retain=True)
+            with contextlib.suppress(BrokerError):  # sent again on the next connection
+                self.net.publish(self.state_topic, encode(self._state_payload()), qos=1,
+                                 retain=True)
 
-    def _event(self, kind: str, detail: str, *, desired: DesiredState | None = None,
+    def event(self, kind: str, detail: str, *, desired: DesiredState | None = None,
                **extra: Any) -> None:
         body: dict[str, Any] = {"kind": kind, "device_id": self.cfg.device_id, "detail": detail,
                                 "deployment_id": desired.deployment_id if desired else None,
@@ -844,7 +420,7 @@ class Agent:
                 **self.sampler.sample(),
                 "bundle_id": active.bundle_id if active else None,
                 "bundle": {"name": active.name, "version": active.version} if active else None,
-                "phase": self.job.phase if self.job else "idle",
+                "phase": self.job.phase.value if self.job else "idle",
                 "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox)}
         try:
             self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
@@ -856,8 +432,9 @@ class Agent:
         if room <= 0:
             return
         for row in self.outbox.peek(room, after_id=self._sent_upto):
-            sent = self.net.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-            if sent is None:
+            try:
+                sent = self.net.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+            except BrokerError:
                 return
             self._sent_upto = row.id
             if row.qos == 0:
@@ -884,17 +461,10 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _label(info: SlotInfo | None) -> str:
-    return f"{info.name} {info.version} ({info.bundle_id[:12]})" if info else ""
+def _ram_mb() -> float:
+    import psutil
 
-
-def _vtuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.replace("-", ".").replace("+", ".").split("."):
-        if not part.isdigit():
-            break
-        out.append(int(part))
-    return tuple(out)
+    return psutil.virtual_memory().total / _MB
 
 
 def _sd_notify(message: str) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HealthOptions", "HealthReport", "check_model", "HealthCheck", "run_health_check",
-           "main"]
+__all__ = ["HealthOptions", "HealthReport", "check_model", "compare_golden", "HealthCheck",
+           "run_health_check", "main"]
 
 DEFAULT_TOLERANCES = {"atol": 1e-3, "rtol": 1e-3, "min_cosine": 0.999,
                       "min_label_agreement": 0.99}
@@ -102,6 +102,32 @@ def _rss_mb(field_name: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def compare_golden(results: list[list[Any]], golden: Any, out_specs: list[dict], n: int,
+                   tol: dict[str, float], *, quantized_io: bool = False
+                   ) -> tuple[list[dict], list[str]]:
+    """Compare ``results`` (one list of outputs per golden sample) with ``output_{j}`` of
+    ``golden``: one row per output that has golden values, and the failures."""
+    import numpy as np
+
+    rows: list[dict] = []
+    failures: list[str] = []
+    for j, spec in enumerate(out_specs):
+        key = f"output_{j}"
+        if key not in golden:
+            continue  # non-tensor outputs (sequences, maps) have no golden values
+        got = np.stack([np.asarray(r[j]) for r in results])
+        expected = golden[key][:n]
+        if quantized_io:
+            # int8/uint8 model I/O: compare real values, not raw codes, so one rounding step
+            # between CPUs is a tolerance question rather than a label mismatch.
+            got, expected = _dequantize(got, spec), _dequantize(expected, spec)
+        row = _compare(j, spec, got, expected, tol)
+        rows.append(row)
+        if not row["passed"]:
+            failures.append(f"output {row['name']}: {row.get('detail', 'mismatch')}")
+    return rows, failures
 
 
 def _compare(j: int, spec: Mapping[str, Any], got: Any, expected: Any,
@@ -208,20 +234,9 @@ def check_model(slot_dir: str | os.PathLike, opts: HealthOptions = HealthOptions
         failures.append(f"inference on the golden inputs failed: {exc}")
     rows: list[dict] = []
     if len(results) == n and n:
-        for j, spec in enumerate(out_specs):
-            key = f"output_{j}"
-            if key not in golden:
-                continue  # non-tensor outputs (sequences, maps) have no golden values
-            got = np.stack([np.asarray(r[j]) for r in results])
-            expected = golden[key][:n]
-            if health.get("quantized_io"):
-                # int8/uint8 model I/O: compare real values, not raw codes, so one rounding step
-                # between CPUs is a tolerance question rather than a label mismatch.
-                got, expected = _dequantize(got, spec), _dequantize(expected, spec)
-            row = _compare(j, spec, got, expected, tol)
-            rows.append(row)
-            if not row["passed"]:
-                failures.append(f"output {row['name']}: {row.get('detail', 'mismatch')}")
+        rows, wrong = compare_golden(results, golden, out_specs, n, tol,
+                                     quantized_io=bool(health.get("quantized_io")))
+        failures += wrong
         if not rows:
             failures.append("golden file holds no expected outputs to compare")
 

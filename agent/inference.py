@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent.errors import DataError, EdgepackError, InstallError
+from edgepack.agent.installer import read_state
 from edgepack.agent.runtimes import FORMAT_RUNTIME, Session, TensorSpec, open_model
 from edgepack.agent.telemetry import LatencyStats
 
@@ -74,16 +75,14 @@ def _spec_from_manifest(t: Mapping[str, Any], fallback: TensorSpec | None) -> Te
 
 def active_slot_dir(data_dir: str | os.PathLike) -> Path:
     """The directory of the agent's committed bundle under ``data_dir``."""
-    state_path = Path(data_dir) / "state.json"
     try:
-        state = json.loads(state_path.read_text())
-    except (OSError, ValueError):
+        state = read_state(data_dir)
+    except InstallError:
         raise NoModelError(f"no agent state in {data_dir}: is the agent installed there and has "
                            "a bundle been deployed?") from None
-    slot = state.get("active")
-    if slot not in ("A", "B"):
-        raise NoModelError(f"no bundle is active on this device yet ({state_path})")
-    return Path(data_dir) / "slots" / slot
+    if state.active is None:
+        raise NoModelError(f"no bundle is active on this device yet ({data_dir}/state.json)")
+    return Path(data_dir) / "slots" / state.active.slot
 
 
 class Model:

@@ -7,10 +7,9 @@ Layout under ``data_dir``::
                           slot.json with the bundle id, name, version, deployment)
     downloads/            transfers in progress (see edgepack.agent.transfer)
 
-Install state machine (``phase`` in ``state.json``)::
-
-    idle → downloading → verifying → staged → health_checking → committed (idle, new slot active)
-                                                              ↘ rolled-back (idle, old slot active)
+The install state machine (``phase``, ``candidate`` and ``last`` in ``state.json``) is
+:mod:`edgepack.agent.states`; this module persists it with every transition and does the slot
+work of the transitions that change slots (stage, commit, abandon, roll back).
 
 ``state.json`` is only ever replaced whole (temp file, fsync, rename, fsync directory), and the
 active slot is switched by that one rename, after the new slot is fully written and fsynced.
@@ -30,19 +29,20 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edgepack.agent.bundle import Bundle, sha256_file
 from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import InstallError
-from edgepack.agent.transfer import atomic_write
+from edgepack.agent.files import atomic_write, fsync_dir
+from edgepack.agent.states import Candidate, InstallState, Outcome, Phase, Resume, resume
 
-__all__ = ["SLOTS", "PHASES", "SlotInfo", "BootReport", "Installer"]
+__all__ = ["SLOTS", "STATE_SCHEMA", "SlotInfo", "BootReport", "DeviceState", "Installer",
+           "read_state"]
 
 SLOTS = ("A", "B")
-PHASES = ("idle", "downloading", "verifying", "staged", "health_checking")
 STATE_SCHEMA = "edgepack.agent-state/1"
 _MAX_FAILED = 32
 log = logging.getLogger("edgepack.agent")
@@ -79,13 +79,42 @@ class BootReport:
     unclean: bool  # the previous run did not exit cleanly
     crashes: int  # crashes of the active bundle within the crash window
     rolled_back: SlotInfo | None  # the bundle abandoned for crash-looping
-    interrupted: dict | None  # the install that was in progress ({"phase", "bundle_id", …})
+    interrupted: InstallState | None  # the install that was in progress (phase ≠ idle)
+    resume: Resume = Resume.NOTHING  # what happens to it (states.RESUME)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What ``state.json`` says, typed: for readers other than the agent (inference CLI)."""
+
+    active: SlotInfo | None
+    previous: SlotInfo | None
+    install: InstallState
 
 
 def _empty_state() -> dict[str, Any]:
     return {"schema": STATE_SCHEMA, "active": None, "previous": None, "slots": {"A": None,
-            "B": None}, "phase": "idle", "candidate": None, "committed_at": None,
-            "crashes": [], "running": False, "failed": [], "handled": None}
+            "B": None}, "committed_at": None, "crashes": [], "running": False, "failed": [],
+            "handled": None}
+
+
+def read_state(data_dir: str | os.PathLike) -> DeviceState:
+    """Read ``data_dir/state.json`` without changing anything; InstallError if unusable."""
+    path = Path(data_dir) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        problem = _state_problem(state)
+    except (OSError, ValueError, RecursionError) as exc:
+        problem = f"unreadable ({exc})"
+    if problem is not None:
+        raise InstallError(f"{path} is {problem}", path=str(path))
+    slots = state["slots"]
+
+    def info(key: str) -> SlotInfo | None:
+        entry = slots.get(state.get(key)) if state.get(key) in SLOTS else None
+        return SlotInfo(**entry) if entry else None
+
+    return DeviceState(info("active"), info("previous"), InstallState.from_dict(state))
 
 
 class Installer:
@@ -98,6 +127,8 @@ class Installer:
         self.downloads = self.root / "downloads"
         self.downloads.mkdir(exist_ok=True)
         self.state_path = self.root / "state.json"
+        #: where the install machine is (persisted with the rest of state.json)
+        self.install = InstallState()
         self.state = self._load()
 
     # ---- state file
@@ -114,8 +145,10 @@ class Installer:
         except (OSError, ValueError, RecursionError) as exc:
             problem = f"unreadable ({exc})"
         if problem is None:
+            self.install = InstallState.from_dict(state)
             base = _empty_state()
-            base.update(state)
+            base.update({k: v for k, v in state.items()
+                         if k not in ("phase", "candidate", "last")})
             return base
         # It is only ever replaced atomically, so the disk is failing or someone edited it: keep
         # it for inspection and start from what the slots hold (the agent health-checks a slot
@@ -137,8 +170,8 @@ class Installer:
         slot holds) raises InstallError, and the caller puts the state back as it was.
         """
         try:
-            atomic_write(self.state_path,
-                         json.dumps(self.state, indent=1, sort_keys=True).encode())
+            atomic_write(self.state_path, json.dumps({**self.state, **self.install.to_dict()},
+                                                     indent=1, sort_keys=True).encode())
         except OSError as exc:
             if critical:
                 raise InstallError(f"cannot write {self.state_path}: {exc}. Nothing changed; "
@@ -146,12 +179,15 @@ class Installer:
             log.warning("cannot write %s (%s); the change is kept in memory and written with "
                         "the next one", self.state_path, exc)
 
-    def _critical(self, before: dict[str, Any]) -> None:
-        """Save, or restore ``before`` (a deep copy) and raise."""
+    def _snapshot(self) -> tuple[dict[str, Any], InstallState]:
+        return json.loads(json.dumps(self.state)), self.install
+
+    def _critical(self, before: tuple[dict[str, Any], InstallState]) -> None:
+        """Save, or restore ``before`` (a :meth:`_snapshot`) and raise."""
         try:
             self.save(critical=True)
         except InstallError:
-            self.state = before
+            self.state, self.install = before
             raise
 
     # ---- queries
@@ -173,8 +209,13 @@ class Installer:
         return self.info(self.state["previous"])
 
     @property
-    def phase(self) -> str:
-        return self.state["phase"]
+    def phase(self) -> Phase:
+        return self.install.phase
+
+    @property
+    def handled(self) -> str | None:
+        """The deployment whose outcome was last reported."""
+        return self.state.get("handled")
 
     def active_dir(self) -> Path | None:
         a = self.state["active"]
@@ -205,11 +246,11 @@ class Installer:
 
     def adopt(self, info: SlotInfo) -> None:
         """Make a recovered slot active (it passed a health check); no previous bundle."""
-        before = json.loads(json.dumps(self.state))
+        before = self._snapshot()
         s = self.state
         s["slots"] = {slot: (info.to_dict() if slot == info.slot else None) for slot in SLOTS}
         s["active"], s["previous"], s["committed_at"] = info.slot, None, None
-        s["phase"], s["candidate"] = "idle", None
+        self.install = InstallState(last=self.install.last)
         self._critical(before)
 
     def deactivate(self) -> None:
@@ -239,10 +280,8 @@ class Installer:
         s = self.state
         unclean = bool(s.get("running"))
         rolled = None
-        interrupted = None
-        if s["phase"] != "idle":
-            interrupted = {"phase": s["phase"], **(s.get("candidate") or {})}
-            s["phase"], s["candidate"] = "idle", None
+        interrupted = self.install if self.install.phase != Phase.IDLE else None
+        self.install, rule = resume(self.install)
         committed = s.get("committed_at")
         if unclean and committed and now - committed <= crash_window_s and s["active"]:
             s["crashes"] = [t for t in s["crashes"] if now - t <= crash_window_s] + [now]
@@ -258,31 +297,38 @@ class Installer:
         s["running"] = True
         self.save()
         return BootReport(unclean=unclean, crashes=len(s["crashes"]), rolled_back=rolled,
-                          interrupted=interrupted)
+                          interrupted=interrupted, resume=rule)
 
     def clean_exit(self) -> None:
         self.state["running"] = False
         self.save()
 
-    def set_phase(self, phase: str, candidate: dict | None = None) -> None:
-        if phase not in PHASES:
-            raise ValueError(phase)
-        self.state["phase"] = phase
-        if candidate is not None or phase == "idle":
-            self.state["candidate"] = candidate
+    def advance(self, phase: Phase, candidate: Candidate | None = None) -> InstallState:
+        """Take the transition to ``phase`` (states.TRANSITIONS) and persist it."""
+        self.install = self.install.to(phase, candidate=candidate, now=time.time())
         self.save()
+        return self.install
 
     def stage(self, bundle: Bundle, deployment_id: str) -> SlotInfo:
-        """Unpack ``bundle`` into the inactive slot (fsynced); the active slot is untouched."""
+        """verifying → staged: unpack ``bundle`` into the inactive slot (fsynced); the active
+        slot is untouched. From idle (a bundle file at hand), the machine passes through
+        downloading and verifying first."""
         slot = self.inactive_slot()
         s = self.state
-        before = json.loads(json.dumps(s))
+        before = self._snapshot()
         if s["previous"] == slot:
             s["previous"] = None  # that bundle is about to be overwritten
         s["slots"][slot] = None
-        s["phase"] = "verifying"
-        s["candidate"] = {"bundle_id": bundle.bundle_id, "deployment_id": deployment_id,
-                          "slot": slot, "name": bundle.name, "version": bundle.version}
+        cand = Candidate(bundle.bundle_id, deployment_id, bundle.name, bundle.version, slot)
+        st = self.install
+        if st.phase == Phase.IDLE:
+            st = st.to(Phase.DOWNLOADING, candidate=cand)
+        if st.phase == Phase.DOWNLOADING:
+            st = st.to(Phase.VERIFYING)
+        if st.phase != Phase.VERIFYING:
+            raise InstallError(f"cannot stage a bundle in phase {st.phase}")
+        attempts = st.candidate.attempts if st.candidate else 0
+        self.install = replace(st, candidate=replace(cand, attempts=attempts))
         self._critical(before)  # the slot must not be named on disk while it is rewritten
         s = self.state
         final = self.slot_dir(slot)
@@ -296,28 +342,30 @@ class Installer:
                         runtime=str(m.get("runtime", {}).get("name", "")),
                         format=str(m["model"]["format"]), installed_at=time.time())
         atomic_write(tmp / "slot.json", json.dumps(info.to_dict()).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         crash_point("staging")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        before = json.loads(json.dumps(s))
+        fsync_dir(final.parent)
+        before = self._snapshot()
         s["slots"][slot] = info.to_dict()
-        s["phase"] = "staged"
+        self.install = self.install.to(Phase.STAGED)
         self._critical(before)
         crash_point("staged")
         return info
 
     def commit(self, slot: str, now: float | None = None) -> SlotInfo:
-        """Make ``slot`` active (one atomic rename of ``state.json``)."""
+        """health_checking → committed: make ``slot`` active (one atomic rename of
+        ``state.json``, which also returns the machine to idle)."""
         s = self.state
         info = self.info(slot)
         if info is None:
             raise InstallError(f"slot {slot} holds no staged bundle")
-        before = json.loads(json.dumps(s))
+        before = self._snapshot()
+        now = time.time() if now is None else now
+        self.install = self.install.to(Phase.COMMITTED, now=now)
         s["previous"], s["active"] = s["active"], slot
-        s["phase"], s["candidate"] = "idle", None
-        s["committed_at"] = time.time() if now is None else now
+        s["committed_at"] = now
         s["crashes"] = []
         # "handled" is set by the agent once the install is reported (mark_handled)
         crash_point("committing")
@@ -329,10 +377,20 @@ class Installer:
                 slot: str | None = None) -> None:
         """Give up on a candidate (rejected, health check failed): the active slot stays.
 
-        ``slot``: the inactive slot the candidate was staged into, emptied to free the disk.
+        The outcome follows ``kind``: ``rejected:*`` → rejected, ``health_failed`` →
+        rolled_back, anything else → failed. ``slot``: the inactive slot the candidate was
+        staged into, emptied to free the disk.
         """
         s = self.state
-        s["phase"], s["candidate"] = "idle", None
+        outcome = (Phase.REJECTED if kind.startswith("rejected") else Phase.ROLLED_BACK
+                   if kind == "health_failed" else Phase.FAILED)
+        cand = self.install.candidate or Candidate(bundle_id, deployment_id)
+        if self.install.phase == Phase.IDLE:  # refused before any work started
+            self.install = InstallState(last=Outcome(outcome, deployment_id, bundle_id, kind,
+                                                     time.time()))
+        else:
+            self.install = self.install.to(outcome, candidate=cand, reason=kind,
+                                           now=time.time())
         if slot in SLOTS and slot != s["active"] and slot != s["previous"]:
             s["slots"][slot] = None
         self._record_failed(deployment_id, bundle_id, kind, detail, time.time())
@@ -345,10 +403,13 @@ class Installer:
         bad = self.active
         if self.previous is None or not self.slot_intact(self.state["previous"]):
             return None
-        before = json.loads(json.dumps(self.state))
+        before = self._snapshot()
         self._swap_back(time.time())
         if bad is not None:
             self._record_failed(bad.deployment_id, bad.bundle_id, kind, detail, time.time())
+            # not a transition: the machine is idle; the active bundle is replaced under it
+            self.install = replace(self.install, last=Outcome(
+                Phase.ROLLED_BACK, bad.deployment_id, bad.bundle_id, kind, time.time()))
         self._critical(before)
         return self.active
 
@@ -360,7 +421,7 @@ class Installer:
         s = self.state
         s["active"], s["previous"] = s["previous"], None
         s["committed_at"] = None
-        s["phase"], s["candidate"] = "idle", None
+        self.install = InstallState(last=self.install.last)
 
     def _record_failed(self, deployment_id: str, bundle_id: str, kind: str, detail: str,
                        now: float) -> None:
@@ -394,8 +455,10 @@ def _state_problem(state: Any) -> str | None:
         v = state.get(key)
         if v is not None and (v not in SLOTS or not slots.get(v)):
             return f"inconsistent ({key} names slot {v!r}, which holds nothing)"
-    if state.get("phase", "idle") not in PHASES:
-        return f"inconsistent (phase {state.get('phase')!r})"
+    try:
+        InstallState.from_dict(state)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"inconsistent (phase {state.get('phase')!r} or its candidate)"
     if not isinstance(state.get("crashes", []), list) or not all(
             isinstance(t, (int, float)) for t in state.get("crashes", [])):
         return "inconsistent (crash records)"
@@ -403,15 +466,6 @@ def _state_problem(state: Any) -> str | None:
     if not isinstance(failed, list) or not all(
             isinstance(f, dict) and "deployment_id" in f and "bundle_id" in f for f in failed):
         return "inconsistent (failed deployments)"
-    if not isinstance(state.get("candidate"), (dict, type(None))) or not isinstance(
-            state.get("committed_at"), (int, float, type(None))):
-        return "inconsistent (candidate or commit time)"
+    if not isinstance(state.get("committed_at"), (int, float, type(None))):
+        return "inconsistent (commit time)"
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

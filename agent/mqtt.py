@@ -1,25 +1,52 @@
-"""Broker connections: URL parsing, TLS/credentials, and a small synchronous client.
+"""Broker connections: URL parsing, TLS/credentials, and the one MQTT client wrapper.
 
-Paho runs one network thread; callbacks here only hand data over (queues, events). Paho return
-codes become :class:`BrokerError` at this boundary.
+:class:`MqttClient` owns one paho client (``CallbackAPIVersion.VERSION2``, MQTT 3.1.1,
+TCP_NODELAY, TLS and credentials from :class:`BrokerConfig`, an optional LWT). Its paho
+callbacks only hand events over to a ``handler`` (a ``queue.put``, usually); every paho call
+checks its return code and raises at once::
+
+    BrokerError                  (edgepack.agent.errors)
+    └── MqttError                a paho call failed; ``rc`` is paho's code, ``op`` the call
+        ├── NotConnected         there is no connection to send on (``MQTT_ERR_NO_CONN``)
+        └── ConnectionRefused    the broker refused CONNECT, or closed before accepting it
+
+Events handed to ``handler`` (tuples)::
+
+    ("connected", session_present)      ("refused", reason)        ("disconnected", reason)
+    ("message", topic, payload, retain) ("puback", mid)            ("suback", mid, codes)
+
+``codes``: the broker's reason code per topic filter of a SUBSCRIBE (``code.is_failure`` when
+a filter was refused, e.g. a shared subscription); empty for UNSUBSCRIBE.
+
+:class:`Connection` keeps the agent connected: a connector thread builds a fresh client per
+attempt (a new *generation*: every event carries it, so late events of an old connection are
+told apart), reconnects with exponential backoff and jitter, and hands events to the agent's
+inbox. The blocking client of host commands is ``edgepack.host.fleet.client.SyncClient``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import random
 import socket
 import ssl
 import threading
 import time
-import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from edgepack.agent.errors import BrokerError
 
-__all__ = ["BrokerConfig", "parse_broker_url", "make_client", "no_delay", "SyncClient"]
+__all__ = ["BrokerConfig", "parse_broker_url", "make_client", "no_delay", "backoff_delay",
+           "Will", "MqttError", "NotConnected", "ConnectionRefused", "SocketHooks",
+           "MqttClient", "Connection"]
+
+#: topic, payload, qos, retain
+Will = tuple[str, bytes, int, bool]
+Handler = Callable[[tuple], None]
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,12 @@ def parse_broker_url(url: str, **overrides: Any) -> BrokerConfig:
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with "equal jitter": in [d/2, d] for d = min(hi, lo * 2**attempt)."""
+    d = min(hi, lo * (2 ** max(0, attempt)))
+    return (rng or random).uniform(d / 2, d)
+
+
 def no_delay(client: Any, userdata: Any, sock: Any) -> None:
     """paho ``on_socket_open``: disable Nagle's algorithm.
 
@@ -71,14 +104,19 @@ def no_delay(client: Any, userdata: Any, sock: Any) -> None:
 
 
 def make_client(cfg: BrokerConfig, client_id: str, *, clean_session: bool = True,
-                will: tuple[str, bytes, int, bool] | None = None,
-                reconnect_on_failure: bool = True) -> Any:
-    """A configured paho client (VERSION2 callbacks, MQTT 3.1.1, TCP_NODELAY), not connected."""
+                will: Will | None = None, reconnect_on_failure: bool = True,
+                mqtt5: bool = False) -> Any:
+    """A configured paho client (VERSION2 callbacks, MQTT 3.1.1 or 5, TCP_NODELAY), not
+    connected. With ``mqtt5`` the session is chosen at connect (clean start, expiry)."""
     import paho.mqtt.client as mqtt
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                    clean_session=clean_session, protocol=mqtt.MQTTv311,
-                    reconnect_on_failure=reconnect_on_failure)
+    if mqtt5:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=mqtt.MQTTv5, reconnect_on_failure=reconnect_on_failure)
+    else:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        clean_session=clean_session, protocol=mqtt.MQTTv311,
+                        reconnect_on_failure=reconnect_on_failure)
     c.on_socket_open = no_delay
     if cfg.username is not None:
         c.username_pw_set(cfg.username, cfg.password)
@@ -93,143 +131,349 @@ def make_client(cfg: BrokerConfig, client_id: str, *, clean_session: bool = True
     return c
 
 
-class SyncClient:
-    """A blocking MQTT client for host commands (publish, deploy, status) and tests.
+class MqttError(BrokerError):
+    """A paho call failed: ``rc`` is paho's return or reason code, ``op`` the call."""
 
-    Use as a context manager; every wait has a timeout and raises BrokerError when it expires.
+    def __init__(self, message: str, *, rc: Any = None, op: str = "", **context: object) -> None:
+        super().__init__(message, op=op or None, rc=None if rc is None else str(rc), **context)
+        self.rc = rc
+        self.op = op
+
+
+class NotConnected(MqttError):
+    """There is no connection to the broker to send on (it is being re-established)."""
+
+
+class ConnectionRefused(MqttError):
+    """The broker refused CONNECT (credentials, ACL) or closed before accepting it (TLS)."""
+
+
+class SocketHooks(Protocol):
+    """What an external event loop (one selector for many clients) learns about sockets."""
+
+    def opened(self, client: MqttClient, sock: Any) -> None: ...
+
+    def closed(self, client: MqttClient, sock: Any) -> None: ...
+
+    def want_write(self, client: MqttClient) -> None: ...
+
+    def no_write(self, client: MqttClient, sock: Any) -> None: ...
+
+
+def _check(rc: Any, op: str, cfg: BrokerConfig, what: str, **context: object) -> None:
+    if rc == 0:
+        return
+    import paho.mqtt.client as mqtt
+
+    if rc == mqtt.MQTT_ERR_NO_CONN:
+        raise NotConnected(f"{what} failed: not connected to the broker at {cfg.url}", rc=rc,
+                           op=op, **context)
+    raise MqttError(f"{what} failed (paho rc {rc}: {mqtt.error_string(rc)})", rc=rc, op=op,
+                    **context)
+
+
+class MqttClient:
+    """One MQTT connection whose paho calls raise instead of returning codes.
+
+    ``handler`` receives the events listed in the module docstring, from paho's network thread
+    (threaded mode: :meth:`loop_start`) or from the caller's loop (external mode: ``sockets``
+    given, the caller drives :meth:`loop_read`, :meth:`loop_write` and :meth:`loop_misc`).
+    It must only hand them over.
     """
 
-    def __init__(self, cfg: BrokerConfig | str, client_id: str | None = None,
-                 timeout: float = 30.0) -> None:
-        self.cfg = parse_broker_url(cfg) if isinstance(cfg, str) else cfg
-        self.timeout = timeout
-        self._client = make_client(self.cfg, client_id or f"edgepack-cli-{uuid.uuid4().hex[:8]}")
-        self._connected = threading.Event()
-        self._connect_rc: Any = None
-        self._messages: queue.Queue = queue.Queue()
-        self._acks: dict[int, threading.Event] = {}
-        self._lock = threading.Lock()
-        c = self._client
-        c.on_connect = self._on_connect
-        c.on_message = self._on_message
-        c.on_publish = self._on_publish
-        c.on_subscribe = self._on_subscribe
-        c.on_unsubscribe = self._on_subscribe
-        c.on_disconnect = self._on_disconnect
-        self._dropped: Any = None
+    def __init__(self, cfg: BrokerConfig, client_id: str, *, handler: Handler | None = None,
+                 clean_session: bool = True, will: Will | None = None,
+                 keepalive: int | None = None, reconnect_on_failure: bool = True,
+                 sockets: SocketHooks | None = None, mqtt5: bool = False,
+                 session_expiry_s: float | None = None) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.keepalive = cfg.keepalive if keepalive is None else keepalive
+        self.handler: Handler = handler or (lambda event: None)
+        self.mqtt5 = mqtt5
+        self._clean = clean_session
+        self._session_expiry_s = session_expiry_s
+        self._paho = make_client(cfg, client_id, clean_session=clean_session, will=will,
+                                 reconnect_on_failure=reconnect_on_failure, mqtt5=mqtt5)
+        self._paho.connect_timeout = cfg.connect_timeout
+        self._auto_reconnect = reconnect_on_failure
+        self._connack = threading.Event()
+        self._refusal: str | None = None
+        self._refusal_rc: Any = None
+        self._started = False
+        self._bind(sockets)
 
-    # paho callbacks: hand over only
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        self._connect_rc = rc
-        self._connected.set()
+    # ---- paho callbacks: hand over only
+    def _bind(self, sockets: SocketHooks | None) -> None:
+        c = self._paho
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any,
-                       props: Any) -> None:
-        if not self._connected.is_set():  # dropped before CONNACK (e.g. TLS cert refused)
-            self._dropped = rc
-            self._connected.set()
+        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            if rc.is_failure:
+                self._refusal_rc = rc
+                self._refusal = (f"refused the connection: {rc}. Check username/password or "
+                                 "certificates.")
+                self.handler(("refused", str(rc)))
+            else:
+                self.handler(("connected", bool(getattr(flags, "session_present", False))))
+            self._connack.set()
 
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self._messages.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
+        def on_disconnect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            if not self._auto_reconnect:
+                client.loop_stop()  # only sets a flag from this thread: the owner reconnects
+            if not self._connack.is_set():  # dropped before CONNACK (e.g. TLS cert refused)
+                self._refusal_rc = rc
+                self._refusal = (f"closed the connection before accepting it ({rc}): check "
+                                 "certificates, CA and credentials")
+                self._connack.set()
+            self.handler(("disconnected", str(rc)))
 
-    def _ack(self, mid: int) -> None:
-        with self._lock:
-            ev = self._acks.setdefault(mid, threading.Event())
-        ev.set()
+        c.on_connect = on_connect
+        c.on_disconnect = on_disconnect
+        c.on_message = lambda client, u, msg: self.handler(
+            ("message", msg.topic, bytes(msg.payload), bool(msg.retain)))
+        c.on_publish = lambda client, u, mid, rc, props: self.handler(("puback", mid))
+        c.on_subscribe = lambda client, u, mid, codes, props: self.handler(
+            ("suback", mid, tuple(codes)))
+        c.on_unsubscribe = lambda client, u, mid, *rest: self.handler(("suback", mid, ()))
+        if sockets is None:
+            return
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        self._ack(mid)
+        def opened(client: Any, userdata: Any, sock: Any) -> None:
+            no_delay(client, userdata, sock)
+            sockets.opened(self, sock)
 
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, *rest: Any) -> None:
-        self._ack(mid)
+        c.on_socket_open = opened
+        c.on_socket_close = lambda client, u, sock: sockets.closed(self, sock)
+        c.on_socket_register_write = lambda client, u, sock: sockets.want_write(self)
+        c.on_socket_unregister_write = lambda client, u, sock: sockets.no_write(self, sock)
 
-    def __enter__(self) -> SyncClient:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
+    # ---- connection
     def connect(self) -> None:
+        """Open the socket and send CONNECT (CONNACK arrives as an event); raises
+        :class:`MqttError` when the broker cannot be reached. A second call reconnects."""
+        self._connack.clear()
+        self._refusal = self._refusal_rc = None
         try:
-            self._client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerError(f"cannot reach the broker at {self.cfg.url}: {exc}. Is it running? "
-                              "(edgepack broker starts one for a one-machine trial)") from None
-        self._client.loop_start()
-        if not self._connected.wait(self.cfg.connect_timeout):
-            self.close()
-            raise BrokerError(f"broker at {self.cfg.url} did not answer CONNECT within "
-                              f"{self.cfg.connect_timeout:g}s")
-        if self._connect_rc is None and self._dropped is not None:
-            self.close()
-            raise BrokerError(f"broker at {self.cfg.url} closed the connection before accepting "
-                              f"it ({self._dropped}): check certificates, CA and credentials")
-        if self._connect_rc is not None and getattr(self._connect_rc, "is_failure", False):
-            self.close()
-            raise BrokerError(f"broker at {self.cfg.url} refused the connection: "
-                              f"{self._connect_rc}. Check username/password or certificates.")
+            if self._started:
+                rc = self._paho.reconnect()
+            elif self.mqtt5:
+                rc = self._paho.connect(self.cfg.host, self.cfg.port, keepalive=self.keepalive,
+                                        clean_start=self._clean,
+                                        properties=self._connect_properties())
+            else:
+                rc = self._paho.connect(self.cfg.host, self.cfg.port, keepalive=self.keepalive)
+            self._started = True
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise MqttError(f"cannot reach the broker at {self.cfg.url}: {exc}. Is it running? "
+                            "(edgepack broker starts one for a one-machine trial)",
+                            op="connect") from None
+        _check(rc, "connect", self.cfg, f"connecting to {self.cfg.url}")
+
+    def _connect_properties(self) -> Any:
+        if self._session_expiry_s is None:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(self._session_expiry_s)
+        return props
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until the broker accepted CONNECT (threaded mode); raise if it refused."""
+        timeout = self.cfg.connect_timeout if timeout is None else timeout
+        if not self._connack.wait(timeout):
+            raise MqttError(f"broker at {self.cfg.url} did not answer CONNECT within "
+                            f"{timeout:g}s", op="connect")
+        if self._refusal is not None:
+            raise ConnectionRefused(f"broker at {self.cfg.url} {self._refusal}",
+                                    rc=self._refusal_rc, op="connect")
+
+    def loop_start(self) -> None:
+        _check(self._paho.loop_start(), "loop_start", self.cfg, "starting the network thread")
+
+    def loop_stop(self) -> None:
+        self._paho.loop_stop()
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT (no LWT); nothing to do when the connection is already gone."""
+        import paho.mqtt.client as mqtt
+
+        rc = self._paho.disconnect()
+        if rc != mqtt.MQTT_ERR_NO_CONN:
+            _check(rc, "disconnect", self.cfg, "disconnecting")
 
     def close(self) -> None:
+        """Disconnect if connected and stop the network thread; never raises."""
         try:
-            self._client.disconnect()
+            with contextlib.suppress(BrokerError, OSError):
+                self.disconnect()
         finally:
-            self._client.loop_stop()
+            self._paho.loop_stop()
 
-    def _wait(self, mid: int, what: str, timeout: float | None = None) -> None:
-        with self._lock:
-            ev = self._acks.setdefault(mid, threading.Event())
-        if not ev.wait(self.timeout if timeout is None else timeout):
-            raise BrokerError(f"broker at {self.cfg.url} did not acknowledge {what} within "
-                              f"{self.timeout:g}s")
-        with self._lock:
-            self._acks.pop(mid, None)
-
+    # ---- operations
     def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
-                wait: bool = True) -> int:
-        """Publish; with ``wait`` block until the broker acknowledged it (QoS 1/2)."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != 0:
-            raise BrokerError(f"publish to {topic} failed (paho rc {info.rc})", topic=topic)
-        if wait and qos > 0:
-            self._wait(info.mid, f"the publish to {topic}")
+                wait: float | None = None) -> int:
+        """Queue a message; returns its mid (acknowledged later as a ``puback`` event). With
+        ``wait``, block that many seconds for the acknowledgement (threaded mode)."""
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        _check(info.rc, "publish", self.cfg, f"publish to {topic}", topic=topic)
+        if wait is not None:
+            try:
+                info.wait_for_publish(timeout=wait)
+            except (RuntimeError, ValueError) as exc:
+                raise NotConnected(f"publish to {topic} was not sent: {exc}", op="publish",
+                                   topic=topic) from None
+            if not info.is_published():
+                raise MqttError(f"broker at {self.cfg.url} did not acknowledge the publish to "
+                                f"{topic} within {wait:g}s", op="publish", topic=topic)
         return info.mid
 
-    def wait_published(self, mids: list[int]) -> None:
-        for mid in mids:
-            self._wait(mid, "a publish")
+    def subscribe(self, topics: str | Sequence[str], qos: int = 1) -> int:
+        """Send SUBSCRIBE for one or more topic filters; returns its mid (``suback`` event)."""
+        items = [topics] if isinstance(topics, str) else list(topics)
+        rc, mid = self._paho.subscribe([(t, qos) for t in items])
+        _check(rc, "subscribe", self.cfg, f"subscribe to {', '.join(items)}", topic=items[0])
+        return mid
 
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        rc, mid = self._client.subscribe(topic, qos)
-        if rc != 0:
-            raise BrokerError(f"subscribe to {topic} failed (paho rc {rc})", topic=topic)
-        self._wait(mid, f"the subscription to {topic}")
+    def unsubscribe(self, topics: str | Sequence[str]) -> int:
+        items = [topics] if isinstance(topics, str) else list(topics)
+        rc, mid = self._paho.unsubscribe(items)
+        _check(rc, "unsubscribe", self.cfg, f"unsubscribe from {', '.join(items)}",
+               topic=items[0])
+        return mid
 
-    def unsubscribe(self, topic: str) -> None:
-        rc, mid = self._client.unsubscribe(topic)
-        if rc == 0:
-            self._wait(mid, f"unsubscribing {topic}")
+    # ---- external loop (one selector for many clients)
+    def socket(self) -> Any:
+        return self._paho.socket()
 
-    def get(self, timeout: float) -> tuple[str, bytes, bool] | None:
-        """Next message ``(topic, payload, retained)`` or None after ``timeout`` seconds."""
-        try:
-            return self._messages.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
+    def want_write(self) -> bool:
+        return bool(self._paho.want_write())
 
-    def retained(self, topic_filter: str, settle: float = 0.5) -> dict[str, bytes]:
-        """Every retained message under ``topic_filter``: waits until none arrived for ``settle``."""
-        self.subscribe(topic_filter)
-        out: dict[str, bytes] = {}
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            m = self.get(settle)
-            if m is None:
-                break
-            topic, payload, _ = m
-            if payload:
-                out[topic] = payload
-            else:
-                out.pop(topic, None)
-        self.unsubscribe(topic_filter)
-        return out
+    def loop_read(self, max_packets: int = 1) -> None:
+        self._paho.loop_read(max_packets)
+
+    def loop_write(self) -> None:
+        self._paho.loop_write()
+
+    def loop_misc(self) -> None:
+        self._paho.loop_misc()
+
+
+class Connection:
+    """The agent's connection to its broker, kept up by a connector thread.
+
+    Every attempt is a new :class:`MqttClient` (persistent session, LWT) and a new generation
+    ``gen``; its events reach ``inbox`` as ``(kind, gen, *fields)``, plus
+    ``("connect_failed", gen, reason)`` when an attempt fails before CONNACK. Between attempts the
+    thread waits :func:`backoff_delay`. :meth:`publish`, :meth:`subscribe` and
+    :meth:`unsubscribe` are thread-safe and raise :class:`NotConnected` between connections.
+    """
+
+    def __init__(self, cfg: BrokerConfig, client_id: str, will: Will, inbox: queue.Queue,
+                 reconnect_min: float, reconnect_max: float) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will = will
+        self.inbox = inbox
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.gen = 0
+        self._client: MqttClient | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgepack-connector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- connector thread
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            with self._lock:
+                self.gen += 1
+                gen = self.gen
+            ended = threading.Event()
+            accepted = threading.Event()
+
+            def hand_over(event: tuple, gen: int = gen, ended: threading.Event = ended,
+                          accepted: threading.Event = accepted) -> None:
+                self.inbox.put((event[0], gen, *event[1:]))
+                if event[0] == "connected":
+                    accepted.set()
+                elif event[0] in ("refused", "disconnected"):
+                    ended.set()
+
+            client = MqttClient(self.cfg, self.client_id, handler=hand_over,
+                                clean_session=False, will=self.will, reconnect_on_failure=False)
+            try:
+                client.connect()
+            except MqttError as exc:
+                self.inbox.put(("connect_failed", gen, str(exc)))
+                self._stop.wait(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
+                attempt += 1
+                continue
+            with self._lock:
+                self._client = client
+            client.loop_start()
+            deadline = time.monotonic() + self.cfg.connect_timeout
+            while not (ended.is_set() or self._stop.is_set() or accepted.is_set()):
+                if time.monotonic() > deadline:
+                    self.inbox.put(("connect_failed", gen, "no CONNACK within "
+                                    f"{self.cfg.connect_timeout:g}s"))
+                    break
+                ended.wait(0.05)
+            if accepted.is_set():
+                attempt = 0
+                while not (ended.is_set() or self._stop.is_set()):
+                    ended.wait(0.2)
+            if self._stop.is_set():
+                return  # close() disconnects gracefully
+            with self._lock:
+                self._client = None
+            client.close()
+            self._stop.wait(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
+            attempt += 1
+
+    # ---- any thread
+    def _current(self, what: str) -> tuple[MqttClient, int]:
+        with self._lock:
+            client, gen = self._client, self.gen
+        if client is None:
+            raise NotConnected(f"{what}: not connected to the broker at {self.cfg.url}",
+                               op=what)
+        return client, gen
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1,
+                retain: bool = False) -> tuple[int, int]:
+        """Queue a message on the current connection; returns ``(gen, mid)``."""
+        client, gen = self._current("publish")
+        return gen, client.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topics: list[str], qos: int = 1) -> None:
+        if topics:
+            self._current("subscribe")[0].subscribe(topics, qos)
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        if topics:
+            self._current("unsubscribe")[0].unsubscribe(topics)
+
+    def close(self, last_will: tuple[str, bytes] | None, connected: bool) -> None:
+        """Say goodbye (retained offline state) and disconnect cleanly (no LWT)."""
+        self._stop.set()
+        with self._lock:
+            client = self._client
+        if client is not None:
+            if connected and last_will is not None:
+                with contextlib.suppress(BrokerError):
+                    client.publish(last_will[0], last_will[1], qos=1, retain=True, wait=2.0)
+            client.close()
+        self._thread.join(timeout=5)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SyncClient":  # moved to the host; re-exported until callers are updated
+        from edgepack.host.fleet.client import SyncClient
+        return SyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

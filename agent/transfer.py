@@ -2,7 +2,10 @@
 
 A :class:`Transfer` is a state machine driven by the agent loop: it never blocks and never
 touches the network itself. The loop feeds it messages (:meth:`Transfer.on_message`), connection
-changes and clock ticks; it asks the loop to subscribe/unsubscribe through a :class:`Link`.
+changes and clock ticks; it asks the loop to subscribe/unsubscribe through a :class:`Link`
+(whose calls raise :class:`BrokerError` when they cannot be sent) and hands verified chunks to a
+:class:`~edgepack.agent.chunkstore.ChunkStore`: on disk for the agent (the file names below),
+in memory for the fleet simulator.
 
 Algorithm (``docs/protocol.md`` § Transfer):
 
@@ -25,21 +28,18 @@ the agent still knows which chunks of the window arrived and asks only for the o
 
 from __future__ import annotations
 
-import base64
-import errno
+import contextlib
 import hashlib
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgepack.agent.bundle import sha256_file
+from edgepack.agent.chunkstore import ChunkStore, DiskChunks, chunk_length
 from edgepack.agent.crashpoint import crash_point
 from edgepack.agent.errors import (
+    BrokerError,
     BundleError,
     EdgepackError,
     ProtocolError,
@@ -49,7 +49,7 @@ from edgepack.agent.errors import (
 from edgepack.agent.protocol import ChunkTable, Topics, parse_chunk_table
 from edgepack.agent.signing import canonical_json, verify_detached
 
-__all__ = ["Link", "Rejected", "Transfer", "TransferStats", "atomic_write"]
+__all__ = ["Link", "Rejected", "Transfer", "TransferStats"]
 
 _MB = 1024 * 1024
 
@@ -65,38 +65,10 @@ class Rejected(EdgepackError):
 class Link(Protocol):
     """What a transfer needs from the agent's MQTT connection."""
 
-    def subscribe(self, topics: list[str], qos: int = 1) -> bool: ...
+    def subscribe(self, topics: list[str], qos: int = 1) -> object:
+        """Send SUBSCRIBE; raise :class:`BrokerError` when it cannot be sent."""
 
-    def unsubscribe(self, topics: list[str]) -> bool: ...
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``path`` so that a crash leaves either the old or the new content: temp, fsync,
-    rename, fsync the directory.
-
-    ``durable=False`` skips the directory fsync: after a power cut the rename may be lost (the
-    old content comes back), which is fine for progress records that only save re-fetching.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # a full disk: do not leave a torn temporary file behind
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    def unsubscribe(self, topics: list[str]) -> object: ...
 
 
 @dataclass
@@ -124,9 +96,11 @@ class TransferStats:
 
 
 class Transfer:
-    """Download one bundle into ``directory/{bundle_id}.edgepack``."""
+    """Download one bundle into ``store`` (default: ``DiskChunks`` in ``directory``, the
+    result ``directory/{bundle_id}.edgepack``)."""
 
-    def __init__(self, bundle_id: str, *, topics: Topics, directory: Path, link: Link,
+    def __init__(self, bundle_id: str, *, topics: Topics, link: Link,
+                 directory: Path | None = None, store: ChunkStore | None = None,
                  keys: Mapping[str, Any], allow_unsigned: bool = False, window: int = 8,
                  chunk_timeout_s: float = 30.0, manifest_timeout_s: float = 30.0,
                  max_bundle_mb: float = 1024.0, min_free_mb: float = 64.0,
@@ -136,8 +110,11 @@ class Transfer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.bundle_id = bundle_id
         self.topics = topics
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if store is None:
+            if directory is None:
+                raise TypeError("Transfer needs `directory=` or `store=`")
+            store = DiskChunks(bundle_id, Path(directory), min_free_mb=min_free_mb)
+        self.store = store
         self.link = link
         self.keys = keys
         self.allow_unsigned = allow_unsigned
@@ -159,26 +136,21 @@ class Transfer:
         self._have = bytearray()
         self._inflight: list[int] = []
         self._attempts = 0
-        self._fd: int | None = None
         self._chunk_prefix = f"{topics.prefix}bundles/{bundle_id}/chunks/"
         self._manifest_topic = topics.bundle_manifest(bundle_id)
 
-    # ---- files
+    # ---- files (of a DiskChunks store)
     @property
     def part_path(self) -> Path:
-        return self.dir / f"{self.bundle_id}.part"
+        return self.store.part_path  # type: ignore[attr-defined]
 
     @property
     def progress_path(self) -> Path:
-        return self.dir / f"{self.bundle_id}.progress.json"
-
-    @property
-    def table_path(self) -> Path:
-        return self.dir / f"{self.bundle_id}.table.json"
+        return self.store.progress_path  # type: ignore[attr-defined]
 
     @property
     def result_path(self) -> Path:
-        return self.dir / f"{self.bundle_id}.edgepack"
+        return self.store.result_path  # type: ignore[attr-defined]
 
     @property
     def done(self) -> bool:
@@ -186,9 +158,7 @@ class Transfer:
 
     def cleanup(self) -> None:
         """Remove every file of this transfer (after install, rejection, or cancel)."""
-        self._close()
-        for p in (self.part_path, self.progress_path, self.table_path, self.result_path):
-            p.unlink(missing_ok=True)
+        self.store.cleanup()
 
     # ---- driving
     def start(self, connected: bool) -> None:
@@ -200,18 +170,17 @@ class Transfer:
             self._fail(self._disk_error(exc))
 
     def _start(self) -> None:
-        if self.result_path.exists():
-            self._finish_existing()
+        if self.store.finished():
+            self.state = "done"
             return
-        saved = self._load_saved()
+        saved = self.store.saved_table()
         if saved is not None:
             try:
                 parse_chunk_table(saved, expected_id=self.bundle_id)
             except ProtocolError:
                 # a damaged record (torn write, failing disk) would fail every retry the same
                 # way: forget the partial download and fetch the manifest again
-                for p in (self.part_path, self.progress_path, self.table_path):
-                    p.unlink(missing_ok=True)
+                self.store.discard()
                 saved = None
         if saved is not None:
             try:
@@ -244,9 +213,8 @@ class Transfer:
     def cancel(self) -> None:
         """Stop (a newer desired state arrived, or shutdown); files stay for a later resume."""
         self._unsubscribe_current()
-        if self._fd is not None:
-            self._keep_progress()
-        self._close()
+        self.store.keep(self._have)
+        self.store.close()
         if not self.done:
             self.state = "failed"
             self.error = TransferError("transfer cancelled", bundle_id=self.bundle_id)
@@ -269,7 +237,8 @@ class Transfer:
             self._fail(self._disk_error(exc))
 
     def _disk_error(self, exc: OSError) -> TransferError:
-        return TransferError(f"cannot write bundle {self.bundle_id[:12]} to {self.dir}: {exc}. "
+        return TransferError(f"cannot write bundle {self.bundle_id[:12]} to {self.store.where}: "
+                             f"{exc}. "
                              "The download resumes from what is on disk once the disk has room.",
                              bundle_id=self.bundle_id)
 
@@ -322,19 +291,13 @@ class Transfer:
         self.stats.chunks_total = n
         self.stats.bytes = table.bytes
         self.stats.chunk_size = table.chunk_size
-        if not from_disk:
-            self._check_space(table, 0)
-            atomic_write(self.table_path, raw)
-            self.part_path.unlink(missing_ok=True)
-            self.progress_path.unlink(missing_ok=True)
-        self._have = self._load_bitmap(n) if from_disk else bytearray((n + 7) // 8)
         if from_disk:
-            self._verify_on_disk(table)
+            self._have = self.store.resume(table)
+        else:
+            self.store.begin(raw, table)
+            self._have = bytearray((n + 7) // 8)
         done = sum(1 for i in range(n) if self._has(i))
         self.stats.chunks_done = self.stats.resumed_from = done
-        if from_disk:
-            self._check_space(table, done * table.chunk_size)
-        self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT, 0o644)
         self.state = "chunks"
         if self.on_started is not None:
             self.on_started(self)
@@ -356,16 +319,6 @@ class Transfer:
                            f"device's limit of {self.max_bundle_mb:g} MB (transfer.max_bundle_mb)",
                            reason="too_large", bundle_id=self.bundle_id)
 
-    def _check_space(self, table: ChunkTable, on_disk: int) -> None:
-        # The download, then the unpacked slot (at most about the bundle's size again).
-        need = 2 * table.bytes - on_disk + self.min_free_mb * _MB
-        free = shutil.disk_usage(self.dir).free
-        if free < need:
-            raise TransferError(
-                f"not enough disk space for bundle {self.bundle_id[:12]}: {free / _MB:.0f} MB "
-                f"free, {need / _MB:.0f} MB needed (download + unpack + transfer.min_free_mb). "
-                "Free space on the device.", bundle_id=self.bundle_id)
-
     # ---- chunks
     def _chunk_topic(self, i: int) -> str:
         return f"{self._chunk_prefix}{i}"
@@ -375,22 +328,6 @@ class Transfer:
 
     def _set(self, i: int) -> None:
         self._have[i >> 3] |= 1 << (i & 7)
-
-    def _verify_on_disk(self, table: ChunkTable) -> None:
-        """Chunks recorded as on disk must still match the signed table (a failing disk, a
-        lost page after a power cut): any that do not are fetched again, instead of the whole
-        file failing its hash at the end."""
-        n = len(table.chunks)
-        if not any(self._have):
-            return
-        with open(self.part_path, "rb") as f:
-            for i in range(n):
-                if not self._has(i):
-                    continue
-                f.seek(i * table.chunk_size)
-                size = table.chunk_size if i < n - 1 else table.bytes - table.chunk_size * (n - 1)
-                if hashlib.sha256(f.read(size)).hexdigest() != table.chunks[i]:
-                    self._have[i >> 3] &= ~(1 << (i & 7)) & 0xFF
 
     def _next_window(self) -> None:
         assert self.table is not None
@@ -409,7 +346,7 @@ class Transfer:
         self._deadline = self.clock() + self.chunk_timeout_s
 
     def _on_chunk(self, suffix: str, payload: bytes) -> None:
-        assert self.table is not None and self._fd is not None
+        assert self.table is not None
         try:
             i = int(suffix)
         except ValueError:
@@ -423,23 +360,19 @@ class Transfer:
         if self._has(i):
             self.stats.duplicates += 1
             return
-        size = self.table.chunk_size if i < n - 1 else self.table.bytes - self.table.chunk_size * (
-            n - 1)
+        size = chunk_length(self.table, i)
         if len(payload) != size or hashlib.sha256(payload).hexdigest() != self.table.chunks[i]:
             raise Rejected(
                 f"chunk {i} of bundle {self.bundle_id[:12]} does not match the signed chunk "
                 "table: the data on the broker was altered or corrupted. Nothing was installed; "
                 "re-publish the bundle.", reason="tampered", bundle_id=self.bundle_id)
-        if os.pwrite(self._fd, payload, i * self.table.chunk_size) != len(payload):
-            # a short write (disk filling up): the chunk is not on disk, do not mark it
-            raise OSError(errno.ENOSPC, f"short write of chunk {i}")
+        self.store.write(i, i * self.table.chunk_size, payload)
         self._set(i)
         self.stats.written += 1
         self.stats.chunks_done += 1
         crash_point("downloading")
         if all(self._has(j) for j in self._inflight):
-            os.fdatasync(self._fd)
-            self._save_progress()
+            self.store.checkpoint(self._have)
             self._unsubscribe([self._chunk_topic(j) for j in self._inflight])
             if self.on_progress is not None:
                 self.on_progress(self)
@@ -447,71 +380,28 @@ class Transfer:
 
     def _complete(self) -> None:
         assert self.table is not None
-        self._close()
-        os.truncate(self.part_path, self.table.bytes)
-        digest = sha256_file(self.part_path)
+        digest = self.store.complete(self.table)
         if digest != self.bundle_id:
-            self.part_path.unlink(missing_ok=True)
-            self.progress_path.unlink(missing_ok=True)
             raise Rejected(f"the downloaded file hashes to {digest[:12]}, not to the bundle id "
                            f"{self.bundle_id[:12]}: the signed chunk table does not describe this "
                            "bundle. Re-publish it.", reason="tampered", bundle_id=self.bundle_id)
-        os.replace(self.part_path, self.result_path)
-        self.progress_path.unlink(missing_ok=True)
-        self.table_path.unlink(missing_ok=True)
         self._deadline = None
         self.state = "done"
 
-    def _finish_existing(self) -> None:
-        if sha256_file(self.result_path) == self.bundle_id:
-            self.state = "done"
-        else:
-            self.result_path.unlink(missing_ok=True)
-            self.start(self._connected)
-
-    # ---- persistence
-    def _keep_progress(self) -> None:
-        """Record what is on disk, if the disk lets us: the last record stays valid otherwise
-        (it only ever under-states what is there, so at worst chunks are fetched again)."""
-        try:
-            os.fsync(self._fd)
-            self._save_progress()
-        except OSError:
-            pass
-
-    def _save_progress(self) -> None:
-        doc = {"bundle_id": self.bundle_id, "chunks": self.stats.chunks_total,
-               "have": base64.b64encode(bytes(self._have)).decode(), "ts": time.time()}
-        atomic_write(self.progress_path, json.dumps(doc).encode(), durable=False)
-
-    def _load_saved(self) -> bytes | None:
-        if not self.table_path.exists():
-            return None
-        try:
-            return self.table_path.read_bytes()
-        except OSError:
-            return None
-
-    def _load_bitmap(self, n: int) -> bytearray:
-        empty = bytearray((n + 7) // 8)
-        if not self.part_path.exists():
-            return empty
-        try:
-            doc = json.loads(self.progress_path.read_text())
-            bits = bytearray(base64.b64decode(doc["have"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return empty
-        return bits if len(bits) == len(empty) and doc.get("bundle_id") == self.bundle_id \
-            else empty
-
     # ---- plumbing
     def _subscribe(self, topics: list[str]) -> None:
-        if topics and self._connected and self.link.subscribe(topics):
-            self.stats.requests += 1
+        if not (topics and self._connected):
+            return
+        try:
+            self.link.subscribe(topics)
+        except BrokerError:  # the connection dropped: on_connected() asks again
+            return
+        self.stats.requests += 1
 
     def _unsubscribe(self, topics: list[str]) -> None:
         if topics and self._connected:
-            self.link.unsubscribe(topics)
+            with contextlib.suppress(BrokerError):  # a dropped connection forgets them anyway
+                self.link.unsubscribe(topics)
 
     def _unsubscribe_current(self) -> None:
         if self.state == "manifest":
@@ -520,21 +410,18 @@ class Transfer:
             self._unsubscribe([self._chunk_topic(i) for i in self._inflight])
 
     def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.store.close()
 
     def _fail(self, exc: EdgepackError) -> None:
         self._unsubscribe_current()
-        if self._fd is not None and not isinstance(exc, (Rejected, BundleError)):
-            self._keep_progress()  # keep what arrived of the window for the next attempt
-        self._close()
+        if isinstance(exc, (Rejected, BundleError)):
+            self.store.discard()
+        else:
+            self.store.keep(self._have)  # keep what arrived of the window for the next attempt
+        self.store.close()
         self.state = "failed"
         self.error = exc
         self._deadline = None
-        if isinstance(exc, (Rejected, BundleError)):
-            for p in (self.part_path, self.progress_path, self.table_path):
-                p.unlink(missing_ok=True)
 
 
 def _ranges(indices: list[int]) -> str:

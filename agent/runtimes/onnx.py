@@ -8,7 +8,8 @@ from typing import Any
 from edgepack.agent.errors import InstallError
 from edgepack.agent.runtimes import TensorSpec, _has
 
-__all__ = ["NAME", "FORMATS", "available", "version", "preload", "load", "OnnxSession"]
+__all__ = ["NAME", "FORMATS", "available", "version", "preload", "load", "session_options",
+           "OnnxSession"]
 
 NAME = "onnxruntime"
 FORMATS = ("onnx",)
@@ -60,6 +61,19 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(name=arg.name, dtype=_dtype(arg.type), shape=shape)
 
 
+def session_options(threads: int) -> Any:
+    """The agent's ``SessionOptions``: ``threads`` intra-op, sequential, all optimizations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
 class OnnxSession:
     """An ``onnxruntime.InferenceSession`` with the agent's interface."""
 
@@ -68,12 +82,7 @@ class OnnxSession:
     def __init__(self, path: Path, threads: int, providers: tuple[str, ...]) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         have = set(ort.get_available_providers())
         chosen = [p for p in providers if p in have] or ["CPUExecutionProvider"]
         try:

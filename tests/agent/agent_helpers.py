@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent.config import write_config
-from edgepack.agent.mqtt import SyncClient, make_client, parse_broker_url
+from edgepack.agent.mqtt import make_client, parse_broker_url
 from edgepack.agent.protocol import DesiredState, Topics, encode
+from edgepack.host.fleet.client import SyncClient
 
 TARGET = "x86-64-avx2"
 

@@ -10,8 +10,8 @@ import pytest
 from agent_helpers import AgentProcess, Watcher, agent_config, deploy, publish_desired
 
 from edgepack.agent.inference import Client
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
+from edgepack.host.fleet.client import SyncClient
 
 pytestmark = pytest.mark.broker
 

@@ -9,10 +9,10 @@ from click.testing import CliRunner
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.config import load_config
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics, parse_chunk_table
 from edgepack.agent.signing import canonical_json, load_public_keys, verify_detached
 from edgepack.host.cli import main
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.publish import publish_bundle
 
 pytestmark = pytest.mark.broker

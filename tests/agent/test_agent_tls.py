@@ -12,7 +12,7 @@ import pytest
 from agent_helpers import AgentProcess, Watcher, agent_config, deploy, free_port
 from brokers import start_mosquitto
 
-from edgepack.agent.mqtt import SyncClient
+from edgepack.host.fleet.client import SyncClient
 
 pytestmark = pytest.mark.broker
 

@@ -12,6 +12,7 @@ from edgepack.agent.errors import TransferError
 from edgepack.agent.installer import Installer
 from edgepack.agent.protocol import Topics, encode
 from edgepack.agent.signing import load_public_keys
+from edgepack.agent.states import Phase
 from edgepack.agent.transfer import Rejected, Transfer
 from edgepack.host.fleet.publish import manifest_message
 
@@ -193,17 +194,23 @@ def test_manifest_timeout(tmp_path, keys):
 
 
 # ---------------------------------------------------------------- installer
+def _commit(inst: Installer, slot: str, **kw):
+    """staged → health_checking → committed (the health check itself is not the point)."""
+    inst.advance(Phase.HEALTH_CHECKING)
+    return inst.commit(slot, **kw)
+
+
 def test_install_commit_rollback_and_state_file(tmp_path, bundles):
     inst = Installer(tmp_path / "data")
     b1, b2 = read_bundle(bundles.get("1.0.0")), read_bundle(bundles.get("2.0.0"))
     assert inst.active is None and inst.inactive_slot() == "A"
     s1 = inst.stage(b1, "dep1")
     assert inst.phase == "staged" and inst.active is None
-    inst.commit(s1.slot)
+    _commit(inst, s1.slot)
     assert inst.active.bundle_id == b1.bundle_id and inst.active.slot == "A"
     s2 = inst.stage(b2, "dep2")
     assert s2.slot == "B" and inst.active.slot == "A"
-    inst.commit("B")
+    _commit(inst, "B")
     assert inst.active.version == "2.0.0" and inst.previous.version == "1.0.0"
     on_disk = json.loads((tmp_path / "data" / "state.json").read_text())
     assert on_disk["active"] == "B" and on_disk["previous"] == "A"
@@ -219,8 +226,8 @@ def test_install_commit_rollback_and_state_file(tmp_path, bundles):
 def test_boot_counts_crashes_and_rolls_back(tmp_path, bundles):
     inst = Installer(tmp_path / "data")
     b1, b2 = read_bundle(bundles.get("1.0.0")), read_bundle(bundles.get("2.0.0"))
-    inst.commit(inst.stage(b1, "dep1").slot, now=100.0)
-    inst.commit(inst.stage(b2, "dep2").slot, now=200.0)
+    _commit(inst, inst.stage(b1, "dep1").slot, now=100.0)
+    _commit(inst, inst.stage(b2, "dep2").slot, now=200.0)
     r = inst.boot(crash_window_s=60, max_crashes=2, now=210.0)
     assert not r.unclean and r.rolled_back is None  # first start after install: clean
     r = Installer(tmp_path / "data").boot(crash_window_s=60, max_crashes=2, now=220.0)
@@ -235,7 +242,7 @@ def test_boot_counts_crashes_and_rolls_back(tmp_path, bundles):
 
 def test_crash_outside_the_window_is_not_counted(tmp_path, bundles):
     inst = Installer(tmp_path / "data")
-    inst.commit(inst.stage(read_bundle(bundles.get("1.0.0")), "d").slot, now=100.0)
+    _commit(inst, inst.stage(read_bundle(bundles.get("1.0.0")), "d").slot, now=100.0)
     inst.boot(crash_window_s=60, max_crashes=1, now=101.0)
     r = Installer(tmp_path / "data").boot(crash_window_s=60, max_crashes=1, now=500.0)
     assert r.unclean and r.crashes == 0 and r.rolled_back is None
@@ -244,11 +251,11 @@ def test_crash_outside_the_window_is_not_counted(tmp_path, bundles):
 def test_interrupted_install_is_reset_and_old_slot_stays(tmp_path, bundles):
     inst = Installer(tmp_path / "data")
     b1, b2 = read_bundle(bundles.get("1.0.0")), read_bundle(bundles.get("2.0.0"))
-    inst.commit(inst.stage(b1, "dep1").slot)
+    _commit(inst, inst.stage(b1, "dep1").slot)
     inst.stage(b2, "dep2")
-    inst.set_phase("health_checking")
+    inst.advance(Phase.HEALTH_CHECKING)
     r = Installer(tmp_path / "data").boot(crash_window_s=1, max_crashes=3)
-    assert r.interrupted["phase"] == "health_checking" and r.interrupted["bundle_id"] == \
+    assert r.interrupted.phase == "health_checking" and r.interrupted.candidate.bundle_id == \
         b2.bundle_id
     inst = Installer(tmp_path / "data")
     assert inst.phase == "idle" and inst.active.bundle_id == b1.bundle_id

@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from reliability_helpers import CrashableAgent, Recorder, save_scenario, wait_for
 
 from edgepack.agent.bundle import read_bundle
+from edgepack.agent.compat import check_compat
 from edgepack.agent.config import ConfigError, load_config, parse_config
 from edgepack.agent.errors import EdgepackError, ProtocolError
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import (
     DesiredState,
     Topics,
@@ -40,6 +40,7 @@ from edgepack.agent.protocol import (
 )
 from edgepack.agent.signing import canonical_json
 from edgepack.agent.transfer import Transfer
+from edgepack.host.fleet.client import SyncClient
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGEPACK_FUZZ_EXAMPLES", "300")),
                 deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -250,8 +251,8 @@ def test_fuzz_precheck_of_published_manifest(offline_agent, scenario, manifest) 
     agent's early compatibility check must refuse garbage, not crash on it."""
     count = _counters(scenario, "fuzz: early checks of the published manifest (hypothesis)")
     desired = DesiredState("d1", SHA, "tiny", "1.0.0")
-    count(offline_agent._check_compat, manifest if isinstance(manifest, dict) else
-          {"model": manifest}, desired, 1000)
+    count(check_compat, manifest if isinstance(manifest, dict) else
+          {"model": manifest}, desired, offline_agent.facts)
 
 
 def _mutated(path: list[str], value: Any) -> dict:

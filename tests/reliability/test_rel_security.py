@@ -20,9 +20,10 @@ from reliability_helpers import CrashableAgent, Recorder, save_scenario, serves,
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BrokerError, BundleError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient
+from edgepack.agent.mqtt import BrokerConfig
 from edgepack.agent.protocol import DesiredState, Topics, chunk_table_payload, encode
 from edgepack.agent.signing import canonical_json, load_public_keys
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.publish import publish_bundle
 
 SAMPLES = int(os.environ.get("EDGEPACK_TAMPER_SAMPLES", "40"))
