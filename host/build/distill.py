@@ -101,21 +101,22 @@ def _classes(model: Any) -> int:
     return int(outputs[0].shape[-1])
 
 
-def load_training_npz(path: str | os.PathLike, teacher: Any, *, flag: str = "--data"
+def load_training_npz(path: str | os.PathLike, teacher: Any, *, field: str = "data"
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and integer labels from an ``.npz``: ``x``/``y``, or input-named + ``labels``."""
     path = Path(path)
+    flag = f"`{field}=`"
     name, shape = _input_spec(teacher)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{flag} {path} is not a readable .npz file ({exc})") from None
+        raise _data_error(field, f"{flag} {path} is not a readable .npz file ({exc})") from None
     y = arrays.pop("y", None)
     if y is None:
         y = arrays.pop("labels", None)
     if y is None:
-        raise DataError(f"{flag} {path} has no labels: save them as 'y' (with 'x') or "
+        raise _data_error(field, f"{flag} {path} has no labels: save them as 'y' (with 'x') or "
                         f"'labels' (with the input array, '{name}')")
     if "x" in arrays:
         x = arrays["x"]
@@ -124,30 +125,34 @@ def load_training_npz(path: str | os.PathLike, teacher: Any, *, flag: str = "--d
     elif len(arrays) == 1:
         x = next(iter(arrays.values()))
     else:
-        raise DataError(f"{flag} {path} holds {', '.join(sorted(arrays)) or 'no inputs'}; key the "
+        raise _data_error(field, f"{flag} {path} holds {', '.join(sorted(arrays)) or 'no inputs'}; key the "
                         f"inputs 'x' or '{name}'")
-    return _check_xy(x, y, shape, flag)
+    return _check_xy(x, y, shape, flag, field)
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], what: str
+def _check_xy(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], what: str, field: str
               ) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if tuple(x.shape[1:]) != shape:
-        raise DataError(f"{what} inputs have shape {x.shape}, the teacher takes (N, "
+        raise _data_error(field, f"{what} inputs have shape {x.shape}, the teacher takes (N, "
                         f"{', '.join(map(str, shape))})")
     if y.ndim == 2 and y.shape[1] > 1:
         y = y.argmax(axis=1)  # one-hot
     y = y.reshape(len(y), -1)[:, 0] if y.ndim > 1 else y
     if len(x) != len(y) or len(x) == 0:
-        raise DataError(f"{what}: {len(x)} inputs vs {len(y)} labels; give the same non-zero "
+        raise _data_error(field, f"{what}: {len(x)} inputs vs {len(y)} labels; give the same non-zero "
                         "number of each")
     if y.dtype.kind == "f":
         if not np.all(y == np.round(y)):
-            raise DataError(f"{what} labels are not class ids (integers)")
+            raise _data_error(field, f"{what} labels are not class ids (integers)")
         y = y.astype(np.int64)
     if x.dtype.kind != "f":
         x = x.astype(np.float32)
     return x.astype(np.float32, copy=False), y.astype(np.int64)
+
+
+def _data_error(field: str, message: str) -> DataError:
+    return DataError(message, field=field)
 
 
 def build_student(kind: str, input_shape: tuple[int, ...], classes: int, *,

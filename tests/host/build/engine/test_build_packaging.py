@@ -81,7 +81,7 @@ def test_wheel_holds_edgepack_only(wheel):
 
     assert "edgepack/targets/rpi4.toml" in names
     assert {f"edgepack/targets/{t}.toml" for t in REQUIRED_TARGETS} <= set(names)
-    assert "edgepack/agent/bundle.py" in names and "edgepack/host/pipeline.py" in names
+    assert "edgepack/agent/bundle.py" in names and "edgepack/host/build/engine.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"edgepack", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     assert not tops & {"host", "agent", "targets", "firmware_configs"}
