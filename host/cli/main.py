@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -26,12 +27,19 @@ def emit(obj: Any, as_json: bool, render: Any = None) -> None:
         render(obj)
 
 
+def as_flags(message: str) -> str:
+    """Library messages name arguments as `` `calibration=` ``; on the command line they are
+    ``--calibration``."""
+    return re.sub(r"`([a-z][a-z0-9_]*)=`", lambda m: "--" + m.group(1).replace("_", "-"),
+                  message)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgepackError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {as_flags(str(exc))}", err=True)
             sys.exit(exc.exit_code)
 
 
