@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from edgepack.agent.bundle import SCHEMA, read_bundle, validate_manifest
 from edgepack.agent.errors import BundleError, SignatureError
 from edgepack.agent.signing import load_public_keys
-from edgepack.host.cli import main
 from edgepack.host.build import build
+from edgepack.host.cli import main
 
 MEMBERS = ("manifest.json", "model.onnx", "golden.npz", "report.json", "signature.json")
 

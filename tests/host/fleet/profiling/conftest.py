@@ -43,7 +43,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 def scheme_profile(out: Path, *, fmt: str = "QDQ", activation: str = "uint8",
                    weight: str = "int8", per_channel: bool = True) -> Path:
-    """The shipped x86-64-vnni profile with another default int8 scheme: ``run_build`` with
+    """The shipped x86-64-vnni profile with another default int8 scheme: ``edgepack.host.build`` with
     ``variants=False`` then builds exactly that candidate."""
     text = (resources.files("edgepack.targets") / f"{TARGET}.toml").read_text()
     block = (f'[quantization.scheme]\nformat = "{fmt}"\nactivation_type = "{activation}"\n'
@@ -69,11 +69,11 @@ class Built:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Built:
-    """fp32, QDQ U8S8, QDQ S8S8 (each built by run_build with variants off) and a ``broken``
+    """fp32, QDQ U8S8, QDQ S8S8 (each built by edgepack.host.build with variants off) and a ``broken``
     candidate: a much smaller net with the same inputs and outputs, fast and wrong."""
+    from edgepack.host.build import build
     from edgepack.host.build.convert_onnx import prepare_onnx
     from edgepack.host.build.data import load_dataset
-    from edgepack.host.build import build
     from edgepack.host.build.validate import Session, run_outputs
 
     root = tmp_path_factory.mktemp("candidates")

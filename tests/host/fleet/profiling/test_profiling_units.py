@@ -22,13 +22,8 @@ from edgepack.agent.protocol import (
 )
 from edgepack.agent.signing import canonical_json, load_public_keys, verify_detached
 from edgepack.host.build.data import Dataset, TensorSpec
-from edgepack.host.fleet.profiling import (
-    ProfileCache,
-    _device_outputs,
-    _eval_payload,
-    cache_key,
-    make_job,
-)
+from edgepack.host.fleet.profiling import ProfileCache, cache_key, make_job
+from edgepack.host.fleet.profiling_choice import _device_outputs, _eval_payload
 
 BID = "ab" * 32
 
@@ -148,7 +143,7 @@ def test_litert_bundle_is_measured_and_says_it_has_no_op_profiler(tmp_path) -> N
 
     if "litert" not in available_runtimes():
         pytest.skip("no LiteRT interpreter installed")
-    tflite = Path(__file__).parent.parent / "agent" / "data" / "relu8.tflite"  # relu(2x - 1)
+    tflite = Path(__file__).parents[3] / "agent" / "data" / "relu8.tflite"  # relu(2x - 1)
     xs = np.random.default_rng(0).standard_normal((4, 1, 8)).astype(np.float32)
     spec = {"name": "x", "dtype": "float32", "shape": [1, 8], "quantization": None}
     manifest = {"name": "relu", "version": "1.0.0", "target": "rpi4",
