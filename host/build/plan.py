@@ -8,6 +8,7 @@ name, the output format). Mistakes in the arguments fail here, before anything s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "ProfileOnConfig",
     "PruneConfig",
     "QuantizeConfig",
+    "host_threads",
     "make_plan",
 ]
 
@@ -125,14 +127,16 @@ class BuildPlan:
 
     @property
     def threads(self) -> int:
-        """Inference threads on this host: the target's, at most this host's cores."""
-        import os
-
-        want = self.profile.runtime.threads or self.profile.hardware.cores
-        return max(1, min(want, os.cpu_count() or 1))
+        return host_threads(self.profile)
 
     def with_quantize(self, **changes: object) -> BuildPlan:
         return replace(self, quantize=replace(self.quantize, **changes))
+
+
+def host_threads(profile: Profile) -> int:
+    """Inference threads on this host for ``profile``: the target's, at most this host's cores."""
+    want = profile.runtime.threads or profile.hardware.cores
+    return max(1, min(want, os.cpu_count() or 1))
 
 
 def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
