@@ -73,24 +73,26 @@ def load_dataset(path: str | Path, specs: Sequence[TensorSpec], *, what: str = "
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise _error(field, f"{flag} {path} is not a readable .npz file ({exc}). Save arrays keyed by "
-                        "input name with numpy.savez.") from None
+        raise DataError(f"{flag} {path} is not a readable .npz file ({exc}). Save arrays keyed by "
+                        "input name with numpy.savez.", field=field) from None
     try:
         with npz:
             arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise _error(field, f"{flag} {path} holds arrays numpy cannot read without pickle ({exc}); "
-                        "save plain numeric arrays (no object/string dtype).") from None
+        raise DataError(f"{flag} {path} holds arrays numpy cannot read without pickle ({exc}); "
+                        "save plain numeric arrays (no object/string dtype).",
+                        field=field) from None
     labels = arrays.pop(LABELS, None) if allow_labels else None
     if not arrays:
-        raise _error(field, f"{flag} {path} holds no input arrays")
+        raise DataError(f"{flag} {path} holds no input arrays", field=field)
     names = [s.name for s in specs]
     if len(specs) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise _error(field, f"{flag} {path} has no array for model input(s) {', '.join(missing)}; it "
-                        f"has {', '.join(sorted(arrays))}. Key the arrays by input name.")
+        raise DataError(f"{flag} {path} has no array for model input(s) {', '.join(missing)}; it "
+                        f"has {', '.join(sorted(arrays))}. Key the arrays by input name.",
+                        field=field)
     out: dict[str, np.ndarray] = {}
     n_samples = None
     for spec in specs:
@@ -99,42 +101,43 @@ def load_dataset(path: str | Path, specs: Sequence[TensorSpec], *, what: str = "
         if arr.ndim == len(shape) + 1 and arr.shape[1:2] == (1,) and shape[:1] in ((1,), (None,)):
             arr = arr.reshape(arr.shape[0], *arr.shape[2:])  # (N, 1, ...) → (N, ...)
         if arr.ndim != len(shape):
-            raise _error(field, f"{flag} array '{spec.name}' has shape {arr.shape}, but the model input is "
-                f"{_fmt(shape)}: give samples along axis 0, i.e. (N, {_fmt(shape[1:])[1:-1]})")
+            raise DataError(
+                f"{flag} array '{spec.name}' has shape {arr.shape}, but the model input is "
+                f"{_fmt(shape)}: give samples along axis 0, i.e. (N, {_fmt(shape[1:])[1:-1]})",
+                field=field)
         for i, (got, want) in enumerate(zip(arr.shape[1:], shape[1:], strict=False), start=1):
             if want is not None and got != want:
-                raise _error(field, f"{flag} array '{spec.name}' has shape {arr.shape}; dimension {i} "
-                                f"is {got} but the model expects {want} ({_fmt(shape)})")
+                raise DataError(f"{flag} array '{spec.name}' has shape {arr.shape}; dimension {i} "
+                                f"is {got} but the model expects {want} ({_fmt(shape)})",
+                                field=field)
         want_dt = _np_dtype(spec.dtype)
         if arr.dtype != want_dt:
             if arr.dtype.kind in "fiu" and want_dt.kind == "f" and arr.dtype.kind != "f" or (
                     arr.dtype.kind == "f" and want_dt.kind == "f"):
                 arr = arr.astype(want_dt)
             else:
-                raise _error(field, f"{flag} array '{spec.name}' is {arr.dtype}, but the model input "
-                                f"is {want_dt}; convert it (arr.astype('{want_dt}'))")
+                raise DataError(f"{flag} array '{spec.name}' is {arr.dtype}, but the model input "
+                                f"is {want_dt}; convert it (arr.astype('{want_dt}'))", field=field)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
-            raise _error(field, f"{flag} array '{spec.name}' contains {bad} NaN or infinite values; "
-                            "clean the data (calibration ranges and the gate need finite inputs)")
+            raise DataError(f"{flag} array '{spec.name}' contains {bad} NaN or infinite values; "
+                            "clean the data (calibration ranges and the gate need finite inputs)",
+                            field=field)
         if n_samples is None:
             n_samples = arr.shape[0]
         elif arr.shape[0] != n_samples:
-            raise _error(field, f"{flag} arrays hold different sample counts ({n_samples} vs "
-                            f"{arr.shape[0]} for '{spec.name}')")
+            raise DataError(f"{flag} arrays hold different sample counts ({n_samples} vs "
+                            f"{arr.shape[0]} for '{spec.name}')", field=field)
         out[spec.name] = arr
     if not n_samples:
-        raise _error(field, f"{flag} {path} holds zero samples")
+        raise DataError(f"{flag} {path} holds zero samples", field=field)
     if labels is not None and len(labels) != n_samples:
-        raise _error(field, f"{flag} 'labels' has {len(labels)} entries for {n_samples} samples")
+        raise DataError(f"{flag} 'labels' has {len(labels)} entries for {n_samples} samples",
+                        field=field)
     ds = Dataset(out, labels, str(path))
     if max_samples is not None and len(ds) > max_samples:
         ds = ds.take(slice(0, max_samples))
     return ds
-
-
-def _error(field: str, message: str) -> DataError:
-    return DataError(message, field=field)
 
 
 def _fmt(shape: Sequence[int | None]) -> str:
@@ -159,8 +162,9 @@ class GateData:
         return self.source == RANDOM_SOURCE
 
 
-def load_gate_data(specs: Sequence[TensorSpec], *, calibration: str | None, eval: str | None,  # noqa: A002
-                   sample_input: str | None, cap: int) -> GateData:
+def load_gate_data(specs: Sequence[TensorSpec], *, calibration: str | None,
+                   eval: str | None, sample_input: str | None,  # noqa: A002
+                   cap: int) -> GateData:
     """Calibration set and eval set (held out from calibration when no eval data is given)."""
     calib = evalset = None
     if calibration:

@@ -107,7 +107,8 @@ def distill_cmd(teacher: str, data: str, val: str | None, student: str, temperat
             x_val = y_val = None
             if val:
                 x_val, y_val = load_training_npz(val, t_model, field="val")
-            s_model = student if student in ("small", "tiny") else load_teacher(student, what="student")
+            s_model = student if student in ("small", "tiny") else \
+                load_teacher(student, what="student")
         with progress.stage("distilling" + (" (+ labels-only baseline)" if baseline else ""),
                             total=epochs) as tick:
             result = distill(t_model, x, y, student=s_model, temperature=temperature,

@@ -131,8 +131,9 @@ class OnnxBackend:
             prepared = replace(prepared, model_bytes=pruned.model_bytes)
             pruning = {"sparsity": pruned.sparsity_achieved, "notes": list(pruned.notes),
                        "fine_tuned": False}
-        return _OnnxBaseline(imported=imported, work=work, inputs=prepared.inputs, outputs=prepared.outputs,
-                             data=data, reference=ref, threads=threads, prepared=prepared,
+        return _OnnxBaseline(imported=imported, work=work, inputs=prepared.inputs,
+                             outputs=prepared.outputs, data=data, reference=ref,
+                             threads=threads, prepared=prepared,
                              ref_session=ref_sess, feed=feed, unpruned=unpruned, pruning=pruning)
 
     def device_candidates(self, plan: BuildPlan) -> list[tuple[str, BuildPlan]]:

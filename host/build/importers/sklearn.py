@@ -150,7 +150,8 @@ def _input_type(sample_input: str | None, n_features: int | None,
                         "models take (N, n_features)", stage="import", field="sample_input")
     if n_features and arr.shape[1] != n_features:
         raise DataError(f"`sample_input=` array '{key}' has {arr.shape[1]} features per sample, "
-                        f"but {name} was fitted on {n_features}", stage="import", field="sample_input")
+                        f"but {name} was fitted on {n_features}",
+                        stage="import", field="sample_input")
     input_name = key if key.isidentifier() and not key.startswith("arr_") else "input"
     rows = arr[:VERIFY_SAMPLES]
     if arr.dtype.kind == "f":
@@ -172,7 +173,8 @@ def _read_sample(path: Path) -> tuple[str, np.ndarray]:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"`sample_input=` {path} is not a readable .npz file ({exc}). Save one "
-                        "array shaped (N, n_features) with numpy.savez.", stage="import", field="sample_input") from None
+                        "array shaped (N, n_features) with numpy.savez.",
+                        stage="import", field="sample_input") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         return "input", np.asarray(npz)  # a plain .npy holds one array
     with npz:
@@ -183,7 +185,8 @@ def _read_sample(path: Path) -> tuple[str, np.ndarray]:
                         "(N, n_features)", stage="import", field="sample_input")
     key, arr = next(iter(arrays.items()))
     if len(arr) == 0:
-        raise DataError(f"`sample_input=` {path} holds zero samples", stage="import", field="sample_input")
+        raise DataError(f"`sample_input=` {path} holds zero samples", stage="import",
+                        field="sample_input")
     return key, arr
 
 

@@ -121,8 +121,8 @@ def test_verify_with_the_wrong_key_fails(signed_mlp, keys):
 
 def test_unsigned_bundle_fails_verify(mlp, keys, tmp_path):
     built = build(model=str(mlp.model), target="rpi4", quantize="none",
-                                  eval=str(mlp.eval), out=str(tmp_path),
-                                  variants=False)
+                  eval=str(mlp.eval), out=str(tmp_path),
+                  variants=False)
     assert "signature.json" not in _members(built.path)
     assert any("unsigned" in w for w in built.report.warnings)
 
@@ -190,8 +190,8 @@ def test_corrupt_zip_metadata_is_a_bundle_error(signed_mlp, keys, tmp_path, fiel
 
 def _build_int8(model: Path, mlp, out: Path) -> Path:
     return build(model=str(model), target="rpi4", quantize="int8",
-                                 calibration=str(mlp.calib), eval=str(mlp.eval),
-                                 out=str(out), variants=False).path
+                 calibration=str(mlp.calib), eval=str(mlp.eval),
+                 out=str(out), variants=False).path
 
 
 @pytest.mark.parametrize("which", ["model", "legacy"])

@@ -107,8 +107,8 @@ def test_int8_slower_than_fp32_is_said_loudly(digits_vnni):
 def test_no_variants_when_the_host_cannot_time_the_target(mlp, tmp_path):
     # rpi4 is ARM: timing candidates on this x86 host would say nothing about the Pi.
     result = build(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), eval=str(mlp.eval),
-                                   out=str(tmp_path), variants=True)
+                   calibration=str(mlp.calib), eval=str(mlp.eval),
+                   out=str(tmp_path), variants=True)
 
     assert result.report.variants is None
     assert result.report.metrics["latency"]["representative"] is False
@@ -117,8 +117,8 @@ def test_no_variants_when_the_host_cannot_time_the_target(mlp, tmp_path):
 
 def test_calibration_is_held_out_when_eval_is_missing(mlp, tmp_path):
     result = build(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), out=str(tmp_path),
-                                   variants=False)
+                   calibration=str(mlp.calib), out=str(tmp_path),
+                   variants=False)
 
     acc = result.report.metrics["accuracy"]
     assert "held out" in acc["source"]
@@ -152,8 +152,8 @@ def test_gate_failure_keeps_sensitive_nodes_in_float_or_explains(mlp, tmp_path):
     zeros = tmp_path / "zeros.npz"
     np.savez(zeros, **{IN_NAME: np.zeros((8, 64), np.float32)})
     cfg = dict(model=str(mlp.model), target="rpi4", quantize="int8",
-                      calibration=str(zeros), eval=str(mlp.eval), max_drop=0.0,
-                      out=str(tmp_path / "dist"), variants=False)
+               calibration=str(zeros), eval=str(mlp.eval), max_drop=0.0,
+               out=str(tmp_path / "dist"), variants=False)
 
     try:
         result = build(**cfg)

@@ -38,8 +38,8 @@ def _run_model(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
 def test_every_mode_builds_a_gated_bundle(mlp, tmp_path, target, mode):
     # setup
     cfg = dict(model=str(mlp.model), target=target, quantize=mode,
-                      calibration=str(mlp.calib), eval=str(mlp.eval),
-                      out=str(tmp_path), variants=False)
+               calibration=str(mlp.calib), eval=str(mlp.eval),
+               out=str(tmp_path), variants=False)
     expected = load_profile(target).quantization.default if mode == "auto" else mode
 
     # execute
@@ -88,8 +88,8 @@ def test_every_mode_builds_a_gated_bundle(mlp, tmp_path, target, mode):
 
 def test_int8_weights_are_stored_as_int8(digits, tmp_path):
     result = build(model=str(digits.model), target="rpi4", quantize="int8",
-                                   calibration=str(digits.calib), eval=str(digits.eval),
-                                   out=str(tmp_path), variants=False)
+                   calibration=str(digits.calib), eval=str(digits.eval),
+                   out=str(tmp_path), variants=False)
 
     import onnx
     from onnx import numpy_helper
@@ -108,8 +108,8 @@ def test_int8_weights_are_stored_as_int8(digits, tmp_path):
 def test_legacy_graph_is_upgraded_and_folded(mlp, tmp_path):
     # opset 11, initializers listed as inputs, W2 computed by ConstantOfShape + Add
     result = build(model=str(mlp.legacy), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), eval=str(mlp.eval),
-                                   out=str(tmp_path), variants=False)
+                   calibration=str(mlp.calib), eval=str(mlp.eval),
+                   out=str(tmp_path), variants=False)
 
     import onnx
 
@@ -137,8 +137,8 @@ def test_legacy_graph_is_upgraded_and_folded(mlp, tmp_path):
 
 def test_legacy_graph_fp32_matches_numpy(mlp, tmp_path):
     result = build(model=str(mlp.legacy), target="rpi4", quantize="none",
-                                   eval=str(mlp.eval), out=str(tmp_path),
-                                   variants=False)
+                   eval=str(mlp.eval), out=str(tmp_path),
+                   variants=False)
 
     out = _run_model(_member(result.path, "model.onnx"), mlp.x_test[:50])
     np.testing.assert_allclose(out, mlp.weights.logits(mlp.x_test[:50]), rtol=1e-4, atol=1e-4)
@@ -146,8 +146,8 @@ def test_legacy_graph_fp32_matches_numpy(mlp, tmp_path):
 
 def test_dynamic_batch_is_fixed_to_one(mlp, tmp_path):
     result = build(model=str(mlp.model), target="rpi4", quantize="none",
-                                   eval=str(mlp.eval), out=str(tmp_path),
-                                   variants=False)
+                   eval=str(mlp.eval), out=str(tmp_path),
+                   variants=False)
 
     import json
 
@@ -159,8 +159,8 @@ def test_dynamic_batch_is_fixed_to_one(mlp, tmp_path):
 
 def test_batch_flag_fixes_a_larger_batch(mlp, tmp_path):
     result = build(model=str(mlp.model), target="rpi4", quantize="none",
-                                   eval=str(mlp.eval), batch=4, out=str(tmp_path),
-                                   variants=False)
+                   eval=str(mlp.eval), batch=4, out=str(tmp_path),
+                   variants=False)
 
     assert result.report.model["inputs"][0]["shape"] == [4, 64]
 
@@ -168,9 +168,9 @@ def test_batch_flag_fixes_a_larger_batch(mlp, tmp_path):
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_calibration_method_and_sample_cap_recorded(mlp, tmp_path, method):
     result = build(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), eval=str(mlp.eval),
-                                   calibration_method=method, calibration_samples=50,
-                                   out=str(tmp_path), variants=False)
+                   calibration=str(mlp.calib), eval=str(mlp.eval),
+                   calibration_method=method, calibration_samples=50,
+                   out=str(tmp_path), variants=False)
 
     opt = result.report.optimization
     assert opt["calibration_method"] == method
@@ -184,8 +184,8 @@ def test_single_input_model_accepts_any_array_key(mlp, tmp_path):
     np.savez(calib, images=mlp.x_train[:60])
 
     result = build(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(calib), eval=str(mlp.eval),
-                                   out=str(tmp_path / "dist"), variants=False)
+                   calibration=str(calib), eval=str(mlp.eval),
+                   out=str(tmp_path / "dist"), variants=False)
 
     assert result.report.optimization["calibration_samples"] == 60
     assert result.report.optimization["mode"] == "int8"
@@ -196,16 +196,16 @@ def test_calibration_larger_than_the_cap_builds(mlp, tmp_path):
     np.savez(calib, **{IN_NAME: mlp.x_train[:300]})
 
     result = build(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(calib), eval=str(mlp.eval),
-                                   out=str(tmp_path / "dist"), variants=False)
+                   calibration=str(calib), eval=str(mlp.eval),
+                   out=str(tmp_path / "dist"), variants=False)
 
     assert result.report.optimization["calibration_samples"] == 256
 
 
 def test_sklearn_labels_and_zipmap_build_and_say_what_was_not_compared(logreg, tmp_path):
     result = build(model=str(logreg.model), target="rpi4", quantize="none",
-                                   eval=str(logreg.eval), out=str(tmp_path),
-                                   variants=False)
+                   eval=str(logreg.eval), out=str(tmp_path),
+                   variants=False)
 
     acc = result.report.metrics["accuracy"]
     assert acc["compared"] == ["output_label"]
@@ -220,8 +220,8 @@ def test_sklearn_labels_and_zipmap_build_and_say_what_was_not_compared(logreg, t
 
 def test_sklearn_model_dynamic_says_nothing_was_quantized(logreg, tmp_path):
     result = build(model=str(logreg.model), target="rpi4", quantize="dynamic",
-                                   eval=str(logreg.eval), out=str(tmp_path),
-                                   variants=False)
+                   eval=str(logreg.eval), out=str(tmp_path),
+                   variants=False)
 
     assert result.report.optimization["requested"] == "dynamic"
     assert result.report.optimization["mode"] == "none"
@@ -236,16 +236,16 @@ def test_build_leaves_no_stray_files_in_the_working_directory(logreg, tmp_path):
     os.chdir(work)
 
     build(model=str(logreg.model), target="rpi4", quantize="none",
-                          eval=str(logreg.eval), out=str(tmp_path / "dist"),
-                          variants=False)
+          eval=str(logreg.eval), out=str(tmp_path / "dist"),
+          variants=False)
 
     assert sorted(os.listdir(work)) == []
 
 
 def test_sklearn_model_int8_builds_with_a_warning(logreg, tmp_path):
     result = build(model=str(logreg.model), target="rpi4", quantize="int8",
-                                   calibration=str(logreg.calib), eval=str(logreg.eval),
-                                   out=str(tmp_path), variants=False)
+                   calibration=str(logreg.calib), eval=str(logreg.eval),
+                   out=str(tmp_path), variants=False)
 
     assert result.report.optimization["mode"] == "none"
     assert result.report.optimization["nodes_in_float"] == []
@@ -255,8 +255,8 @@ def test_sklearn_model_int8_builds_with_a_warning(logreg, tmp_path):
 
 def test_output_name_is_kept(mlp, tmp_path):
     result = build(model=str(mlp.model), target="x86-64-vnni", quantize="fp16",
-                                   eval=str(mlp.eval), out=str(tmp_path),
-                                   variants=False)
+                   eval=str(mlp.eval), out=str(tmp_path),
+                   variants=False)
 
     assert [o["name"] for o in result.report.model["outputs"]] == [OUT_NAME]
     assert "float32 I/O" in result.report.optimization["summary"]

@@ -43,7 +43,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 def scheme_profile(out: Path, *, fmt: str = "QDQ", activation: str = "uint8",
                    weight: str = "int8", per_channel: bool = True) -> Path:
-    """The shipped x86-64-vnni profile with another default int8 scheme: ``edgepack.host.build`` with
+    """The shipped x86-64-vnni profile with another default int8 scheme: ``build()`` with
     ``variants=False`` then builds exactly that candidate."""
     text = (resources.files("edgepack.targets") / f"{TARGET}.toml").read_text()
     block = (f'[quantization.scheme]\nformat = "{fmt}"\nactivation_type = "{activation}"\n'
@@ -69,7 +69,7 @@ class Built:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Built:
-    """fp32, QDQ U8S8, QDQ S8S8 (each built by edgepack.host.build with variants off) and a ``broken``
+    """fp32, QDQ U8S8, QDQ S8S8 (each built by build() with variants off) and a ``broken``
     candidate: a much smaller net with the same inputs and outputs, fast and wrong."""
     from edgepack.host.build import build
     from edgepack.host.build.convert_onnx import prepare_onnx
@@ -86,16 +86,15 @@ def built(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Built:
     common = dict(target=TARGET, eval=str(evalp), name="cnn", key=str(keys.key),
                   variants=False)
     plans = {
-        "fp32": dict(model=str(model), quantize="none", out=str(root / "fp32"),
-                            **common),
+        "fp32": dict(model=str(model), quantize="none", out=str(root / "fp32"), **common),
         "QDQ-U8S8-pc": dict(
             model=str(model), quantize="int8", calibration=str(calib), out=str(root / "u8"),
             **{**common, "target": str(scheme_profile(root / "u8s8.toml"))}),
         "QDQ-S8S8-pc": dict(
             model=str(model), quantize="int8", calibration=str(calib), out=str(root / "s8"),
             **{**common, "target": str(scheme_profile(root / "s8s8.toml", activation="int8"))}),
-        "broken": dict(model=str(broken), quantize="none",
-                              out=str(root / "broken-out"), **common),
+        "broken": dict(model=str(broken), quantize="none", out=str(root / "broken-out"),
+                       **common),
     }
     bundles = {label: build(**cfg).path for label, cfg in plans.items()}
     prepared = prepare_onnx(model, opset=17, batch=1, target=TARGET)
