@@ -1,5 +1,16 @@
-"""The build wing: model in, signed bundle out (plan, import, pre-flight, optimize, gate, choose,
-package).
+"""The build wing: model in, signed bundle out.
+
+::
+
+    plan.py        arguments + target profile → frozen BuildPlan (configs split by concern)
+    importers/     import: one module per input format behind a registry (detect → load)
+    backends/      pre-flight, optimize, assemble per format: onnx, tflite, tflm (one interface)
+    gate.py        budgets, the gate's verdict and host warnings, shared by every format
+    choose.py      choose with devices in the loop (profile_on=), from the candidates built
+    package.py     manifest, golden samples, report.json, signature → the bundle
+    engine.py      runs the stages in order; result.py: BuildResult, BuildReport
+    quantize.py, prune.py, distill.py, convert_onnx.py, convert_tflite.py, edgetpu.py,
+    tflm.py, validate.py, data.py: the tools the stages use
 
 The package is callable: ``edgepack.host.build(model, target=...)`` is :func:`build`, as is
 ``from edgepack.host.build import build``. Nothing heavy is imported until a build runs.
