@@ -61,9 +61,14 @@ def test_agent_imports_no_host_tensorflow_or_onnx():
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the wheel from a copy of the source tree (the repo itself stays untouched)."""
     src = tmp_path_factory.mktemp("src") / "edgepack"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".demo", "tests", "build", "dist", "*.egg-info", "__pycache__",
-        ".pytest_cache", ".ruff_cache", "bench", "docs", "keys"))
+    skip = shutil.ignore_patterns(".git", ".venv", ".demo", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", ".ruff_cache")
+    top = {"tests", "build", "dist", "bench", "docs", "keys"}  # host/build is the build wing
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(skip(folder, names)) | (top & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, src, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
     r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
                         "--skip-dependency-check", "--outdir", str(out)],
