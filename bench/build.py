@@ -183,14 +183,12 @@ def ort_default_quantize(model: Path, calib: Path, out: Path) -> float:
 
 def edgepack_build(files: dict, out: Path, key: Path, variants: bool,
                    max_drop: float | None) -> tuple[float, Any]:
-    from edgepack.host.build.pipeline import BuildConfig, run_build
-    from edgepack.host.build.report import Progress
+    from edgepack.host.build import build
 
-    cfg = BuildConfig(model=str(files["model"]), target=TARGET, quantize="int8",
-                      calibration=str(files["calibration"]), eval_data=str(files["eval"]),
-                      key=str(key), out_dir=str(out), variants=variants, max_drop=max_drop)
     t0 = time.perf_counter()
-    res = run_build(cfg, Progress(enabled=False))
+    res = build(str(files["model"]), target=TARGET, quantize="int8",
+                calibration=str(files["calibration"]), eval=str(files["eval"]), key=str(key),
+                out=str(out), variants=variants, max_drop=max_drop)
     return time.perf_counter() - t0, res
 
 
@@ -275,7 +273,7 @@ def bench_model(label: str, files: dict, work: Path, key: Path, threads: int,
     t_novar, res_novar = edgepack_build(files, work / f"dist-{label}-single", key, False,
                                         max_drop)
 
-    rep = res_var.report
+    rep = res_var.report.to_dict()
     size = rep["metrics"]["size"]
     opt = rep["optimization"]
     fp32_bytes = fp32_path.read_bytes()
@@ -310,7 +308,7 @@ def bench_model(label: str, files: dict, work: Path, key: Path, threads: int,
                     "ort_quantize_static": t_ort},
         "build_ratio": {"variants": t_var / t_ort, "no_variants": t_novar / t_ort},
         "build_stages_s": {"variants": rep["timings_s"],
-                           "no_variants": res_novar.report["timings_s"]},
+                           "no_variants": res_novar.report.timings_s},
         "size_bytes": {"fp32_source": len(fp32_bytes), "fp32_prepared": size["fp32_bytes"],
                        "edgepack_int8": size["optimized_bytes"], "ort_default": len(ort_bytes)},
         "size_ratio": size["ratio"],
@@ -325,7 +323,7 @@ def bench_model(label: str, files: dict, work: Path, key: Path, threads: int,
         "ort_default_vs_fp32": p50["fp32"] / p50["ort_default_s8s8"],
         "paired_round_speedups": paired,
         "chosen": opt["summary"],
-        "chosen_no_variants": res_novar.report["optimization"]["summary"],
+        "chosen_no_variants": res_novar.report.optimization["summary"],
         "quantized_ops": opt["quantized_ops"],
         "nodes_in_float": opt["nodes_in_float"],
         "preflight": opt["preflight"],
@@ -487,11 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime.quantization  # noqa: F401  (imported before any timed call)
 
     from edgepack.agent.profiles import load_profile
-    from edgepack.host.build import pipeline
+    from edgepack.host.build.plan import host_threads
     from edgepack.host.keys import generate_keys
 
     calib_bug = ort_drops_calibration_chunks()
-    threads = args.threads or pipeline._host_threads(load_profile(TARGET))
+    threads = args.threads or host_threads(load_profile(TARGET))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         work = Path(args.keep or tmp)

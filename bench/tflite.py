@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per model")
     ap.add_argument("--json", help="write results as JSON to this file ('-' for stdout)")
     args = ap.parse_args(argv)
-    from edgepack.host.build.pipeline import host_cpu
+    from edgepack.host.build.gate import host_cpu
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-tfl-") as tmp:

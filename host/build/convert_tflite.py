@@ -4,11 +4,10 @@
 
     to_tflite(saved_model_dir, mode, calib=, io_type=, integer_only=)  → TFLiteResult
     LiteRTSession(model_bytes, threads)   .run(feed) → float outputs (I/O (de)quantized)
-    tflite_ops / non_int8_ops / edgetpu_unsupported_ops     what a .tflite holds, per layer
+    tflite_ops / non_int8_ops                                what a .tflite holds, per layer
     quantize_keeping_float(float_bytes, calib, layers)      selective int8 (ai-edge-quantizer)
     rank_sensitive_layers(float_bytes, int8_bytes, data)    which layers hurt int8 most
     onnx_to_saved_model(path, workdir)                      through onnx2tf, when installed
-    compile_edgetpu(model_bytes, workdir)                   edgetpu_compiler, when on PATH
 
 The batch dimension is fixed (1 by default) when converting: TFLM and the Edge TPU need static
 shapes, and a fixed shape lets LiteRT plan memory once.
@@ -20,12 +19,9 @@ import contextlib
 import io
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +31,6 @@ from edgepack.agent.errors import DataError, GateError, ModelError
 from edgepack.host.build.data import Dataset, TensorSpec
 
 __all__ = [
-    "EDGETPU_OPS",
     "MODES",
     "LayerOp",
     "TFLiteResult",
@@ -44,29 +39,14 @@ __all__ = [
     "tflite_ops",
     "layer_ops",
     "non_int8_ops",
-    "edgetpu_unsupported_ops",
-    "edgetpu_shape_warnings",
     "quantize_keeping_float",
     "rank_sensitive_layers",
     "onnx_to_saved_model",
-    "compile_edgetpu",
     "read_model",
 ]
 
 MODES = ("int8", "dynamic", "fp16", "none")
 IO_TYPES = ("float32", "int8", "uint8")
-
-# Ops the Edge TPU compiler maps to the TPU (Coral's "supported operations" table), as TFLite
-# builtin operator names; tests check every name exists in the schema's BuiltinOperator enum.
-# LSTM is mapped in its unidirectional-sequence form too (the compiler takes both).
-EDGETPU_OPS = frozenset({
-    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
-    "FULLY_CONNECTED", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM",
-    "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM", "MUL", "PACK", "PAD", "PRELU", "QUANTIZE",
-    "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR",
-    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUEEZE",
-    "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
-})
 
 _FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64", "BFLOAT16"}
 
@@ -137,7 +117,7 @@ def op_name(model: Any, op: Any) -> str:
     return name
 
 
-def _tname(t: Any) -> str:
+def tensor_name(t: Any) -> str:
     return t.name.decode(errors="replace") if isinstance(t.name, bytes) else str(t.name)
 
 
@@ -150,16 +130,16 @@ def _layer(model: Any, sg: Any, op: Any) -> str:
 
     for i in op.outputs:
         if i >= 0:
-            name = _tname(sg.tensors[i])
+            name = tensor_name(sg.tensors[i])
             if not name.startswith(("StatefulPartitionedCall", "Identity")):
                 return clean(name)
     for i in op.inputs:  # a graph output: name it by its weights instead
-        if i >= 0 and sg.tensors[i].buffer and _has_data(model, sg.tensors[i]):
-            return clean(_tname(sg.tensors[i]))
-    return clean(_tname(sg.tensors[op.outputs[0]])) if len(op.outputs) else "?"
+        if i >= 0 and sg.tensors[i].buffer and has_data(model, sg.tensors[i]):
+            return clean(tensor_name(sg.tensors[i]))
+    return clean(tensor_name(sg.tensors[op.outputs[0]])) if len(op.outputs) else "?"
 
 
-def _has_data(model: Any, t: Any) -> bool:
+def has_data(model: Any, t: Any) -> bool:
     b = model.buffers[t.buffer] if t.buffer < len(model.buffers) else None
     return b is not None and (b.data is not None and len(b.data) > 0 or bool(b.size))
 
@@ -187,26 +167,6 @@ def tflite_ops(model_bytes: bytes) -> list[tuple[str, int]]:
 def non_int8_ops(model_bytes: bytes) -> list[LayerOp]:
     """Operators with a float input or output: what an integer-only device cannot run."""
     return [o for o in layer_ops(model_bytes) if o.float_io]
-
-
-def edgetpu_unsupported_ops(model_bytes: bytes) -> list[LayerOp]:
-    """Operators the Edge TPU compiler leaves on the CPU (and everything after the first one)."""
-    return [o for o in layer_ops(model_bytes) if o.op not in EDGETPU_OPS or o.float_io]
-
-
-def edgetpu_shape_warnings(model_bytes: bytes) -> list[str]:
-    """Edge TPU tensors may have at most 3 dimensions larger than 1 (the innermost ones)."""
-    model = read_model(model_bytes)
-    sg = model.subgraphs[0]
-    bad = []
-    for t in sg.tensors:
-        shape = [int(d) for d in (t.shape if t.shape is not None else [])]
-        if _has_data(model, t):  # weights: the compiler lays them out itself
-            continue
-        if len(shape) > 3 and any(d > 1 for d in shape[:-3]):
-            bad.append(f"{_tname(t)} {shape}")
-    return [f"{len(bad)} tensor(s) have more than 3 non-1 dimensions, which the Edge TPU does "
-            f"not map (e.g. {bad[0]})"] if bad else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +381,7 @@ def to_tflite(saved_model_dir: str | Path, mode: str, *, calib: Dataset | None =
         raise ModelError(f"unknown TFLite I/O type {io_type!r} (one of {', '.join(IO_TYPES)})")
     if mode != "int8" and (integer_only or io_type != "float32"):
         raise ModelError(f"{mode} TFLite keeps float ops and float I/O; integer-only targets and "
-                         "int8/uint8 model I/O need --quantize int8 with --calibration data")
+                         "int8/uint8 model I/O need `quantize=` int8 with `calibration=` data")
     tf = _quiet_tf()
     conv, names = _converter(saved_model_dir, batch)
     notes: list[str] = []
@@ -435,7 +395,8 @@ def to_tflite(saved_model_dir: str | Path, mode: str, *, calib: Dataset | None =
         notes.append("fp16 weights; CPUs dequantize them to fp32 at load, GPU delegates run fp16")
     elif mode == "int8":
         if calib is None or len(calib) == 0:
-            raise DataError("full-int8 TFLite needs calibration data (--calibration)")
+            raise DataError("full-int8 TFLite needs calibration data (pass `calibration=`)",
+                            field="calibration")
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = _representative(calib, names, batch)
         if integer_only:
@@ -539,12 +500,12 @@ def rank_sensitive_layers(float_bytes: bytes, calib: Dataset, data: Dataset
     sg = model.subgraphs[0]
     losses = []
     for op in sg.operators:
-        names = [_tname(sg.tensors[i]) for i in op.outputs]
+        names = [tensor_name(sg.tensors[i]) for i in op.outputs]
         outs = [min(snr[n], cap) for n in names if n in snr]
         if not outs:
             continue
-        ins = [min(snr[_tname(sg.tensors[i])], cap) for i in op.inputs
-               if i >= 0 and not _has_data(model, sg.tensors[i]) and _tname(sg.tensors[i]) in snr]
+        ins = [min(snr[tensor_name(sg.tensors[i])], cap) for i in op.inputs
+               if i >= 0 and not has_data(model, sg.tensors[i]) and tensor_name(sg.tensors[i]) in snr]
         losses.append((names[0], (min(ins) if ins else cap) - min(outs)))
     losses.sort(key=lambda x: -x[1])
     return losses
@@ -581,7 +542,7 @@ def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: li
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX input and the Edge TPU compiler
+# ONNX input
 
 
 def onnx_to_saved_model(onnx_path: str | Path, workdir: str | Path, target: str = "") -> Path:
@@ -605,38 +566,3 @@ def onnx_to_saved_model(onnx_path: str | Path, workdir: str | Path, target: str 
         raise ModelError(f"onnx2tf could not convert {Path(onnx_path).name}: "
                          f"{str(exc)[:300]}") from None
     return out
-
-
-@dataclass(frozen=True)
-class EdgeTpuCompile:
-    model_bytes: bytes | None
-    log: str
-    compiler: str | None
-    tpu_ops: int | None = None
-    cpu_ops: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def compile_edgetpu(model_bytes: bytes, workdir: str | Path | None = None) -> EdgeTpuCompile:
-    """Run ``edgetpu_compiler`` if it is on PATH; otherwise say the bundle still needs it."""
-    exe = shutil.which("edgetpu_compiler")
-    if exe is None:
-        return EdgeTpuCompile(None, "", None, notes=[
-            "edgetpu_compiler is not on this host's PATH (it ships for x86-64 Debian/Ubuntu "
-            "only): the bundle holds the CPU int8 model; run 'edgetpu_compiler model.tflite' "
-            "before the Edge TPU can execute it"])
-    with tempfile.TemporaryDirectory(prefix="edgepack-etpu-", dir=workdir) as tmp:
-        src = Path(tmp) / "model.tflite"
-        src.write_bytes(model_bytes)
-        r = subprocess.run([exe, "-s", "-o", tmp, str(src)], capture_output=True, text=True,
-                           timeout=600)
-        out = Path(tmp) / "model_edgetpu.tflite"
-        log = (r.stdout + r.stderr)[-4000:]
-        if r.returncode != 0 or not out.exists():
-            raise ModelError(f"edgetpu_compiler failed (exit {r.returncode}): {log[-600:]}",
-                             stage="edgetpu_compiler")
-        data = out.read_bytes()
-    m_tpu = re.search(r"Number of operations that will run on Edge TPU:\s*(\d+)", log)
-    m_cpu = re.search(r"Number of operations that will run on CPU:\s*(\d+)", log)
-    return EdgeTpuCompile(data, log, exe, int(m_tpu.group(1)) if m_tpu else None,
-                          int(m_cpu.group(1)) if m_cpu else None)

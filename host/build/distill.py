@@ -101,22 +101,23 @@ def _classes(model: Any) -> int:
     return int(outputs[0].shape[-1])
 
 
-def load_training_npz(path: str | os.PathLike, teacher: Any, *, flag: str = "--data"
+def load_training_npz(path: str | os.PathLike, teacher: Any, *, field: str = "data"
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and integer labels from an ``.npz``: ``x``/``y``, or input-named + ``labels``."""
     path = Path(path)
+    flag = f"`{field}=`"
     name, shape = _input_spec(teacher)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{flag} {path} is not a readable .npz file ({exc})") from None
+        raise DataError(f"{flag} {path} is not a readable .npz file ({exc})", field=field) from None
     y = arrays.pop("y", None)
     if y is None:
         y = arrays.pop("labels", None)
     if y is None:
         raise DataError(f"{flag} {path} has no labels: save them as 'y' (with 'x') or "
-                        f"'labels' (with the input array, '{name}')")
+                        f"'labels' (with the input array, '{name}')", field=field)
     if "x" in arrays:
         x = arrays["x"]
     elif name in arrays:
@@ -125,25 +126,25 @@ def load_training_npz(path: str | os.PathLike, teacher: Any, *, flag: str = "--d
         x = next(iter(arrays.values()))
     else:
         raise DataError(f"{flag} {path} holds {', '.join(sorted(arrays)) or 'no inputs'}; key the "
-                        f"inputs 'x' or '{name}'")
-    return _check_xy(x, y, shape, flag)
+                        f"inputs 'x' or '{name}'", field=field)
+    return _check_xy(x, y, shape, flag, field)
 
 
-def _check_xy(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], what: str
+def _check_xy(x: np.ndarray, y: np.ndarray, shape: tuple[int, ...], what: str, field: str
               ) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
     if tuple(x.shape[1:]) != shape:
         raise DataError(f"{what} inputs have shape {x.shape}, the teacher takes (N, "
-                        f"{', '.join(map(str, shape))})")
+                        f"{', '.join(map(str, shape))})", field=field)
     if y.ndim == 2 and y.shape[1] > 1:
         y = y.argmax(axis=1)  # one-hot
     y = y.reshape(len(y), -1)[:, 0] if y.ndim > 1 else y
     if len(x) != len(y) or len(x) == 0:
         raise DataError(f"{what}: {len(x)} inputs vs {len(y)} labels; give the same non-zero "
-                        "number of each")
+                        "number of each", field=field)
     if y.dtype.kind == "f":
         if not np.all(y == np.round(y)):
-            raise DataError(f"{what} labels are not class ids (integers)")
+            raise DataError(f"{what} labels are not class ids (integers)", field=field)
         y = y.astype(np.int64)
     if x.dtype.kind != "f":
         x = x.astype(np.float32)
@@ -358,14 +359,14 @@ def distill(teacher: Any, x_train: np.ndarray, y_train: np.ndarray, *,
         raise ModelError(f"epochs must be at least 1 (got {epochs})", stage="distill")
     input_name, shape = _input_spec(teacher)
     classes = _classes(teacher)
-    x_train, y_train = _check_xy(x_train, y_train, shape, "training data")
+    x_train, y_train = _check_xy(x_train, y_train, shape, "training data", "x_train")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     keras.utils.set_random_seed(seed)
     notes = []
     if (x_val is None) != (y_val is None):
         raise DataError("give both x_val and y_val, or neither", stage="distill")
     if x_val is not None:
-        x_val, y_val = _check_xy(x_val, y_val, shape, "validation data")
+        x_val, y_val = _check_xy(x_val, y_val, shape, "validation data", "x_val")
         eval_source = "validation data"
     else:
         if len(x_train) < 10:

@@ -1,23 +1,41 @@
-"""Write bundle v1 archives deterministically (the host side of ``edgepack.agent.bundle``)."""
+"""The package stage: manifest and report assembled, signed, written as a bundle v1 archive.
+
+:func:`write_bundle` writes archives deterministically (the host side of
+``edgepack.agent.bundle``); :func:`package` is the last stage of every build, whatever the
+model's format: the manifest's common entries, golden samples, ``report.json``, signature.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import hashlib
 import io
 import json
 import os
+import platform
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgepack.agent.bundle import MANIFEST, SCHEMA, SIGNATURE, read_bundle, validate_manifest
 from edgepack.agent.errors import BundleError
 
-__all__ = ["npz_bytes", "write_bundle"]
+if TYPE_CHECKING:
+    from edgepack.host.build.data import Dataset, TensorSpec
+    from edgepack.host.build.plan import BuildPlan
+    from edgepack.host.build.report import Progress
+    from edgepack.host.build.result import BuildReport, BuildResult
+    from edgepack.host.build.validate import Outputs
+
+__all__ = ["created", "golden", "health", "manifest", "npz_bytes", "package", "toolchain",
+           "write_bundle"]
+
+GOLDEN_SAMPLES = 8
 
 # Fixed zip metadata so the same inputs give the same bytes.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -82,3 +100,108 @@ def write_bundle(out_path: str | os.PathLike, manifest: dict[str, Any], model_by
     if not out_path.exists():
         raise BundleError(f"bundle {out_path} was not written")
     return out_path
+
+
+def created() -> str:
+    """The build time (``SOURCE_DATE_EPOCH`` when set, for reproducible bundles)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch
+         else _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0))
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def toolchain(*packages: str) -> dict[str, str]:
+    """Versions of Python, edgepack, the ONNX tools and ``packages``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("edgepack", "onnx", "onnxruntime", "onnxconverter-common", "numpy", *packages):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def golden(inputs: Sequence[TensorSpec], evalset: Dataset, outputs: Outputs,
+           batch: int) -> tuple[dict[str, np.ndarray], int]:
+    """Up to GOLDEN_SAMPLES model-shaped feeds (``batch`` rows each) and their outputs."""
+    n = max(1, min(GOLDEN_SAMPLES, len(evalset) // batch))
+    rows = n * batch
+    arrays: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(inputs):
+        arrays[f"input_{i}"] = evalset.inputs[spec.name][:rows].reshape(n, *spec.shape)
+    for j, arr in enumerate(outputs.arrays):
+        if arr is not None:
+            arrays[f"output_{j}"] = arr[:rows].reshape(n, batch, *arr.shape[1:])
+    return arrays, n
+
+
+def health(mode: str, outputs: Outputs) -> dict[str, float]:
+    """Tolerances of the device's golden check for a model quantized as ``mode``."""
+    # Int8 kernels differ by a rounding step between CPUs (x86 VNNI vs ARM NEON), so the
+    # device's check is looser than bit-exactness but tight enough to catch a broken model.
+    loose = mode in ("int8", "dynamic")
+    scale = max((float(np.abs(a).max()) for a in outputs.arrays
+                 if a is not None and a.dtype.kind == "f"), default=1.0)
+    return {"atol": (0.05 if loose else 1e-3) * max(scale, 1e-6) + 1e-5,
+            "rtol": 0.05 if loose else 1e-3,
+            "min_cosine": 0.99 if loose else 0.999,
+            "min_label_agreement": 0.85 if loose else 1.0}
+
+
+def manifest(plan: BuildPlan, *, model: dict, runtime: dict, optimization: dict,
+             metrics: dict, health: dict, toolchain: dict,
+             budgets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of ``plan``'s bundle (``model.sha256``/``files`` are filled when written)."""
+    b = plan.profile.budgets
+    return {
+        "name": plan.name, "version": plan.package.version, "created": created(),
+        "target": plan.profile.name, "model": model, "runtime": runtime,
+        "optimization": optimization, "metrics": metrics, "health": health,
+        "budgets": {"p95_ms": b.p95_ms, "peak_rss_mb": b.rss_mb, "model_mb": b.model_mb,
+                    **(budgets or {})},
+        "toolchain": toolchain,
+    }
+
+
+def _json_default(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else float(v)
+
+
+def report_json(report: dict[str, Any]) -> bytes:
+    return json.dumps(report, indent=2, sort_keys=True, default=_json_default).encode()
+
+
+def bundle_path(plan: BuildPlan) -> Path:
+    return Path(plan.package.out_dir) / \
+        f"{plan.name}-{plan.package.version}-{plan.profile.name}.edgepack"
+
+
+def package(plan: BuildPlan, manifest: dict[str, Any], model_bytes: bytes,
+            files: Mapping[str, bytes], golden: Mapping[str, np.ndarray], report: BuildReport,
+            progress: Progress) -> BuildResult:
+    """Sign (with the plan's key) and write ``NAME-VERSION-TARGET.edgepack``; finish the report.
+
+    ``report.warnings`` is the list the manifest's ``optimization.warnings`` holds too: the
+    unsigned-bundle warning lands in both.
+    """
+    from dataclasses import replace
+
+    from edgepack.agent.bundle import sha256_file
+    from edgepack.host.build.result import BuildResult
+    from edgepack.host.keys import signer
+
+    sign, signed_by = signer(plan.package.key)
+    if sign is None:
+        report.warnings.append("the bundle is unsigned (no signing key): devices refuse it "
+                               "unless allow_unsigned = true")
+    out = bundle_path(plan)
+    files = {**files, "golden.npz": npz_bytes(golden),
+             "report.json": report_json(report.to_dict())}
+    with progress.stage("packaging"):
+        write_bundle(out, manifest, model_bytes, files, sign=sign)
+    bid = sha256_file(out)
+    report = replace(report, timings_s=dict(progress.timings), bundle={
+        "path": str(out), "bundle_id": bid, "bytes": out.stat().st_size, "name": plan.name,
+        "version": plan.package.version, "target": plan.profile.name, "signed_by": signed_by})
+    return BuildResult(path=out, bundle_id=bid, manifest=manifest, report=report,
+                       model_bytes=model_bytes)

@@ -80,7 +80,8 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
     re-quantize. The caller owns the directory and must not share it across models or data.
     """
     if len(calib) == 0:
-        raise DataError("int8 needs calibration samples; --calibration holds none")
+        raise DataError("int8 needs calibration samples; `calibration=` holds none",
+                        field="calibration")
     # Memory stays bounded by the sample cap: MinMax keeps only per-tensor (ReduceMin, ReduceMax)
     # per sample. onnxruntime's CalibMaxIntermediateOutputs is deliberately not used: in 1.32 it
     # discards the collected batches instead of folding them into the ranges.

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent.errors import BudgetError, ModelError
-from edgepack.host.build.convert_tflite import _enum_names, _has_data, _schema, op_name, read_model
+from edgepack.host.build.convert_tflite import _enum_names, has_data, _schema, op_name, read_model
 
 __all__ = ["ASSUMPTIONS", "TFLM_RESOLVER", "ArenaPlan", "plan_arena", "resolver_ops",
            "write_sources", "check_budgets", "ARENA_MARGIN"]
@@ -208,7 +208,7 @@ def plan_arena(model_bytes: bytes, *, kernels: str = "cmsis-nn") -> ArenaPlan:
     raw_sizes = []
     variable = 0
     for i, t in enumerate(sg.tensors):
-        if i not in first or _has_data(model, t):
+        if i not in first or has_data(model, t):
             continue
         size = _nbytes(t, types)
         if t.isVariable:

@@ -1,4 +1,5 @@
-"""CLI: ``edgepack build`` — flags plus a target profile become a BuildConfig."""
+"""CLI: ``edgepack build`` — flags become a build plan; the engine builds it; the report is
+rendered."""
 
 from __future__ import annotations
 
@@ -60,33 +61,34 @@ __all__ = ["build"]
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(model: str, target: str, quantize: str, calibration: str | None,
           calibration_method: str | None, calibration_samples: int | None,
-          eval_data: str | None, sample_input: str | None, max_drop: float | None, batch: int, name: str | None,
-          version: str, key: str | None, out_dir: str, fp16_io: bool, fmt: str | None, tflite_io: str | None,
+          eval_data: str | None, sample_input: str | None, max_drop: float | None, batch: int,
+          name: str | None, version: str, key: str | None, out_dir: str, fp16_io: bool,
+          fmt: str | None, tflite_io: str | None,
           prune: float | None, train: str | None, profile_on: tuple[str, ...],
           broker: str | None, fleet: str, profile_timeout: float, profile_runs: int,
           profile_cache: str | None, no_variants: bool, as_json: bool,
           quiet: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
-    from edgepack.host.build.pipeline import BuildConfig, run_build
+    from edgepack.host.build.engine import run
+    from edgepack.host.build.plan import make_plan
     from edgepack.host.build.report import Progress, render_build
     from edgepack.host.cli.main import emit
 
-    cfg = BuildConfig(model=model, target=target, quantize=quantize, calibration=calibration,
-                      calibration_method=calibration_method,
-                      calibration_samples=calibration_samples, eval_data=eval_data,
-                      max_drop=max_drop, batch=batch, name=name, version=version, key=key,
-                      out_dir=out_dir, variants=not no_variants,
-                      keep_io_types=not fp16_io, sample_input=sample_input,
-                      format=fmt, tflite_io=tflite_io, prune=prune, train=train,
-                      profile_on=profile_on, broker=broker, fleet=fleet,
-                      profile_timeout=profile_timeout, profile_runs=profile_runs,
-                      profile_cache=profile_cache)
+    plan = make_plan(model, target=target, quantize=quantize, calibration=calibration,
+                     calibration_method=calibration_method,
+                     calibration_samples=calibration_samples, eval=eval_data,
+                     sample_input=sample_input, max_drop=max_drop, batch=batch, name=name,
+                     version=version, key=key, out=out_dir, variants=not no_variants,
+                     keep_io_types=not fp16_io, format=fmt, tflite_io=tflite_io, prune=prune,
+                     train=train, profile_on=profile_on, broker=broker, fleet=fleet,
+                     profile_timeout=profile_timeout, profile_runs=profile_runs,
+                     profile_cache=profile_cache)
     # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
     with Progress(enabled=not (quiet or as_json)) as progress, \
             contextlib.redirect_stdout(sys.stderr):
-        result = run_build(cfg, progress=progress)
-    emit(result.report, as_json, render_build)
-    if result.report.get("device_profile") and not as_json:
+        result = run(plan, progress)
+    emit(result.report.to_dict(), as_json, render_build)
+    if result.report.device_profile and not as_json:
         from edgepack.host.cli.profile import render_choice
 
-        render_choice(result.report["device_profile"])
+        render_choice(result.report.device_profile)

@@ -103,11 +103,12 @@ def distill_cmd(teacher: str, data: str, val: str | None, student: str, temperat
     with Progress(enabled=not (quiet or as_json)) as progress:
         with progress.stage("loading"):
             t_model = load_teacher(teacher)
-            x, y = load_training_npz(data, t_model, flag="--data")
+            x, y = load_training_npz(data, t_model, field="data")
             x_val = y_val = None
             if val:
-                x_val, y_val = load_training_npz(val, t_model, flag="--val")
-            s_model = student if student in ("small", "tiny") else load_teacher(student, what="student")
+                x_val, y_val = load_training_npz(val, t_model, field="val")
+            s_model = student if student in ("small", "tiny") else \
+                load_teacher(student, what="student")
         with progress.stage("distilling" + (" (+ labels-only baseline)" if baseline else ""),
                             total=epochs) as tick:
             result = distill(t_model, x, y, student=s_model, temperature=temperature,

@@ -134,12 +134,12 @@ def register(main: click.Group) -> None:
         outputs and the slowest operators."""
         from edgepack.agent.mqtt import parse_broker_url
         from edgepack.host.cli.main import emit
-        from edgepack.host.fleet.profiling import ProfileCache, profile_on_devices
+        from edgepack.host.fleet.profiling import ProfileCache
+        from edgepack.host.fleet.profiling import profile as profile_bundles
 
         cfg = parse_broker_url(broker, ca=ca, cert=cert, key=client_key, username=username,
                                password=password)
-        cache = ProfileCache(None) if no_cache else (
-            ProfileCache(cache_path) if cache_path else ProfileCache.default())
+        cache = ProfileCache(None) if no_cache else cache_path
 
         def progress(dev: str, msg: dict) -> None:
             if as_json:
@@ -151,10 +151,10 @@ def register(main: click.Group) -> None:
                     "done": f"done ({msg.get('status')})"}[kind]
             click.echo(f"{dev}: {what}", err=True)
 
-        report = profile_on_devices(list(bundles), list(devices), broker=cfg, key_path=key,
-                                    fleet=fleet, runs=runs, warmup=warmup, threads=threads,
-                                    op_profile=not no_ops, timeout=timeout, cache=cache,
-                                    max_rss_mb=max_rss_mb, on_message=progress)
+        report = profile_bundles(bundles, device=devices, broker=cfg, key=key, fleet=fleet,
+                                 runs=runs, warmup=warmup, threads=threads,
+                                 op_profile=not no_ops, timeout=timeout, cache=cache,
+                                 max_rss_mb=max_rss_mb, on_message=progress)
         emit(report.to_dict(), as_json, render_profile)
         if any(r.status in ("refused", "timeout") for r in report.devices.values()):
             sys.exit(1)

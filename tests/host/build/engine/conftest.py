@@ -90,11 +90,11 @@ def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _build(**kwargs: object) -> Built:
-    from edgepack.host.build.pipeline import BuildConfig, run_build
+    from edgepack.host.build import build
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOURCE_DATE_EPOCH", EPOCH)
-        r = run_build(BuildConfig(**kwargs))
+        r = build(**kwargs)
     return Built(r.path, r.report)
 
 
@@ -149,8 +149,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 def signed_mlp(mlp: MlpFiles, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Built:
     """int8 MLP for rpi4, signed, gated on labelled eval data."""
     return _build(model=str(mlp.model), target="rpi4", quantize="int8",
-                  calibration=str(mlp.calib), eval_data=str(mlp.eval), key=str(keys.private),
-                  out_dir=str(tmp_path_factory.mktemp("signed")), variants=False)
+                  calibration=str(mlp.calib), eval=str(mlp.eval), key=str(keys.private),
+                  out=str(tmp_path_factory.mktemp("signed")), variants=False)
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +158,6 @@ def digits_vnni(digits: DigitsFiles, keys: Keys,
                 tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Digits CNN, int8 for x86-64-vnni with the profile's candidate schemes measured."""
     return _build(model=str(digits.model), target="x86-64-vnni", quantize="int8",
-                  calibration=str(digits.calib), eval_data=str(digits.eval),
-                  key=str(keys.private), out_dir=str(tmp_path_factory.mktemp("digits-vnni")),
+                  calibration=str(digits.calib), eval=str(digits.eval),
+                  key=str(keys.private), out=str(tmp_path_factory.mktemp("digits-vnni")),
                   variants=True)

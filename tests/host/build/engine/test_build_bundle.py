@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from edgepack.agent.bundle import SCHEMA, read_bundle, validate_manifest
 from edgepack.agent.errors import BundleError, SignatureError
 from edgepack.agent.signing import load_public_keys
+from edgepack.host.build import build
 from edgepack.host.cli import main
-from edgepack.host.build.pipeline import BuildConfig, run_build
 
 MEMBERS = ("manifest.json", "model.onnx", "golden.npz", "report.json", "signature.json")
 
@@ -61,7 +61,7 @@ def test_bundle_members_and_manifest(signed_mlp, keys):
     assert {"python", "onnx", "onnxruntime", "numpy"} <= set(manifest["toolchain"])
     sig = json.loads(members["signature.json"])
     assert sig["alg"] == "ed25519" and sig["key_id"] == keys.key_id
-    assert signed_mlp.report["bundle"]["bundle_id"] == hashlib.sha256(
+    assert signed_mlp.report.bundle["bundle_id"] == hashlib.sha256(
         signed_mlp.path.read_bytes()).hexdigest()
 
 
@@ -90,8 +90,8 @@ def test_golden_holds_inputs_and_the_optimized_models_outputs(signed_mlp):
 def test_report_member_matches_the_returned_report(signed_mlp):
     report = json.loads(_members(signed_mlp.path)["report.json"])
 
-    assert report["optimization"] == signed_mlp.report["optimization"]
-    assert report["metrics"]["size"] == signed_mlp.report["metrics"]["size"]
+    assert report["optimization"] == signed_mlp.report.optimization
+    assert report["metrics"]["size"] == signed_mlp.report.metrics["size"]
 
 
 # --- signing ---------------------------------------------------------------------------------
@@ -120,11 +120,11 @@ def test_verify_with_the_wrong_key_fails(signed_mlp, keys):
 
 
 def test_unsigned_bundle_fails_verify(mlp, keys, tmp_path):
-    built = run_build(BuildConfig(model=str(mlp.model), target="rpi4", quantize="none",
-                                  eval_data=str(mlp.eval), out_dir=str(tmp_path),
-                                  variants=False))
+    built = build(model=str(mlp.model), target="rpi4", quantize="none",
+                  eval=str(mlp.eval), out=str(tmp_path),
+                  variants=False)
     assert "signature.json" not in _members(built.path)
-    assert any("unsigned" in w for w in built.report["warnings"])
+    assert any("unsigned" in w for w in built.report.warnings)
 
     result = CliRunner().invoke(main, ["verify", str(built.path), "--pub", str(keys.public)])
 
@@ -189,9 +189,9 @@ def test_corrupt_zip_metadata_is_a_bundle_error(signed_mlp, keys, tmp_path, fiel
 # --- reproducibility -------------------------------------------------------------------------
 
 def _build_int8(model: Path, mlp, out: Path) -> Path:
-    return run_build(BuildConfig(model=str(model), target="rpi4", quantize="int8",
-                                 calibration=str(mlp.calib), eval_data=str(mlp.eval),
-                                 out_dir=str(out), variants=False)).path
+    return build(model=str(model), target="rpi4", quantize="int8",
+                 calibration=str(mlp.calib), eval=str(mlp.eval),
+                 out=str(out), variants=False).path
 
 
 @pytest.mark.parametrize("which", ["model", "legacy"])
@@ -213,9 +213,9 @@ def test_identical_across_processes_with_other_hash_seeds(mlp, tmp_path):
     here = _members(_build_int8(mlp.model, mlp, tmp_path / "here"))
     script = (
         "import sys\n"
-        "from edgepack.host.build.pipeline import BuildConfig, run_build\n"
-        "run_build(BuildConfig(model=sys.argv[1], target='rpi4', quantize='int8', "
-        "calibration=sys.argv[2], eval_data=sys.argv[3], out_dir=sys.argv[4], variants=False))\n")
+        "from edgepack.host.build import build\n"
+        "build(model=sys.argv[1], target='rpi4', quantize='int8', "
+        "calibration=sys.argv[2], eval=sys.argv[3], out=sys.argv[4], variants=False)\n")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "SOURCE_DATE_EPOCH": "1700000000"}
 
     subprocess.run([sys.executable, "-c", script, str(mlp.model), str(mlp.calib),

@@ -11,7 +11,8 @@ from build_models import IN_NAME
 
 from edgepack.agent.errors import GateError
 from edgepack.agent.profiles import load_profile
-from edgepack.host.build.pipeline import PREFER_DEFAULT, BuildConfig, run_build
+from edgepack.host.build import build
+from edgepack.host.build.backends.onnx import PREFER_DEFAULT
 
 
 def _manifest(path) -> dict:
@@ -20,7 +21,7 @@ def _manifest(path) -> dict:
 
 
 def test_digits_int8_accuracy_within_two_points_of_fp32(digits_vnni):
-    acc = digits_vnni.report["metrics"]["accuracy"]
+    acc = digits_vnni.report.metrics["accuracy"]
 
     assert acc["basis"] == "accuracy vs labels"
     assert acc["samples"] == 360
@@ -32,7 +33,7 @@ def test_digits_int8_accuracy_within_two_points_of_fp32(digits_vnni):
 
 
 def test_report_gives_size_accuracy_error_and_latency(digits_vnni):
-    m = digits_vnni.report["metrics"]
+    m = digits_vnni.report.metrics
 
     size = m["size"]
     assert size["fp32_bytes"] > size["optimized_bytes"] > 0
@@ -63,7 +64,7 @@ def test_variants_on_x86_vnni_choose_the_fastest_passing(digits_vnni):
     q = load_profile("x86-64-vnni").quantization
     expected = list(dict.fromkeys(s.label for s in (q.scheme, *q.candidates)))
 
-    rows = digits_vnni.report["variants"]
+    rows = digits_vnni.report.variants
 
     assert [r["scheme"] for r in rows] == expected
     chosen = [r for r in rows if r["result"] == "chosen"]
@@ -94,8 +95,8 @@ def test_variants_on_x86_vnni_choose_the_fastest_passing(digits_vnni):
 
 
 def test_int8_slower_than_fp32_is_said_loudly(digits_vnni):
-    lat = digits_vnni.report["metrics"]["latency"]
-    report_warnings = digits_vnni.report["warnings"]
+    lat = digits_vnni.report.metrics["latency"]
+    report_warnings = digits_vnni.report.warnings
     manifest_warnings = _manifest(digits_vnni.path)["optimization"]["warnings"]
 
     slower = lat["speedup_p50"] < 1.0
@@ -105,24 +106,24 @@ def test_int8_slower_than_fp32_is_said_loudly(digits_vnni):
 
 def test_no_variants_when_the_host_cannot_time_the_target(mlp, tmp_path):
     # rpi4 is ARM: timing candidates on this x86 host would say nothing about the Pi.
-    result = run_build(BuildConfig(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), eval_data=str(mlp.eval),
-                                   out_dir=str(tmp_path), variants=True))
+    result = build(model=str(mlp.model), target="rpi4", quantize="int8",
+                   calibration=str(mlp.calib), eval=str(mlp.eval),
+                   out=str(tmp_path), variants=True)
 
-    assert "variants" not in result.report
-    assert result.report["metrics"]["latency"]["representative"] is False
-    assert any("not on Cortex-A72" in w for w in result.report["warnings"])
+    assert result.report.variants is None
+    assert result.report.metrics["latency"]["representative"] is False
+    assert any("not on Cortex-A72" in w for w in result.report.warnings)
 
 
 def test_calibration_is_held_out_when_eval_is_missing(mlp, tmp_path):
-    result = run_build(BuildConfig(model=str(mlp.model), target="rpi4", quantize="int8",
-                                   calibration=str(mlp.calib), out_dir=str(tmp_path),
-                                   variants=False))
+    result = build(model=str(mlp.model), target="rpi4", quantize="int8",
+                   calibration=str(mlp.calib), out=str(tmp_path),
+                   variants=False)
 
-    acc = result.report["metrics"]["accuracy"]
+    acc = result.report.metrics["accuracy"]
     assert "held out" in acc["source"]
     assert acc["samples"] == 40  # 20% of 200
-    assert result.report["optimization"]["calibration_samples"] == 160
+    assert result.report.optimization["calibration_samples"] == 160
     assert "held out" in _manifest(result.path)["metrics"]["eval_source"]
     assert acc["basis"] == "top-1 agreement with fp32"  # the calibration file has no labels
 
@@ -150,19 +151,19 @@ def test_all_zero_calibration_really_breaks_plain_int8(mlp, tmp_path):
 def test_gate_failure_keeps_sensitive_nodes_in_float_or_explains(mlp, tmp_path):
     zeros = tmp_path / "zeros.npz"
     np.savez(zeros, **{IN_NAME: np.zeros((8, 64), np.float32)})
-    cfg = BuildConfig(model=str(mlp.model), target="rpi4", quantize="int8",
-                      calibration=str(zeros), eval_data=str(mlp.eval), max_drop=0.0,
-                      out_dir=str(tmp_path / "dist"), variants=False)
+    cfg = dict(model=str(mlp.model), target="rpi4", quantize="int8",
+               calibration=str(zeros), eval=str(mlp.eval), max_drop=0.0,
+               out=str(tmp_path / "dist"), variants=False)
 
     try:
-        result = run_build(cfg)
+        result = build(**cfg)
     except GateError as exc:
         assert "kept:" in str(exc)
         assert any(n in str(exc) for n in ("fc1", "act", "fc2"))
         assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
     else:
-        opt = result.report["optimization"]
+        opt = result.report.optimization
         assert opt["nodes_in_float"]
         assert set(opt["nodes_in_float"]) <= {"fc1", "act", "fc2"}
-        assert result.report["metrics"]["accuracy"]["drop_points"] <= 0.0
+        assert result.report.metrics["accuracy"]["drop_points"] <= 0.0
         assert f"{len(opt['nodes_in_float'])} node(s) in float" in opt["summary"]

@@ -61,13 +61,12 @@ def test_agent_imports_no_host_tensorflow_or_onnx():
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the wheel from a copy of the source tree (the repo itself stays untouched)."""
     src = tmp_path_factory.mktemp("src") / "edgepack"
-    anywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
-    top = {".git", ".venv", ".demo", "tests", "build", "dist", "bench", "docs", "keys"}
+    skip = shutil.ignore_patterns(".git", ".venv", ".demo", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", ".ruff_cache")
+    top = {"tests", "build", "dist", "bench", "docs", "keys"}  # host/build is the build wing
 
     def ignore(folder: str, names: list[str]) -> set[str]:
-        # "build" only at the top: host/build is the build wing and must be packaged
-        skip = set(anywhere(folder, names))
-        return skip | (top & set(names)) if Path(folder) == ROOT else skip
+        return set(skip(folder, names)) | (top & set(names) if Path(folder) == ROOT else set())
 
     shutil.copytree(ROOT, src, ignore=ignore)
     out = tmp_path_factory.mktemp("wheel")
@@ -87,7 +86,7 @@ def test_wheel_holds_edgepack_only(wheel):
 
     assert "edgepack/targets/rpi4.toml" in names
     assert {f"edgepack/targets/{t}.toml" for t in REQUIRED_TARGETS} <= set(names)
-    assert "edgepack/agent/bundle.py" in names and "edgepack/host/build/__init__.py" in names
+    assert "edgepack/agent/bundle.py" in names and "edgepack/host/build/engine.py" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"edgepack", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     assert not tops & {"host", "agent", "targets", "firmware_configs"}

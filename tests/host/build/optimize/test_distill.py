@@ -106,7 +106,7 @@ def test_bad_data(teacher: Teacher, digits: Digits) -> None:
 
 def test_load_training_npz_keys(teacher: Teacher, tmp_path) -> None:
     x, y = load_training_npz(teacher.train_npz, teacher.model)
-    xv, yv = load_training_npz(teacher.val_npz, teacher.model, flag="--val")
+    xv, yv = load_training_npz(teacher.val_npz, teacher.model, field="val")
     assert x.shape[1:] == xv.shape[1:] == (8, 8, 1)
     assert y.dtype == yv.dtype == np.int64
 

@@ -15,7 +15,6 @@ from tflite_helpers import SavedModel, build
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BudgetError, GateError, ModelError
 from edgepack.host.build.convert_tflite import (
-    EDGETPU_OPS,
     LiteRTSession,
     _schema,
     non_int8_ops,
@@ -24,6 +23,7 @@ from edgepack.host.build.convert_tflite import (
     tflite_ops,
     to_tflite,
 )
+from edgepack.host.build.edgetpu import EDGETPU_OPS
 
 
 def _manifest(path: Path) -> dict:
@@ -33,7 +33,7 @@ def _manifest(path: Path) -> dict:
 
 def test_full_int8_within_one_point_of_fp32(cnn: SavedModel, tmp_path: Path) -> None:
     r = build(cnn, "android-arm64", tmp_path, quantize="int8")
-    acc = r.report["metrics"]["accuracy"]
+    acc = r.report.metrics["accuracy"]
     assert acc["accuracy_fp32"] > 0.9
     assert acc["drop_points"] <= 1.0
     m = read_bundle(r.path).manifest
@@ -45,7 +45,7 @@ def test_full_int8_within_one_point_of_fp32(cnn: SavedModel, tmp_path: Path) -> 
     assert m["metrics"]["size_ratio"] > 3.0
     # Every compute op is int8; only the I/O boundary (de)quantizes.
     assert {o.op for o in non_int8_ops(r.model_bytes)} <= {"QUANTIZE", "DEQUANTIZE"}
-    assert r.report["metrics"]["latency"]["runtime"] == "litert"
+    assert r.report.metrics["latency"]["runtime"] == "litert"
 
 
 @pytest.mark.parametrize(("mode", "min_ratio"), [("dynamic", 3.0), ("fp16", 1.8)])
@@ -92,7 +92,7 @@ def test_coral_runs_edgetpu_compiler_when_on_path(cnn: SavedModel, tmp_path: Pat
     assert m["model"]["file"] == "model_edgetpu.tflite"
     assert "model_cpu.tflite" in m["files"]
     assert m["optimization"]["needs"] == []
-    assert r.report["edgetpu"]["tpu_ops"] == 7 and r.report["edgetpu"]["cpu_ops"] == 0
+    assert r.report.edgetpu["tpu_ops"] == 7 and r.report.edgetpu["cpu_ops"] == 0
 
 
 def test_edgetpu_and_tflm_op_names_exist_in_the_schema() -> None:
@@ -120,7 +120,7 @@ def test_op_without_int8_kernel_on_integer_only_target(sine: SavedModel, tmp_pat
 def test_cpu_target_keeps_float_where_an_int8_kernel_is_missing(sine: SavedModel,
                                                                tmp_path: Path) -> None:
     r = build(sine, "android-arm64", tmp_path, quantize="int8")
-    assert any("SIN" in n for n in r.report["optimization"]["notes"])
+    assert any("SIN" in n for n in r.report.optimization["notes"])
 
 
 def test_gate_failure_on_cpu_tries_float_layers_then_dynamic(cnn: SavedModel,

@@ -117,7 +117,7 @@ def test_arena_estimate_is_sane(esp32_build) -> None:
 
 
 def test_arena_plan_matches_tflm_interpreter(esp32_build) -> None:
-    check = esp32_build.report["tflm"]["host_check"]
+    check = esp32_build.report.tflm["host_check"]
     if not check["ran"]:
         pytest.skip(check["why"])
     plan = plan_arena(esp32_build.model_bytes, kernels="reference")
@@ -129,7 +129,7 @@ def test_arena_plan_matches_tflm_interpreter(esp32_build) -> None:
 def test_resolver_lists_each_op_once(esp32_build) -> None:
     ops = resolver_ops(esp32_build.model_bytes)
     assert len({m for _, m, _ in ops}) == len(ops)
-    cfg = esp32_build.report["tflm"]["resolver"]
+    cfg = esp32_build.report.tflm["resolver"]
     assert [r["method"] for r in cfg] == [m for _, m, _ in ops]
 
 

@@ -22,11 +22,10 @@ class SavedModel:
 
 
 def build(sm: SavedModel, target: str, out: Path, **kw: Any) -> Any:
-    from edgepack.agent.profiles import load_profile
-    from edgepack.host.build.pipeline import BuildConfig
-    from edgepack.host.build.pipeline_tflite import run_tflite_build
+    from edgepack.host.build.engine import run
+    from edgepack.host.build.plan import make_plan
 
     imported = kw.pop("imported", None) or sm.imported()
-    cfg = BuildConfig(model=str(sm.dir), target=target, calibration=str(sm.calib),
-                      eval_data=str(sm.eval), out_dir=str(out), name="digits", **kw)
-    return run_tflite_build(cfg, load_profile(target), imported)
+    plan = make_plan(sm.dir, target=target, calibration=str(sm.calib), eval=str(sm.eval),
+                     out=str(out), name="digits", **kw)
+    return run(plan, imported=imported)

@@ -43,7 +43,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 def scheme_profile(out: Path, *, fmt: str = "QDQ", activation: str = "uint8",
                    weight: str = "int8", per_channel: bool = True) -> Path:
-    """The shipped x86-64-vnni profile with another default int8 scheme: ``run_build`` with
+    """The shipped x86-64-vnni profile with another default int8 scheme: ``build()`` with
     ``variants=False`` then builds exactly that candidate."""
     text = (resources.files("edgepack.targets") / f"{TARGET}.toml").read_text()
     block = (f'[quantization.scheme]\nformat = "{fmt}"\nactivation_type = "{activation}"\n'
@@ -69,11 +69,11 @@ class Built:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Built:
-    """fp32, QDQ U8S8, QDQ S8S8 (each built by run_build with variants off) and a ``broken``
+    """fp32, QDQ U8S8, QDQ S8S8 (each built by build() with variants off) and a ``broken``
     candidate: a much smaller net with the same inputs and outputs, fast and wrong."""
+    from edgepack.host.build import build
     from edgepack.host.build.convert_onnx import prepare_onnx
     from edgepack.host.build.data import load_dataset
-    from edgepack.host.build.pipeline import BuildConfig, run_build
     from edgepack.host.build.validate import Session, run_outputs
 
     root = tmp_path_factory.mktemp("candidates")
@@ -83,21 +83,20 @@ def built(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Built:
     broken.parent.mkdir()
     broken.write_bytes(tiny_convnet())
     calib, evalp = write_data(model.read_bytes(), root / "data")
-    common = dict(target=TARGET, eval_data=str(evalp), name="cnn", key=str(keys.key),
+    common = dict(target=TARGET, eval=str(evalp), name="cnn", key=str(keys.key),
                   variants=False)
     plans = {
-        "fp32": BuildConfig(model=str(model), quantize="none", out_dir=str(root / "fp32"),
-                            **common),
-        "QDQ-U8S8-pc": BuildConfig(
-            model=str(model), quantize="int8", calibration=str(calib), out_dir=str(root / "u8"),
+        "fp32": dict(model=str(model), quantize="none", out=str(root / "fp32"), **common),
+        "QDQ-U8S8-pc": dict(
+            model=str(model), quantize="int8", calibration=str(calib), out=str(root / "u8"),
             **{**common, "target": str(scheme_profile(root / "u8s8.toml"))}),
-        "QDQ-S8S8-pc": BuildConfig(
-            model=str(model), quantize="int8", calibration=str(calib), out_dir=str(root / "s8"),
+        "QDQ-S8S8-pc": dict(
+            model=str(model), quantize="int8", calibration=str(calib), out=str(root / "s8"),
             **{**common, "target": str(scheme_profile(root / "s8s8.toml", activation="int8"))}),
-        "broken": BuildConfig(model=str(broken), quantize="none",
-                              out_dir=str(root / "broken-out"), **common),
+        "broken": dict(model=str(broken), quantize="none", out=str(root / "broken-out"),
+                       **common),
     }
-    bundles = {label: run_build(cfg).path for label, cfg in plans.items()}
+    bundles = {label: build(**cfg).path for label, cfg in plans.items()}
     prepared = prepare_onnx(model, opset=17, batch=1, target=TARGET)
     evalset = load_dataset(evalp, prepared.inputs, what="eval")
     reference = run_outputs(Session(prepared.model_bytes, 1), evalset, 1)

@@ -1,6 +1,6 @@
 """``build --profile-on``: the devices measure the candidates and the build ships what they
 measured fastest among those that pass the gate on *their* outputs. Called the way the
-pipeline calls :func:`choose_on_devices`: candidate bundles built by ``run_build``, the fp32
+pipeline calls :func:`choose_on_devices`: candidate bundles built by ``edgepack.host.build``, the fp32
 reference on the eval set, the model's tensor specs."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from edgepack.agent.errors import GateError
 from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
 from edgepack.agent.signing import load_public_keys
-from edgepack.host.fleet.profiling import Candidate, ProfileCache, choose_on_devices, stamp_bundle
+from edgepack.host.fleet.profiling import ProfileCache
+from edgepack.host.fleet.profiling_choice import Candidate, choose_on_devices, stamp_bundle
 
 LABELS = ("fp32", "QDQ-U8S8-pc", "QDQ-S8S8-pc", "broken")
 

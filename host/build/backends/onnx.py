@@ -1,0 +1,365 @@
+"""The ONNX backend: pre-flight in onnxruntime, fp16/dynamic/static int8 candidates, the bundle's
+ONNX entries.
+
+Every candidate runs in onnxruntime on the same eval samples through the same gate
+(``validate.compare`` against the fp32 reference). Static int8 tries the profile's candidate
+schemes and keeps the fastest that passes; when none passes, the nodes that hurt most are kept in
+float until one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgepack.agent.errors import GateError, ModelError
+from edgepack.agent.profiles import QuantScheme
+from edgepack.host.build import gate, package
+from edgepack.host.build.backends.base import Assembly, Baseline
+from edgepack.host.build.convert_onnx import PreparedModel, prepare_onnx
+from edgepack.host.build.data import load_gate_data
+from edgepack.host.build.plan import BuildPlan
+from edgepack.host.build.quantize import (
+    QuantResult,
+    convert_fp16,
+    quantize_dynamic,
+    quantize_static,
+)
+from edgepack.host.build.report import Progress
+from edgepack.host.build.result import BuildReport
+from edgepack.host.build.validate import (
+    GateMetrics,
+    Outputs,
+    Session,
+    compare,
+    measure_interleaved,
+    rank_sensitive_nodes,
+    run_outputs,
+)
+
+__all__ = ["PREFER_DEFAULT", "OnnxBackend"]
+
+# A candidate must be this much faster than the profile's default scheme to replace it: closer
+# than that is within timing noise on a shared machine, and flipping between runs would make
+# builds irreproducible for no gain.
+PREFER_DEFAULT = 1.10
+# onnxruntime release that first runs each opset: the device's minimum runtime version.
+_ORT_FOR_OPSET = {13: "1.8", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14",
+                  19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+
+
+@dataclass
+class _Candidate:
+    result: QuantResult
+    metrics: GateMetrics
+    outputs: Outputs
+    latency: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        r = self.result
+        return r.scheme.label if r.mode in ("int8", "dynamic") and r.scheme else r.mode
+
+
+@dataclass(frozen=True)
+class _OnnxBaseline(Baseline):
+    prepared: PreparedModel
+    ref_session: Session
+    feed: dict
+    unpruned: bytes
+    pruning: dict | None
+
+
+@dataclass(frozen=True)
+class _Optimized:
+    best: _Candidate
+    kept: list[str]
+    fp32_latency: dict
+    variants: list[dict] | None
+    mode: str  # what was asked of this candidate, after float-only models stayed float
+    float_note: str | None
+
+
+def _mode(plan: BuildPlan, base: Baseline) -> tuple[str, str | None]:
+    mode = plan.mode
+    if base.imported.float_only and mode in ("int8", "dynamic"):
+        why = [n for n in base.imported.notes if "int8" in n] or ["no op has an int8 kernel"]
+        return "none", (f"nothing in this model was quantized: kept float32, not {mode} "
+                        f"({why[-1]})")
+    return mode, None
+
+
+class OnnxBackend:
+    """Bundles whose model is ONNX, run by onnxruntime."""
+
+    format = "onnx"
+
+    # ------------------------------------------------------------------ pre-flight
+    def prepare(self, plan: BuildPlan, imported: Any, work: Path,
+                progress: Progress) -> _OnnxBaseline:
+        profile = plan.profile
+        if "onnx" not in profile.runtime.formats:
+            raise ModelError(
+                f"target {profile.name} runs {'/'.join(profile.runtime.formats)} models only; "
+                "this edgepack builds ONNX bundles for it not yet (TFLite and TFLM output are not "
+                "supported). Pick an ONNX target (edgepack targets list).", target=profile.name)
+        if imported.onnx_path is None:
+            raise ModelError(f"{plan.model.name} is a {imported.kind} model, which packages only "
+                             f"for TFLite targets; {profile.name} runs ONNX. Build from the "
+                             "source model (Keras, SavedModel or ONNX) instead.",
+                             target=profile.name)
+        with progress.stage("pre-flight"):
+            prepared = prepare_onnx(imported.onnx_path, opset=profile.runtime.opset,
+                                    batch=plan.data.batch, target=profile.name)
+        base_mode = plan.mode if not imported.float_only else "none"
+        gate.check_fp32_budget(len(prepared.model_bytes), base_mode, profile)
+        with progress.stage("loading data"):
+            data = _gate_data(plan, prepared)
+        batch, threads = plan.data.batch, plan.threads
+        feed = {k: v[:batch] for k, v in data.evalset.inputs.items()}
+        feed = {s.name: feed[s.name].reshape(s.shape) for s in prepared.inputs}
+        with progress.stage("fp32 reference"):
+            ref_sess = Session(prepared.model_bytes, threads)
+            ref = run_outputs(ref_sess, data.evalset, batch)
+        unpruned, pruning = prepared.model_bytes, None
+        if plan.prune.sparsity is not None and plan.prune.train is None:
+            from edgepack.host.build.prune import prune_onnx
+
+            with progress.stage(f"pruning to {plan.prune.sparsity:.0%}"):
+                pruned = prune_onnx(prepared.model_bytes, plan.prune.sparsity)
+            prepared = replace(prepared, model_bytes=pruned.model_bytes)
+            pruning = {"sparsity": pruned.sparsity_achieved, "notes": list(pruned.notes),
+                       "fine_tuned": False}
+        return _OnnxBaseline(imported=imported, work=work, inputs=prepared.inputs,
+                             outputs=prepared.outputs, data=data, reference=ref,
+                             threads=threads, prepared=prepared,
+                             ref_session=ref_sess, feed=feed, unpruned=unpruned, pruning=pruning)
+
+    def device_candidates(self, plan: BuildPlan) -> list[tuple[str, BuildPlan]]:
+        """fp32, fp16 and each int8 scheme of the profile (or dynamic): the devices choose."""
+        q = plan.profile.quantization
+        out = [("fp32", plan.with_quantize(mode="none")), ("fp16", plan.with_quantize(mode="fp16"))]
+        if plan.mode == "int8" or plan.data.calibration:
+            for scheme in dict.fromkeys([q.scheme, *q.candidates]):
+                out.append((scheme.label, plan.with_quantize(mode="int8", scheme=scheme)))
+        elif plan.mode == "dynamic":
+            out.append(("dynamic", plan.with_quantize(mode="dynamic")))
+        return out
+
+    # ------------------------------------------------------------------ optimize + gate
+    def optimize(self, base: _OnnxBaseline, plan: BuildPlan, progress: Progress) -> _Optimized:
+        mode, float_note = _mode(plan, base)
+        q = plan.profile.quantization
+        max_drop = plan.max_drop
+        prepared = base.prepared
+        if mode in ("none", "fp16", "dynamic"):
+            if mode == "none":
+                res = QuantResult(prepared.model_bytes, "none", None, 0)
+            else:
+                with progress.stage(f"{mode} conversion"):
+                    res = (convert_fp16(prepared.model_bytes,
+                                        keep_io_types=plan.quantize.keep_io_types)
+                           if mode == "fp16" else quantize_dynamic(prepared.model_bytes, q.scheme))
+            cand = _measure(res, base, plan.data.batch)
+            if mode != "none":
+                gate.check_drop(cand.metrics, max_drop,
+                                {"fp16": "fp16", "dynamic": "dynamic int8"}[mode])
+            fp32_lat = _time([cand], base, progress)
+            return _Optimized(cand, [], fp32_lat, None, mode, float_note)
+        return self._int8(base, plan, progress, float_note)
+
+    def _int8(self, base: _OnnxBaseline, plan: BuildPlan, progress: Progress,
+              float_note: str | None) -> _Optimized:
+        q = plan.profile.quantization
+        calib, max_drop, method = base.data.calib, plan.max_drop, plan.calibration_method
+        batch, model_bytes = plan.data.batch, base.prepared.model_bytes
+        assert calib is not None  # the plan checked it
+        schemes = [plan.quantize.scheme or q.scheme]
+        if plan.quantize.scheme is None and plan.quantize.variants and \
+                plan.profile.host_can_time and q.candidates:
+            schemes = list(dict.fromkeys([q.scheme, *q.candidates]))
+        cands: list[_Candidate] = []
+        for scheme in schemes:
+            with progress.stage(f"int8 {scheme.label} calibration ({method})",
+                                total=len(calib)) as tick:
+                res = quantize_static(model_bytes, calib, scheme, method=method, batch=batch,
+                                      tick=tick, cache_dir=base.work)
+            with progress.stage(f"int8 {scheme.label} validation"):
+                cands.append(_measure(res, base, batch))
+        if not any(c.result.quantized_ops for c in cands):
+            # No op has an int8 kernel (tree ensembles, label post-processing): ship the float
+            # model; the report says nothing was quantized.
+            cand = _measure(QuantResult(model_bytes, "int8", q.scheme, 0), base, batch)
+            return _Optimized(cand, [], _time([cand], base, progress), None, "int8", float_note)
+        passing = [c for c in cands if c.metrics.drop_points <= max_drop and c.result.quantized_ops]
+        kept: list[str] = []
+        if passing:
+            fp32_lat = _time(cands, base, progress)
+            best = min(passing, key=lambda c: c.latency["p50_ms"])
+            default = cands[0]
+            if default in passing and best.latency["p50_ms"] * PREFER_DEFAULT > \
+                    default.latency["p50_ms"]:
+                best = default  # within timing noise of the profile's scheme: keep the default
+        else:
+            best, kept = _int8_with_fallback(base, q.scheme, method, max_drop, batch, progress)
+            cands.append(best)
+            fp32_lat = _time(cands, base, progress)
+        variants = [_variant(c, best, max_drop) for c in cands] if len(cands) > 1 else None
+        return _Optimized(best, kept, fp32_lat, variants, "int8", float_note)
+
+    # ------------------------------------------------------------------ assemble
+    def assemble(self, base: _OnnxBaseline, opt: _Optimized, plan: BuildPlan,
+                 progress: Progress) -> Assembly:
+        profile, prepared, best = plan.profile, base.prepared, opt.best
+        res, mode = best.result, opt.mode
+        measured = gate.Measured(len(base.unpruned), len(res.model_bytes), best.metrics,
+                                 base.data.source, opt.fp32_latency, best.latency, base.threads)
+        gate.check_budget(measured.optimized_bytes, profile)
+        warnings = [opt.float_note] if opt.float_note else []
+        warnings.extend(res.notes)
+        if mode in ("int8", "dynamic") and res.quantized_ops == 0:
+            warnings.append("nothing in this model was quantized (no ops with int8 kernels): "
+                            "the bundle is float32")
+        warnings += gate.host_warnings(measured, profile, mode=mode, label=best.label)
+        effective = mode if (mode not in ("int8", "dynamic") or res.quantized_ops) else "none"
+        summary = {"none": "fp32 (no quantization)", "fp16": "fp16 weights and compute"
+                   + (", float32 I/O" if plan.quantize.keep_io_types else ""),
+                   "dynamic": f"dynamic int8 ({best.label})",
+                   "int8": f"static int8 {best.label}"}[effective]
+        if opt.kept:
+            summary += f", {len(opt.kept)} node(s) in float"
+        calib, s = base.data.calib, res.scheme
+        optimization: dict[str, Any] = {
+            "mode": effective, "requested": plan.mode, "summary": summary,
+            "format": s.format if s and effective == "int8" else None,
+            "activation_type": s.activation_type if s and effective == "int8" else None,
+            "weight_type": s.weight_type if s and effective in ("int8", "dynamic") else None,
+            "per_channel": s.per_channel if s and effective != "none" else None,
+            "reduce_range": s.reduce_range if s and effective != "none" else None,
+            "calibration_method": plan.calibration_method if effective == "int8" else None,
+            "calibration_samples": len(calib) if calib is not None and effective == "int8"
+            else 0,
+            "calibration_fingerprint": calib.fingerprint() if calib is not None else None,
+            "quantized_ops": res.quantized_ops,
+            "nodes_in_float": opt.kept,
+            "preflight": list(prepared.steps),
+            "warnings": warnings,
+        }
+        pruning = dict(base.pruning) if base.pruning else None
+        if plan.prune.sparsity is not None:
+            from edgepack.host.build.prune import sparsity_report
+
+            pruning = pruning or {}
+            optimization["pruning"] = dict(pruning)
+            pruning["report"] = sparsity_report(res.model_bytes, baseline=base.unpruned).to_dict()
+        golden, n_golden = package.golden(prepared.inputs, base.data.evalset, best.outputs,
+                                          plan.data.batch)
+        inputs, outputs = _entries(prepared.inputs), _entries(prepared.outputs)
+        manifest = package.manifest(
+            plan,
+            model={"file": "model.onnx", "format": "onnx", "inputs": inputs, "outputs": outputs,
+                   "opset": prepared.opset},
+            runtime={"name": "onnxruntime",
+                     "min_version": _ORT_FOR_OPSET.get(prepared.opset, "1.17"),
+                     "threads": profile.runtime.threads,
+                     "providers": list(profile.runtime.providers)},
+            optimization=optimization, metrics=measured.manifest_metrics(profile),
+            health={"golden": "golden.npz", "samples": n_golden,
+                    **package.health(effective, base.reference)},
+            toolchain=package.toolchain())
+        imported = base.imported
+        report = BuildReport(
+            model={"source": str(plan.model), "kind": imported.kind,
+                   "import_notes": list(imported.notes), "inputs": inputs, "outputs": outputs,
+                   "preflight": list(prepared.steps), "ops": prepared.op_counts,
+                   "source_opset": prepared.source_opset},
+            optimization=optimization, metrics=measured.report_metrics(profile),
+            warnings=warnings, timings_s=dict(progress.timings), variants=opt.variants,
+            pruning=pruning)
+        return Assembly(manifest, res.model_bytes, {}, golden, report)
+
+
+def _gate_data(plan: BuildPlan, prepared: PreparedModel) -> Any:
+    cap = plan.quantize.calibration_samples or plan.profile.quantization.calibration_samples
+    return load_gate_data(prepared.inputs, calibration=plan.data.calibration,
+                          eval=plan.data.eval, sample_input=plan.data.sample_input, cap=cap)
+
+
+def _entries(specs: Any) -> list[dict]:
+    return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "quantization": None}
+            for s in specs]
+
+
+def _measure(result: QuantResult, base: _OnnxBaseline, batch: int) -> _Candidate:
+    outs = run_outputs(Session(result.model_bytes, base.threads), base.data.evalset, batch)
+    metrics = compare(base.prepared.outputs, base.reference, outs, base.data.evalset.labels)
+    return _Candidate(result, metrics, outs)
+
+
+def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress) -> dict:
+    """Time fp32 and ``cands`` interleaved in one run; fills ``latency``, returns fp32's."""
+    sessions = {"fp32": base.ref_session}
+    for i, c in enumerate(cands):
+        sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
+    with progress.stage("timing fp32 and optimized, interleaved"):
+        lat = measure_interleaved(sessions, base.feed, budget_s=0.6 * len(sessions))
+    for i, c in enumerate(cands):
+        c.latency = lat[f"{i}"]
+    return lat["fp32"]
+
+
+def _variant(c: _Candidate, best: _Candidate, max_drop: float) -> dict[str, Any]:
+    return {
+        "scheme": c.label + (f" +{len(c.result.excluded_nodes)} float" if
+                             c.result.excluded_nodes else ""),
+        "bytes": len(c.result.model_bytes), "latency": c.latency,
+        "drop_points": c.metrics.drop_points,
+        "passed": c.metrics.drop_points <= max_drop,
+        "result": "chosen" if c is best else (
+            f"gate: drop {c.metrics.drop_points:.2f} > {max_drop:g} pt"
+            if c.metrics.drop_points > max_drop else
+            f"slower: p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of chosen"
+            if c.latency["p50_ms"] >= best.latency["p50_ms"] else
+            f"p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of the default: "
+            f"under {PREFER_DEFAULT:.2f}x is noise, default kept"),
+    }
+
+
+def _int8_with_fallback(base: _OnnxBaseline, scheme: QuantScheme, method: str, max_drop: float,
+                        batch: int, progress: Progress) -> tuple[_Candidate, list[str]]:
+    """Keep the nodes that hurt most in float until the gate passes (or give up)."""
+    import onnx
+
+    model_bytes, calib, evalset = base.prepared.model_bytes, base.data.calib, base.data.evalset
+    assert calib is not None
+    with progress.stage("ranking sensitive nodes"):
+        qdq = quantize_static(model_bytes, calib, replace(scheme, format="QDQ"), method=method,
+                              batch=batch, cache_dir=base.work)
+        sample = evalset.take(slice(0, min(len(evalset), 32)))
+        ranked = [name for name, _ in rank_sensitive_nodes(model_bytes, qdq.model_bytes, sample,
+                                                           batch)]
+    if not ranked:
+        raise GateError(f"int8 ({scheme.label}) fails the gate and no node could be ranked for "
+                        "keeping in float. Try `quantize=` fp16 or dynamic, or raise "
+                        "`max_drop=`.", stage="gate", field="max_drop")
+    n_nodes = len(onnx.load_from_string(model_bytes).graph.node)
+    limit = max(1, int(n_nodes * 0.3))
+    k, last = 1, None
+    while k <= min(limit, len(ranked)):
+        excluded = ranked[:k]
+        with progress.stage(f"int8 with {k} node(s) in float", total=len(calib)) as tick:
+            res = quantize_static(model_bytes, calib, scheme, method=method, batch=batch,
+                                  nodes_to_exclude=excluded, tick=tick, cache_dir=base.work)
+        last = _measure(res, base, batch)
+        if last.metrics.drop_points <= max_drop:
+            return last, excluded
+        k *= 2
+    drop = last.metrics.drop_points if last else float("nan")
+    raise GateError(
+        f"int8 ({scheme.label}) loses more than the allowed {max_drop:g} points even with the "
+        f"{min(limit, len(ranked))} most sensitive nodes kept in float (best drop "
+        f"{drop:.2f} points; kept: {', '.join(ranked[:min(limit, len(ranked))])}). Try "
+        "`calibration_method=` entropy or percentile, more or more representative calibration "
+        "data, `quantize=` fp16, or raise `max_drop=`.", stage="gate", field="max_drop")
+

@@ -1,0 +1,203 @@
+"""The plan stage: arguments plus a target profile become a frozen :class:`BuildPlan`.
+
+Everything a build was asked to do is grouped by the stage that reads it (what to quantize,
+which data feeds the gate, how to prune, how to package, which devices choose); the plan also
+holds what the arguments resolve to against the profile (the quantization mode, the bundle
+name, the output format). Mistakes in the arguments fail here, before anything slow.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from edgepack.agent.errors import DataError, ModelError
+from edgepack.agent.profiles import Profile, QuantScheme, load_profile
+
+__all__ = [
+    "BuildPlan",
+    "DataConfig",
+    "PackageConfig",
+    "ProfileOnConfig",
+    "PruneConfig",
+    "QuantizeConfig",
+    "host_threads",
+    "make_plan",
+]
+
+QUANTIZE_MODES = ("auto", "int8", "dynamic", "fp16", "none")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What the optimize stage tries: the mode and the int8 knobs."""
+
+    mode: str = "auto"  # auto | int8 | dynamic | fp16 | none
+    scheme: QuantScheme | None = None  # int8 scheme instead of the profile's default
+    calibration_method: str | None = None  # minmax | entropy | percentile
+    calibration_samples: int | None = None  # cap on calibration samples
+    variants: bool = True  # time the profile's candidate int8 schemes and keep the fastest
+    keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
+    tflite_io: str | None = None  # full-int8 TFLite I/O: float32 | int8 | uint8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data the gate and the calibrator read (``.npz`` files keyed by input name)."""
+
+    calibration: str | None = None
+    eval: str | None = None
+    sample_input: str | None = None
+    batch: int = 1
+    max_drop: float | None = None  # points; default: the profile's
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning before quantization (``train``: fine-tune a Keras model on it)."""
+
+    sparsity: float | None = None
+    train: str | None = None
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    """What the package stage writes: ``OUT/NAME-VERSION-TARGET.edgepack``, signed with ``key``."""
+
+    name: str | None = None
+    version: str = "1.0.0"
+    key: str | None = None
+    out_dir: str = "dist"
+    format: str | None = None  # onnx | tflite | tflm; default: the target's first format
+
+
+@dataclass(frozen=True)
+class ProfileOnConfig:
+    """Device-in-the-loop choice: these devices measure every candidate and choose."""
+
+    devices: tuple[str, ...] = ()
+    broker: str | None = None
+    fleet: str = "default"
+    timeout: float = 600.0
+    runs: int = 50
+    cache: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build decided: the arguments by concern, resolved against the target profile."""
+
+    model: Path
+    profile: Profile
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    profile_on: ProfileOnConfig = field(default_factory=ProfileOnConfig)
+
+    @property
+    def target(self) -> str:
+        return self.profile.name
+
+    @property
+    def mode(self) -> str:
+        """The quantization mode asked for (``auto`` resolved to the profile's default)."""
+        m = self.quantize.mode
+        return self.profile.quantization.default if m == "auto" else m
+
+    @property
+    def name(self) -> str:
+        return self.package.name or self.model.stem or self.model.name
+
+    @property
+    def format(self) -> str:
+        """onnx, tflite or tflm: what the bundle's model is."""
+        fmt = self.package.format or self.profile.runtime.formats[0]
+        return fmt if fmt in ("tflite", "tflm") else "onnx"
+
+    @property
+    def max_drop(self) -> float:
+        d = self.data.max_drop
+        return d if d is not None else self.profile.quantization.max_drop_points
+
+    @property
+    def calibration_method(self) -> str:
+        return self.quantize.calibration_method or self.profile.quantization.calibration_method
+
+    @property
+    def threads(self) -> int:
+        return host_threads(self.profile)
+
+    def with_quantize(self, **changes: object) -> BuildPlan:
+        return replace(self, quantize=replace(self.quantize, **changes))
+
+
+def host_threads(profile: Profile) -> int:
+    """Inference threads on this host for ``profile``: the target's, at most this host's cores."""
+    want = profile.runtime.threads or profile.hardware.cores
+    return max(1, min(want, os.cpu_count() or 1))
+
+
+def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
+              calibration: str | None = None, calibration_method: str | None = None,
+              calibration_samples: int | None = None, eval: str | None = None,  # noqa: A002
+              sample_input: str | None = None, max_drop: float | None = None, batch: int = 1,
+              name: str | None = None, version: str = "1.0.0", key: str | None = None,
+              out: str = "dist", variants: bool = True, keep_io_types: bool = True,
+              format: str | None = None, tflite_io: str | None = None,  # noqa: A002
+              prune: float | None = None, train: str | None = None,
+              scheme: QuantScheme | None = None, profile_on: tuple[str, ...] | list[str] = (),
+              broker: str | None = None, fleet: str = "default",
+              profile_timeout: float = 600.0, profile_runs: int = 50,
+              profile_cache: str | None = None) -> BuildPlan:
+    """Check the arguments against the target profile and freeze them into a :class:`BuildPlan`.
+
+    Raises :class:`ProfileError`, :class:`ModelError` or :class:`DataError` (with ``field=``
+    naming the argument) before anything slow runs.
+    """
+    from edgepack.agent.bundle import parse_version
+    from edgepack.agent.protocol import check_id
+    from edgepack.host.build.importers import detect_kind
+
+    profile = load_profile(target)
+    if quantize not in QUANTIZE_MODES:
+        raise ModelError(f"`quantize=` takes one of {', '.join(QUANTIZE_MODES)}, not "
+                         f"{quantize!r}", field="quantize")
+    plan = BuildPlan(
+        model=Path(model), profile=profile,
+        quantize=QuantizeConfig(mode=quantize, scheme=scheme,
+                                calibration_method=calibration_method,
+                                calibration_samples=calibration_samples, variants=variants,
+                                keep_io_types=keep_io_types, tflite_io=tflite_io),
+        data=DataConfig(calibration=_opt_str(calibration), eval=_opt_str(eval),
+                        sample_input=_opt_str(sample_input), batch=batch, max_drop=max_drop),
+        prune=PruneConfig(sparsity=prune, train=_opt_str(train)),
+        package=PackageConfig(name=name, version=version, key=_opt_str(key),
+                              out_dir=str(out), format=format),
+        profile_on=ProfileOnConfig(devices=tuple(profile_on), broker=broker, fleet=fleet,
+                                   timeout=profile_timeout, runs=profile_runs,
+                                   cache=_opt_str(profile_cache)))
+    detect_kind(plan.model)  # unknown formats fail before anything slow
+    if plan.mode == "int8" and not calibration:
+        raise DataError("int8 quantization needs calibration data: pass `calibration=` "
+                        "data.npz (a few hundred representative inputs keyed by input name), "
+                        "or use `quantize=` dynamic (no calibration) or fp16.",
+                        target=profile.name, field="calibration")
+    check_id(plan.name, "bundle name")
+    parse_version(version)
+    if format and format not in profile.runtime.formats:
+        raise ModelError(f"target {profile.name} runs {'/'.join(profile.runtime.formats)}, not "
+                         f"{format}", target=profile.name, field="format")
+    if profile_on and (not broker or not key):
+        raise DataError("`profile_on=` needs `broker=` (where the devices are) and `key=` (jobs "
+                        "and candidate bundles are signed)",
+                        field="key" if broker else "broker")
+    if prune is not None and not 0.0 < prune < 1.0:
+        raise ModelError(f"`prune=` takes a sparsity between 0 and 1 (exclusive), not {prune}",
+                         field="prune")
+    return plan
+
+
+def _opt_str(v: str | Path | None) -> str | None:
+    return None if v is None else str(v)
