@@ -470,10 +470,3 @@ class Connection:
                     client.publish(last_will[0], last_will[1], qos=1, retain=True, wait=2.0)
             client.close()
         self._thread.join(timeout=5)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "SyncClient":  # moved to the host; re-exported until callers are updated
-        from edgepack.host.fleet.client import SyncClient
-        return SyncClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

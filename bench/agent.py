@@ -32,7 +32,7 @@ memory
     agent never imports cryptography) measured the same way.
 
 Nothing is downloaded: MobileNetV2 (random weights, batch-norm statistics set from smooth random
-images) and the digits CNN come from ``bench/build.py``'s builders and ``edgepack.host.build.pipeline``;
+images) and the digits CNN come from ``bench/build.py``'s builders and ``edgepack.host.build``;
 the 20 MB bundles from ``tests/agent/agent_helpers.py``. Mosquitto comes from ``tests/brokers.py``.
 
     python bench/agent.py                                  # all three, both models
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from edgepack.agent.profiles import load_profile
-    from edgepack.host.build import pipeline
+    from edgepack.host.build.plan import host_threads
 
-    threads = args.threads or pipeline._host_threads(load_profile(TARGET))
+    threads = args.threads or host_threads(load_profile(TARGET))
     b = _bench_build()
     mosq = subprocess.run([_mosq("mosquitto"), "-h"], capture_output=True, text=True)
     res: dict[str, Any] = {

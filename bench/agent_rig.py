@@ -57,7 +57,7 @@ def proc_status(pid: int | str = "self") -> dict[str, float]:
 
 def make_model_bundles(models: list[str], work: Path, key: Path, size: int,
                        quantize: str) -> dict[str, Path]:
-    """Build a signed bundle per model with ``edgepack.host.build.pipeline.run_build`` (cached)."""
+    """Build a signed bundle per model with ``edgepack.host.build`` (cached)."""
     out: dict[str, Path] = {}
     todo = []
     for m in models:
@@ -68,7 +68,7 @@ def make_model_bundles(models: list[str], work: Path, key: Path, size: int,
             todo.append(m)
     if not todo:
         return out
-    from edgepack.host.build.pipeline import BuildConfig, run_build
+    from edgepack.host import build
     from edgepack.host.build.report import Progress
 
     b = _bench_build()
@@ -77,11 +77,11 @@ def make_model_bundles(models: list[str], work: Path, key: Path, size: int,
         files = (b.make_mobilenet(work / "mobilenet", size, 100, 50, 32) if m == "mobilenetv2"
                  else b.make_digits(work / "digits"))
         log(f"building the {m} bundle (target {TARGET}, {quantize})")
-        cfg = BuildConfig(model=str(files["model"]), target=TARGET, quantize=quantize,
-                          calibration=str(files["calibration"]), eval_data=str(files["eval"]),
-                          key=str(key), out_dir=str(work / "dist" / m), variants=False,
-                          name=m, max_drop=100.0 if m == "mobilenetv2" else None)
-        res = run_build(cfg, Progress(enabled=False))
+        res = build(str(files["model"]), target=TARGET, quantize=quantize,
+                    calibration=str(files["calibration"]), eval=str(files["eval"]), key=str(key),
+                    out=str(work / "dist" / m), variants=False, name=m,
+                    max_drop=100.0 if m == "mobilenetv2" else None,
+                    progress=Progress(enabled=False))
         out[m].parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(res.path, out[m])
     return out

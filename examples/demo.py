@@ -83,8 +83,8 @@ def serve_and_measure(url: str, data_dir: Path) -> None:
     import numpy as np
 
     from edgepack.agent.inference import Client
-    from edgepack.agent.mqtt import SyncClient
     from edgepack.agent.protocol import Topics, decode
+    from edgepack.host.fleet.client import SyncClient
 
     with np.load(WORK / "eval.npz") as z:
         names = [k for k in z.files if k != "labels"]

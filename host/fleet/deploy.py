@@ -27,7 +27,7 @@ from edgepack.agent.errors import (
     InstallError,
     ProtocolError,
 )
-from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
+from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import (
     DesiredState,
     Topics,
@@ -35,6 +35,7 @@ from edgepack.agent.protocol import (
     encode,
     parse_chunk_table,
 )
+from edgepack.host.fleet.client import SyncClient
 
 __all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from edgepack.agent.bundle import Bundle, read_bundle
 from edgepack.agent.errors import DataError, EdgepackError, ProtocolError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
+from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import (
     MAX_EVAL_BYTES,
     JobBundle,
@@ -34,6 +34,7 @@ from edgepack.agent.protocol import (
     parse_result,
 )
 from edgepack.agent.runtimes import FORMAT_RUNTIME
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.profiling_cache import ProfileCache, cache_key, default_cache_path
 
 __all__ = [

@@ -18,9 +18,10 @@ from typing import Any
 
 from edgepack.agent.bundle import Bundle, read_bundle
 from edgepack.agent.errors import ProtocolError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
+from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import Topics, chunk_table_payload, decode, encode
 from edgepack.agent.signing import canonical_json
+from edgepack.host.fleet.client import SyncClient
 
 __all__ = ["publish", "PublishResult", "publish_bundle", "manifest_message",
            "DEFAULT_CHUNK_SIZE"]

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgepack.agent.errors import ProtocolError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
+from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import Topics, decode, parse_desired
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.deploy import active_bundle
 
 __all__ = ["fleet_status", "DeviceStatus", "collect_retained"]

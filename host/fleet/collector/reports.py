@@ -78,8 +78,8 @@ def fetch_report(cfg: BrokerConfig, fleet: str, table: dict, *, max_bytes: int,
     import zipfile
 
     from edgepack.agent.bundle import read_bundle
-    from edgepack.agent.mqtt import SyncClient
     from edgepack.agent.protocol import parse_chunk_table
+    from edgepack.host.fleet.client import SyncClient
 
     try:
         t = parse_chunk_table(json.dumps(table).encode(), expected_id=table.get("bundle_id"))

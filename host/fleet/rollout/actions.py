@@ -11,8 +11,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edgepack.agent.mqtt import BrokerConfig, SyncClient
+from edgepack.agent.mqtt import BrokerConfig
 from edgepack.agent.protocol import DesiredState, Topics, encode
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.storage import RolloutDeviceRecord, RolloutRecord, Store
 
 __all__ = ["Tick", "deploy_stage", "complete", "start_rollback", "finish_rollback"]

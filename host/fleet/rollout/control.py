@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.agent.errors import EdgepackError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient, parse_broker_url
+from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import Topics, check_id, decode
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.rollout.plan import (
     FINAL_STATES,
     RolloutError,

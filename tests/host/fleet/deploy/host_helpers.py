@@ -14,8 +14,8 @@ def publish_manifest_only(broker_url: str, fleet: str, bundle_path: Path,
     ``edgepack.host.fleet.publish``.
     """
     from edgepack.agent.bundle import read_bundle
-    from edgepack.agent.mqtt import SyncClient
     from edgepack.agent.protocol import Topics, chunk_table_payload, encode
+    from edgepack.host.fleet.client import SyncClient
 
     b = read_bundle(bundle_path)
     data = bundle_path.read_bytes()

@@ -12,8 +12,9 @@ import pytest
 from shipped_mosquitto import SecureBroker, start_shipped_mosquitto
 
 from edgepack.agent.errors import BrokerError
-from edgepack.agent.mqtt import BrokerConfig, SyncClient
+from edgepack.agent.mqtt import BrokerConfig
 from edgepack.agent.protocol import DesiredState, Topics, encode
+from edgepack.host.fleet.client import SyncClient
 
 FLEET = "acl"
 T = Topics(FLEET)

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from edgepack.agent.errors import BrokerError
-from edgepack.agent.mqtt import SyncClient
 from edgepack.host.fleet.broker import EmbeddedBroker, is_loopback
+from edgepack.host.fleet.client import SyncClient
 
 
 def test_retained_1mb_and_20mb_reach_a_fresh_client(embedded_broker: EmbeddedBroker,

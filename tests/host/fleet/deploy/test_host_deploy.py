@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from host_helpers import publish_manifest_only
 
 from edgepack.agent.errors import BundleError, InstallError, ProtocolError
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics, check_id, encode, parse_desired
 from edgepack.host.cli import main
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.deploy import deploy, wait_for_deployment
 
 

@@ -7,9 +7,9 @@ import time
 
 from click.testing import CliRunner
 
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import DesiredState, Topics, encode
 from edgepack.host.cli import main
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.status import fleet_status
 
 A, B = "a" * 64, "b" * 64

@@ -13,9 +13,9 @@ import pytest
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import GateError
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
 from edgepack.agent.signing import load_public_keys
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.profiling import ProfileCache
 from edgepack.host.fleet.profiling_choice import Candidate, choose_on_devices, stamp_bundle
 

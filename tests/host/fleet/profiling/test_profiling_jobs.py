@@ -14,10 +14,10 @@ from agent_helpers import Watcher, build_bundle, deploy, publish_desired
 from click.testing import CliRunner
 
 from edgepack.agent.bundle import read_bundle
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import JobBundle, ProfileJob, Topics, encode, parse_result
 from edgepack.agent.signing import canonical_json
 from edgepack.host.cli.profile import register
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.profiling import ProfileCache, profile_on_devices
 from edgepack.host.keys import load_private_key, sign_bytes
 

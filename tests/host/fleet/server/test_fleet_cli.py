@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from fleet_helpers import get_json, wait_for
 
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.deploy import deploy
 
 pytestmark = pytest.mark.broker

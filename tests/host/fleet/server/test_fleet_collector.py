@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fleet_helpers import wait_for
 
-from edgepack.agent.mqtt import SyncClient
 from edgepack.agent.protocol import Topics
+from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.collector import Collector, CollectorOptions
 from edgepack.host.fleet.storage import open_store
 
