@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from edgepack.agent.drift import (
-    CONFIDENCE_BINS,
     DEFAULT_K,
     DEFAULT_MAX_ROWS,
     DEFAULT_PIXELS_PER_ROW,
@@ -200,10 +199,7 @@ def _probability_spec(name: str, flat: np.ndarray, classes: Sequence[int] | None
                         f"{len(classes)}", field="classes")
     in_unit = bool(np.all((flat >= 0) & (flat <= 1)))
     sums_to_one = width == 1 or bool(np.allclose(flat.sum(axis=1), 1.0, atol=1e-3))
-    if in_unit and sums_to_one:
-        activation = "none"
-    else:
-        activation = "sigmoid" if width == 1 else "softmax"
+    activation = "none" if in_unit and sums_to_one else "sigmoid" if width == 1 else "softmax"
     return OutputSpec(name, "probabilities", activation=activation, classes=n_classes)
 
 
