@@ -111,3 +111,66 @@ def session(path: Path) -> object:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def build_digits_linear(path: Path, split: DigitsSplit | None = None) -> Path:
+    """A tabular digits classifier: 64 pixel features in (``x``), one ridge-fitted Gemm out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    split = split or digits_split()
+    x = split.train.reshape(len(split.train), -1).astype(np.float64)
+    h = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    target = np.eye(10)[split.train_labels] * 8.0 - 4.0
+    solved = np.linalg.solve(h.T @ h + 1e-1 * np.eye(h.shape[1]), h.T @ target)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], [LOGITS])], "digits_linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(solved[:-1].astype(np.float32), "W"),
+         numpy_helper.from_array(solved[-1].astype(np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@dataclass(frozen=True)
+class DigitsCnn:
+    """The trained CNN, its session, the data split and the reference profile built from it."""
+
+    path: Path
+    split: DigitsSplit
+    session: object
+    reference: dict
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {IMAGE: images})[0]
+
+
+def digits_cnn(folder: Path) -> DigitsCnn:
+    """Build the CNN in ``folder`` and its reference from the 400 reference images."""
+    from edgepack.host.build.drift_reference import make_reference
+
+    split = digits_split()
+    path = build_digits_cnn(folder / "digits_cnn.onnx", split)
+    sess = session(path)
+    ref = make_reference({IMAGE: split.reference},
+                         {LOGITS: sess.run(None, {IMAGE: split.reference})[0]},
+                         task="classification")
+    return DigitsCnn(path, split, sess, ref)
+
+
+def run_windows(cnn: DigitsCnn, sketcher: object, *, windows: int, calls: int, seed: int,
+                transform: object = None) -> list[dict]:
+    """Serve ``windows`` x ``calls`` single-image inferences of unseen digits; the payloads."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(windows):
+        for i in rng.integers(0, len(cnn.split.stream), calls):
+            x = cnn.split.stream[i][None]
+            if transform is not None:
+                x = transform(x)
+            sketcher.observe({IMAGE: x}, {LOGITS: cnn.logits(x)})
+        out.append(sketcher.take_window())
+    return out
