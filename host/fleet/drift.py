@@ -6,7 +6,7 @@ per bundle or per group over a time range (KLL sketches and counts are mergeable
 :func:`judge` compares a merged window with the bundle's reference profile (``drift.json``,
 made by ``edgepack.host.build.drift_reference``):
 
-* per sketched figure: PSI on the reference's decile bins, the two-sample Kolmogorov-Smirnov
+* per sketched figure: PSI on the reference's quintile bins, the two-sample Kolmogorov-Smirnov
   statistic and the Wasserstein-1 distance divided by the reference's standard deviation, all
   computed from the sketches;
 * per count figure (classes, token buckets, confidence bins): PSI;
@@ -71,7 +71,8 @@ class DriftThresholds:
     ``psi``: population stability index at or above which a distribution has shifted (0.2 is
     the customary "significant shift" level). ``ks``: Kolmogorov-Smirnov effect size; a KS
     figure only counts when it also exceeds the two-sample critical value at ``ks_alpha`` for
-    the rows behind it, so small windows do not alert on noise. ``confidence_drop``: fall of
+    the rows behind it plus the sketches' rank error, so small windows and coarse sketches do
+    not alert on noise. ``confidence_drop``: fall of
     the mean top probability, absolute. ``min_rows``: figures built on fewer sampled rows are
     reported, never alerted on.
     """
@@ -498,8 +499,11 @@ def _judge_sketch(ref: ReferenceFigure, window: WindowProfile, t: DriftThreshold
     distance = float(np.mean(np.abs(np.subtract(r.get_quantiles(list(_MIDPOINTS)),
                                                 w.get_quantiles(list(_MIDPOINTS))))))
     rows = window.rows
+    # The two-sample critical value at ks_alpha, widened by both sketches' rank error (as the
+    # sketch library's own KS test does): a KS below it may be sampling noise or sketch error.
     c_alpha = math.sqrt(-0.5 * math.log(t.ks_alpha / 2))
-    critical = c_alpha * math.sqrt((rows + ref.rows) / (rows * ref.rows))
+    critical = (c_alpha * math.sqrt((rows + ref.rows) / (rows * ref.rows))
+                + r.normalized_rank_error(False) + w.normalized_rank_error(False))
     return _finish(ref, rows, t, psi=_psi(actual, np.asarray(ref.expected)), ks=ks,
                    ks_critical=critical,
                    wasserstein=distance / ref.std if ref.std > 0 else distance,
@@ -516,6 +520,9 @@ def _judge_counts(ref: ReferenceFigure, window: WindowProfile, t: DriftThreshold
     if total == 0:
         return FigureDrift(ref.key, ref.label, ref.kind, 0, note="no data")
     expected = np.asarray(ref.counts, dtype=np.float64)
+    if ref.key.endswith(".conf"):  # ordered bins: group the sparse ones, as for sketched figures
+        groups = _ordered_groups(expected / max(expected.sum(), 1.0))
+        counts, expected = np.add.reduceat(counts, groups), np.add.reduceat(expected, groups)
     psi = _psi(counts / total, expected / max(expected.sum(), 1.0))
     rows = window.rows if ref.key.endswith(".tok") else int(total)
     if ref.key.endswith(".conf") and ref.mean is not None and ref.key in window.sums:
@@ -523,3 +530,16 @@ def _judge_counts(ref: ReferenceFigure, window: WindowProfile, t: DriftThreshold
         return _finish(ref, rows, t, psi=psi, mean=mean, reference_mean=ref.mean,
                        confidence_drop=ref.mean - mean)
     return _finish(ref, rows, t, psi=psi)
+
+
+def _ordered_groups(mass: np.ndarray, least: float = 0.1) -> list[int]:
+    """Start indices of runs of adjacent bins holding at least ``least`` reference mass each."""
+    starts, acc = [0], 0.0
+    for i, m in enumerate(mass[:-1]):
+        acc += m
+        if acc >= least:
+            starts.append(i + 1)
+            acc = 0.0
+    if len(starts) > 1 and acc + mass[-1] < least:
+        starts.pop()  # the last run is too light: it joins the one before
+    return starts
