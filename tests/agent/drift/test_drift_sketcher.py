@@ -124,7 +124,8 @@ def test_token_ids_are_counted_in_buckets_with_an_out_of_range_bucket() -> None:
     figs = extract_figures(spec, {"ids": ids}, {"p": np.array([[0.2, 0.8], [0.9, 0.1]])})
     assert figs.counts["i0.tok"].tolist() == [2, 0, 1, 1, 2]
     assert figs.counts["o0.cls"].tolist() == [1, 1, 0]
-    assert figs.counts["o0.conf"].tolist() == [0] * 8 + [1, 1]  # 0.8 and 0.9: bins [.8, .9), [.9, 1]
+    # top probabilities 0.8 and 0.9 fall in the bins [.8, .9) and [.9, 1]
+    assert figs.counts["o0.conf"].tolist() == [0] * 8 + [1, 1]
 
 
 def test_integer_labels_count_unknown_labels_apart() -> None:

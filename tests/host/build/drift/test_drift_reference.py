@@ -22,7 +22,7 @@ from edgepack.host.fleet.drift import load_reference
 
 def test_digits_reference_reads_the_cnn_as_an_nhwc_image_classifier(cnn: DigitsCnn) -> None:
     ref = cnn.reference
-    assert ref["schema"] == REFERENCE_SCHEMA and ref["rows"] == 400 and REFERENCE_MEMBER == "drift.json"
+    assert (ref["schema"], ref["rows"], REFERENCE_MEMBER) == (REFERENCE_SCHEMA, 400, "drift.json")
     spec = spec_from_reference(ref)
     (image,) = spec.inputs
     (logits,) = spec.outputs
