@@ -122,9 +122,11 @@ class DriftSpec:
     reference_id: str = ""
     figures: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False,
                                       repr=False)
+    bins: Mapping[str, int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "figures", _figure_kinds(self.inputs, self.outputs))
+        object.__setattr__(self, "bins", _figure_bins(self.inputs, self.outputs))
 
     def to_dict(self) -> dict:
         """The JSON form stored under ``spec`` in ``drift.json`` (without the reference id)."""
@@ -203,6 +205,19 @@ def _figure_kinds(inputs: tuple[InputSpec, ...],
     return kinds
 
 
+def _figure_bins(inputs: tuple[InputSpec, ...],
+                 outputs: tuple[OutputSpec, ...]) -> dict[str, int]:
+    """Number of bins of each count figure."""
+    bins = {f"i{n}.tok": i.buckets + 1 for n, i in enumerate(inputs) if i.kind == "tokens"}
+    for n, o in enumerate(outputs):
+        if o.kind == "labels":
+            bins[f"o{n}.cls"] = len(o.labels) + 1
+        elif o.kind == "probabilities":
+            bins[f"o{n}.cls"] = o.classes + 1
+            bins[f"o{n}.conf"] = CONFIDENCE_BINS
+    return bins
+
+
 @dataclass(frozen=True)
 class Figures:
     """One batch of inferences turned into figures: values for sketches, counts, sums, rows."""
@@ -213,36 +228,60 @@ class Figures:
     rows: int
 
 
+@dataclass
+class _Pieces:
+    """What sampled calls leave behind until the window closes: cheap to append to."""
+
+    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    hits: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    tops: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    rows: int = 0
+
+    def add(self, key: str, piece: np.ndarray, into: dict[str, list[np.ndarray]]) -> None:
+        into.setdefault(key, []).append(piece)
+
+
 def extract_figures(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
                     outputs: Mapping[str, np.ndarray], *,
-                    rng: np.random.Generator | None = None) -> Figures:
+                    pixel_offset: int | None = None) -> Figures:
     """Turn a batch of inputs and the model's outputs on them into the spec's figures.
 
-    The first axis of every tensor is the batch. ``rng`` draws the pixel subset of each sample
-    (the device); without it every pixel counts (the reference). Tensors the spec names but the
-    call lacks are skipped, so a model with optional inputs still reports the rest.
+    The first axis of every tensor is the batch. With ``pixel_offset`` (the device) each sample
+    gives ``pixels_per_row`` evenly spaced values starting at that offset (a systematic sample:
+    every pixel is equally likely to be drawn when the offset is random); without it every pixel
+    counts (the reference). Tensors the spec names but the call lacks are skipped, so a model
+    with optional inputs still reports the rest.
     """
-    values: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    sums: dict[str, float] = {}
+    pieces = _Pieces()
+    _extract(spec, inputs, outputs, pixel_offset, pieces)
+    return _summarise(spec, pieces)
+
+
+def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
+             outputs: Mapping[str, np.ndarray], pixel_offset: int | None,
+             pieces: _Pieces) -> None:
+    """The per-call part: a few numpy calls per tensor, copies of what must outlive the call
+    (callers may reuse their buffers); histograms and sketches wait for :func:`_summarise`."""
     rows = 0
     for n, s in enumerate(spec.inputs):
         x = inputs.get(s.name)
         if x is None:
             continue
         x = np.asarray(x)
-        rows = max(rows, x.shape[0] if x.ndim else 1)
+        if not x.ndim:
+            x = x.reshape(1, 1)
+        rows = max(rows, x.shape[0])
         if s.kind == "image":
-            _image(f"i{n}", s, x, values, rng)
+            _image(f"i{n}", s, x, pieces, pixel_offset)
         elif s.kind == "tabular":
-            flat = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)
+            flat = x.reshape(x.shape[0], -1)
             for j in s.features:
-                values[f"i{n}.f{j}"] = flat[:, j].astype(np.float32, copy=False)
+                pieces.add(f"i{n}.f{j}", np.array(flat[:, j], dtype=np.float32), pieces.values)
         else:
-            ids = x.astype(np.int64, copy=False).ravel()
+            ids = x.astype(np.int64).ravel()
             bucket = ids * s.buckets // s.vocab
             bucket[(ids < 0) | (ids >= s.vocab)] = s.buckets
-            counts[f"i{n}.tok"] = np.bincount(bucket, minlength=s.buckets + 1)
+            pieces.add(f"i{n}.tok", bucket, pieces.hits)
     for n, s in enumerate(spec.outputs):
         y = outputs.get(s.name)
         if y is None:
@@ -252,52 +291,65 @@ def extract_figures(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
         rows = max(rows, y.shape[0])
         if s.kind == "regression":
             for j in s.columns:
-                values[f"o{n}.v{j}"] = y[:, j].astype(np.float32, copy=False)
+                pieces.add(f"o{n}.v{j}", np.array(y[:, j], dtype=np.float32), pieces.values)
         elif s.kind == "labels":
             known = np.asarray(s.labels, dtype=np.int64)
-            lab = y[:, 0].astype(np.int64, copy=False)
+            lab = y[:, 0].astype(np.int64)
             pos = np.minimum(np.searchsorted(known, lab), len(known) - 1)
-            idx = np.where(known[pos] == lab, pos, len(known))
-            counts[f"o{n}.cls"] = np.bincount(idx, minlength=len(known) + 1)
+            pieces.add(f"o{n}.cls", np.where(known[pos] == lab, pos, len(known)), pieces.hits)
         else:
-            p = _probabilities(y.astype(np.float64, copy=False), s.activation)
-            top = np.nan_to_num(p.max(axis=1), nan=0.0)
-            counts[f"o{n}.cls"] = np.bincount(p.argmax(axis=1), minlength=s.classes + 1)
-            counts[f"o{n}.conf"] = np.bincount(
-                np.clip((top * CONFIDENCE_BINS).astype(np.int64), 0, CONFIDENCE_BINS - 1),
-                minlength=CONFIDENCE_BINS)
-            sums[f"o{n}.conf"] = float(top.sum())
-    return Figures(values, counts, sums, rows)
+            cls, top = _top_class(y.astype(np.float64), s.activation)
+            pieces.add(f"o{n}.cls", cls, pieces.hits)
+            pieces.add(f"o{n}.conf", top, pieces.tops)
+    pieces.rows += rows
 
 
-def _image(prefix: str, s: InputSpec, x: np.ndarray, values: dict[str, np.ndarray],
-           rng: np.random.Generator | None) -> None:
-    x = x.astype(np.float32, copy=False)
+def _summarise(spec: DriftSpec, pieces: _Pieces) -> Figures:
+    values = {k: np.concatenate(v) for k, v in pieces.values.items()}
+    counts = {k: np.bincount(np.concatenate(v), minlength=spec.bins[k])
+              for k, v in pieces.hits.items()}
+    sums = {}
+    for key, parts in pieces.tops.items():
+        top = np.concatenate(parts)
+        top = np.where(np.isfinite(top), top, 0.0)  # NaN scores count as confidence 0
+        counts[key] = np.bincount(
+            np.minimum((top * CONFIDENCE_BINS).astype(np.intp), CONFIDENCE_BINS - 1),
+            minlength=CONFIDENCE_BINS)
+        sums[key] = float(top.sum())
+    return Figures(values, counts, sums, pieces.rows)
+
+
+def _image(prefix: str, s: InputSpec, x: np.ndarray, pieces: _Pieces,
+           pixel_offset: int | None) -> None:
     batch = x.shape[0]
-    if s.layout == "NHWC":
-        means = x.reshape(batch, -1, x.shape[-1]).mean(axis=1)
-    elif s.layout == "NCHW":
-        means = x.reshape(batch, x.shape[1], -1).mean(axis=2)
-    else:
-        means = x.reshape(batch, -1).mean(axis=1, keepdims=True)
-    for c in range(min(s.channels, means.shape[1])):
-        values[f"{prefix}.c{c}"] = means[:, c]
     flat = x.reshape(batch, -1)
-    if rng is not None and 0 < s.pixels_per_row < flat.shape[1]:
-        idx = rng.integers(0, flat.shape[1], size=(batch, s.pixels_per_row))
-        flat = np.take_along_axis(flat, idx, axis=1)
-    values[f"{prefix}.px"] = flat.ravel()
+    if s.channels == 1 or s.layout == "N...":
+        means = np.add.reduce(flat, axis=1, dtype=np.float32, keepdims=True) / flat.shape[1]
+    elif s.layout == "NHWC":
+        means = x.reshape(batch, -1, x.shape[-1]).mean(axis=1, dtype=np.float32)
+    else:
+        means = x.reshape(batch, x.shape[1], -1).mean(axis=2, dtype=np.float32)
+    for c in range(min(s.channels, means.shape[1])):
+        pieces.add(f"{prefix}.c{c}", means[:, c], pieces.values)
+    size = flat.shape[1]
+    if pixel_offset is not None and 0 < s.pixels_per_row < size:
+        step = size // s.pixels_per_row
+        start = pixel_offset % step
+        flat = flat[:, start:start + step * s.pixels_per_row:step]
+    pieces.add(f"{prefix}.px", np.array(flat, dtype=np.float32).ravel(), pieces.values)
 
 
-def _probabilities(z: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "softmax":
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        z = e / e.sum(axis=1, keepdims=True)
-    elif activation == "sigmoid":
-        z = 1.0 / (1.0 + np.exp(-z))
+def _top_class(z: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class and its probability per row, from scores or probabilities."""
     if z.shape[1] == 1:  # one score per row: the probability of class 1
-        z = np.concatenate([1.0 - z, z], axis=1)
-    return z
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0])) if activation == "sigmoid" else z[:, 0]
+        cls = (p1 >= 0.5).astype(np.intp)
+        return cls, np.where(cls == 1, p1, 1.0 - p1)
+    cls = z.argmax(axis=1)
+    if activation == "softmax":  # the top softmax probability is 1 / sum(exp(z - max z))
+        return cls, 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
+    top = z.max(axis=1)
+    return cls, 1.0 / (1.0 + np.exp(-top)) if activation == "sigmoid" else top
 
 
 def payload_bytes(payload: Mapping) -> int:
@@ -311,8 +363,10 @@ class DriftSketcher:
     Thread-safe: :meth:`observe` may be called from any inference thread, :meth:`take_window`
     from the telemetry loop. Sampling is per call: the number of calls to skip is drawn from a
     geometric distribution (``random.Random(seed)``), so a call that is not sampled costs one
-    lock and one decrement. A sampled call sketches every row of its batch until the window holds
-    ``spec.max_rows`` rows; later calls in the window are counted, not sketched.
+    lock and one decrement. A sampled call keeps a few small arrays per figure (a copy of what
+    it needs, never the caller's buffers) until :meth:`take_window` folds them into sketches and
+    histograms, so the inference path pays for no sketch update; a window holds at most
+    ``spec.max_rows`` rows, later calls in the window are counted, not sketched.
     """
 
     def __init__(self, spec: DriftSpec, *, sample_rate: float | None = None,
@@ -328,18 +382,11 @@ class DriftSketcher:
         self.sample_rate = rate
         self._kll = kll_floats_sketch
         self._random = random.Random(seed)
-        self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._log_q = math.log1p(-rate) if 0.0 < rate < 1.0 else 0.0
         self._skip = self._next_skip()
-        self._clear()
-
-    def _clear(self) -> None:
-        self._calls = self._sampled = self._rows = 0
-        self._sketches = {key: self._kll(self.spec.k)
-                          for key, kind in self.spec.figures.items() if kind == "sketch"}
-        self._counts: dict[str, np.ndarray] = {}
-        self._sums: dict[str, float] = {}
+        self._calls = self._sampled = 0
+        self._pieces = _Pieces()
 
     def _next_skip(self) -> int:
         if self.sample_rate >= 1.0:
@@ -350,27 +397,21 @@ class DriftSketcher:
 
     def observe(self, inputs: Mapping[str, np.ndarray],
                 outputs: Mapping[str, np.ndarray]) -> bool:
-        """Count one inference call and sketch it if it is sampled; True when it was sketched."""
+        """Count one inference call and keep its figures if it is sampled; True when kept."""
         with self._lock:
             self._calls += 1
             self._skip -= 1
             if self._skip > 0:
                 return False
             self._skip = self._next_skip()
-            room = self.spec.max_rows - self._rows
+            room = self.spec.max_rows - self._pieces.rows
             if room <= 0:
                 return False
-            figs = extract_figures(self.spec, _head(inputs, room), _head(outputs, room),
-                                   rng=self._rng)
+            first = next(iter(inputs.values()), None)
+            if getattr(first, "ndim", 0) and first.shape[0] > room:
+                inputs, outputs = _head(inputs, room), _head(outputs, room)
+            _extract(self.spec, inputs, outputs, self._random.getrandbits(30), self._pieces)
             self._sampled += 1
-            self._rows += min(figs.rows, room)
-            for key, v in figs.values.items():
-                self._sketches[key].update(v)
-            for key, c in figs.counts.items():
-                old = self._counts.get(key)
-                self._counts[key] = c if old is None else old + c
-            for key, total in figs.sums.items():
-                self._sums[key] = self._sums.get(key, 0.0) + total
             return True
 
     def take_window(self) -> dict:
@@ -380,16 +421,22 @@ class DriftSketcher:
         ``sum`` exact sums (the top-probability sum, for the mean confidence).
         """
         with self._lock:
-            calls, sampled, rows = self._calls, self._sampled, self._rows
-            sketches, counts, sums = self._sketches, self._counts, self._sums
-            self._clear()
+            calls, sampled, pieces = self._calls, self._sampled, self._pieces
+            self._calls = self._sampled = 0
+            self._pieces = _Pieces()
+        figs = _summarise(self.spec, pieces)
+        sketches = {}
+        for key, values in figs.values.items():
+            sketch = self._kll(self.spec.k)
+            sketch.update(values)
+            if not sketch.is_empty():
+                sketches[key] = base64.b64encode(sketch.serialize()).decode()
         return {
             "schema": SCHEMA, "ref": self.spec.reference_id, "rate": self.sample_rate,
-            "calls": calls, "sampled": sampled, "rows": rows,
-            "s": {key: base64.b64encode(sk.serialize()).decode()
-                  for key, sk in sketches.items() if not sk.is_empty()},
-            "c": {key: [int(v) for v in c] for key, c in counts.items()},
-            "sum": {key: round(v, 4) for key, v in sums.items()},
+            "calls": calls, "sampled": sampled, "rows": min(figs.rows, self.spec.max_rows),
+            "s": sketches,
+            "c": {key: [int(v) for v in c] for key, c in figs.counts.items()},
+            "sum": {key: round(v, 4) for key, v in figs.sums.items()},
         }
 
 
