@@ -245,24 +245,47 @@ class _Pieces:
         into.setdefault(key, []).append(piece)
 
 
+class _PixelSampler:
+    """Which pixels of each sample go into the pixel sketch: successive slices of one random
+    permutation of the pixel positions, so every row gets a random subset and, over rows, every
+    pixel is drawn equally often."""
+
+    def __init__(self, seed: int | None) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._perms: dict[int, np.ndarray] = {}
+        self._pos = 0
+
+    def take(self, flat: np.ndarray, per_row: int) -> np.ndarray:
+        batch, size = flat.shape
+        perm = self._perms.get(size)
+        if perm is None:
+            perm = self._perms[size] = self._rng.permutation(size)
+        pos = self._pos % size
+        self._pos = pos + batch * per_row
+        if batch == 1 and pos + per_row <= size:
+            return flat[0, perm[pos:pos + per_row]]
+        idx = perm[(pos + np.arange(batch * per_row)) % size].reshape(batch, per_row)
+        return np.take_along_axis(flat, idx, axis=1).ravel()
+
+
 def extract_figures(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
                     outputs: Mapping[str, np.ndarray], *,
-                    pixel_offset: int | None = None) -> Figures:
+                    pixel_seed: int | None = None, all_pixels: bool = True) -> Figures:
     """Turn a batch of inputs and the model's outputs on them into the spec's figures.
 
-    The first axis of every tensor is the batch. With ``pixel_offset`` (the device) each sample
-    gives ``pixels_per_row`` evenly spaced values starting at that offset (a systematic sample:
-    every pixel is equally likely to be drawn when the offset is random); without it every pixel
-    counts (the reference). Tensors the spec names but the call lacks are skipped, so a model
-    with optional inputs still reports the rest.
+    The first axis of every tensor is the batch. Every pixel of an image goes into the pixel
+    figure (the reference), unless ``all_pixels`` is False: then each sample gives
+    ``pixels_per_row`` random pixels (drawn with ``pixel_seed``), as on the device. Tensors the
+    spec names but the call lacks are skipped, so a model with optional inputs still reports
+    the rest.
     """
     pieces = _Pieces()
-    _extract(spec, inputs, outputs, pixel_offset, pieces)
+    _extract(spec, inputs, outputs, None if all_pixels else _PixelSampler(pixel_seed), pieces)
     return _summarise(spec, pieces)
 
 
 def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
-             outputs: Mapping[str, np.ndarray], pixel_offset: int | None,
+             outputs: Mapping[str, np.ndarray], pixels: _PixelSampler | None,
              pieces: _Pieces) -> None:
     """The per-call part: a few numpy calls per tensor, copies of what must outlive the call
     (callers may reuse their buffers); histograms and sketches wait for :func:`_summarise`."""
@@ -276,7 +299,7 @@ def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
             x = x.reshape(1, 1)
         rows = max(rows, x.shape[0])
         if s.kind == "image":
-            _image(f"i{n}", s, x, pieces, pixel_offset)
+            _image(f"i{n}", s, x, pieces, pixels)
         elif s.kind == "tabular":
             flat = x.reshape(x.shape[0], -1)
             for j in s.features:
@@ -329,7 +352,7 @@ def _summarise(spec: DriftSpec, pieces: _Pieces) -> Figures:
 
 
 def _image(prefix: str, s: InputSpec, x: np.ndarray, pieces: _Pieces,
-           pixel_offset: int | None) -> None:
+           pixels: _PixelSampler | None) -> None:
     batch = x.shape[0]
     flat = x.reshape(batch, -1)
     if s.channels == 1 or s.layout == "N...":
@@ -340,12 +363,11 @@ def _image(prefix: str, s: InputSpec, x: np.ndarray, pieces: _Pieces,
         means = x.reshape(batch, x.shape[1], -1).mean(axis=2, dtype=np.float32)
     for c in range(min(s.channels, means.shape[1])):
         pieces.add(f"{prefix}.c{c}", means[:, c], pieces.values)
-    size = flat.shape[1]
-    if pixel_offset is not None and 0 < s.pixels_per_row < size:
-        step = size // s.pixels_per_row
-        start = pixel_offset % step
-        flat = flat[:, start:start + step * s.pixels_per_row:step]
-    pieces.add(f"{prefix}.px", np.array(flat, dtype=np.float32).ravel(), pieces.values)
+    if pixels is not None and 0 < s.pixels_per_row < flat.shape[1]:
+        chosen = pixels.take(flat, s.pixels_per_row)  # fancy indexing: already a copy
+    else:
+        chosen = np.array(flat, dtype=np.float32).ravel()
+    pieces.add(f"{prefix}.px", chosen, pieces.values)
 
 
 def _top_class(z: np.ndarray, activation: str) -> tuple[object, object]:
@@ -402,6 +424,7 @@ class DriftSketcher:
         self.sample_rate = rate
         self._kll = kll_floats_sketch
         self._random = random.Random(seed)
+        self._pixels = _PixelSampler(seed)
         self._lock = threading.Lock()
         self._log_q = math.log1p(-rate) if 0.0 < rate < 1.0 else 0.0
         # next() on itertools.count is atomic under the GIL: a call that is not sampled takes
@@ -435,7 +458,7 @@ class DriftSketcher:
             first = next(iter(inputs.values()), None)
             if getattr(first, "ndim", 0) and first.shape[0] > room:
                 inputs, outputs = _head(inputs, room), _head(outputs, room)
-            _extract(self.spec, inputs, outputs, self._random.getrandbits(30), self._pieces)
+            _extract(self.spec, inputs, outputs, self._pixels, self._pieces)
             self._sampled += 1
             return True
 

@@ -81,7 +81,7 @@ class DriftThresholds:
     ks: float = 0.1
     ks_alpha: float = 0.01
     confidence_drop: float = 0.1
-    min_rows: int = 200
+    min_rows: int = 300
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ def _verdicts(cnn: DigitsCnn, *, seed: int, transform: object = None, calls: int
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_in_distribution_traffic_stays_under_the_threshold(cnn: DigitsCnn, seed: int) -> None:
-    for verdict in _verdicts(cnn, seed=seed):
-        assert verdict.judged
+    verdicts = _verdicts(cnn, seed=seed)
+    assert [v.judged for v in verdicts] == [False, True, True]  # 200, 400, 600 rows
+    for verdict in verdicts:
         assert not verdict.alert, [f for f in verdict.figures if f.alert]
         assert verdict.score < 1.0
         for fig in verdict.figures:
@@ -63,7 +64,7 @@ def test_small_windows_are_reported_but_never_alert(cnn: DigitsCnn) -> None:
     verdict = _verdicts(cnn, seed=0, transform=lambda x: 1.0 - x, calls=40)[0]
     assert not verdict.judged and not verdict.alert and verdict.score == 0.0
     c0 = next(f for f in verdict.figures if f.key == "i0.c0")
-    assert c0.psi > 1.0 and "40 of 200 rows" in c0.note
+    assert c0.psi > 1.0 and "40 of 300 rows" in c0.note
     assert not judge(load_reference(cnn.reference),
                      decode_window(DriftSketcher(spec_from_reference(cnn.reference))
                                    .take_window())).judged
@@ -178,6 +179,7 @@ def test_verdict_is_json_ready_and_thresholds_are_settable(cnn: DigitsCnn) -> No
     (payload,) = run_windows(cnn, sketcher, windows=1, calls=200, seed=0)
     window = decode_window(payload)
     strict = judge(reference, window, thresholds=DriftThresholds(psi=0.001, min_rows=10))
+    assert not judge(reference, window).judged  # 200 rows: under the default 300
     assert strict.alert
     doc = json.loads(json.dumps(strict.to_dict()))
     assert doc["alert"] is True and doc["thresholds"]["psi"] == 0.001
