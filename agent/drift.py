@@ -68,6 +68,10 @@ DEFAULT_K = 32
 DEFAULT_SAMPLE_RATE = 0.01
 DEFAULT_MAX_ROWS = 4096
 DEFAULT_PIXELS_PER_ROW = 16
+# Sampled calls are buffered (copies) and turned into figures this many at a time: numpy's
+# per-call overhead on tiny arrays costs more than the work, so one pass over 64 rows is cheap.
+_FOLD_CALLS = 64
+_FOLD_BYTES = 1 << 20
 CONFIDENCE_BINS = 10
 
 _INPUT_KINDS = ("image", "tabular", "tokens")
@@ -405,10 +409,11 @@ class DriftSketcher:
     Thread-safe: :meth:`observe` may be called from any inference thread, :meth:`take_window`
     from the telemetry loop. Sampling is per call: the number of calls to skip is drawn from a
     geometric distribution (``random.Random(seed)``), so a call that is not sampled costs a
-    counter tick and a comparison. A sampled call keeps a few small arrays per figure (a copy of what
-    it needs, never the caller's buffers) until :meth:`take_window` folds them into sketches and
-    histograms, so the inference path pays for no sketch update; a window holds at most
-    ``spec.max_rows`` rows, later calls in the window are counted, not sketched.
+    counter tick and a comparison. A sampled call only copies the tensors the spec names (never
+    keeping the caller's buffers); every ``_FOLD_CALLS`` sampled calls (or ``_FOLD_BYTES`` of
+    copies) they are turned into figures in one vectorised pass, and :meth:`take_window` builds
+    the sketches and histograms, so the inference path pays for no per-call numpy work. A window
+    holds at most ``spec.max_rows`` rows; later calls in the window are counted, not sketched.
     """
 
     def __init__(self, spec: DriftSpec, *, sample_rate: float | None = None,
@@ -434,6 +439,10 @@ class DriftSketcher:
         self._next_sample = self._next_skip() - 1
         self._sampled = 0
         self._pieces = _Pieces()
+        self._in_names = tuple(i.name for i in spec.inputs)
+        self._out_names = tuple(o.name for o in spec.outputs)
+        self._buffer: list[tuple[dict, dict]] = []
+        self._buffered_rows = self._buffered_bytes = 0
 
     def _next_skip(self) -> int:
         if self.sample_rate >= 1.0:
@@ -452,15 +461,36 @@ class DriftSketcher:
             if call < self._next_sample:  # another thread took this sample
                 return False
             self._next_sample = call + self._next_skip()
-            room = self.spec.max_rows - self._pieces.rows
+            room = self.spec.max_rows - self._pieces.rows - self._buffered_rows
             if room <= 0:
                 return False
             first = next(iter(inputs.values()), None)
-            if getattr(first, "ndim", 0) and first.shape[0] > room:
-                inputs, outputs = _head(inputs, room), _head(outputs, room)
-            _extract(self.spec, inputs, outputs, self._pixels, self._pieces)
+            batch = first.shape[0] if getattr(first, "ndim", 0) else 1
+            if batch > room:
+                inputs, outputs, batch = _head(inputs, room), _head(outputs, room), room
+            ins = {n: np.array(inputs[n]) for n in self._in_names if n in inputs}
+            outs = {n: np.array(outputs[n]) for n in self._out_names if n in outputs}
+            self._buffer.append((ins, outs))
+            self._buffered_rows += batch
+            self._buffered_bytes += sum(a.nbytes for a in ins.values())
+            if len(self._buffer) >= _FOLD_CALLS or self._buffered_bytes >= _FOLD_BYTES:
+                self._fold()
             self._sampled += 1
             return True
+
+    def _fold(self) -> None:
+        """Turn the buffered calls into figures (under the lock), vectorised when shapes allow."""
+        buffer, self._buffer = self._buffer, []
+        self._buffered_rows = self._buffered_bytes = 0
+        if not buffer:
+            return
+        try:
+            groups = [tuple({n: np.concatenate([call[side][n] for call in buffer])
+                             for n in buffer[0][side]} for side in (0, 1))]
+        except (ValueError, KeyError):  # shapes or names differ between calls: one by one
+            groups = buffer
+        for ins, outs in groups:
+            _extract(self.spec, ins, outs, self._pixels, self._pieces)
 
     def take_window(self) -> dict:
         """The window's payload (schema ``drift/1``, JSON-ready) and a fresh window.
@@ -469,6 +499,7 @@ class DriftSketcher:
         ``sum`` exact sums (the top-probability sum, for the mean confidence).
         """
         with self._lock:
+            self._fold()
             end = next(self._counter)  # this tick is not a call: the next window starts after it
             calls, sampled, pieces = end - self._window_start, self._sampled, self._pieces
             self._window_start = end + 1

@@ -5,7 +5,8 @@ NHWC 8x8x1, two convolutions, dense 64, 10 logits; or ``--model`` an ONNX file w
 input, e.g. the Keras one ``python examples/digits.py --out DIR`` writes):
 
 * **overhead**: onnxruntime (1 thread, batch 1, unseen digits cycled) timed in rounds that rotate
-  over four variants — ``off`` (``session.run`` only), ``on @ 1.0`` (every call sketched),
+  over four variants — ``off`` (``session.run`` with the feeds and outputs by name, as the agent's
+  inference path has them), ``on @ 1.0`` (every call sketched),
   ``on @ default`` (``DriftSketcher.observe`` after every run at the reference's default rate)
   and ``on @ 0`` (observe called, nothing sampled: the cost every call pays). Times are the
   thread's CPU time (``time.thread_time``), steadier than wall time on a shared machine. The
@@ -49,12 +50,14 @@ def _time_variant(sess: object, sketcher: object, images: list, calls: int) -> f
     start = time.thread_time()
     if sketcher is None:
         for i in range(calls):
-            run(None, {IMAGE: images[i % n]})
+            feed = {IMAGE: images[i % n]}
+            out = {LOGITS: run(None, feed)[0]}
     else:
         observe = sketcher.observe
         for i in range(calls):
             feed = {IMAGE: images[i % n]}
-            observe(feed, {LOGITS: run(None, feed)[0]})
+            out = {LOGITS: run(None, feed)[0]}
+            observe(feed, out)
     return (time.thread_time() - start) / calls
 
 
