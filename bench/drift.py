@@ -17,7 +17,7 @@ input, e.g. the Keras one ``python examples/digits.py --out DIR`` writes):
   the window's row cap (the worst case), and per device per day at one window a minute.
 
     .venv/bin/python bench/drift.py                    # ~1 min
-    .venv/bin/python bench/drift.py --rounds 9 --calls 4000 --json out.json
+    .venv/bin/python bench/drift.py --rounds 400 --calls 250 --json out.json
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _time_variant(sess: object, sketcher: object, images: list, calls: int) -> f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--calls", type=int, default=2000, help="inferences per variant per round")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--calls", type=int, default=250, help="inferences per variant per round")
     p.add_argument("--model", type=Path, help="an ONNX digits model (NHWC 8x8x1 input)")
     p.add_argument("--json", help="also write every figure as JSON to this file ('-': stdout)")
     args = p.parse_args(argv)
