@@ -291,8 +291,8 @@ def extract_figures(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
 def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
              outputs: Mapping[str, np.ndarray], pixels: _PixelSampler | None,
              pieces: _Pieces) -> None:
-    """The per-call part: a few numpy calls per tensor, copies of what must outlive the call
-    (callers may reuse their buffers); histograms and sketches wait for :func:`_summarise`."""
+    """Turn one batch (a call, or buffered calls joined) into pieces: a few numpy calls per
+    tensor, copies of what must outlive it; histograms and sketches wait for :func:`_summarise`."""
     rows = 0
     for n, s in enumerate(spec.inputs):
         x = inputs.get(s.name)
@@ -412,7 +412,7 @@ class DriftSketcher:
     counter tick and a comparison. A sampled call only copies the tensors the spec names (never
     keeping the caller's buffers); every ``_FOLD_CALLS`` sampled calls (or ``_FOLD_BYTES`` of
     copies) they are turned into figures in one vectorised pass, and :meth:`take_window` builds
-    the sketches and histograms, so the inference path pays for no per-call numpy work. A window
+    the sketches and histograms, so the inference path pays for no numpy work per call. A window
     holds at most ``spec.max_rows`` rows; later calls in the window are counted, not sketched.
     """
 

@@ -160,3 +160,39 @@ def test_the_agent_side_imports_no_host_or_onnx() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_threads_share_a_sketcher_and_every_call_is_counted(cnn: DigitsCnn) -> None:
+    import threading
+
+    spec = dataclasses.replace(spec_from_reference(cnn.reference), max_rows=20_000)
+    sketcher = DriftSketcher(spec, sample_rate=0.5, seed=0)
+    x = cnn.split.stream[:1]
+    y = cnn.logits(x)
+
+    def serve() -> None:
+        for _ in range(3000):
+            sketcher.observe({IMAGE: x}, {LOGITS: y})
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    payload = sketcher.take_window()
+    assert payload["calls"] == 12_000
+    assert payload["rows"] == payload["sampled"] == sum(payload["c"]["o0.cls"])
+    assert 5000 <= payload["sampled"] <= 7000
+
+
+def test_the_callers_buffers_are_copied_not_kept(cnn: DigitsCnn) -> None:
+    sketcher = DriftSketcher(spec_from_reference(cnn.reference), sample_rate=1.0, seed=0)
+    frame = np.full((1, 8, 8, 1), 0.25, np.float32)
+    sketcher.observe({IMAGE: frame}, {LOGITS: cnn.logits(frame)})
+    frame[:] = 1.0  # a camera reusing its buffer for the next frame
+    import base64
+
+    from datasketches import kll_floats_sketch
+
+    blob = base64.b64decode(sketcher.take_window()["s"]["i0.c0"])
+    assert kll_floats_sketch.deserialize(blob).get_max_value() == 0.25
