@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+from datasketches import kll_floats_sketch
 from drift_models import IMAGE, LOGITS, DigitsCnn, run_windows
 
 from edgepack.agent.drift import (
@@ -163,8 +166,6 @@ def test_the_agent_side_imports_no_host_or_onnx() -> None:
 
 
 def test_threads_share_a_sketcher_and_every_call_is_counted(cnn: DigitsCnn) -> None:
-    import threading
-
     spec = dataclasses.replace(spec_from_reference(cnn.reference), max_rows=20_000)
     sketcher = DriftSketcher(spec, sample_rate=0.5, seed=0)
     x = cnn.split.stream[:1]
@@ -190,9 +191,5 @@ def test_the_callers_buffers_are_copied_not_kept(cnn: DigitsCnn) -> None:
     frame = np.full((1, 8, 8, 1), 0.25, np.float32)
     sketcher.observe({IMAGE: frame}, {LOGITS: cnn.logits(frame)})
     frame[:] = 1.0  # a camera reusing its buffer for the next frame
-    import base64
-
-    from datasketches import kll_floats_sketch
-
     blob = base64.b64decode(sketcher.take_window()["s"]["i0.c0"])
     assert kll_floats_sketch.deserialize(blob).get_max_value() == 0.25
