@@ -16,7 +16,7 @@ from reliability_helpers import CrashableAgent, FaultProxy, Recorder
 
 from edgepack.host.fleet.collector import Collector, CollectorOptions
 from edgepack.host.fleet.publish import publish_bundle
-from edgepack.host.fleet.storage import open_storage
+from edgepack.host.fleet.storage import open_store
 
 pytestmark = pytest.mark.broker
 CHUNK = 16 * 1024
@@ -55,7 +55,7 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
                        transfer={"window": 4, "chunk_timeout_s": 5.0},
                        broker={"keepalive": 10, "connect_timeout_s": 3.0})
     agent = CrashableAgent(cfg).start()
-    collector = Collector(url, open_storage(f"sqlite:///{tmp_path / 'fleet.db'}"),
+    collector = Collector(url, open_store(f"sqlite:///{tmp_path / 'fleet.db'}"),
                           CollectorOptions(fleets=(fleet,), client_id=f"{fleet}-collector",
                                            fetch_reports=False)).start()
     try:
@@ -84,7 +84,7 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
             time.sleep(1.0)
             collector.wait_idle(10)
             ok, why, lost = _check_stream(r)
-            stored = {kind: collector.storage.query_one(
+            stored = {kind: collector.store.db.query_one(
                 f"SELECT COUNT(*) AS n, COUNT(DISTINCT ts) AS d FROM {kind} "
                 "WHERE fleet = ? AND device_id = 'dev1'", (fleet,)) for kind in
                 ("telemetry", "events")}

@@ -22,13 +22,8 @@ from edgepack.agent.protocol import (
 )
 from edgepack.agent.signing import canonical_json, load_public_keys, verify_detached
 from edgepack.host.build.data import Dataset, TensorSpec
-from edgepack.host.fleet.profiling import (
-    ProfileCache,
-    _device_outputs,
-    _eval_payload,
-    cache_key,
-    make_job,
-)
+from edgepack.host.fleet.profiling import ProfileCache, cache_key, make_job
+from edgepack.host.fleet.profiling_choice import _device_outputs, _eval_payload
 
 BID = "ab" * 32
 
