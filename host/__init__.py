@@ -57,6 +57,8 @@ _EXPORTS = {
     "FleetServer": "edgepack.host.fleet.server:FleetServer",
     "ServeConfig": "edgepack.host.fleet.server:ServeConfig",
     "init_agent": "edgepack.host.fleet.provision:init_agent",
+    "profile": "edgepack.host.fleet.profiling:profile",
+    "ProfileReport": "edgepack.host.fleet.profiling:ProfileReport",
     # errors
     "EdgepackError": "edgepack.agent.errors:EdgepackError",
     "ProfileError": "edgepack.agent.errors:ProfileError",
