@@ -2,10 +2,13 @@
 
 1. trains a small CNN on scikit-learn's digits data and exports it to ONNX;
 2. generates a fleet signing key and builds a signed int8 bundle for a Raspberry Pi 4;
-3. starts the embedded MQTT broker and a local agent standing in for the Pi;
+3. starts the embedded MQTT broker, the fleet server and a local agent standing in for the Pi;
 4. deploys the bundle, waits until the agent has verified, health-checked and committed it;
 5. runs inferences through the agent's local endpoint and prints the telemetry it reports;
 6. shuts everything down cleanly.
+
+The host side is written with edgepack's Python API (``import edgepack.host as ep``); each call
+is printed as it runs. The agent runs as its own process, as it would on the device.
 """
 
 from __future__ import annotations
@@ -26,28 +29,14 @@ DEVICE = "demo-pi"
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def edgepack(*args: str) -> None:
-    print(f"\n$ edgepack {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", "edgepack.host.cli", *args], check=True, cwd=WORK)
+def say(call: str) -> None:
+    print(f"\n>>> {call}", flush=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the broker exited early (code {proc.returncode})")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"the broker did not listen on port {port} within {timeout:g}s")
 
 
 def stop(proc: subprocess.Popen | None, name: str) -> None:
@@ -63,19 +52,31 @@ def stop(proc: subprocess.Popen | None, name: str) -> None:
         print(f"{name} did not stop on SIGTERM; killed")
 
 
-def build() -> str:
+def build() -> Path:
+    """Train the example model, make the fleet key, build and verify the signed bundle."""
     from digits import write_digits_example
+
+    import edgepack.host as ep
+    from edgepack.agent.signing import load_public_keys
 
     if not (WORK / "digits.onnx").exists():
         print("training a small CNN on scikit-learn's digits data …", flush=True)
         write_digits_example(WORK)
     if not (WORK / "keys" / "fleet.key").exists():
-        edgepack("keys", "generate", "--out", "keys")
-    edgepack("build", "digits.onnx", "--target", "rpi4", "--calibration", "calib.npz",
-             "--eval", "eval.npz", "--key", "keys/fleet.key", "--out", "dist")
-    bundle = "dist/digits-1.0.0-rpi4.edgepack"
-    edgepack("verify", bundle, "--pub", "keys/fleet.pub")
-    return bundle
+        say('ep.generate_keys("keys")')
+        ep.generate_keys(WORK / "keys")
+    say('ep.build("digits.onnx", target="rpi4", calibration="calib.npz", eval="eval.npz", '
+        'key="keys/fleet.key", out="dist")')
+    res = ep.build(str(WORK / "digits.onnx"), target="rpi4", calibration=str(WORK / "calib.npz"),
+                   eval=str(WORK / "eval.npz"), key=str(WORK / "keys" / "fleet.key"),
+                   out=str(WORK / "dist"))
+    m = res.report.metrics
+    print(f"{res.path.name}: {res.manifest['optimization']['mode']}, "
+          f"{m['size']['ratio']:.2f}x smaller than fp32, accuracy drop "
+          f"{m['accuracy']['drop_points']:.2f} points, bundle id {res.bundle_id[:16]}…")
+    key_id = ep.read_bundle(res.path).verify(load_public_keys([WORK / "keys" / "fleet.pub"]))
+    print(f"signature verified (key {key_id})")
+    return res.path
 
 
 def serve_and_measure(url: str, data_dir: Path) -> None:
@@ -154,57 +155,61 @@ def show_dashboard(base: str) -> None:
     print(f"  install events the collector stored: {' → '.join(k for k in kinds if k)}")
 
 
-def run_fleet(bundle: str) -> None:
+def run_fleet(bundle: Path) -> None:
+    import edgepack.host as ep
+
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
     logs = WORK / "logs"
     logs.mkdir(exist_ok=True)
-    broker = agent = fleet = None
+    agent = None
+    say(f"ep.EmbeddedBroker(port={port}).start()")
+    broker = ep.EmbeddedBroker(port=port).start()
     try:
-        print(f"\n$ edgepack broker --port {port} &", flush=True)
-        with open(logs / "broker.log", "wb") as log:
-            broker = subprocess.Popen([sys.executable, "-m", "edgepack.host.cli", "broker",
-                                       "--port", str(port)], cwd=WORK, stdout=log,
-                                      stderr=subprocess.STDOUT)
-        wait_port(port, broker)
-        from edgepack.host.fleet.server import FleetServer, ServeConfig
-
-        print(f"\n$ edgepack fleet serve --broker {url} --db sqlite:///fleet.db "
-              "--http 127.0.0.1:0 &", flush=True)
         for old in WORK.glob("fleet.db*"):
             old.unlink()  # each demo starts with an empty fleet database
-        fleet = FleetServer(ServeConfig(broker=url, db=f"sqlite:///{WORK / 'fleet.db'}",
-                                        http=("127.0.0.1", 0)))
-        fleet.start()
-        print(f"dashboard: {fleet.url}")
-        data_dir = WORK / "device"
-        edgepack("agent", "init", "--board", "rpi4", "--device-id", DEVICE, "--broker", url,
-                 "--pub", "keys/fleet.pub", "--data-dir", str(data_dir), "--out",
-                 "device.toml", "--force")
-        conf = WORK / "device.toml"
-        # Report every 2 s instead of 30 s so the demo shows telemetry quickly.
-        text = conf.read_text()
-        if "[telemetry]" in text:
-            text = re.sub(r"(?m)^interval_s = .*$", "interval_s = 2.0", text)
-        else:
-            text += "\n[telemetry]\ninterval_s = 2.0\n"
-        conf.write_text(text)
-        print("\n$ edgepack-agent --config device.toml &", flush=True)
-        with open(logs / "agent.log", "wb") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "edgepack.agent.daemon", "--config",
-                                      str(conf)], cwd=WORK, stdout=log, stderr=subprocess.STDOUT)
-        edgepack("deploy", bundle, "--device", DEVICE, "--broker", url, "--key",
-                 "keys/fleet.key", "--wait", "180")
-        edgepack("fleet", "status", "--broker", url)
-        serve_and_measure(url, data_dir)
-        show_dashboard(fleet.url)
+        say(f'ep.FleetServer(ep.ServeConfig(broker="{url}", db="sqlite:///fleet.db")).start()')
+        with ep.FleetServer(ep.ServeConfig(broker=url, db=f"sqlite:///{WORK / 'fleet.db'}",
+                                           http=("127.0.0.1", 0))) as fleet:
+            print(f"dashboard: {fleet.url}")
+            data_dir = WORK / "device"
+            say(f'ep.init_agent("rpi4", "{DEVICE}", broker="{url}", pub=["keys/fleet.pub"], '
+                'out="device.toml")')
+            ep.init_agent("rpi4", DEVICE, broker=url, pub=[WORK / "keys" / "fleet.pub"],
+                          data_dir=data_dir, out=WORK / "device.toml", force=True)
+            conf = WORK / "device.toml"
+            # Report every 2 s instead of 30 s so the demo shows telemetry quickly.
+            text = conf.read_text()
+            if "[telemetry]" in text:
+                text = re.sub(r"(?m)^interval_s = .*$", "interval_s = 2.0", text)
+            else:
+                text += "\n[telemetry]\ninterval_s = 2.0\n"
+            conf.write_text(text)
+            print("\n$ edgepack-agent --config device.toml &   # the device", flush=True)
+            with open(logs / "agent.log", "wb") as log:
+                agent = subprocess.Popen([sys.executable, "-m", "edgepack.agent.daemon",
+                                          "--config", str(conf)], cwd=WORK, stdout=log,
+                                         stderr=subprocess.STDOUT)
+            say(f'ep.deploy("{bundle.relative_to(WORK)}", device="{DEVICE}", broker=…, '
+                'key="keys/fleet.key", wait=180)')
+            dep = ep.deploy(bundle, device=DEVICE, broker=url, key=WORK / "keys" / "fleet.key",
+                            wait=180)
+            print(f"deployment {dep.deployment_id}: active={dep.active} in slot {dep.slot} "
+                  f"after {dep.waited_s:.1f} s")
+            if not dep.active:
+                raise SystemExit(f"the device did not activate the bundle; see {logs}")
+            say("ep.fleet_status(broker=…)")
+            for d in ep.fleet_status(broker=url):
+                print(f"  {d.device}: {d.status}, runs {d.bundle_name} {d.bundle_version}, "
+                      f"in sync {d.in_sync}")
+            serve_and_measure(url, data_dir)
+            show_dashboard(fleet.url)
+        print("fleet server stopped")
     finally:
-        if fleet is not None:
-            fleet.stop()
-            print("fleet server stopped")
         stop(agent, "agent")
-        stop(broker, "broker")
-    print(f"logs: {logs / 'agent.log'}, {logs / 'broker.log'}")
+        broker.stop()
+        print("broker stopped")
+    print(f"agent log: {logs / 'agent.log'}")
 
 
 def main() -> int:

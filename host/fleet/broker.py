@@ -140,6 +140,7 @@ class EmbeddedBroker:
 
     def _run(self, started: Future) -> None:
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_quiet_disconnects)
         self._loop = loop
         try:
             loop.run_until_complete(self._serve(started))
@@ -179,6 +180,18 @@ class EmbeddedBroker:
             except Exception:  # shutting down anyway; a half-closed client must not hang us
                 _log.warning("embedded broker shutdown was not clean", exc_info=True)
             self._broker = None
+
+
+def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client that hangs up during CONNECT (a refused MQTT 5 attempt falling back to 3.1.1,
+    a port probe) makes the broker library raise from its connection callback; that is the
+    client's business, not a broker fault worth a traceback on the operator's terminal."""
+    exc = context.get("exception")
+    if isinstance(exc, (ConnectionError, OSError)) and "client_connected" in str(
+            context.get("message", "")):
+        _log.debug("client went away during CONNECT: %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def _check_bind(host: str, port: int) -> int:
