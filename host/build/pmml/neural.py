@@ -1,0 +1,7 @@
+"""Placeholder."""
+
+from .document import unsupported
+
+
+def compile_neural(ctx, model, scope, classes):
+    raise unsupported(model, "is not supported yet")
