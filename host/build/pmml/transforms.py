@@ -15,7 +15,7 @@ from .document import Context, attr_float, child, children, unsupported
 from .fields import constant
 from .graph import Val
 
-__all__ = ["derive_fields", "expression", "read_functions"]
+__all__ = ["derive_fields", "expression", "read_functions", "table_rows", "column_name"]
 
 _EXPRESSIONS = {"Constant", "FieldRef", "NormContinuous", "NormDiscrete", "Discretize",
                 "MapValues", "Apply", "TextIndex", "Aggregate", "Lag"}
@@ -187,25 +187,36 @@ def _discretize(ctx: Context, el, scope: dict) -> Val:
     return _map_missing(ctx, el, Val(result, missing, dtype == "string", dtype), dtype)
 
 
+def table_rows(table) -> list[dict]:
+    """The rows of an InlineTable as column -> text."""
+    return [_cells(r) for r in children(table, "row")]
+
+
 def _cells(row) -> dict:
     out = {}
     for c in row:
         if isinstance(c.tag, str):
-            out[c.tag.split("}")[-1].split(":")[-1]] = (c.text or "").strip()
-    out.update({k: v for k, v in row.attrib.items()})
+            out[column_name(c.tag)] = (c.text or "").strip()
+    out.update({column_name(k): v for k, v in row.attrib.items()})
     return out
+
+
+def column_name(name: str) -> str:
+    """An InlineTable column without its namespace or prefix (``data:y`` -> ``y``)."""
+    return name.split("}")[-1].split(":")[-1]
 
 
 def _map_values(ctx: Context, el, scope: dict) -> Val:
     g = ctx.graph
     dtype = el.get("dataType", "string")
-    pairs = [(p.get("field"), p.get("column")) for p in children(el, "FieldColumnPair")]
+    pairs = [(p.get("field"), column_name(p.get("column", "")))
+             for p in children(el, "FieldColumnPair")]
     table = child(el, "InlineTable")
     if table is None:
         raise unsupported(el, "MapValues without an InlineTable (TableLocator) is not supported",
                           "inline the table in the document")
     vals = [_field(scope, el, f) for f, _ in pairs]
-    out_col = el.get("outputColumn")
+    out_col = column_name(el.get("outputColumn", ""))
     result, hit = g.scalar(np.nan), ctx.falses
     for row in reversed(children(table, "row")):
         cells = _cells(row)

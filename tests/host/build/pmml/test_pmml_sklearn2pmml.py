@@ -49,7 +49,7 @@ def _estimators():
                                        random_state=0), "y", {}),
         "svc": (SVC(probability=False), "cls", {}),
         "svr": (SVR(), "y", {}),
-        "knn_classifier": (KNeighborsClassifier(n_neighbors=5), "cls", {}),
+        "knn_classifier": (KNeighborsClassifier(n_neighbors=5), "flag", {}),
         "knn_regressor": (KNeighborsRegressor(n_neighbors=4), "y", {}),
         "naive_bayes": (GaussianNB(), "cls", {}),
     }
