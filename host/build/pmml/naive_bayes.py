@@ -109,21 +109,16 @@ def _categorical(ctx: Context, bi, val: Val, classes: Classes, priors: np.ndarra
         counts = _counts(pc, classes)
         table[i, :len(counts)] = counts[:n]
     totals = table.sum(axis=0)
+    hits = [g.op("Equal", val.value, g.scalar(constant(ctx, val.data_type, pc.get("value"), pc)))
+            for pc in pairs]
+    skip = g.or_(val.missing, g.not_(g.or_(*hits))) if hits else val.missing
     out = {}
-    known = None
-    for i, pc in enumerate(pairs):
-        hit = g.op("Equal", val.value, g.scalar(constant(ctx, val.data_type, pc.get("value"),
-                                                           pc)))
-        known = hit if known is None else g.or_(known, hit)
     for k in range(n):
         logs = np.log(np.where(table[:, k] > 0,
                                table[:, k] / totals[k] if totals[k] > 0 else 0.0,
                                threshold if threshold > 0 else 1e-300))
         term = g.add(ctx.zeros, g.scalar(0.0))
-        for i, pc in enumerate(pairs):
-            hit = g.op("Equal", val.value,
-                       g.scalar(constant(ctx, val.data_type, pc.get("value"), pc)))
-            term = g.where(hit, g.scalar(float(logs[i])), term)
-        skip = g.or_(val.missing, g.not_(known)) if known is not None else val.missing
+        for hit, log_p in zip(hits, logs, strict=True):
+            term = g.where(hit, g.scalar(float(log_p)), term)
         out[k] = g.where(skip, g.scalar(0.0), term)
     return out
