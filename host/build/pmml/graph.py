@@ -102,6 +102,10 @@ class Graph:
             out = self.op("Or", out, x)
         return out
 
+    def choose(self, cond: str, a: str, b: str) -> str:
+        """``Where`` for bool tensors (ONNX Runtime has no bool kernel for it)."""
+        return self.or_(self.and_(cond, a), self.and_(self.not_(cond), b))
+
     def not_(self, x: str) -> str:
         return self.op("Not", x)
 

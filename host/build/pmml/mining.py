@@ -69,7 +69,7 @@ def _pick(ctx: Context, parts: list, first: bool) -> Prediction:
     probs = list(head.probs) if head.probs is not None else None
     for true, pred, _ in order[1:]:
         value = g.where(true, pred.value.value, value)
-        missing = g.where(true, pred.value.missing, missing)
+        missing = g.choose(true, pred.value.missing, missing)
         if probs is not None:
             probs = [g.where(true, p, q) for p, q in zip(pred.probs, probs, strict=True)]
     return Prediction(Val(value, missing, head.value.is_string, head.value.data_type), probs)

@@ -102,7 +102,7 @@ def _compound(ctx: Context, el, scope: dict) -> tuple[str, str]:
     if op == "surrogate":
         true, unknown = parts[-1]
         for t, u in reversed(parts[:-1]):
-            true = g.where(u, true, t)
+            true = g.or_(g.and_(u, true), t)
             unknown = g.and_(u, unknown)
         return true, unknown
     raise unsupported(el, f"booleanOperator {op!r} is unknown",

@@ -252,7 +252,7 @@ def _apply(ctx: Context, el, scope: dict) -> Val:
         other = args[2] if len(args) > 2 else _missing_val(ctx)
         truth = g.to_bool(g.clean(cond))
         value = g.where(truth, then.value, other.value)
-        missing = g.or_(cond.missing, g.where(truth, then.missing, other.missing))
+        missing = g.or_(cond.missing, g.choose(truth, then.missing, other.missing))
         out = Val(value, missing, then.is_string, then.data_type)
         return _map_missing(ctx, el, out, out.data_type)
     any_missing = g.or_(*[a.missing for a in args]) if args else ctx.falses

@@ -30,15 +30,26 @@ def training_frame(n: int = 400, seed: int = 0):
     return df
 
 
-def scoring_frame(n: int = 300, seed: int = 1):
-    """Rows to score: fresh values plus missing numbers, missing strings, unseen categories."""
+def scoring_frame(n: int = 300, seed: int = 1, extra: bool = False):
+    """Rows to score: fresh values plus missing numbers, missing strings, unseen categories.
+
+    ``extra`` adds ``n`` (whole numbers 0-9), ``grade`` (A/B/C) and ``region`` (strings with
+    spaces and quotes), with the same share of missing and unseen values.
+    """
     frame = training_frame(n, seed)[["x1", "x2", "x3", "color"]].astype(object)
     rng = np.random.default_rng(seed)
-    for col in ("x1", "x2", "x3"):
+    if extra:
+        frame["n"] = rng.integers(0, 10, n).astype(float)
+        frame["grade"] = rng.choice(["A", "B", "C"], n)
+        frame["region"] = rng.choice(["North East", "South", 'Isle "of" Man'], n)
+    numbers = ["x1", "x2", "x3"] + (["n"] if extra else [])
+    strings = ["color"] + (["grade", "region"] if extra else [])
+    for col in numbers:
         frame.loc[rng.random(n) < 0.05, col] = None
-    frame.loc[rng.random(n) < 0.05, "color"] = None
-    frame.loc[rng.random(n) < 0.05, "color"] = "purple"
-    for col in ("x1", "x2", "x3"):
+    for col in strings:
+        frame.loc[rng.random(n) < 0.05, col] = None
+        frame.loc[rng.random(n) < 0.04, col] = "purple"
+    for col in numbers:
         frame[col] = frame[col].astype(float)
     return frame
 
