@@ -105,22 +105,27 @@ def _combine_values(ctx: Context, method: str, parts: list) -> Prediction:
 
 
 def _vote(ctx: Context, parts: list, n: int, weighted: bool) -> Prediction:
+    """Votes per class; a tie goes to the class that got its first vote earliest."""
     g = ctx.graph
     zero = g.scalar(0.0)
     votes = [g.add(ctx.zeros, zero) for _ in range(n)]
-    for true, pred, weight in parts:
+    first = [g.add(ctx.zeros, g.scalar(float(len(parts)))) for _ in range(n)]
+    for s, (true, pred, weight) in reversed(list(enumerate(parts))):
         ok = g.and_(true, g.not_(pred.value.missing))
         w = g.where(ok, g.scalar(weight if weighted else 1.0), zero)
         for k in range(n):
-            hit = g.to_double(g.op("Equal", pred.value.value, g.scalar(float(k))))
-            votes[k] = g.add(votes[k], g.mul(hit, w))
+            hit = g.op("Equal", pred.value.value, g.scalar(float(k)))
+            votes[k] = g.add(votes[k], g.mul(g.to_double(hit), w))
+            first[k] = g.where(g.and_(hit, ok), g.scalar(float(s)), first[k])
     total = votes[0]
     for v in votes[1:]:
         total = g.add(total, v)
     none = g.op("Equal", total, zero)
     safe = g.where(none, g.scalar(1.0), total)
     probs = [g.div(v, safe) for v in votes]
-    return Prediction(Val(argmax_label(ctx, votes), none), probs)
+    tie_break = g.scalar(1e-9 / (len(parts) + 1))
+    ranked = [g.sub(v, g.mul(f, g.mul(tie_break, safe))) for v, f in zip(votes, first, strict=True)]
+    return Prediction(Val(argmax_label(ctx, ranked), none), probs)
 
 
 def _average_probs(ctx: Context, parts: list, n: int, weighted: bool) -> Prediction:
