@@ -1,7 +1,7 @@
 """RegressionModel: NumericPredictor (with exponent), CategoricalPredictor, PredictorTerm, and the
 normalization methods for regression and classification.
 
-A row with a missing value in any predictor has no prediction. For classification,
+A row with a missing number has no prediction; a missing category adds nothing. For classification,
 ``softmax`` and ``simplemax`` normalize over all tables; the other methods map each table but the
 last through their inverse link and give the last one ``1 - sum(others)``.
 """
@@ -37,8 +37,9 @@ def linear_table(ctx: Context, table, scope: dict) -> Val:
     for p in children(table, "CategoricalPredictor"):
         val = _field(scope, p, p.get("name"))
         hit = g.op("Equal", val.value, g.scalar(constant(ctx, val.data_type, p.get("value"), p)))
-        total = g.add(total, g.mul(g.to_double(hit), g.scalar(attr_float(p, "coefficient"))))
-        missing = g.or_(missing, val.missing)
+        # a missing category matches no predictor (it adds nothing, as for an unseen one)
+        total = g.add(total, g.mul(g.to_double(g.and_(hit, g.not_(val.missing))),
+                                   g.scalar(attr_float(p, "coefficient"))))
         ctx.use("CategoricalPredictor")
     for p in children(table, "PredictorTerm"):
         term = g.scalar(attr_float(p, "coefficient"))

@@ -43,7 +43,9 @@ def jpmml_rows(path: Path, df) -> list:
     ev = evaluator(str(path))
     try:
         out = ev.evaluateAll(df)
-        return [dict(r) for _, r in out.iterrows()]
+        rows = [dict(r) for _, r in out.iterrows()]
+        # rows JPMML refused carry an `errors` entry
+        return [None if not _is_missing(r.get("errors")) else r for r in rows]
     except Exception:  # noqa: BLE001 - JPMML raises for a batch holding an invalid row
         rows = []
         for _, r in df.iterrows():
