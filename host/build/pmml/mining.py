@@ -1,9 +1,9 @@
 """MiningModel segmentation: sum, average, weightedAverage, median-free votes, modelChain,
 selectFirst, max and min.
 
-A segment takes part in a row when its predicate is TRUE. Sums and averages are missing when a
-taking-part segment has no prediction or none takes part; votes skip segments without a
-prediction. ``modelChain`` lets each segment read the OutputFields of the segments before it.
+A segment takes part in a row when its predicate is TRUE. The result is missing when a
+taking-part segment has no prediction (``missingPredictionTreatment`` ``continue`` and
+``returnMissing``) or none takes part; ``skipSegment`` leaves such segments out. ``modelChain`` lets each segment read the OutputFields of the segments before it.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def compile_mining(ctx: Context, model, scope: dict, classes: Classes | None) ->
         # a chain's intermediate segments may score other targets: only ours compete
         parts = [p for p in parts if (p[1].probs is None) == (classes is None)] or parts
         return _pick(ctx, parts, first=method == "selectFirst")
+    if seg.get("missingPredictionTreatment") == "skipSegment":
+        parts = [(ctx.graph.and_(t, ctx.graph.not_(p.value.missing)), p, w) for t, p, w in parts]
     if classes is None:
         return _combine_values(ctx, method, parts)
     if method in {"majorityVote", "weightedMajorityVote"}:
@@ -109,6 +111,9 @@ def _vote(ctx: Context, parts: list, n: int, weighted: bool) -> Prediction:
     g = ctx.graph
     zero = g.scalar(0.0)
     votes = [g.add(ctx.zeros, zero) for _ in range(n)]
+    # a segment without a result is left out; one with a missing result makes the vote missing
+    lost = g.or_(*[g.and_(true, pred.value.missing) if pred.void is None else ctx.falses
+                   for true, pred, _ in parts])
     first = [g.add(ctx.zeros, g.scalar(float(len(parts)))) for _ in range(n)]
     for s, (true, pred, weight) in reversed(list(enumerate(parts))):
         ok = g.and_(true, g.not_(pred.value.missing))
@@ -125,7 +130,7 @@ def _vote(ctx: Context, parts: list, n: int, weighted: bool) -> Prediction:
     probs = [g.div(v, safe) for v in votes]
     tie_break = g.scalar(1e-9 / (len(parts) + 1))
     ranked = [g.sub(v, g.mul(f, g.mul(tie_break, safe))) for v, f in zip(votes, first, strict=True)]
-    return Prediction(Val(argmax_label(ctx, ranked), none), probs)
+    return Prediction(Val(argmax_label(ctx, ranked), g.or_(none, lost)), probs)
 
 
 def _average_probs(ctx: Context, parts: list, n: int, weighted: bool) -> Prediction:

@@ -43,10 +43,12 @@ class Classes:
 @dataclass
 class Prediction:
     """``value``: the predicted number (regression) or class index (classification);
-    ``probs``: one float64 [N] tensor per class (classification only)."""
+    ``probs``: one float64 [N] tensor per class (classification only); ``void``: rows where the
+    model gives no result at all (a tree without a matching node), which votes leave out."""
 
     value: Val
     probs: list | None = None
+    void: str | None = None
 
 
 def argmax_label(ctx: Context, probs: list[str]) -> str:

@@ -45,14 +45,16 @@ def compile_tree(ctx: Context, model, scope: dict, classes: Classes | None) -> P
     if classes is None:
         table = [_score(n) for n in walk.nodes] + [np.nan]
         value = table_lookup(ctx, safe, table)
-        return Prediction(Val(value, g.op("IsNaN", value)))
+        missing = g.op("IsNaN", value)
+        return Prediction(Val(value, missing), void=missing)
     labels, dists = zip(*[_distribution(n, classes) for n in walk.nodes], strict=True)
     dists = [np.pad(d, (0, len(classes) - len(d)), constant_values=np.nan if np.isnan(d).all()
                     else 0.0) for d in dists]
     value = table_lookup(ctx, safe, list(labels) + [np.nan])
     probs = table_lookup(ctx, safe, np.vstack(list(dists) + [np.full(len(classes), np.nan)]))
-    return Prediction(Val(value, g.op("IsNaN", value)),
-                      [g.take(probs, k) for k in range(len(classes))])
+    missing = g.op("IsNaN", value)
+    return Prediction(Val(value, missing), [g.take(probs, k) for k in range(len(classes))],
+                      void=missing)
 
 
 class _Walk:
