@@ -1,7 +1,8 @@
 """TransformationDictionary, LocalTransformations and their expressions.
 
 Each expression compiles to a :class:`Val`. A function of a missing argument is missing (then
-``mapMissingTo`` applies), except ``isMissing``, ``isNotMissing`` and ``if``; a result that is not
+``mapMissingTo`` applies), except ``isMissing``, ``isNotMissing``, ``if``, ``isIn``/``isNotIn``
+(a missing value is in no list) and ``and``/``or`` (three-valued logic); a result that is not
 a finite number (``ln(-1)``, ``x/0``) takes ``defaultValue`` or becomes missing.
 """
 
@@ -255,6 +256,14 @@ def _apply(ctx: Context, el, scope: dict) -> Val:
         missing = g.or_(cond.missing, g.choose(truth, then.missing, other.missing))
         out = Val(value, missing, then.is_string, then.data_type)
         return _map_missing(ctx, el, out, out.data_type)
+    if fn in {"and", "or"} and args:
+        return _map_missing(ctx, el, _three_valued(ctx, fn, args), "boolean")
+    if fn in {"isIn", "isNotIn"} and len(args) > 1:
+        # a missing value is in no list
+        hit = g.or_(*[g.op("Equal", args[0].value, a.value) for a in args[1:]])
+        hit = g.and_(hit, g.not_(args[0].missing))
+        out = g.to_double(hit if fn == "isIn" else g.not_(hit))
+        return Val(out, ctx.falses, False, "boolean")
     any_missing = g.or_(*[a.missing for a in args]) if args else ctx.falses
     xs = [g.clean(a) for a in args]
     value, dtype = _function(ctx, el, fn, xs, args)
@@ -266,6 +275,20 @@ def _apply(ctx: Context, el, scope: dict) -> Val:
         missing = any_missing
     out = Val(value, missing, dtype == "string", dtype)
     return _map_missing(ctx, el, out, dtype)
+
+
+def _three_valued(ctx: Context, fn: str, args: list[Val]) -> Val:
+    """``and``/``or`` where a missing operand is UNKNOWN (FALSE and UNKNOWN is FALSE…)."""
+    g = ctx.graph
+    trues = [g.and_(g.to_bool(g.clean(a)), g.not_(a.missing)) for a in args]
+    falses = [g.and_(g.not_(g.to_bool(g.clean(a))), g.not_(a.missing)) for a in args]
+    if fn == "and":
+        decided_false, all_true = g.or_(*falses), g.and_(*trues)
+        return Val(g.to_double(all_true), g.not_(g.or_(all_true, decided_false)), False,
+                   "boolean")
+    decided_true, all_false = g.or_(*trues), g.and_(*falses)
+    return Val(g.to_double(decided_true), g.not_(g.or_(decided_true, all_false)), False,
+               "boolean")
 
 
 def _function(ctx: Context, el, fn: str, xs: list[str], args: list[Val]) -> tuple[str, str]:
@@ -307,17 +330,9 @@ def _function(ctx: Context, el, fn: str, xs: list[str], args: list[Val]) -> tupl
         op, negate = _COMPARE[fn]
         out = g.op(op, xs[0], xs[1])
         return g.to_double(g.not_(out) if negate else out), "boolean"
-    if fn in {"and", "or"}:
-        need(1)
-        bools = [g.to_bool(x) for x in xs]
-        return g.to_double(g.and_(*bools) if fn == "and" else g.or_(*bools)), "boolean"
     if fn == "not":
         need(1)
         return g.to_double(g.not_(g.to_bool(xs[0]))), "boolean"
-    if fn in {"isIn", "isNotIn"}:
-        need(2)
-        hit = g.or_(*[g.op("Equal", xs[0], x) for x in xs[1:]])
-        return g.to_double(hit if fn == "isIn" else g.not_(hit)), "boolean"
     if fn in {"x-sigmoid", "sigmoid"}:
         return g.op("Sigmoid", xs[0]), "double"
     if fn in {"x-tanh", "tanh"}:
