@@ -221,6 +221,6 @@ def apply_schema(ctx: Context, model, raw: dict | None = None) -> dict[str, Val]
         if replacement is not None:
             ctx.use("missingValueReplacement")
             value = g.where(missing, g.scalar(constant(ctx, dtype, replacement, mf)), value)
-            missing = g.false_like(g.clean(Val(value, missing)))
+            missing = ctx.falses
         view[name] = Val(value, missing, val.is_string, dtype)
     return view

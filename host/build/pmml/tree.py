@@ -15,6 +15,7 @@ from .document import Context, attr_float, child, children, unsupported
 from .graph import Val
 from .predicates import find_predicate, predicate
 from .prediction import Classes, Prediction, table_lookup
+from .tree_ensemble import tree_ensemble
 
 __all__ = ["compile_tree"]
 
@@ -34,6 +35,9 @@ def compile_tree(ctx: Context, model, scope: dict, classes: Classes | None) -> P
     root = child(model, "Node")
     if root is None:
         raise unsupported(model, "the tree has no Node", "re-export the model")
+    fast = tree_ensemble(ctx, model, scope, classes, lambda n: _leaf_row(n, classes))
+    if fast is not None:
+        return fast
     walk = _Walk(ctx, scope, strategy, no_true == "returnLastPrediction")
     true, _ = predicate(ctx, find_predicate(root), scope)
     walk.visit(root, true)
@@ -97,6 +101,14 @@ class _Walk:
             goes[i] = g.or_(goes[i], to_default)
         for kid, go in zip(kids, goes, strict=True):
             self.visit(kid, go)
+
+
+def _leaf_row(node, classes: Classes | None) -> list[float]:
+    """A leaf's outputs for the TreeEnsemble path: score, or class index + probabilities."""
+    if classes is None:
+        return [_score(node)]
+    label, probs = _distribution(node, classes)
+    return [label] + list(np.pad(probs, (0, len(classes) - len(probs))))
 
 
 def _score(node) -> float:
