@@ -142,17 +142,8 @@ def _invalid(ctx: Context, spec: FieldSpec, x: str) -> str | None:
     if spec.valid and (spec.optype != "continuous" or not spec.intervals):
         masks.append(g.not_(_in_list(ctx, x, [constant(ctx, spec, v) for v in spec.valid])))
     if spec.intervals and not spec.is_string:
-        inside = []
-        for closure, left, right in spec.intervals:
-            parts = []
-            if left is not None:
-                parts.append(g.op("GreaterOrEqual" if closure.startswith("closed") else "Greater",
-                                  x, g.scalar(left)))
-            if right is not None:
-                parts.append(g.op("LessOrEqual" if closure.endswith("Closed") else "Less",
-                                  x, g.scalar(right)))
-            if parts:
-                inside.append(g.and_(*parts))
+        inside = [g.interval(x, closure, left, right)
+                  for closure, left, right in spec.intervals]
         if inside:
             masks.append(g.not_(g.or_(*inside)))
     if spec.data_type == "integer" and not spec.is_string:

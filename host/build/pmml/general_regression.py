@@ -81,13 +81,13 @@ def compile_general_regression(ctx: Context, model, scope: dict,
         return _ordinal(ctx, model, params, missing, classes)
     eta = _linear(ctx, model, params, None)
     if kind == "generalizedLinear":
-        eta, missing = _offset(ctx, model, scope, eta, missing)
+        eta, missing = _adjust(ctx, model, scope, eta, missing, "offset")
         link = model.get("linkFunction", "identity")
         if link not in LINKS:
             raise unsupported(model, f"linkFunction={link!r} is not supported")
         ctx.use(f"GeneralRegressionModel/link={link}")
         value = inverse_link(g, link, eta, attr_float(model, "linkParameter"))
-        value, missing = _trials(ctx, model, scope, value, missing)
+        value, missing = _adjust(ctx, model, scope, value, missing, "trials")
     else:
         value = eta
     if classes is None:
@@ -103,23 +103,15 @@ def compile_general_regression(ctx: Context, model, scope: dict,
     return from_probabilities(ctx, probs, missing)
 
 
-def _offset(ctx: Context, model, scope: dict, eta: str, missing: str):
+def _adjust(ctx: Context, model, scope: dict, value: str, missing: str, kind: str):
+    """Add the offset (``kind="offset"``) or multiply by the trials (``kind="trials"``)."""
     g = ctx.graph
-    if model.get("offsetVariable"):
-        val = scope[model.get("offsetVariable")]
-        return g.add(eta, g.clean(val)), g.or_(missing, val.missing)
-    if model.get("offsetValue"):
-        return g.add(eta, g.scalar(attr_float(model, "offsetValue"))), missing
-    return eta, missing
-
-
-def _trials(ctx: Context, model, scope: dict, value: str, missing: str):
-    g = ctx.graph
-    if model.get("trialsVariable"):
-        val = scope[model.get("trialsVariable")]
-        return g.mul(value, g.clean(val)), g.or_(missing, val.missing)
-    if model.get("trialsValue"):
-        return g.mul(value, g.scalar(attr_float(model, "trialsValue"))), missing
+    combine = g.add if kind == "offset" else g.mul
+    if model.get(f"{kind}Variable"):
+        val = scope[model.get(f"{kind}Variable")]
+        return combine(value, g.clean(val)), g.or_(missing, val.missing)
+    if model.get(f"{kind}Value"):
+        return combine(value, g.scalar(attr_float(model, f"{kind}Value"))), missing
     return value, missing
 
 
@@ -135,14 +127,7 @@ def _multinomial(ctx: Context, model, params: dict, missing: str,
             etas.append(_linear(ctx, model, params, label))
         else:
             etas.append(g.add(ctx.zeros, g.scalar(0.0)))
-    top = etas[0]
-    for e in etas[1:]:
-        top = g.op("Max", top, e)
-    exps = [g.op("Exp", g.sub(e, top)) for e in etas]
-    total = exps[0]
-    for e in exps[1:]:
-        total = g.add(total, e)
-    return from_probabilities(ctx, [g.div(e, total) for e in exps], missing)
+    return from_probabilities(ctx, g.softmax(etas), missing)
 
 
 def _ordinal(ctx: Context, model, params: dict, missing: str,

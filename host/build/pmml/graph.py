@@ -109,6 +109,32 @@ class Graph:
     def not_(self, x: str) -> str:
         return self.op("Not", x)
 
+    def total(self, xs: list[str]) -> str:
+        out = xs[0]
+        for x in xs[1:]:
+            out = self.add(out, x)
+        return out
+
+    def softmax(self, xs: list[str]) -> list[str]:
+        """exp(x_k - max) / sum over the list of [N] tensors (no overflow)."""
+        top = xs[0]
+        for x in xs[1:]:
+            top = self.op("Max", top, x)
+        exps = [self.op("Exp", self.sub(x, top)) for x in xs]
+        total = self.total(exps)
+        return [self.div(e, total) for e in exps]
+
+    def interval(self, x: str, closure: str, left: float | None, right: float | None) -> str:
+        """Rows of ``x`` inside a PMML Interval (``closure`` like ``closedOpen``)."""
+        parts = []
+        if left is not None:
+            parts.append(self.op("GreaterOrEqual" if closure.startswith("closed") else "Greater",
+                                 x, self.scalar(left)))
+        if right is not None:
+            parts.append(self.op("LessOrEqual" if closure.endswith("Closed") else "Less",
+                                 x, self.scalar(right)))
+        return self.and_(*parts) if parts else self.not_(self.false_like(x))
+
     def false_like(self, x: str) -> str:
         """A bool [N] of False shaped like the float64 [N] tensor ``x``."""
         return self.op("Less", self.op("Abs", x), self.scalar(-1))

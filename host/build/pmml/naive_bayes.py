@@ -53,14 +53,7 @@ def compile_naive_bayes(ctx: Context, model, scope: dict, classes: Classes | Non
             terms = _categorical(ctx, bi, val, classes, priors, threshold)
         for k, t in terms.items():
             log_like[k] = g.add(log_like[k], t)
-    top = log_like[0]
-    for x in log_like[1:]:
-        top = g.op("Max", top, x)
-    exps = [g.op("Exp", g.sub(x, top)) for x in log_like[:n]]
-    total = exps[0]
-    for e in exps[1:]:
-        total = g.add(total, e)
-    probs = [g.div(e, total) for e in exps]
+    probs = g.softmax(log_like[:n])
     probs += [g.add(ctx.zeros, g.scalar(0.0))] * (len(classes) - n)
     return from_probabilities(ctx, probs, ctx.falses)
 

@@ -81,14 +81,10 @@ def compile_regression(ctx: Context, model, scope: dict, classes: Classes | None
     if method in {"softmax", "simplemax"}:
         xs = [y.value for y in ys]
         if method == "softmax":
-            top = xs[0]
-            for x in xs[1:]:
-                top = g.op("Max", top, x)
-            xs = [g.op("Exp", g.sub(x, top)) for x in xs]
-        total = xs[0]
-        for x in xs[1:]:
-            total = g.add(total, x)
-        probs = [g.div(x, total) for x in xs]
+            probs = g.softmax(xs)
+        else:
+            total = g.total(xs)
+            probs = [g.div(x, total) for x in xs]
     else:
         probs = [inverse_link(g, method, y.value) for y in ys[:-1]]
         rest = g.scalar(1.0)

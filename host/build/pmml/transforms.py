@@ -169,14 +169,7 @@ def _discretize(ctx: Context, el, scope: dict) -> Val:
         iv = child(b, "Interval")
         closure, left, right = (iv.get("closure", "closedClosed"), attr_float(iv, "leftMargin"),
                                 attr_float(iv, "rightMargin"))
-        parts = []
-        if left is not None:
-            parts.append(g.op("GreaterOrEqual" if closure.startswith("closed") else "Greater",
-                              x, g.scalar(left)))
-        if right is not None:
-            parts.append(g.op("LessOrEqual" if closure.endswith("Closed") else "Less",
-                              x, g.scalar(right)))
-        inside = g.and_(*parts) if parts else g.not_(ctx.falses)
+        inside = g.interval(x, closure, left, right)
         result = g.where(inside, g.scalar(constant(ctx, dtype, b.get("binValue"), b)), result)
         hit = g.or_(hit, inside)
     result = g.add(ctx.zeros, result)
