@@ -1,9 +1,10 @@
 """TreeModels that fit ONNX-ML's TreeEnsembleRegressor: one operator instead of masks per node.
 
-A tree fits when its root predicate is ``True`` and every split has two children, the first
-with a numeric SimplePredicate and the second with ``True`` or the complementary predicate, and
-a missing value cannot leave the operator's two ways (the field cannot be missing, or
-``defaultChild`` names a child, or ``none`` with a ``True`` second child). Thresholds are
+A tree fits when its root predicate is ``True`` and the children of every node are a chain of
+SimplePredicates (comparisons; equal/notEqual on strings, which travel as codes) closed by
+``True`` or by the complement of the one before (if / elif / else), and a missing value cannot
+leave the operator's two ways (the field cannot be missing, or ``defaultChild`` names one of two
+children, or ``none`` with a ``True`` last child). Thresholds are
 float64; each leaf value leaves the operator as a float32 pair (high + low part) so the sum is
 exact to float64 precision. Trees that do not fit take the general path (tree.py).
 """
@@ -45,7 +46,8 @@ def tree_ensemble(ctx: Context, model, scope: dict, classes: Classes | None,
     root = children(model, "Node")[0]
     if find_predicate(root).tag != "True":
         return None
-    builder = _Builder(ctx, scope, model.get("missingValueStrategy", "none"))
+    builder = _Builder(ctx, scope, model.get("missingValueStrategy", "none"),
+                       model.get("noTrueChildStrategy") == "returnLastPrediction")
     try:
         builder.build(root)
     except _Misfit:
@@ -58,48 +60,60 @@ def tree_ensemble(ctx: Context, model, scope: dict, classes: Classes | None,
 
 
 class _Builder:
-    def __init__(self, ctx: Context, scope: dict, strategy: str) -> None:
-        self.ctx, self.scope, self.strategy = ctx, scope, strategy
+    def __init__(self, ctx: Context, scope: dict, strategy: str, stay: bool) -> None:
+        self.ctx, self.scope, self.strategy, self.stay = ctx, scope, strategy, stay
         self.fields: list[str] = []
         self.nodes: list[dict] = []
         self.leaves: list = []
 
     def build(self, node) -> int:
-        me = len(self.nodes)
-        self.nodes.append({})
         kids = children(node, "Node")
-        if not kids:
-            self.nodes[me] = {"mode": "LEAF", "leaf": len(self.leaves)}
-            self.leaves.append(node)
-            return me
-        if len(kids) != 2:
-            raise _Misfit
-        first, second = find_predicate(kids[0]), find_predicate(kids[1])
+        return self._chain(node, kids, 0) if kids else self._leaf(node)
+
+    def _leaf(self, node) -> int:
+        self.nodes.append({"mode": "LEAF", "leaf": len(self.leaves)})
+        self.leaves.append(node)
+        return len(self.nodes) - 1
+
+    def _chain(self, node, kids: list, i: int) -> int:
+        """A branch for ``kids[i]`` against the children after it (if / elif / else)."""
+        first = find_predicate(kids[i])
         if first.tag != "SimplePredicate" or first.get("operator") not in _MODES:
             raise _Misfit
         name, op = first.get("field"), first.get("operator")
         val = self.scope.get(name)
-        if val is None or val.is_string:
+        if val is None or (val.is_string and op not in {"equal", "notEqual"}):
             raise _Misfit
-        if not (second.tag == "True" or (
-                second.tag == "SimplePredicate" and second.get("field") == name
-                and second.get("operator") == _COMPLEMENT[op]
-                and second.get("value") == first.get("value"))):
+        rest = kids[i + 1:]
+        last = find_predicate(rest[0]) if len(rest) == 1 else None
+        complement = last is not None and last.tag == "SimplePredicate" and (
+            last.get("field") == name and last.get("operator") == _COMPLEMENT[op]
+            and last.get("value") == first.get("value"))
+        closing = complement or (last is not None and last.tag == "True")
+        # with no closing child, rows no child takes stay at this node (returnLastPrediction)
+        stays = not rest or (len(rest) == 1 and not closing)
+        if stays and not self.stay:
             raise _Misfit
         tracks = 0
         if val.missing != self.ctx.falses:
-            if self.strategy == "defaultChild":
+            open_end = find_predicate(kids[-1]).tag == "True" or (self.stay and not complement)
+            if self.strategy == "defaultChild" and len(kids) == 2:
                 ids = [k.get("id") for k in kids]
                 if node.get("defaultChild") not in ids or None in ids:
                     raise _Misfit
                 tracks = int(node.get("defaultChild") == ids[0])
-            elif not (self.strategy == "none" and second.tag == "True"):
+            elif not (self.strategy == "none" and open_end):
                 raise _Misfit
         if name not in self.fields:
             self.fields.append(name)
+        me = len(self.nodes)
+        self.nodes.append({})
         threshold = constant(self.ctx, val.data_type, first.get("value"), first)
-        true_id = self.build(kids[0])
-        false_id = self.build(kids[1])
+        true_id = self.build(kids[i])
+        if stays:
+            false_id = self._leaf(node) if not rest else self._chain(node, kids, i + 1)
+        else:
+            false_id = self.build(rest[0]) if len(rest) == 1 else self._chain(node, kids, i + 1)
         self.nodes[me] = {"mode": _MODES[op], "feature": self.fields.index(name),
                           "value": threshold, "true": true_id, "false": false_id,
                           "tracks": tracks}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from edgepack.host.build.pmml import convert_pmml
+
 from .oracle import assert_agrees, needs_java
 from .producers import scoring_frame, write_sklearn
 
@@ -68,4 +70,8 @@ def test_sklearn2pmml_document_agrees_with_jpmml(name, tmp_path):
     frame = scoring_frame()
     if not options.get("categorical", True):
         frame = frame.drop(columns=["color"])
-    assert_agrees(path, frame)
+    res = convert_pmml(path)
+    assert_agrees(path, frame, res)
+    if name.startswith(("tree", "forest", "gbm")) and name != "tree_with_nan":
+        # scikit-learn's trees fit ONNX-ML's tree operator (the NaN tree needs nullPrediction)
+        assert "TreeModel/TreeEnsembleRegressor" in res.features
