@@ -24,7 +24,7 @@ _TYPES = {"string", "integer", "double", "float", "boolean", "date", "time", "da
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One DataField: name, optype, dataType, declared valid/missing values and intervals."""
+    """One DataField: name, optype, dataType, declared valid/missing/invalid values, intervals."""
 
     name: str
     optype: str
@@ -32,6 +32,7 @@ class FieldSpec:
     valid: tuple = ()
     missing: tuple = ()
     intervals: tuple = ()
+    invalid: tuple = ()
 
     @property
     def is_string(self) -> bool:
@@ -58,17 +59,16 @@ def read_data_dictionary(ctx: Context) -> dict[str, FieldSpec]:
         if dtype not in _TYPES or dtype in {"date", "time", "dateTime"}:
             raise unsupported(df, f"dataType {dtype!r} of field {name!r} is not supported",
                               "convert it to a number or string field before export")
-        valid, missing, intervals = [], [], []
+        valid, missing, invalid, intervals = [], [], [], []
         for v in children(df, "Value"):
             prop = v.get("property", "valid")
-            (missing if prop == "missing" else valid if prop == "valid" else []).append(
-                v.get("value"))
+            {"missing": missing, "invalid": invalid}.get(prop, valid).append(v.get("value"))
         for iv in children(df, "Interval"):
             intervals.append((iv.get("closure", "closedClosed"), attr_float(iv, "leftMargin"),
                               attr_float(iv, "rightMargin")))
         optype = df.get("optype") or ("categorical" if dtype == "string" else "continuous")
         specs[name] = FieldSpec(name, optype, dtype, tuple(valid), tuple(missing),
-                                tuple(intervals))
+                                tuple(intervals), tuple(invalid))
         ctx.use(f"DataField/{optype}")
     ctx.data_fields = specs
     return specs
@@ -146,6 +146,8 @@ def _invalid(ctx: Context, spec: FieldSpec, x: str) -> str | None:
                   for closure, left, right in spec.intervals]
         if inside:
             masks.append(g.not_(g.or_(*inside)))
+    if spec.invalid:
+        masks.append(_in_list(ctx, x, [constant(ctx, spec, v) for v in spec.invalid]))
     if spec.data_type == "integer" and not spec.is_string:
         masks.append(g.op("Not", g.op("Equal", g.op("Floor", x), x)))
     return g.or_(*masks) if masks else None
