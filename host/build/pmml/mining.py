@@ -35,6 +35,9 @@ def compile_mining(ctx: Context, model, scope: dict, classes: Classes | None) ->
                           "use one of " + ", ".join(sorted(allowed)))
     ctx.use(f"MiningModel/{method}")
     own_target = target_field(model)
+    fast = _forest(ctx, seg, scope, classes, method)
+    if fast is not None:
+        return fast
     chain = dict(scope)
     parts = []
     for s in children(seg, "Segment"):
@@ -61,6 +64,21 @@ def compile_mining(ctx: Context, model, scope: dict, classes: Classes | None) ->
     if method in {"majorityVote", "weightedMajorityVote"}:
         return _vote(ctx, parts, len(classes), weighted=method == "weightedMajorityVote")
     return _average_probs(ctx, parts, len(classes), weighted=method == "weightedAverage")
+
+
+def _forest(ctx: Context, seg, scope: dict, classes: Classes | None, method: str):
+    from .models import MODEL_TAGS
+    from .tree import leaf_row
+    from .tree_ensemble import forest_ensemble
+
+    segments = []
+    for s in children(seg, "Segment"):
+        inner = [c for c in children(s) if c.tag in MODEL_TAGS]
+        if not inner:
+            return None
+        segments.append((s, inner[0], attr_float(s, "weight", 1.0)))
+    return forest_ensemble(ctx, segments, scope, classes, method,
+                           lambda node: leaf_row(node, classes))
 
 
 def _pick(ctx: Context, parts: list, first: bool) -> Prediction:

@@ -35,7 +35,7 @@ def compile_tree(ctx: Context, model, scope: dict, classes: Classes | None) -> P
     root = child(model, "Node")
     if root is None:
         raise unsupported(model, "the tree has no Node", "re-export the model")
-    fast = tree_ensemble(ctx, model, scope, classes, lambda n: _leaf_row(n, classes))
+    fast = tree_ensemble(ctx, model, scope, classes, lambda n: leaf_row(n, classes))
     if fast is not None:
         return fast
     walk = _Walk(ctx, scope, strategy, no_true == "returnLastPrediction")
@@ -103,7 +103,7 @@ class _Walk:
             self.visit(kid, go)
 
 
-def _leaf_row(node, classes: Classes | None) -> list[float]:
+def leaf_row(node, classes: Classes | None) -> list[float]:
     """A leaf's outputs for the TreeEnsemble path: score, or class index + probabilities."""
     if classes is None:
         return [_score(node)]

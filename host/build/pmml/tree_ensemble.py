@@ -5,21 +5,21 @@ SimplePredicates (comparisons; equal/notEqual on strings, which travel as codes)
 ``True`` or by the complement of the one before (if / elif / else), and a missing value cannot
 leave the operator's two ways (the field cannot be missing, or ``defaultChild`` names one of two
 children, or ``none`` with a ``True`` last child). Thresholds are
-float64; each leaf value leaves the operator as a float32 pair (high + low part) so the sum is
-exact to float64 precision. Trees that do not fit take the general path (tree.py).
+float64; each leaf value leaves the operator as a float32 pair (high + low part) in its own
+column per tree, so the sum over trees is taken in float64. Trees that do not fit take the general path (tree.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .document import Context, children
+from .document import Context, child, children
 from .fields import constant
 from .graph import Val
 from .predicates import find_predicate
 from .prediction import Classes, Prediction
 
-__all__ = ["tree_ensemble"]
+__all__ = ["tree_ensemble", "forest_ensemble"]
 
 _MODES = {"lessOrEqual": "BRANCH_LEQ", "lessThan": "BRANCH_LT", "greaterOrEqual": "BRANCH_GTE",
           "greaterThan": "BRANCH_GT", "equal": "BRANCH_EQ", "notEqual": "BRANCH_NEQ"}
@@ -43,26 +43,77 @@ def tree_ensemble(ctx: Context, model, scope: dict, classes: Classes | None,
 
     ``leaf_values(node)`` gives a leaf's row of outputs (score, or label + probabilities).
     """
+    fields: list[str] = []
+    part = _tree_part(ctx, model, scope, fields, leaf_values)
+    if part is None:
+        return None
+    cols = _emit(ctx, [(part[0], part[1], 1.0)], fields, scope)
+    if classes is None:
+        return Prediction(Val(cols[0], ctx.falses), void=ctx.falses)
+    return Prediction(Val(cols[0], ctx.falses), cols[1:], void=ctx.falses)
+
+
+_PLAIN_FIELD = {"name", "usageType", "invalidValueTreatment", "importance", "optype"}
+
+
+def forest_ensemble(ctx: Context, segments: list, scope: dict, classes: Classes | None,
+                    method: str, leaf_values) -> Prediction | None:
+    """A sum or average of plain trees as one TreeEnsembleRegressor, or None.
+
+    ``segments`` holds (Segment, TreeModel, weight); every Segment must be ``True`` and every
+    tree read its fields as they come (no transformations, replacements or Targets).
+    """
+    from .prediction import from_probabilities
+
+    if method not in {"sum", "average", "weightedAverage"} or not segments:
+        return None
+    fields: list[str] = []
+    parts = []
+    for seg, model, weight in segments:
+        schema = child(model, "MiningSchema")
+        if (model.tag != "TreeModel" or find_predicate(seg).tag != "True"
+                or child(model, "LocalTransformations") is not None
+                or child(model, "Targets") is not None or schema is None
+                or any(set(mf.attrib) - _PLAIN_FIELD for mf in children(schema, "MiningField"))
+                or (model.get("functionName") == "classification") != (classes is not None)):
+            return None
+        part = _tree_part(ctx, model, scope, fields, leaf_values)
+        if part is None:
+            return None
+        table = part[1][:, 1:] if classes is not None else part[1]
+        parts.append((part[0], table, weight))
+    total = sum(w for _, _, w in parts) if method == "weightedAverage" else len(parts)
+    scaled = [(b, t, (w / total if method == "weightedAverage" else
+                      1.0 / total if method == "average" else 1.0)) for b, t, w in parts]
+    ctx.use(f"MiningModel/{method}/TreeEnsembleRegressor")
+    cols = _emit(ctx, scaled, fields, scope)
+    if classes is None:
+        return Prediction(Val(cols[0], ctx.falses))
+    return from_probabilities(ctx, cols, ctx.falses)
+
+
+def _tree_part(ctx: Context, model, scope: dict, fields: list, leaf_values):
+    """(builder, leaf table) of one TreeModel, or None when it does not fit."""
     root = children(model, "Node")[0]
     if find_predicate(root).tag != "True":
         return None
     builder = _Builder(ctx, scope, model.get("missingValueStrategy", "none"),
-                       model.get("noTrueChildStrategy") == "returnLastPrediction")
+                       model.get("noTrueChildStrategy") == "returnLastPrediction", fields)
     try:
         builder.build(root)
     except _Misfit:
         return None
-    rows = [np.asarray(leaf_values(n), dtype=np.float64) for n in builder.leaves]
-    table = np.vstack(rows)
+    table = np.vstack([np.asarray(leaf_values(n), dtype=np.float64) for n in builder.leaves])
     if np.isnan(table).any():
         return None
-    return _emit(ctx, builder, table, classes)
+    return builder, table
 
 
 class _Builder:
-    def __init__(self, ctx: Context, scope: dict, strategy: str, stay: bool) -> None:
+    def __init__(self, ctx: Context, scope: dict, strategy: str, stay: bool,
+                 fields: list) -> None:
         self.ctx, self.scope, self.strategy, self.stay = ctx, scope, strategy, stay
-        self.fields: list[str] = []
+        self.fields = fields
         self.nodes: list[dict] = []
         self.leaves: list = []
 
@@ -120,45 +171,56 @@ class _Builder:
         return me
 
 
-def _emit(ctx: Context, b: _Builder, table: np.ndarray, classes: Classes | None) -> Prediction:
+def _emit(ctx: Context, parts: list, fields: list, scope: dict) -> list[str]:
+    """One TreeEnsembleRegressor over ``parts`` (builder, leaf table, multiplier): the summed
+    columns as float64 [N] tensors."""
     from onnx import numpy_helper
 
     g = ctx.graph
     ctx.use("TreeModel/TreeEnsembleRegressor")
     columns = []
-    for name in b.fields:
-        val = b.scope[name]
+    for name in fields:
+        val = scope[name]
         x = val.value if val.missing == ctx.falses else g.where(val.missing, g.scalar(np.nan),
                                                                  val.value)
         columns.append(x)
     features = g.concat(columns)
-    high, low = _split(table)
-    n_out = table.shape[1]
-    target_nodes, target_ids, weights = [], [], []
-    for i, node in enumerate(b.nodes):
-        if node["mode"] != "LEAF":
-            continue
-        for j in range(n_out):
-            target_nodes += [i, i]
-            target_ids += [j, n_out + j]
-            weights += [high[node["leaf"], j], low[node["leaf"], j]]
-    n = len(b.nodes)
+    n_out = parts[0][1].shape[1]
+    attrs: dict = {k: [] for k in ("tree", "node", "feature", "mode", "value", "true", "false",
+                                   "tracks", "t_tree", "t_node", "t_id", "weight")}
+    for tree, (b, table, multiplier) in enumerate(parts):
+        high, low = _split(table * multiplier)
+        for i, nd in enumerate(b.nodes):
+            attrs["tree"].append(tree)
+            attrs["node"].append(i)
+            attrs["feature"].append(nd.get("feature", 0))
+            attrs["mode"].append(nd["mode"])
+            attrs["value"].append(nd.get("value", 0.0))
+            attrs["true"].append(nd.get("true", 0))
+            attrs["false"].append(nd.get("false", 0))
+            attrs["tracks"].append(nd.get("tracks", 0))
+            if nd["mode"] != "LEAF":
+                continue
+            for j in range(n_out):
+                attrs["t_tree"] += [tree, tree]
+                attrs["t_node"] += [i, i]
+                attrs["t_id"] += [2 * n_out * tree + j, 2 * n_out * tree + n_out + j]
+                attrs["weight"] += [high[nd["leaf"], j], low[nd["leaf"], j]]
     out = g.op(
-        "TreeEnsembleRegressor", features, domain="ai.onnx.ml", n_targets=2 * n_out,
-        nodes_treeids=[0] * n, nodes_nodeids=list(range(n)),
-        nodes_featureids=[nd.get("feature", 0) for nd in b.nodes],
-        nodes_modes=[nd["mode"] for nd in b.nodes],
-        nodes_values_as_tensor=numpy_helper.from_array(
-            np.array([nd.get("value", 0.0) for nd in b.nodes], np.float64)),
-        nodes_truenodeids=[nd.get("true", 0) for nd in b.nodes],
-        nodes_falsenodeids=[nd.get("false", 0) for nd in b.nodes],
-        nodes_missing_value_tracks_true=[nd.get("tracks", 0) for nd in b.nodes],
-        target_treeids=[0] * len(target_nodes), target_nodeids=target_nodes,
-        target_ids=target_ids,
-        target_weights_as_tensor=numpy_helper.from_array(np.array(weights, np.float64)))
+        "TreeEnsembleRegressor", features, domain="ai.onnx.ml",
+        n_targets=2 * n_out * len(parts),
+        nodes_treeids=attrs["tree"], nodes_nodeids=attrs["node"],
+        nodes_featureids=attrs["feature"], nodes_modes=attrs["mode"],
+        nodes_values_as_tensor=numpy_helper.from_array(np.array(attrs["value"], np.float64)),
+        nodes_truenodeids=attrs["true"], nodes_falsenodeids=attrs["false"],
+        nodes_missing_value_tracks_true=attrs["tracks"],
+        target_treeids=attrs["t_tree"], target_nodeids=attrs["t_node"],
+        target_ids=attrs["t_id"],
+        target_weights_as_tensor=numpy_helper.from_array(np.array(attrs["weight"], np.float64)))
     out = g.to_double(out)
-    cols = [g.add(g.take(out, j), g.take(out, n_out + j)) for j in range(n_out)]
-    missing = ctx.falses
-    if classes is None:
-        return Prediction(Val(cols[0], missing), void=missing)
-    return Prediction(Val(cols[0], missing), cols[1:], void=missing)
+    # each tree's float32 pair per output has its own column: the sum is taken in float64
+    picks = [[2 * n_out * t + j for t in range(len(parts))] +
+             [2 * n_out * t + n_out + j for t in range(len(parts))] for j in range(n_out)]
+    axis = g.const([1], np.int64)
+    return [g.op("ReduceSum", g.op("Gather", out, g.const(p, np.int64), axis=1), axis,
+                 keepdims=0) for p in picks]
