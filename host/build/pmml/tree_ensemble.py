@@ -65,7 +65,8 @@ def forest_ensemble(ctx: Context, segments: list, scope: dict, classes: Classes 
     """
     from .prediction import from_probabilities
 
-    if method not in {"sum", "average", "weightedAverage"} or not segments:
+    votes = method in {"majorityVote", "weightedMajorityVote"}
+    if method not in {"sum", "average", "weightedAverage"} and not votes or not segments:
         return None
     fields: list[str] = []
     parts = []
@@ -80,8 +81,13 @@ def forest_ensemble(ctx: Context, segments: list, scope: dict, classes: Classes 
         part = _tree_part(ctx, model, scope, fields, leaf_values)
         if part is None:
             return None
-        table = part[1][:, 1:] if classes is not None else part[1]
+        table = part[1][:, :1] if votes else part[1][:, 1:] if classes is not None else part[1]
         parts.append((part[0], table, weight))
+    if votes:
+        ctx.use(f"MiningModel/{method}/TreeEnsembleRegressor")
+        labels = _emit(ctx, [(b, t, 1.0) for b, t, _ in parts], fields, scope, per_tree=True)
+        weights = [w if method == "weightedMajorityVote" else 1.0 for _, _, w in parts]
+        return _vote_matrix(ctx, labels, weights, len(classes))
     total = sum(w for _, _, w in parts) if method == "weightedAverage" else len(parts)
     scaled = [(b, t, (w / total if method == "weightedAverage" else
                       1.0 / total if method == "average" else 1.0)) for b, t, w in parts]
@@ -90,6 +96,26 @@ def forest_ensemble(ctx: Context, segments: list, scope: dict, classes: Classes 
     if classes is None:
         return Prediction(Val(cols[0], ctx.falses))
     return from_probabilities(ctx, cols, ctx.falses)
+
+
+def _vote_matrix(ctx: Context, labels: str, weights: list, n: int) -> Prediction:
+    """Votes from an [N, trees] matrix of class indices; a tie goes to the class voted first."""
+    from .prediction import argmax_label
+
+    g = ctx.graph
+    axis = g.const([1], np.int64)
+    w = g.const(np.array(weights)[None, :])
+    order = g.const(np.arange(len(weights), dtype=np.float64)[None, :])
+    votes, ranked = [], []
+    for k in range(n):
+        hit = g.op("Equal", labels, g.scalar(float(k)))
+        votes.append(g.op("ReduceSum", g.mul(g.to_double(hit), w), axis, keepdims=0))
+        first = g.op("ReduceMin", g.where(hit, order, g.scalar(float(len(weights)))),
+                     axes=[1], keepdims=0)
+        ranked.append(g.sub(votes[-1], g.mul(first, g.scalar(1e-9 / (len(weights) + 1)))))
+    total = g.total(votes)
+    probs = [g.div(v, total) for v in votes]
+    return Prediction(Val(argmax_label(ctx, ranked), ctx.falses), probs)
 
 
 def _tree_part(ctx: Context, model, scope: dict, fields: list, leaf_values):
@@ -171,7 +197,7 @@ class _Builder:
         return me
 
 
-def _emit(ctx: Context, parts: list, fields: list, scope: dict) -> list[str]:
+def _emit(ctx: Context, parts: list, fields: list, scope: dict, per_tree: bool = False):
     """One TreeEnsembleRegressor over ``parts`` (builder, leaf table, multiplier): the summed
     columns as float64 [N] tensors."""
     from onnx import numpy_helper
@@ -218,6 +244,13 @@ def _emit(ctx: Context, parts: list, fields: list, scope: dict) -> list[str]:
         target_ids=attrs["t_id"],
         target_weights_as_tensor=numpy_helper.from_array(np.array(attrs["weight"], np.float64)))
     out = g.to_double(out)
+    if per_tree:
+        # [N, trees] of output 0 (a class index per tree for votes)
+        return g.add(g.op("Gather", out, g.const([2 * n_out * t for t in range(len(parts))],
+                                                  np.int64), axis=1),
+                     g.op("Gather", out, g.const([2 * n_out * t + n_out
+                                                  for t in range(len(parts))], np.int64),
+                          axis=1))
     # each tree's float32 pair per output has its own column: the sum is taken in float64
     picks = [[2 * n_out * t + j for t in range(len(parts))] +
              [2 * n_out * t + n_out + j for t in range(len(parts))] for j in range(n_out)]
