@@ -49,7 +49,7 @@ def _estimators():
                                          random_state=0), "cls", {}),
         "mlp_regressor": (MLPRegressor(hidden_layer_sizes=(5,), max_iter=400,
                                        random_state=0), "y", {}),
-        "svc": (SVC(probability=False), "cls", {}),
+        "svc": (SVC(), "cls", {}),
         "svr": (SVR(), "y", {}),
         "knn_classifier": (KNeighborsClassifier(n_neighbors=5), "flag", {}),
         "knn_regressor": (KNeighborsRegressor(n_neighbors=4), "y", {}),
