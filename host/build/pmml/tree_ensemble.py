@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import parse_array
 from .document import Context, child, children
 from .fields import constant
 from .graph import Val
@@ -155,46 +156,95 @@ class _Builder:
     def _chain(self, node, kids: list, i: int) -> int:
         """A branch for ``kids[i]`` against the children after it (if / elif / else)."""
         first = find_predicate(kids[i])
+        if first.tag == "SimpleSetPredicate":
+            return self._set_chain(node, kids, i, first)
         if first.tag != "SimplePredicate" or first.get("operator") not in _MODES:
             raise _Misfit
         name, op = first.get("field"), first.get("operator")
         val = self.scope.get(name)
         if val is None or (val.is_string and op not in {"equal", "notEqual"}):
             raise _Misfit
-        rest = kids[i + 1:]
-        last = find_predicate(rest[0]) if len(rest) == 1 else None
+        last = self._last(kids, i)
         complement = last is not None and last.tag == "SimplePredicate" and (
             last.get("field") == name and last.get("operator") == _COMPLEMENT[op]
             and last.get("value") == first.get("value"))
-        closing = complement or (last is not None and last.tag == "True")
-        # with no closing child, rows no child takes stay at this node (returnLastPrediction)
-        stays = not rest or (len(rest) == 1 and not closing)
-        if stays and not self.stay:
-            raise _Misfit
-        tracks = 0
-        if val.missing != self.ctx.falses:
-            open_end = find_predicate(kids[-1]).tag == "True" or (self.stay and not complement)
-            if self.strategy == "defaultChild" and len(kids) == 2:
-                ids = [k.get("id") for k in kids]
-                if node.get("defaultChild") not in ids or None in ids:
-                    raise _Misfit
-                tracks = int(node.get("defaultChild") == ids[0])
-            elif not (self.strategy == "none" and open_end):
-                raise _Misfit
-        if name not in self.fields:
-            self.fields.append(name)
+        # a missing value makes notEqual TRUE inside the operator: keep it out
+        tracks = self._tracks(node, kids, val, complement, op == "notEqual")
+        feature = self._feature(name)
         me = len(self.nodes)
         self.nodes.append({})
         threshold = constant(self.ctx, val.data_type, first.get("value"), first)
         true_id = self.build(kids[i])
-        if stays:
-            false_id = self._leaf(node) if not rest else self._chain(node, kids, i + 1)
-        else:
-            false_id = self.build(rest[0]) if len(rest) == 1 else self._chain(node, kids, i + 1)
-        self.nodes[me] = {"mode": _MODES[op], "feature": self.fields.index(name),
-                          "value": threshold, "true": true_id, "false": false_id,
-                          "tracks": tracks}
+        false_id = self._else(node, kids, i, complement or (last is not None
+                                                              and last.tag == "True"))
+        self.nodes[me] = {"mode": _MODES[op], "feature": feature, "value": threshold,
+                          "true": true_id, "false": false_id, "tracks": tracks}
         return me
+
+    def _set_chain(self, node, kids: list, i: int, first) -> int:
+        """isIn / isNotIn as a row of BRANCH_EQ nodes that share their targets."""
+        name, op, array = first.get("field"), first.get("booleanOperator"), child(first, "Array")
+        val = self.scope.get(name)
+        if val is None or array is None or op not in {"isIn", "isNotIn"}:
+            raise _Misfit
+        tokens = parse_array(array)
+        if not tokens:
+            raise _Misfit
+        last = self._last(kids, i)
+        complement = last is not None and last.tag == "SimpleSetPredicate" and (
+            last.get("field") == name and last.get("booleanOperator") != op
+            and child(last, "Array") is not None
+            and sorted(parse_array(child(last, "Array"))) == sorted(tokens))
+        self._tracks(node, kids, val, complement, op == "isNotIn", allow_default=False)
+        feature = self._feature(name)
+        chain = list(range(len(self.nodes), len(self.nodes) + len(tokens)))
+        self.nodes.extend({} for _ in tokens)
+        true_id = self.build(kids[i])
+        false_id = self._else(node, kids, i, complement or (last is not None
+                                                              and last.tag == "True"))
+        inside, outside = (true_id, false_id) if op == "isIn" else (false_id, true_id)
+        for k, token in enumerate(tokens):
+            self.nodes[chain[k]] = {
+                "mode": "BRANCH_EQ", "feature": feature, "tracks": 0, "true": inside,
+                "value": constant(self.ctx, val.data_type, token, array),
+                "false": chain[k + 1] if k + 1 < len(tokens) else outside}
+        return chain[0]
+
+    def _last(self, kids: list, i: int):
+        rest = kids[i + 1:]
+        return find_predicate(rest[0]) if len(rest) == 1 else None
+
+    def _feature(self, name: str) -> int:
+        if name not in self.fields:
+            self.fields.append(name)
+        return self.fields.index(name)
+
+    def _tracks(self, node, kids: list, val: Val, complement: bool, true_on_missing: bool,
+                allow_default: bool = True) -> int:
+        """Where a missing value goes (1: the first child), or _Misfit when it cannot."""
+        if val.missing == self.ctx.falses:
+            return 0
+        if true_on_missing:
+            raise _Misfit
+        if self.strategy == "defaultChild" and len(kids) == 2 and allow_default:
+            ids = [k.get("id") for k in kids]
+            if node.get("defaultChild") not in ids or None in ids:
+                raise _Misfit
+            return int(node.get("defaultChild") == ids[0])
+        open_end = find_predicate(kids[-1]).tag == "True" or (self.stay and not complement)
+        if not (self.strategy == "none" and open_end):
+            raise _Misfit
+        return 0
+
+    def _else(self, node, kids: list, i: int, closing: bool) -> int:
+        """The branch for rows ``kids[i]`` does not take."""
+        rest = kids[i + 1:]
+        # with no closing child, rows no child takes stay at this node (returnLastPrediction)
+        if not rest or (len(rest) == 1 and not closing):
+            if not self.stay:
+                raise _Misfit
+            return self._leaf(node) if not rest else self._chain(node, kids, i + 1)
+        return self.build(rest[0]) if len(rest) == 1 else self._chain(node, kids, i + 1)
 
 
 def _emit(ctx: Context, parts: list, fields: list, scope: dict, per_tree: bool = False):
