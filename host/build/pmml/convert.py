@@ -61,6 +61,10 @@ def convert_pmml(path) -> PmmlModel:
     except RecursionError:
         raise ModelError(f"{path}: the tree is too deep to convert; limit its depth before "
                          "export", path=str(path)) from None
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: the document could not be converted ({type(exc).__name__}: "
+                         f"{exc}); check it validates against the PMML schema, or report it "
+                         "with the document", path=str(path)) from exc
 
 
 def _convert(root) -> PmmlModel:
