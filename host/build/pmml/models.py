@@ -3,6 +3,8 @@ model body (by element name), Targets, and the OutputFields later segments may r
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .document import Context, attr_float, child, children, unsupported
@@ -64,7 +66,7 @@ def compile_model(ctx: Context, model, scope: dict, raw: dict | None = None,
                   classes: Classes | None = None) -> tuple[Prediction, dict]:
     """Compile ``model`` in ``scope``; return its prediction and its OutputFields by name."""
     tag = model.tag
-    if tag not in _BODIES:
+    if tag not in _bodies():
         raise unsupported(model, f"<{tag}> is not supported",
                           "export the model as a tree, ensemble, regression, GLM, neural "
                           "network, SVM, k-NN or naive Bayes model")
@@ -87,7 +89,7 @@ def compile_model(ctx: Context, model, scope: dict, raw: dict | None = None,
         classes = make_classes(ctx, model)
     if function == "regression":
         classes = None
-    pred = _BODIES[tag](inner, model, view, classes)
+    pred = _bodies()[tag](inner, model, view, classes)
     if classes is None:
         pred = _targets(inner, model, pred)
     return pred, _output_fields(inner, model, view, pred, classes)
@@ -160,7 +162,9 @@ def _has_expression(of) -> bool:
     return any(c.tag != "Decisions" for c in children(of))
 
 
+@functools.cache
 def _bodies() -> dict:
+    """Model element name -> compile function (imported on first use: they import us)."""
     from .general_regression import compile_general_regression
     from .knn import compile_knn
     from .mining import compile_mining
@@ -175,20 +179,3 @@ def _bodies() -> dict:
             "GeneralRegressionModel": compile_general_regression,
             "NeuralNetwork": compile_neural, "SupportVectorMachineModel": compile_svm,
             "NearestNeighborModel": compile_knn, "NaiveBayesModel": compile_naive_bayes}
-
-
-class _LazyBodies(dict):
-    def _load(self) -> None:
-        if not super().__len__():
-            self.update(_bodies())
-
-    def __contains__(self, key) -> bool:
-        self._load()
-        return super().__contains__(key)
-
-    def __getitem__(self, key):
-        self._load()
-        return super().__getitem__(key)
-
-
-_BODIES = _LazyBodies()
