@@ -10,7 +10,9 @@
     predicates.py   predicates in three-valued logic
     models.py       one model element: schema, transformations, body, Targets, Output
     tree.py, mining.py, regression.py, general_regression.py, neural.py, svm.py, knn.py,
-    naive_bayes.py  the model bodies
+    naive_bayes.py, scorecard.py    the model bodies
+    tree_ensemble.py                trees (and sums, averages, votes of trees) as ONNX-ML's
+                                    TreeEnsembleRegressor
     links.py        inverse link functions in float64
 """
 

@@ -69,7 +69,7 @@ def compile_model(ctx: Context, model, scope: dict, raw: dict | None = None,
     if tag not in _bodies():
         raise unsupported(model, f"<{tag}> is not supported",
                           "export the model as a tree, ensemble, regression, GLM, neural "
-                          "network, SVM, k-NN or naive Bayes model")
+                          "network, SVM, k-NN, naive Bayes or scorecard model")
     ctx.use(tag)
     if model.get("isScorable") == "false":
         raise unsupported(model, "the model is marked isScorable=\"false\"",
@@ -171,6 +171,7 @@ def _bodies() -> dict:
     from .naive_bayes import compile_naive_bayes
     from .neural import compile_neural
     from .regression import compile_regression
+    from .scorecard import compile_scorecard
     from .svm import compile_svm
     from .tree import compile_tree
 
@@ -178,4 +179,5 @@ def _bodies() -> dict:
             "RegressionModel": compile_regression,
             "GeneralRegressionModel": compile_general_regression,
             "NeuralNetwork": compile_neural, "SupportVectorMachineModel": compile_svm,
-            "NearestNeighborModel": compile_knn, "NaiveBayesModel": compile_naive_bayes}
+            "NearestNeighborModel": compile_knn, "NaiveBayesModel": compile_naive_bayes,
+            "Scorecard": compile_scorecard}
