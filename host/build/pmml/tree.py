@@ -35,6 +35,9 @@ def compile_tree(ctx: Context, model, scope: dict, classes: Classes | None) -> P
     root = child(model, "Node")
     if root is None:
         raise unsupported(model, "the tree has no Node", "re-export the model")
+    for embedded in root.iter("Regression", "DecisionTree"):
+        raise unsupported(embedded, "models embedded in tree nodes are not supported",
+                          "re-export the tree as a MiningModel of segments")
     fast = tree_ensemble(ctx, model, scope, classes, lambda n: leaf_row(n, classes))
     if fast is not None:
         return fast
