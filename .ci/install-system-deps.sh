@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System packages the test suite and demo use: a real Mosquitto broker (and its clients for the
-# transfer benchmark's baseline). Idempotent: does nothing when they are already there.
+# transfer benchmark's baseline), and Java for the PMML tests' reference evaluator. Idempotent: does nothing when they are already there.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v java >/dev/null 2>&1 || need+=(default-jre-headless)
 if [ "${EDGEPACK_BROWSER:-1}" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi
