@@ -178,14 +178,17 @@ class MqttClient:
     ``handler`` receives the events listed in the module docstring, from paho's network thread
     (threaded mode: :meth:`loop_start`) or from the caller's loop (external mode: ``sockets``
     given, the caller drives :meth:`loop_read`, :meth:`loop_write` and :meth:`loop_misc`).
-    It must only hand them over.
+    It must only hand them over. With ``mqtt5``, ``clean_session`` is CONNECT's Clean Start,
+    ``session_expiry_s`` and ``receive_maximum`` go in its properties, and
+    :attr:`shared_subscriptions` tells, once connected, whether the broker offers ``$share/…``.
     """
 
     def __init__(self, cfg: BrokerConfig, client_id: str, *, handler: Handler | None = None,
                  clean_session: bool = True, will: Will | None = None,
                  keepalive: int | None = None, reconnect_on_failure: bool = True,
                  sockets: SocketHooks | None = None, mqtt5: bool = False,
-                 session_expiry_s: float | None = None) -> None:
+                 session_expiry_s: float | None = None,
+                 receive_maximum: int | None = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.keepalive = cfg.keepalive if keepalive is None else keepalive
@@ -193,6 +196,9 @@ class MqttClient:
         self.mqtt5 = mqtt5
         self._clean = clean_session
         self._session_expiry_s = session_expiry_s
+        self._receive_maximum = receive_maximum
+        #: whether the broker's CONNACK offers MQTT 5 shared subscriptions (``$share/…``)
+        self.shared_subscriptions = False
         self._paho = make_client(cfg, client_id, clean_session=clean_session, will=will,
                                  reconnect_on_failure=reconnect_on_failure, mqtt5=mqtt5)
         self._paho.connect_timeout = cfg.connect_timeout
@@ -214,6 +220,8 @@ class MqttClient:
                                  "certificates.")
                 self.handler(("refused", str(rc)))
             else:
+                self.shared_subscriptions = self.mqtt5 and \
+                    getattr(props, "SharedSubscriptionAvailable", 1) != 0
                 self.handler(("connected", bool(getattr(flags, "session_present", False))))
             self._connack.set()
 
@@ -270,13 +278,16 @@ class MqttClient:
         _check(rc, "connect", self.cfg, f"connecting to {self.cfg.url}")
 
     def _connect_properties(self) -> Any:
-        if self._session_expiry_s is None:
+        if self._session_expiry_s is None and self._receive_maximum is None:
             return None
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = int(self._session_expiry_s)
+        if self._session_expiry_s is not None:
+            props.SessionExpiryInterval = int(self._session_expiry_s)
+        if self._receive_maximum is not None:  # unacknowledged QoS 1 deliveries we accept
+            props.ReceiveMaximum = int(self._receive_maximum)
         return props
 
     def wait_connected(self, timeout: float | None = None) -> None:

@@ -11,7 +11,8 @@ Subscriptions, per fleet (all QoS 1, one persistent session with a stable client
   always plain: these are retained, and a broker never sends retained messages to a shared
   subscription. Every collector keeps the full presence picture; state writes are idempotent.
 
-paho's network thread only timestamps each message and puts it in the :class:`Inbox`.
+The connection is an :class:`~edgepack.agent.mqtt.MqttClient`; its network thread only
+timestamps each message and puts it in the :class:`Inbox` (or sheds it, see :meth:`_hand_over`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import random
-import ssl
 import threading
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
 
-from edgepack.agent.mqtt import BrokerConfig
+from edgepack.agent.errors import BrokerError
+from edgepack.agent.mqtt import BrokerConfig, MqttClient, MqttError, backoff_delay
 from edgepack.agent.protocol import Topics
 from edgepack.host.fleet.collector.inbox import Inbox
 from edgepack.host.fleet.collector.options import CollectorOptions
@@ -34,6 +34,9 @@ from edgepack.host.fleet.collector.options import CollectorOptions
 __all__ = ["Subscriber"]
 
 log = logging.getLogger("edgepack.collector")
+
+#: unacknowledged QoS 1 deliveries the collector accepts at once (MQTT 5 Receive Maximum)
+_RECEIVE_MAXIMUM = 65535
 
 
 class Subscriber:
@@ -52,7 +55,7 @@ class Subscriber:
         self.protocol: str | None = None
         self.shared_active = False
         self._stop = threading.Event()
-        self._client: Any = None
+        self._client: MqttClient | None = None
         self._client_lock = threading.Lock()
         self._force_v311 = opts.shared == "off"
         self._v5_worked = False
@@ -63,7 +66,7 @@ class Subscriber:
         with self._client_lock:
             client = self._client
         if client is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BrokerError, OSError):
                 client.disconnect()
 
     def _subscriptions(self, shared: bool) -> list[tuple[str, bool]]:
@@ -78,25 +81,6 @@ class Subscriber:
                      (f"{t.prefix}groups/+/desired", False),
                      (f"{t.prefix}bundles/+/manifest", False)]
         return subs
-
-    def _make_client(self, v5: bool) -> Any:
-        import paho.mqtt.client as mqtt
-
-        cfg = self.cfg
-        if v5:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                            protocol=mqtt.MQTTv5)
-        else:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                            clean_session=False, protocol=mqtt.MQTTv311)
-        if cfg.username is not None:
-            c.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls or cfg.ca or cfg.cert:
-            c.tls_set(ca_certs=cfg.ca, certfile=cfg.cert, keyfile=cfg.key,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        c.max_inflight_messages_set(64)
-        c.max_queued_messages_set(0)
-        return c
 
     def run(self) -> None:
         """Connect, subscribe, reconnect with backoff; until :meth:`stop`."""
@@ -113,72 +97,53 @@ class Subscriber:
                          "subscriptions", self.cfg.url)
                 self._force_v311 = True
                 continue
-            delay = min(self.opts.reconnect_max_s, self.opts.reconnect_min_s * 2 ** attempt)
+            self._stop.wait(backoff_delay(attempt, self.opts.reconnect_min_s,
+                                          self.opts.reconnect_max_s))
             attempt += 1
-            self._stop.wait(random.uniform(delay / 2, delay))
+
+    def _hand_over(self, events: queue.SimpleQueue) -> Callable[[tuple], None]:
+        """The client's handler (network thread): messages to the inbox, the rest to ``events``."""
+        inbox, dropped, queue_max = self.inbox, self.dropped, self.opts.queue_max
+
+        def hand_over(event: tuple) -> None:
+            if event[0] != "message":
+                events.put(event)
+                return
+            _, topic, payload, retain = event
+            # the bound on memory while the database is away: shed telemetry, keep the rest
+            if inbox.depth >= queue_max and topic.endswith("/telemetry"):
+                dropped["queue_full"] += 1
+                return
+            inbox.put((time.time(), topic, payload, retain))
+
+        return hand_over
 
     def _session(self, v5: bool) -> str:
         """One connection from CONNECT to disconnect: ``ok``, ``failed`` or ``v5_refused``."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         events: queue.SimpleQueue = queue.SimpleQueue()
-        inbox = self.inbox
-        client = self._make_client(v5)
-
-        def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-            events.put(("connack", rc, props))
-
-        def on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-            c.loop_stop()  # only sets a flag from this thread: we reconnect ourselves
-            events.put(("disconnect", rc, None))
-
-        def on_subscribe(c: Any, u: Any, mid: int, rcs: Any, props: Any) -> None:
-            events.put(("suback", mid, rcs))
-
-        queue_max = self.opts.queue_max
-        dropped = self.dropped
-
-        def on_message(c: Any, u: Any, msg: Any) -> None:
-            # the bound on memory while the database is away: shed telemetry, keep the rest
-            if inbox.depth >= queue_max and msg.topic.endswith("/telemetry"):
-                dropped["queue_full"] += 1
-                return
-            inbox.put((time.time(), msg.topic, msg.payload, msg.retain))
-
-        client.on_connect = on_connect
-        client.on_disconnect = on_disconnect
-        client.on_subscribe = on_subscribe
-        client.on_message = on_message
+        client = MqttClient(self.cfg, self.client_id, handler=self._hand_over(events), mqtt5=v5,
+                            clean_session=False, session_expiry_s=self.opts.session_expiry_s,
+                            receive_maximum=_RECEIVE_MAXIMUM, reconnect_on_failure=False)
         try:
-            if v5:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = int(self.opts.session_expiry_s)
-                props.ReceiveMaximum = 65535
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
-                               clean_start=False, properties=props)
-            else:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            log.warning("cannot reach the broker at %s: %s", self.cfg.url, exc)
+            client.connect()
+        except MqttError as exc:
+            log.warning("%s", exc)
             return "failed"
         with self._client_lock:
             self._client = client
-        client.loop_start()
         try:
+            client.loop_start()
             # a broker that does not speak MQTT 5 may just hang up, or say nothing at all
             probe = v5 and self.opts.shared == "auto" and not self._v5_worked
-            kind, rc, props = self._next_event(
-                events, min(self.cfg.connect_timeout, 3.0) if probe else self.cfg.connect_timeout)
-            if kind != "connack" or getattr(rc, "is_failure", False):
-                if v5 and (kind != "connack" or int(getattr(rc, "value", 0)) in (1, 0x84)):
-                    return "v5_refused"  # dropped before CONNACK / unsupported protocol version
-                log.warning("broker at %s refused the collector: %s", self.cfg.url, rc)
+            try:
+                client.wait_connected(min(self.cfg.connect_timeout, 3.0) if probe
+                                      else self.cfg.connect_timeout)
+            except MqttError as exc:
+                if v5 and _v5_unsupported(exc, events):
+                    return "v5_refused"
+                log.warning("the collector could not connect: %s", exc)
                 return "failed"
-            shared = v5 and self.opts.shared != "off"
-            if shared and props is not None and \
-                    getattr(props, "SharedSubscriptionAvailable", 1) == 0:
-                shared = False
+            shared = v5 and self.opts.shared != "off" and client.shared_subscriptions
             self.protocol = "5" if v5 else "3.1.1"
             self._v5_worked = self._v5_worked or v5
             if not self._subscribe(client, events, shared):
@@ -198,45 +163,52 @@ class Subscriber:
                      ", ".join(self.opts.fleets))
             while not self._stop.is_set():
                 try:
-                    kind, rc, _ = events.get(timeout=0.2)
+                    event = events.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if kind == "disconnect":
+                if event[0] == "disconnected":
                     if not self._stop.is_set():
                         log.warning("collector lost the broker at %s (%s); reconnecting",
-                                    self.cfg.url, rc)
+                                    self.cfg.url, event[1])
                     break
             return "ok"
         finally:
             self.connected = False
             with self._client_lock:
                 self._client = None
-            with contextlib.suppress(Exception):
-                client.disconnect()
-            client.loop_stop()
+            client.close()
 
-    def _next_event(self, events: queue.SimpleQueue, timeout: float) -> tuple[str, Any, Any]:
+    def _subscribe(self, client: MqttClient, events: queue.SimpleQueue, shared: bool) -> bool:
+        """Subscribe to every filter; True once the broker granted them all."""
         try:
-            return events.get(timeout=timeout)
-        except queue.Empty:
-            return ("timeout", None, None)
-
-    def _subscribe(self, client: Any, events: queue.SimpleQueue, shared: bool) -> bool:
-        subs = self._subscriptions(shared)
-        rc, mid = client.subscribe([(f, 1) for f, _ in subs])
-        if rc != 0:
+            mid = client.subscribe([f for f, _ in self._subscriptions(shared)])
+        except BrokerError:
             return False
         deadline = time.monotonic() + self.cfg.connect_timeout
         while (left := deadline - time.monotonic()) > 0:
-            kind, got, rcs = self._next_event(events, left)
-            if kind == "disconnect":
+            try:
+                event = events.get(timeout=left)
+            except queue.Empty:
+                break
+            if event[0] == "disconnected":
                 return False
-            if kind == "suback" and got == mid:
-                codes = [int(getattr(r, "value", r)) for r in rcs]
-                return all(c < 0x80 for c in codes)
+            if event[0] == "suback" and event[1] == mid:
+                return not any(code.is_failure for code in event[2])
         return False
 
-    def _unsubscribe_shared(self, client: Any) -> None:
+    def _unsubscribe_shared(self, client: MqttClient) -> None:
         shared = [f for f, s in self._subscriptions(True) if s]
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BrokerError):
             client.unsubscribe(shared)
+
+
+def _v5_unsupported(exc: MqttError, events: queue.SimpleQueue) -> bool:
+    """Whether a failed MQTT 5 CONNECT means the broker does not speak MQTT 5: it hung up or
+    stayed silent before CONNACK, or its CONNACK said "unsupported protocol version"."""
+    answered = False
+    while True:
+        try:
+            answered = answered or events.get_nowait()[0] == "refused"
+        except queue.Empty:
+            break
+    return not answered or int(getattr(exc.rc, "value", 0)) in (1, 0x84)
