@@ -138,17 +138,18 @@ def _load(model_or_path: Any) -> tuple[Any, str]:
 
 
 def _float_dtype(model: Any) -> str:
-    import onnx
+    """The commonest float dtype among weights and graph inputs ("float32", "float16", …)."""
+    from onnx import TensorProto, helper
 
-    kinds = Counter(onnx.TensorProto.DataType.Name(t.data_type).lower()
-                    for t in model.graph.initializer
-                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                       onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE))
-    kinds.update(onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
-                 for vi in model.graph.input
-                 if vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16,
-                                                      onnx.TensorProto.BFLOAT16))
-    return kinds.most_common(1)[0][0] if kinds else "float32"
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    kinds = Counter(t.data_type for t in model.graph.initializer if t.data_type in floats)
+    kinds.update(vi.type.tensor_type.elem_type for vi in model.graph.input
+                 if vi.type.tensor_type.elem_type in floats)
+    if not kinds:
+        return "float32"
+    code = kinds.most_common(1)[0][0]
+    return "bfloat16" if code == TensorProto.BFLOAT16 else str(
+        helper.tensor_dtype_to_np_dtype(code))
 
 
 def _drop_initializer_inputs(model: Any) -> str | None:

@@ -1,0 +1,32 @@
+"""Session fixtures: the "found in the wild" corpus, built once into a tmp dir (see
+``wild_models``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import wild_models as wild  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def wild_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("wild")
+
+
+@pytest.fixture(scope="session")
+def onnx_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
+    """The small hand-written ONNX graphs, by name."""
+    made = [wild.make_old_opset(wild_dir, 7), wild.make_old_opset(wild_dir, 9),
+            wild.make_old_opset(wild_dir, 11), wild.make_external_data(wild_dir),
+            wild.make_fp16(wild_dir), wild.make_com_microsoft(wild_dir)]
+    return {a.name: a for a in made}
+
+
+@pytest.fixture(scope="module")
+def light() -> dict[str, wild.Artifact]:
+    return {a.name: a for a in wild.light_graphs()}

@@ -1,0 +1,262 @@
+"""A corpus of models "as users have them", made here (nothing is downloaded).
+
+Each ``make_*`` function writes one artifact into the folder it is given and returns a
+:class:`Artifact` (path, inputs to run it with, what it exercises). ``conftest.py`` builds them
+once per test session.
+
+ONNX, written with ``onnx.helper`` the way old exporters wrote them:
+
+* ``make_old_opset(d, opset)`` (7, 9, 11): conv net whose conv weight is computed by a constant
+  subgraph (``ConstantOfShape`` + ``Add`` from opset 9, ``Transpose`` + ``Mul`` at 7), a reshape
+  target built by ``Concat`` of ``Constant`` nodes, and every initializer also listed as a graph
+  input (IR 3 at opsets 7 and 9, as the exporters of that time wrote them);
+* ``make_external_data(d)``: a small MLP saved with all tensors in an external file
+  (``size_threshold=0``: the 2 GB case emulated; ``make_huge_external`` is the real one);
+* ``make_fp16(d)``: float16 inputs and weights, a ``Cast`` subgraph to fold;
+* ``make_com_microsoft(d)``: ``com.microsoft`` ``Gelu`` and ``FusedMatMul`` beside standard ops;
+* ``light_graphs()``: the model-zoo graphs shipped in the ``onnx`` package (opset 9).
+
+TFLite, converted with TensorFlow's ``TFLiteConverter`` from a tiny Keras CNN
+(``make_tflite(d, kind)``, kind ``"float"``, ``"int8"``, ``"16x8"``, ``"uint8-io"``), and
+``make_litert_refused(d)`` (an int8 model whose per-channel zero points LiteRT rejects).
+
+Keras encoders (``make_keras_encoder(d, gelu)``, ``"exact"`` or ``"tanh"``): Embedding,
+MultiHeadAttention, LayerNormalization, GELU and Softmax, saved as ``.keras`` and SavedModel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__all__ = ["Artifact", "LIGHT_NAMES", "light_graphs", "make_old_opset", "make_external_data",
+           "make_huge_external", "make_fp16", "make_com_microsoft", "make_tflite",
+           "make_litert_refused", "make_keras_encoder", "keras_to_onnx", "run_onnx",
+           "agreement"]
+
+LIGHT_NAMES = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
+               "shufflenet", "squeezenet", "vgg19", "zfnet512")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One corpus model: where it is, what to feed it, what it exercises."""
+
+    name: str
+    path: Path
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    exercises: str = ""
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def light_graphs() -> list[Artifact]:
+    """The ``onnx`` package's ``backend/test/data/light`` graphs, as installed."""
+    import onnx
+
+    d = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+    x = _rng().random((1, 3, 224, 224), dtype=np.float32)
+    out = []
+    for name in LIGHT_NAMES:
+        path = d / f"light_{name}.onnx"
+        data = "gpu_0/data_0" if name in ("resnet50", "shufflenet", "zfnet512") else "data_0"
+        out.append(Artifact(name, path, {data: x}, "opset 9, ConstantOfShape weights, "
+                                                   "initializers listed as inputs"))
+    return out
+
+
+def make_old_opset(d: Path, opset: int) -> Artifact:
+    """A conv net as an exporter of opset ``opset`` (7, 9 or 11) wrote it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = _rng(opset)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4,)).astype(np.float32), "conv_b"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (10, 64)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "fc_b")]
+    for k, v in {"bn_scale": 1 + rng.random(4), "bn_bias": rng.normal(0, .1, 4),
+                 "bn_mean": rng.normal(0, .1, 4), "bn_var": 0.5 + rng.random(4)}.items():
+        inits.append(numpy_helper.from_array(v.astype(np.float32), k))
+    noise = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    if opset >= 9:  # weight = ConstantOfShape(shape) + noise, as Caffe2 exports did
+        inits += [numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "conv_w__SHAPE"),
+                  numpy_helper.from_array(noise, "conv_w_noise")]
+        weight = [helper.make_node("ConstantOfShape", ["conv_w__SHAPE"], ["conv_w_base"],
+                                   value=numpy_helper.from_array(np.array([0.05], np.float32))),
+                  helper.make_node("Add", ["conv_w_base", "conv_w_noise"], ["conv_w"])]
+    else:  # weight stored transposed and scaled: Transpose + Mul of a Constant
+        inits.append(numpy_helper.from_array(noise.transpose(2, 3, 1, 0).copy() * 2, "conv_w_t"))
+        weight = [helper.make_node("Transpose", ["conv_w_t"], ["conv_w_raw"], perm=[3, 2, 0, 1]),
+                  helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(
+                      np.array(0.5, np.float32))),
+                  helper.make_node("Mul", ["conv_w_raw", "half"], ["conv_w"])]
+    shape = [helper.make_node("Constant", [], ["batch"], value=numpy_helper.from_array(
+                 np.array([1], np.int64))),
+             helper.make_node("Constant", [], ["flat"], value=numpy_helper.from_array(
+                 np.array([64], np.int64))),
+             helper.make_node("Concat", ["batch", "flat"], ["flat_shape"], axis=0)]
+    bn_attrs = {"epsilon": 1e-5} if opset >= 9 else {"epsilon": 1e-5, "spatial": 1}
+    body = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1],
+                             name="conv1"),
+            helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean",
+                                                    "bn_var"], ["bn"], name="bn1", **bn_attrs),
+            helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+            helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                             name="pool1"),
+            helper.make_node("Reshape", ["p", "flat_shape"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1, name="softmax")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    as_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(weight + shape + body, f"old_opset{opset}", [x, *as_inputs],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                             [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="edgepack-corpus")
+    model.ir_version = 3 if opset < 11 else 6
+    path = d / f"old_opset{opset}.onnx"
+    onnx.save_model(model, str(path))
+    return Artifact(f"old_opset{opset}", path, {"x": _rng(1).random((1, 3, 8, 8), np.float32)},
+                    f"opset {opset}, constant-subgraph weight, initializers listed as inputs")
+
+
+def _mlp(name: str, dtype: type, widths: tuple[int, ...], seed: int = 0):
+    """Nodes and initializers of a MatMul/Add/Relu MLP ending in Softmax."""
+    from onnx import helper, numpy_helper
+
+    rng = _rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        w = rng.normal(0, 1 / np.sqrt(a), (a, b)).astype(dtype)
+        inits += [numpy_helper.from_array(w, f"{name}_w{i}"),
+                  numpy_helper.from_array(rng.normal(0, .1, b).astype(dtype), f"{name}_b{i}")]
+        nodes += [helper.make_node("MatMul", [prev, f"{name}_w{i}"], [f"mm{i}"], name=f"mm{i}"),
+                  helper.make_node("Add", [f"mm{i}", f"{name}_b{i}"], [f"h{i}"], name=f"add{i}")]
+        prev = f"h{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Softmax", [prev], ["y"], axis=-1, name="softmax"))
+    return nodes, inits
+
+
+def _save_mlp(d: Path, name: str, nodes, inits, elem: int, width_in: int, width_out: int,
+              opset: int = 13, **save: object) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", elem,
+                                                                          ["batch", width_in])],
+                              [helper.make_tensor_value_info("y", elem, ["batch", width_out])],
+                              inits)
+    opsets = [helper.make_opsetid("", opset)]
+    if any(n.domain == "com.microsoft" for n in nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="edgepack-corpus")
+    model.ir_version = 8
+    path = d / f"{name}.onnx"
+    onnx.save_model(model, str(path), **save)
+    return path
+
+
+def make_external_data(d: Path) -> Artifact:
+    """All tensors in ``external_data.onnx.data`` (``size_threshold=0``; the real >2 GB case is
+    ``make_huge_external``)."""
+    from onnx import TensorProto
+
+    nodes, inits = _mlp("ext", np.float32, (32, 64, 64, 8))
+    path = _save_mlp(d, "external_data", nodes, inits, TensorProto.FLOAT, 32, 8,
+                     save_as_external_data=True, all_tensors_to_one_file=True,
+                     location="external_data.onnx.data", size_threshold=0)
+    return Artifact("external_data", path, {"x": _rng(2).random((4, 32), np.float32)},
+                    "every tensor in an external file")
+
+
+def make_huge_external(d: Path) -> Artifact:
+    """A 2.15 GB Gather table in external data (over the protobuf limit) plus a folded bias."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, width = 262_144, 2_048  # 2^29 float32 = 2.15 GB
+    table = np.empty((rows, width), np.float32)
+    for i in range(0, rows, 16_384):
+        table[i:i + 16_384] = (np.arange(i, i + 16_384, dtype=np.float32)[:, None] / rows)
+    bias_shape = numpy_helper.from_array(np.array([width], np.int64), "bias__SHAPE")
+    nodes = [helper.make_node("ConstantOfShape", ["bias__SHAPE"], ["bias"],
+                              value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0, name="lookup"),
+             helper.make_node("Add", ["rows", "bias"], ["y"], name="add_bias")]
+    graph = helper.make_graph(
+        nodes, "huge", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, width])],
+        [numpy_helper.from_array(table, "table"), bias_shape])
+    del table
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    path = d / "huge.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="huge.onnx.data", size_threshold=1024)
+    return Artifact("huge_external", path, {"ids": np.array([0, 7, 100_000, rows - 1])},
+                    "2.15 GB of external data, opset 11 → 17")
+
+
+def make_fp16(d: Path) -> Artifact:
+    """float16 end to end; the first weight is stored float32 and cast (a subgraph to fold)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = _mlp("half", np.float16, (16, 32, 4), seed=3)
+    w0 = inits[0]
+    inits[0] = numpy_helper.from_array(numpy_helper.to_array(w0).astype(np.float32), "w0_fp32")
+    nodes.insert(0, helper.make_node("Cast", ["w0_fp32"], [w0.name], to=TensorProto.FLOAT16))
+    path = _save_mlp(d, "fp16", nodes, inits, TensorProto.FLOAT16, 16, 4)
+    return Artifact("fp16", path, {"x": _rng(4).random((3, 16)).astype(np.float16)},
+                    "float16 inputs and weights, Cast subgraph")
+
+
+def make_com_microsoft(d: Path) -> Artifact:
+    """``com.microsoft`` Gelu and FusedMatMul (as onnxruntime's transformer tools write them)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = _rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, .2, (24, 24)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, .2, (24, 8)).astype(np.float32), "w2_raw"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Mul", ["w2_raw", "two"], ["w2"], name="scale_w2"),  # foldable
+             helper.make_node("FusedMatMul", ["x", "w1"], ["h"], domain="com.microsoft",
+                              alpha=0.5, name="fused_mm"),
+             helper.make_node("Gelu", ["h"], ["g"], domain="com.microsoft", name="gelu"),
+             helper.make_node("MatMul", ["g", "w2"], ["logits"], name="mm2"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
+    path = _save_mlp(d, "com_microsoft", nodes, inits, TensorProto.FLOAT, 24, 8, opset=14)
+    return Artifact("com_microsoft", path, {"x": _rng(6).random((2, 24), np.float32)},
+                    "com.microsoft Gelu and FusedMatMul")
+
+
+def run_onnx(model_or_path: object, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of onnxruntime on CPU for a path or an in-memory ModelProto."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    src = str(model_or_path) if isinstance(model_or_path, Path) else \
+        model_or_path.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max abs diff, cosine similarity) of two outputs, in float64."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cos = float(a @ b / denom) if denom else float(np.allclose(a, b))
+    return float(np.abs(a - b).max()), cos
