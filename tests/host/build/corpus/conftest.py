@@ -30,3 +30,12 @@ def onnx_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
 @pytest.fixture(scope="module")
 def light() -> dict[str, wild.Artifact]:
     return {a.name: a for a in wild.light_graphs()}
+
+
+@pytest.fixture(scope="session")
+def tflite_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
+    """The tiny CNN as float, int8, 16x8, uint8-I/O and dynamic-range TFLite, plus the int8 one
+    LiteRT refuses."""
+    made = [wild.make_tflite(wild_dir, kind) for kind in wild.TFLITE_KINDS]
+    made.append(wild.make_litert_refused(wild_dir))
+    return {a.name: a for a in made}

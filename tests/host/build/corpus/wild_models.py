@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["Artifact", "LIGHT_NAMES", "light_graphs", "make_old_opset", "make_external_data",
-           "make_huge_external", "make_fp16", "make_com_microsoft", "make_tflite",
+           "make_huge_external", "make_fp16", "make_com_microsoft", "make_tflite", "TFLITE_KINDS",
            "make_litert_refused", "make_keras_encoder", "keras_to_onnx", "run_onnx",
            "agreement"]
 
@@ -239,6 +240,78 @@ def make_com_microsoft(d: Path) -> Artifact:
     path = _save_mlp(d, "com_microsoft", nodes, inits, TensorProto.FLOAT, 24, 8, opset=14)
     return Artifact("com_microsoft", path, {"x": _rng(6).random((2, 24), np.float32)},
                     "com.microsoft Gelu and FusedMatMul")
+
+
+def _keras_cnn():
+    """A tiny image CNN (16x16x3 → 10), random weights, fixed seed."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((16, 16, 3), name="image"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.DepthwiseConv2D(3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 1, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(48, activation="relu"),  # 1536 weights: dynamic range quantizes it
+        keras.layers.Dense(10),
+        keras.layers.Softmax(),
+    ])
+
+
+TFLITE_KINDS = ("float", "int8", "16x8", "uint8-io", "dynamic")
+
+
+def make_tflite(d: Path, kind: str) -> Artifact:
+    """The tiny CNN converted by ``TFLiteConverter``: ``float`` (for a microcontroller),
+    ``int8`` (full integer, int8 I/O), ``16x8`` (int16 activations, int8 weights),
+    ``uint8-io`` (int8 inside, uint8 I/O) or ``dynamic`` (int8 weights, float activations)."""
+    import tensorflow as tf
+
+    sm = d / "cnn_savedmodel"
+    if not sm.exists():
+        _keras_cnn().export(str(sm), format="tf_saved_model", verbose=False)
+    x = _rng(7).random((32, 16, 16, 3), np.float32)
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(sm))
+    if kind != "float":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind in ("int8", "16x8", "uint8-io"):
+        conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
+    if kind in ("int8", "uint8-io"):
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = conv.inference_output_type = (
+            tf.int8 if kind == "int8" else tf.uint8)
+    if kind == "16x8":
+        conv.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        conv.inference_input_type = conv.inference_output_type = tf.int16
+    path = d / f"cnn_{kind}.tflite"
+    path.write_bytes(conv.convert())
+    return Artifact(f"tflite_{kind}", path, {"image": x[:1]}, f"TFLite {kind}")
+
+
+def make_litert_refused(d: Path) -> Artifact:
+    """The int8 CNN with non-zero per-channel weight zero points: TFLite Micro runs it, LiteRT's
+    conv kernel refuses it (as it does with some older published int8 models)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    src = (d / "cnn_int8.tflite") if (d / "cnn_int8.tflite").exists() else \
+        make_tflite(d, "int8").path
+    model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(src.read_bytes(), 0))
+    sub = model.subgraphs[0]
+    for op in sub.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.CONV_2D:
+            q = sub.tensors[op.inputs[1]].quantization
+            q.zeroPoint = [1] * len(q.scale)
+            break
+    b = flatbuffers.Builder(1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    path = d / "cnn_int8_refused.tflite"
+    path.write_bytes(bytes(b.Output()))
+    return Artifact("tflite_litert_refused", path, {}, "int8, per-channel zero points ≠ 0")
 
 
 def run_onnx(model_or_path: object, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
