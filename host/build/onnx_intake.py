@@ -12,11 +12,13 @@ What it does, in this order (each step that changes something is listed in ``Int
 2. check the opset: any default-domain opset onnxruntime runs (7 and up) is accepted;
 3. drop initializers also listed as graph inputs (IR < 4 exporters wrote them that way; they block
    constant folding and quantization) and raise the IR version to 4 so the graph stays valid;
-4. fold constant subgraphs (weights made by ``ConstantOfShape``, ``Transpose`` of a weight, …):
+4. repair what converters get wrong: tf2onnx writes exact GELU with ``Erfc`` (no such ONNX op),
+   replaced by ``1 - Erf(x)``;
+5. fold constant subgraphs (weights made by ``ConstantOfShape``, ``Transpose`` of a weight, …):
    every standard-domain node whose inputs are all constant is evaluated once (onnxruntime without
    graph optimizations, the onnx reference evaluator as fallback) and replaced by an initializer.
    Only those values change: no fused or runtime-specific ops enter the graph;
-5. convert the opset with ``onnx.version_converter`` only when ``target_opset`` is above the
+6. convert the opset with ``onnx.version_converter`` only when ``target_opset`` is above the
    model's, to exactly ``target_opset``. Large tensors are detached while converting so models
    over the 2 GB protobuf limit convert too.
 
@@ -167,20 +169,66 @@ def _drop_initializer_inputs(model: Any) -> str | None:
     return f"removed {dropped} initializers also listed as graph inputs{note}"
 
 
-def _constant_nodes(model: Any) -> list[Any]:
-    """Top-level nodes computable from initializers alone (graph is topologically sorted)."""
+def _elem_type(model: Any, name: str) -> int:
+    """The element type of tensor ``name`` (float when nothing declares it)."""
+    from onnx import TensorProto
+
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if vi.name == name and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    for t in model.graph.initializer:
+        if t.name == name:
+            return t.data_type
+    return TensorProto.FLOAT
+
+
+def _repair_erfc(model: Any) -> str | None:
+    """tf2onnx writes exact GELU with ``Erfc``, which is no ONNX op: use ``1 - Erf(x)``."""
+    from onnx import helper
+
+    bad = {k for k, n in enumerate(model.graph.node)
+           if n.op_type == "Erfc" and n.domain in _DEFAULT_DOMAINS}
+    if not bad:
+        return None
+    if len(model.graph.node) < 50_000:  # types for the constant 1 (cheap on such graphs)
+        import onnx
+
+        with_types = onnx.shape_inference.infer_shapes(model)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(with_types.graph.value_info)
+    nodes = []
+    for k, n in enumerate(model.graph.node):
+        if k not in bad:
+            nodes.append(n)
+            continue
+        one, erf = f"{n.output[0]}__one", f"{n.output[0]}__erf"
+        model.graph.initializer.append(helper.make_tensor(
+            one, _elem_type(model, n.input[0]), [], [1]))
+        nodes += [helper.make_node("Erf", [n.input[0]], [erf], name=f"{n.name}__erf"),
+                  helper.make_node("Sub", [one, erf], list(n.output), name=n.name)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return f"replaced {len(bad)} Erfc nodes (not an ONNX op; tf2onnx writes them for exact " \
+           "GELU) by 1 - Erf(x)"
+
+
+def _constant_nodes(model: Any) -> list[int]:
+    """Indices of the top-level nodes computable from initializers alone (the graph is
+    topologically sorted, as ONNX requires)."""
     const = {t.name for t in model.graph.initializer}
     picked = []
-    for node in model.graph.node:
+    for k, node in enumerate(model.graph.node):
         if (node.domain not in _DEFAULT_DOMAINS or node.op_type in _NEVER_FOLD
                 or node.op_type.startswith("Sequence") or _has_subgraph(node)):
             continue
         if all(i in const for i in node.input if i):
-            picked.append(node)
+            picked.append(k)
             const.update(o for o in node.output if o)
     # A lone Constant feeding live nodes is already as constant as it gets: leave it.
-    fed = {i for n in picked for i in n.input}
-    return [n for n in picked if n.op_type != "Constant" or any(o in fed for o in n.output)]
+    nodes = model.graph.node
+    fed = {i for k in picked for i in nodes[k].input}
+    return [k for k in picked
+            if nodes[k].op_type != "Constant" or any(o in fed for o in nodes[k].output)]
 
 
 def _consumed(graph: Any) -> set[str]:
@@ -254,11 +302,11 @@ def _blame(nodes: Any, message: str) -> Any:
 def _fold(model: Any) -> str | None:
     from onnx import numpy_helper
 
-    nodes = _constant_nodes(model)
-    if not nodes:
+    folded = set(_constant_nodes(model))
+    if not folded:
         return None
-    folded = {id(n) for n in nodes}
-    live = [n for n in model.graph.node if id(n) not in folded]
+    nodes = [n for k, n in enumerate(model.graph.node) if k in folded]
+    live = [n for k, n in enumerate(model.graph.node) if k not in folded]
     live_inputs = {i for n in live for i in n.input} | _consumed_subgraphs(live)
     live_inputs |= {o.name for o in model.graph.output}
     wanted = sorted({o for n in nodes for o in n.output if o in live_inputs})
@@ -282,7 +330,7 @@ def _consumed_subgraphs(nodes: list[Any]) -> set[str]:
     names: set[str] = set()
     for n in nodes:
         for a in n.attribute:
-            for g in [a.g, *a.graphs] if a.g.node else list(a.graphs):
+            for g in (a.g, *a.graphs):  # a.g is empty for non-graph attributes
                 names |= _consumed(g)
     return names
 
@@ -365,6 +413,7 @@ def prepare_onnx(model_or_path: Any, *, target_opset: int | None = None,
             log(text)
 
     step(_drop_initializer_inputs(model))
+    step(_repair_erfc(model))
     try:
         step(_fold(model))
     except _FoldError as e:

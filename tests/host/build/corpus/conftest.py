@@ -39,3 +39,14 @@ def tflite_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
     made = [wild.make_tflite(wild_dir, kind) for kind in wild.TFLITE_KINDS]
     made.append(wild.make_litert_refused(wild_dir))
     return {a.name: a for a in made}
+
+
+@pytest.fixture(scope="session")
+def encoders(wild_dir: Path) -> dict[str, tuple[wild.Artifact, Path]]:
+    """The Keras encoders (GELU exact and tanh) and their tf2onnx conversions (opset 17)."""
+    out = {}
+    for gelu in ("exact", "tanh"):
+        art = wild.make_keras_encoder(wild_dir, gelu)
+        onnx_path = wild.keras_to_onnx(wild_dir / f"{art.name}_sm", wild_dir / f"{art.name}.onnx")
+        out[gelu] = (art, onnx_path)
+    return out

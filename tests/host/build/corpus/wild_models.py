@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,6 +311,52 @@ def make_litert_refused(d: Path) -> Artifact:
     path = d / "cnn_int8_refused.tflite"
     path.write_bytes(bytes(b.Output()))
     return Artifact("tflite_litert_refused", path, {}, "int8, per-channel zero points ≠ 0")
+
+
+def _gelu_tanh(x):
+    import keras
+
+    return keras.activations.gelu(x, approximate=True)
+
+
+def make_keras_encoder(d: Path, gelu: str) -> Artifact:
+    """A one-block transformer encoder over 16 token ids: Embedding (+ learned positions),
+    MultiHeadAttention, LayerNormalization, a GELU feed-forward (``gelu`` "exact" or "tanh"),
+    pooled into a 4-way Softmax. Saved as ``.keras`` and as a SavedModel (``<name>_sm``)."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    act = "gelu" if gelu == "exact" else keras.saving.register_keras_serializable(
+        "edgepack_corpus", "gelu_tanh")(_gelu_tanh)
+    seq, vocab, width = 16, 64, 32
+    ids = keras.Input((seq,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(vocab, width, name="tokens")(ids)
+    pos = keras.layers.Embedding(seq, width, name="positions")(keras.ops.arange(seq)[None, :])
+    x = x + pos
+    att = keras.layers.MultiHeadAttention(num_heads=2, key_dim=width // 2, name="mha")(x, x)
+    x = keras.layers.LayerNormalization(name="ln1")(x + att)
+    ff = keras.layers.Dense(width * 2, activation=act, name="ff_in")(x)
+    x = keras.layers.LayerNormalization(name="ln2")(x + keras.layers.Dense(width, name="ff_out")(ff))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    y = keras.layers.Softmax(name="probs")(keras.layers.Dense(4, name="head")(x))
+    model = keras.Model(ids, y, name=f"encoder_gelu_{gelu}")
+    path = d / f"encoder_gelu_{gelu}.keras"
+    model.save(str(path))
+    model.export(str(d / f"encoder_gelu_{gelu}_sm"), format="tf_saved_model", verbose=False)
+    tokens = _rng(12).integers(0, vocab, (2, seq)).astype(np.int32)
+    return Artifact(f"encoder_gelu_{gelu}", path, {"ids": tokens},
+                    f"Embedding, MultiHeadAttention, LayerNormalization, GELU ({gelu}), Softmax")
+
+
+def keras_to_onnx(saved_model: Path, out: Path, opset: int = 17) -> Path:
+    """tf2onnx on a SavedModel, in a child process (as edgepack converts Keras 3 models)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model",
+                        str(saved_model), "--output", str(out), "--opset", str(opset)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode:
+        raise RuntimeError(f"tf2onnx failed: {r.stderr[-2000:]}")
+    return out
 
 
 def run_onnx(model_or_path: object, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
