@@ -315,15 +315,16 @@ def _fold(model: Any) -> str | None:
     model.graph.node.extend(live)
     model.graph.initializer.extend(numpy_helper.from_array(v, w) for w, v in values.items())
     used = _consumed(model.graph)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    unused = len(model.graph.initializer) - len(keep)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    # Deleted in place: re-adding kept tensors would copy them (and fail above 2 GB).
+    unused = [k for k, t in enumerate(inits) if t.name not in used]
+    for k in reversed(unused):
+        del inits[k]
     kinds = Counter(n.op_type for n in nodes)
     what = ", ".join(f"{k} x{c}" for k, c in kinds.most_common(4))
     more = "" if len(kinds) <= 4 else f", +{len(kinds) - 4} more kinds"
     return (f"folded {len(nodes)} constant nodes ({what}{more}) into {len(values)} "
-            f"initializers; dropped {unused} initializers only they used")
+            f"initializers; dropped {len(unused)} initializers only they used")
 
 
 def _consumed_subgraphs(nodes: list[Any]) -> set[str]:

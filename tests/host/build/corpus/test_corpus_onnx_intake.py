@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,8 @@ def test_light_graph_prepares_and_agrees(name: str, light: dict, tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EDGEPACK_TEST_2GB"),
+                    reason="writes and reads 2.15 GB (~70 s, ~8.5 GB of RAM): EDGEPACK_TEST_2GB=1")
 def test_over_2gb_external_model(tmp_path: Path) -> None:
     """The real protobuf-limit case: 2.15 GB of external data, folded and converted."""
     art = make_huge_external(tmp_path)
@@ -156,6 +159,7 @@ def test_over_2gb_external_model(tmp_path: Path) -> None:
     r = prepare_onnx(art.path, target_opset=17)
     assert any("GB of tensors" in n for n in r.notes)
     assert r.opset_after == 17 and r.steps[0].startswith("folded 1 constant")
+    assert len(r.model.graph.initializer[0].raw_data) == 2**31
     (art.path.parent / "huge.onnx.data").unlink()
     out = save_onnx(r.model, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx.data").stat().st_size > 2**31
