@@ -368,12 +368,13 @@ def _convert(model: Any, target: int) -> Any:
     return converted
 
 
-def _fail(what: str, node: Any, detail: str, steps: list[str], source: str) -> ModelError:
+def _fail(what: str, node: Any, detail: str, steps: list[str], source: str,
+          todo: str) -> ModelError:
     where = (f" at node '{node.name or '(unnamed)'}' ({node.op_type})" if node is not None
              else "")
     tried = "; ".join(steps) if steps else "nothing changed yet"
-    detail = detail.strip().splitlines()[0][:400] if detail.strip() else "no detail"
-    return ModelError(f"{source}: {what}{where}: {detail}. Steps done before: {tried}",
+    detail = detail.strip().splitlines()[0][:400].rstrip(". ") if detail.strip() else "no detail"
+    return ModelError(f"{source}: {what}{where}: {detail}. Steps done before: {tried}. {todo}",
                       stage="onnx-intake", node=getattr(node, "name", None),
                       op_type=getattr(node, "op_type", None))
 
@@ -418,8 +419,9 @@ def prepare_onnx(model_or_path: Any, *, target_opset: int | None = None,
     try:
         step(_fold(model))
     except _FoldError as e:
-        raise _fail("cannot fold the constant subgraph", e.node, e.detail, steps,
-                    source) from None
+        raise _fail("cannot fold the constant subgraph", e.node, e.detail, steps, source,
+                    "Neither onnxruntime nor the onnx reference evaluator computes that node "
+                    "from its constant inputs: check its inputs' shapes and dtypes") from None
     after = before
     if target_opset is not None and target_opset > before:
         try:
@@ -427,7 +429,9 @@ def prepare_onnx(model_or_path: Any, *, target_opset: int | None = None,
         except Exception as e:  # noqa: BLE001 - the converter raises RuntimeError/ValueError/...
             node = _blame(_nodes(model.graph), str(e))
             raise _fail(f"cannot convert opset {before} → {target_opset}", node, str(e),
-                        steps, source) from None
+                        steps, source, f"The model runs as it is at opset {before}: choose an "
+                        f"optimization that does not need opset {target_opset} (`target_opset=`"
+                        " None keeps the opset), or fix the node named") from None
         after = target_opset
         step(f"converted opset {before} → {after}")
     if external <= EXTERNAL_DATA_THRESHOLD:
@@ -436,7 +440,7 @@ def prepare_onnx(model_or_path: Any, *, target_opset: int | None = None,
         except onnx.checker.ValidationError as e:
             node = _blame(_nodes(model.graph), str(e))
             raise _fail("the cleaned graph is not valid ONNX", node, str(e), steps,
-                        source) from None
+                        source, "Fix the node named in the source model") from None
     return IntakeResult(model=model, steps=tuple(steps), opset_before=before,
                         opset_after=after, notes=tuple(notes), float_dtype=dtype,
                         custom_ops=tuple(sorted(custom)))

@@ -167,3 +167,27 @@ def test_over_2gb_external_model(tmp_path: Path) -> None:
     del r
     diff, _ = agreement(want, run_onnx(out, art.inputs)[0])
     assert diff == 0.0
+
+
+def test_failing_conversion_names_the_node_and_the_steps() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    # TopK declared with one output: fine at opset 9 for the converter's loader, not for its
+    # shape inference at 10 (TopK's k becomes an input, two outputs are checked).
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["bias"], name="make_bias",
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("Add", ["x", "bias"], ["xb"], name="add_bias"),
+             helper.make_node("TopK", ["xb"], ["y"], name="top2", k=2, axis=-1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([8], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    with pytest.raises(ModelError) as e:
+        prepare_onnx(model, target_opset=17)
+    msg = str(e.value)
+    assert "cannot convert opset 9 → 17 at node 'top2' (TopK)" in msg
+    assert "Steps done before: folded 1 constant nodes" in msg
+    assert "`target_opset=`" in msg and "re-export" not in msg
+    assert e.value.context["node"] == "top2"
