@@ -342,9 +342,7 @@ def _detach(model: Any) -> dict[str, bytes]:
     for t in model.graph.initializer:
         if t.raw_data and len(t.raw_data) > _DETACH_BYTES:
             kept[t.name] = t.raw_data
-            t.ClearField("raw_data")
-            # A zero-size stand-in with the same dims keeps shape inference exact.
-            t.data_location = 0
+            t.ClearField("raw_data")  # dims stay: shape inference still sees the shape
     return kept
 
 
@@ -360,8 +358,9 @@ def _convert(model: Any, target: int) -> Any:
     kept = _detach(model)
     try:
         converted = version_converter.convert_version(model, target)
-    finally:
-        _attach(model, dict(kept))
+    except Exception:
+        _attach(model, kept)  # the caller still names nodes from it
+        raise
     _attach(converted, kept)
     if kept:  # the converter renamed or rebuilt them: do not ship empty weights
         raise RuntimeError(f"the converter rebuilt tensors {sorted(kept)[:3]}")
