@@ -44,6 +44,7 @@ MIN_OPSET = 7  # the lowest default-domain opset onnxruntime runs
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of tensor data above which save_onnx goes external
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_STANDARD_DOMAINS = (*_DEFAULT_DOMAINS, "ai.onnx.ml", "ai.onnx.preview.training")
 # Ops whose value is not a function of their inputs, or that do not produce plain tensors.
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                "Multinomial", "Bernoulli", "Optional", "OptionalGetElement",
@@ -397,7 +398,7 @@ def prepare_onnx(model_or_path: Any, *, target_opset: int | None = None,
     steps: list[str] = []
     notes: list[str] = []
     custom = Counter(f"{n.domain}:{n.op_type}" for n in _nodes(model.graph)
-                     if n.domain not in _DEFAULT_DOMAINS)
+                     if n.domain not in _STANDARD_DOMAINS)
     if custom:
         notes.append("custom-domain ops kept as they are (never folded or converted): "
                      + ", ".join(f"{k} x{c}" for k, c in sorted(custom.items())))

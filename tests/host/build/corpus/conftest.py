@@ -23,7 +23,8 @@ def onnx_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
     """The small hand-written ONNX graphs, by name."""
     made = [wild.make_old_opset(wild_dir, 7), wild.make_old_opset(wild_dir, 9),
             wild.make_old_opset(wild_dir, 11), wild.make_external_data(wild_dir),
-            wild.make_fp16(wild_dir), wild.make_com_microsoft(wild_dir)]
+            wild.make_fp16(wild_dir), wild.make_com_microsoft(wild_dir),
+            wild.make_sklearn(wild_dir)]
     return {a.name: a for a in made}
 
 

@@ -49,6 +49,16 @@ def test_old_opsets_are_cleaned_before_conversion(onnx_corpus: dict) -> None:
         assert r.model.ir_version >= 4
 
 
+def test_sklearn_ml_domain_is_standard_not_custom(onnx_corpus: dict) -> None:
+    art = onnx_corpus["sklearn_logreg"]
+    r = prepare_onnx(art.path, target_opset=17)
+    assert r.custom_ops == () and r.opset_after == 17
+    assert "ai.onnx.ml" in {n.domain for n in r.model.graph.node}
+    want, got = run_onnx(art.path, art.inputs), run_onnx(r.model, art.inputs)
+    assert (want[0] == got[0]).all()  # labels; probabilities stay a ZipMap (not intake's job)
+    assert want[1] == got[1]
+
+
 def test_fp16_stays_fp16(onnx_corpus: dict) -> None:
     from onnx import TensorProto
 

@@ -14,6 +14,7 @@ ONNX, written with ``onnx.helper`` the way old exporters wrote them:
   (``size_threshold=0``: the 2 GB case emulated; ``make_huge_external`` is the real one);
 * ``make_fp16(d)``: float16 inputs and weights, a ``Cast`` subgraph to fold;
 * ``make_com_microsoft(d)``: ``com.microsoft`` ``Gelu`` and ``FusedMatMul`` beside standard ops;
+* ``make_sklearn(d)``: skl2onnx's logistic regression (``ai.onnx.ml`` ops, ZipMap output);
 * ``light_graphs()``: the model-zoo graphs shipped in the ``onnx`` package (opset 9).
 
 TFLite, converted with TensorFlow's ``TFLiteConverter`` from a tiny Keras CNN
@@ -37,7 +38,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["Artifact", "LIGHT_NAMES", "light_graphs", "make_old_opset", "make_external_data",
-           "make_huge_external", "make_fp16", "make_com_microsoft", "make_tflite", "TFLITE_KINDS",
+           "make_huge_external", "make_fp16", "make_sklearn", "make_com_microsoft", "make_tflite", "TFLITE_KINDS",
            "make_litert_refused", "make_keras_encoder", "keras_to_onnx", "run_onnx",
            "agreement"]
 
@@ -244,6 +245,20 @@ def make_com_microsoft(d: Path) -> Artifact:
     path = _save_mlp(d, "com_microsoft", nodes, inits, TensorProto.FLOAT, 24, 8, opset=14)
     return Artifact("com_microsoft", path, {"x": _rng(6).random((2, 24), np.float32)},
                     "com.microsoft Gelu and FusedMatMul")
+
+
+def make_sklearn(d: Path) -> Artifact:
+    """A scikit-learn logistic regression by skl2onnx: ``ai.onnx.ml`` ops and a ZipMap output."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = _rng(9)
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    clf = LogisticRegression(max_iter=200).fit(x, (x[:, 0] + x[:, 1] > 0).astype(np.int64))
+    path = d / "sklearn_logreg.onnx"
+    path.write_bytes(to_onnx(clf, x[:1], target_opset={"": 13, "ai.onnx.ml": 3})
+                     .SerializeToString())
+    return Artifact("sklearn_logreg", path, {"X": x[:8]}, "ai.onnx.ml ops, ZipMap output")
 
 
 def _keras_cnn():
