@@ -237,8 +237,8 @@ def _consumed(graph: Any) -> set[str]:
     return names | {o.name for o in graph.output}
 
 
-def _evaluate(model: Any, nodes: list[Any], wanted: list[str]) -> dict[str, Any]:
-    """Values of ``wanted`` computed by ``nodes`` from the model's initializers."""
+def _evaluate(model: Any, nodes: list[Any], wanted: list[str]) -> tuple[dict[str, Any], str]:
+    """(values of ``wanted`` computed by ``nodes`` from the model's initializers, evaluator)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -263,14 +263,15 @@ def _evaluate(model: Any, nodes: list[Any], wanted: list[str]) -> dict[str, Any]
         so.log_severity_level = 3
         sess = ort.InferenceSession(sub.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
-        return dict(zip(wanted, sess.run(wanted, feeds), strict=True))
+        return dict(zip(wanted, sess.run(wanted, feeds), strict=True)), "onnxruntime"
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         errors.append(f"onnxruntime: {e}")
     try:
         from onnx.reference import ReferenceEvaluator
 
         outs = ReferenceEvaluator(sub).run(wanted, feeds)
-        return {w: np.asarray(v) for w, v in zip(wanted, outs, strict=True)}
+        values = {w: np.asarray(v) for w, v in zip(wanted, outs, strict=True)}
+        return values, "the onnx reference evaluator"
     except Exception as e:  # noqa: BLE001 - the reference evaluator raises anything
         errors.append(f"onnx reference evaluator: {e}")
     node = _blame(nodes, " ".join(errors))
@@ -311,7 +312,7 @@ def _fold(model: Any) -> str | None:
     live_inputs = {i for n in live for i in n.input} | _consumed_subgraphs(live)
     live_inputs |= {o.name for o in model.graph.output}
     wanted = sorted({o for n in nodes for o in n.output if o in live_inputs})
-    values = _evaluate(model, nodes, wanted)
+    values, evaluator = _evaluate(model, nodes, wanted)
     del model.graph.node[:]
     model.graph.node.extend(live)
     model.graph.initializer.extend(numpy_helper.from_array(v, w) for w, v in values.items())
@@ -325,7 +326,7 @@ def _fold(model: Any) -> str | None:
     what = ", ".join(f"{k} x{c}" for k, c in kinds.most_common(4))
     more = "" if len(kinds) <= 4 else f", +{len(kinds) - 4} more kinds"
     return (f"folded {len(nodes)} constant nodes ({what}{more}) into {len(values)} "
-            f"initializers; dropped {len(unused)} initializers only they used")
+            f"initializers with {evaluator}; dropped {len(unused)} initializers only they used")
 
 
 def _consumed_subgraphs(nodes: list[Any]) -> set[str]:

@@ -42,7 +42,7 @@ def test_old_opsets_are_cleaned_before_conversion(onnx_corpus: dict) -> None:
         r = prepare_onnx(onnx_corpus[name].path, target_opset=17)
         assert r.opset_before == opset
         assert r.steps[0].startswith("removed ") and "listed as graph inputs" in r.steps[0]
-        assert r.steps[1].startswith("folded ")
+        assert r.steps[1].startswith("folded ") and "with onnxruntime" in r.steps[1]
         assert [i.name for i in r.model.graph.input] == ["x"]
         ops = {n.op_type for n in r.model.graph.node}
         assert not ops & {"ConstantOfShape", "Transpose", "Concat", "Constant"}
@@ -128,6 +128,26 @@ def test_failing_constant_subgraph_names_the_node(tmp_path: Path) -> None:
     assert "'bad_reshape' (Reshape)" in msg and "fold" in msg
     assert "Traceback" not in msg and "re-export" not in msg
     assert e.value.context["op_type"] == "Reshape"
+
+
+def test_reference_evaluator_folds_what_onnxruntime_cannot() -> None:
+    """onnxruntime has no float64 Det kernel, so it refuses this graph; folded, it runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Det", ["m"], ["d"], name="det64"),
+             helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Add", ["x", "df"], ["y"], name="add")]
+    m = np.array([[[2, 0], [0, 3]], [[1, 2], [3, 4]]], np.float64)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(m, "m")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    r = prepare_onnx(model, target_opset=None)
+    assert "with the onnx reference evaluator" in r.steps[0]
+    y = run_onnx(r.model, {"x": np.zeros(2, np.float32)})[0]
+    np.testing.assert_allclose(y, [6.0, -2.0], rtol=1e-6)
 
 
 def test_opset_below_7_is_refused(tmp_path: Path) -> None:
