@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -222,7 +223,7 @@ def inspect_tflite(path: str | Path) -> TfliteInfo:
     return TfliteInfo(
         inputs=tuple(_tensor_info(main.tensors[i], types) for i in main.inputs),
         outputs=tuple(_tensor_info(main.tensors[i], types) for i in main.outputs),
-        weight_bytes=dict(weights.most_common()),
+        weight_bytes=MappingProxyType(dict(weights.most_common())),
         activation_dtypes=tuple(sorted(acts)),
         quantized=quantized, weights_quantized=weights_quantized, size_bytes=len(data),
         ops=tuple(used_ops), subgraphs=len(model.subgraphs),

@@ -22,6 +22,7 @@ EXPECTED = {  # artifact → (quantized, weights_quantized, input dtype, report 
     "tflite_16x8": ("16x8", True, "int16", "16x8"),
     "tflite_uint8-io": ("int8", True, "uint8", "int8"),
     "tflite_dynamic": (None, True, "float32", "dynamic-int8"),
+    "tflite_float16": (None, False, "float32", "float16"),
     "tflite_litert_refused": ("int8", True, "int8", "int8"),
 }
 
@@ -97,6 +98,16 @@ def test_tflm_refusal_is_a_reason(tflite_corpus: dict) -> None:
     r = check_with_tflm(art.path, art.inputs, max_arena=1 << 20)
     assert not r.ok
     assert "FULLY_CONNECTED" in r.reason and "INT8" in r.reason
+
+
+def test_float16_weights_are_reported_and_tflm_says_why(tflite_corpus: dict) -> None:
+    art = tflite_corpus["tflite_float16"]
+    info = inspect_tflite(art.path)
+    assert info.weight_bytes["float16"] > 5_000 and "float32" not in info.weight_bytes
+    assert info.ops[0] == "DEQUANTIZE"
+    assert check_with_litert(art.path, art.inputs).ok
+    micro = check_with_tflm(art.path, art.inputs, max_arena=1 << 20)
+    assert not micro.ok and "DEQUANTIZE" in micro.reason
 
 
 def test_not_a_tflite_file(tmp_path: Path) -> None:

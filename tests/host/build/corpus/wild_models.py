@@ -279,13 +279,14 @@ def _keras_cnn():
     ])
 
 
-TFLITE_KINDS = ("float", "int8", "16x8", "uint8-io", "dynamic")
+TFLITE_KINDS = ("float", "int8", "16x8", "uint8-io", "dynamic", "float16")
 
 
 def make_tflite(d: Path, kind: str) -> Artifact:
     """The tiny CNN converted by ``TFLiteConverter``: ``float`` (for a microcontroller),
     ``int8`` (full integer, int8 I/O), ``16x8`` (int16 activations, int8 weights),
-    ``uint8-io`` (int8 inside, uint8 I/O) or ``dynamic`` (int8 weights, float activations)."""
+    ``uint8-io`` (int8 inside, uint8 I/O), ``dynamic`` (int8 weights, float activations) or
+    ``float16`` (float16 weights dequantized at load)."""
     import tensorflow as tf
 
     sm = d / "cnn_savedmodel"
@@ -295,6 +296,8 @@ def make_tflite(d: Path, kind: str) -> Artifact:
     conv = tf.lite.TFLiteConverter.from_saved_model(str(sm))
     if kind != "float":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if kind == "float16":
+        conv.target_spec.supported_types = [tf.float16]
     if kind in ("int8", "16x8", "uint8-io"):
         conv.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
     if kind in ("int8", "uint8-io"):
