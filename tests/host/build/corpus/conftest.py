@@ -38,7 +38,7 @@ def tflite_corpus(wild_dir: Path) -> dict[str, wild.Artifact]:
     """The tiny CNN as float, int8, 16x8, uint8-I/O and dynamic-range TFLite, plus the int8 one
     LiteRT refuses."""
     made = [wild.make_tflite(wild_dir, kind) for kind in wild.TFLITE_KINDS]
-    made.append(wild.make_litert_refused(wild_dir))
+    made += [wild.make_litert_refused(wild_dir), wild.make_uint8(wild_dir)]
     return {a.name: a for a in made}
 
 

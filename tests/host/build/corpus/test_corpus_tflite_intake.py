@@ -24,6 +24,7 @@ EXPECTED = {  # artifact → (quantized, weights_quantized, input dtype, report 
     "tflite_dynamic": (None, True, "float32", "dynamic-int8"),
     "tflite_float16": (None, False, "float32", "float16"),
     "tflite_litert_refused": ("int8", True, "int8", "int8"),
+    "tflite_uint8": ("uint8", True, "uint8", "uint8"),
 }
 
 
@@ -108,6 +109,16 @@ def test_float16_weights_are_reported_and_tflm_says_why(tflite_corpus: dict) -> 
     assert check_with_litert(art.path, art.inputs).ok
     micro = check_with_tflm(art.path, art.inputs, max_arena=1 << 20)
     assert not micro.ok and "DEQUANTIZE" in micro.reason
+
+
+def test_uint8_per_channel_is_inspected_though_no_interpreter_runs_it(tflite_corpus: dict,
+                                                                     ) -> None:
+    art = tflite_corpus["tflite_uint8"]
+    inputs = tflite_corpus["tflite_int8"].inputs
+    assert inspect_tflite(art.path).weight_bytes["uint8"] >= 2_000
+    lite, micro = check_with_litert(art.path, inputs), check_with_tflm(art.path, inputs)
+    assert not lite.ok and "CONV_2D" in lite.reason
+    assert not micro.ok and "CONV_2D" in micro.reason
 
 
 def test_not_a_tflite_file(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ ONNX, written with ``onnx.helper`` the way old exporters wrote them:
 
 TFLite, converted with TensorFlow's ``TFLiteConverter`` from a tiny Keras CNN
 (``make_tflite(d, kind)``, kind ``"float"``, ``"int8"``, ``"16x8"``, ``"uint8-io"``), and
-``make_litert_refused(d)`` (an int8 model whose per-channel zero points LiteRT rejects).
+``make_litert_refused(d)`` (an int8 model whose per-channel zero points LiteRT rejects) and
+``make_uint8(d)`` (the int8 model rewritten in the old uint8 scheme).
 
 Keras encoders (``make_keras_encoder(d, gelu)``, ``"exact"`` or ``"tanh"``): Embedding,
 MultiHeadAttention, LayerNormalization, GELU and Softmax, saved as ``.keras`` and SavedModel.
@@ -30,8 +31,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["Artifact", "LIGHT_NAMES", "light_graphs", "make_old_opset", "make_external_data",
            "make_huge_external", "make_fp16", "make_sklearn", "make_com_microsoft", "make_tflite", "TFLITE_KINDS",
-           "make_litert_refused", "make_keras_encoder", "keras_to_onnx", "run_onnx",
+           "make_litert_refused", "make_uint8", "make_keras_encoder", "keras_to_onnx", "run_onnx",
            "agreement"]
 
 LIGHT_NAMES = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
@@ -313,27 +316,58 @@ def make_tflite(d: Path, kind: str) -> Artifact:
     return Artifact(f"tflite_{kind}", path, {"image": x[:1]}, f"TFLite {kind}")
 
 
-def make_litert_refused(d: Path) -> Artifact:
-    """The int8 CNN with non-zero per-channel weight zero points: TFLite Micro runs it, LiteRT's
-    conv kernel refuses it (as it does with some older published int8 models)."""
+def _edit_tflite(src: Path, dst: Path, edit: Callable[[Any, Any], None]) -> Path:
+    """Rewrite a .tflite through the schema's object API: ``edit(schema, model)``."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
-    src = (d / "cnn_int8.tflite") if (d / "cnn_int8.tflite").exists() else \
-        make_tflite(d, "int8").path
     model = s.ModelT.InitFromObj(s.Model.GetRootAsModel(src.read_bytes(), 0))
-    sub = model.subgraphs[0]
-    for op in sub.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.CONV_2D:
-            q = sub.tensors[op.inputs[1]].quantization
-            q.zeroPoint = [1] * len(q.scale)
-            break
+    edit(s, model)
     b = flatbuffers.Builder(1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
-    path = d / "cnn_int8_refused.tflite"
-    path.write_bytes(bytes(b.Output()))
+    dst.write_bytes(bytes(b.Output()))
+    return dst
+
+
+def _int8_source(d: Path) -> Path:
+    path = d / "cnn_int8.tflite"
+    return path if path.exists() else make_tflite(d, "int8").path
+
+
+def make_litert_refused(d: Path) -> Artifact:
+    """The int8 CNN with non-zero per-channel weight zero points: TFLite Micro runs it, LiteRT's
+    conv kernel refuses it (as it does with some older published int8 models)."""
+
+    def edit(s: Any, model: Any) -> None:
+        sub = model.subgraphs[0]
+        for op in sub.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.CONV_2D:
+                q = sub.tensors[op.inputs[1]].quantization
+                q.zeroPoint = [1] * len(q.scale)
+                return
+
+    path = _edit_tflite(_int8_source(d), d / "cnn_int8_refused.tflite", edit)
     return Artifact("tflite_litert_refused", path, {}, "int8, per-channel zero points ≠ 0")
+
+
+def make_uint8(d: Path) -> Artifact:
+    """The int8 CNN rewritten in the old asymmetric uint8 scheme (as TF1 quantization-aware
+    training wrote models): every int8 tensor becomes uint8, values and zero points + 128."""
+
+    def edit(s: Any, model: Any) -> None:
+        for t in model.subgraphs[0].tensors:
+            if t.type != s.TensorType.INT8:
+                continue
+            t.type = s.TensorType.UINT8
+            if t.quantization is not None and t.quantization.zeroPoint is not None:
+                t.quantization.zeroPoint = [int(z) + 128 for z in t.quantization.zeroPoint]
+            buf = model.buffers[t.buffer]
+            if buf.data is not None and len(buf.data):
+                buf.data = (np.asarray(buf.data, np.uint8) + 128).astype(np.uint8)
+
+    path = _edit_tflite(_int8_source(d), d / "cnn_uint8.tflite", edit)
+    return Artifact("tflite_uint8", path, {}, "uint8 activations and weights")
 
 
 def _gelu_tanh(x):
