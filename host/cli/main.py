@@ -53,12 +53,13 @@ def _flags(command: click.Command | None) -> dict[str, str]:
 
 
 def render_error(exc: EdgepackError, command: click.Command | None = None) -> str:
-    """The message a CLI user reads: `` `name=` `` becomes ``--name`` (or the flag it maps to)."""
+    """The message a CLI user reads: `` `name=` `` becomes ``--name`` (or the flag it maps to),
+    so "pass `calibration=` data.npz" reads "pass --calibration data.npz"."""
     flags = _flags(command)
 
     def flag(m: re.Match) -> str:
         name = m.group(1)
-        return "`" + (_FLAG_FOR.get(name) or flags.get(name) or "--" + name.replace("_", "-")) + "`"
+        return _FLAG_FOR.get(name) or flags.get(name) or "--" + name.replace("_", "-")
 
     return _ARGUMENT.sub(flag, str(exc))
 
