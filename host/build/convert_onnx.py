@@ -132,26 +132,25 @@ def prepare_onnx(path: str | Path, *, opset: int, batch: int = 1, target: str = 
     import onnx
     from onnx import version_converter
 
+    from edgepack.host.build.onnx_intake import prepare_onnx as intake
+
     path = Path(path)
-    model = _load(path)
-    steps: list[str] = []
+    _load(path)  # a readable, valid ONNX file (or a ModelError saying what it is instead)
+    # Old exporters' graphs (initializers listed as inputs, weights computed by constant
+    # subgraphs, low opsets) are cleaned and folded before any opset conversion.
+    taken = intake(path, target_opset=opset)
+    model = taken.model
+    steps: list[str] = list(taken.steps)
+    src_opset = taken.opset_before
     _check_ops(model, target, runtime)
-
-    inits = {i.name for i in model.graph.initializer}
-    as_inputs = [vi for vi in model.graph.input if vi.name in inits]
-    for vi in as_inputs:
-        model.graph.input.remove(vi)
-    if as_inputs:
-        steps.append(f"removed {len(as_inputs)} initializers listed as graph inputs")
-
-    src_opset = _default_opset(model)
-    if src_opset != opset:
+    if _default_opset(model) > opset:
         try:
             model = version_converter.convert_version(model, opset)
         except Exception as exc:
-            raise ModelError(f"cannot convert the model from opset {src_opset} to {opset} (the "
-                             f"opset {target} runs): {str(exc).splitlines()[0][:200]}. Export the "
-                             f"model at opset {opset}.", target=target, stage="preflight") from None
+            raise ModelError(f"cannot convert the model from opset {_default_opset(model)} down "
+                             f"to {opset} (the opset {target} runs): "
+                             f"{str(exc).splitlines()[0][:200]}", target=target,
+                             stage="preflight") from None
         steps.append(f"opset {src_opset} → {opset}")
 
     fixed = _fix_batch(model, batch)

@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,12 +42,25 @@ GOLDEN_SAMPLES = 8
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def _zinfo(name: str) -> zipfile.ZipInfo:
+def _zinfo(name: str, data: bytes = b"") -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=_EPOCH)
-    info.compress_type = zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_STORED if _bomb_like(data) else zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16
     info.create_system = 3
     return info
+
+
+def _bomb_like(data: bytes) -> bool:
+    """Would DEFLATE shrink ``data`` past what readers accept from an honest member?
+
+    Models whose weights are one repeated constant (exporters' placeholders, test graphs)
+    compress several hundred times; readers refuse such members as zip bombs, so they are stored.
+    """
+    from edgepack.agent.bundle import Limits
+
+    if len(data) <= 1 << 20:
+        return False
+    return len(data) / max(1, len(zlib.compress(data, 1))) > Limits().max_ratio / 2
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -91,7 +105,7 @@ def write_bundle(out_path: str | os.PathLike, manifest: dict[str, Any], model_by
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
             for name, data in members:
-                zf.writestr(_zinfo(name), data)
+                zf.writestr(_zinfo(name, data), data)
         read_bundle(tmp)  # never ship what the device could not read
         os.replace(tmp, out_path)
     except BaseException:
