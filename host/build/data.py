@@ -56,11 +56,11 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
+STRING_DTYPES = ("string", "str")  # a string tensor's dtype (the manifest says "string")
+
+
 def _np_dtype(dtype: str) -> np.dtype:
     return np.dtype(str) if dtype in STRING_DTYPES else np.dtype(dtype)
-
-
-STRING_DTYPES = ("string", "str")
 
 
 @dataclass(frozen=True)
