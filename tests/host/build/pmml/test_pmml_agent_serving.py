@@ -3,15 +3,18 @@ deployed over a real Mosquitto, through the real agent's health gate, served to 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgepack.agent.inference import Client
+from edgepack.agent.inference import Client, InferenceServer, InferenceService, Model
+from edgepack.agent.telemetry import LatencyStats
 from edgepack.host.cli.main import main
 
 from .oracle import CORPUS
@@ -57,3 +60,33 @@ def test_string_io_bundle_passes_health_and_serves(tmp_path, monkeypatch, mosqui
         rc = agent.stop()
         if rc not in (0, None):
             print(agent.log_text()[-5000:])
+
+
+def test_string_inputs_as_json_and_in_python(tmp_path, monkeypatch):
+    shutil.copy(CORPUS / DOCUMENT, tmp_path / "model.pmml")
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["build", "model.pmml", "--target", TARGET,
+                                     "-q"]).exit_code == 0
+    model = Model.open(tmp_path / "dist" / f"model-1.0.0-{TARGET}.edgepack")
+    # one value per field, no batch axes; None is a missing value (NaN / "")
+    local = model.predict({"x1": 0.4, "x2": -1.0, "x3": None, "color": "red"})
+    assert local["label"].dtype.kind == "U"
+    missing = model.predict({"x1": 0.4, "x2": -1.0, "x3": None, "color": [None]})
+    assert missing["label"].dtype.kind == "U"
+
+    service = InferenceService(LatencyStats())
+    service.swap(model)
+    server = InferenceServer(service, http="127.0.0.1:0").start()
+    try:
+        host, port = server.http_address
+        body = json.dumps({"inputs": {"x1": [[0.4]], "x2": [[-1.0]], "x3": [[None]],
+                                      "color": [["red"]]}}).encode()
+        req = urllib.request.Request(f"http://{host}:{port}/v1/predict", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.loads(resp.read())
+    finally:
+        server.close()
+    assert answer["outputs"]["label"] == [str(local["label"][0])]
+    assert answer["dtypes"]["label"] == "string"
+    assert answer["outputs"]["probabilities"] == local["probabilities"].tolist()
