@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from edgepack.host.cli.main import main
 
 from .oracle import CORPUS, golden_agreement, needs_java
-from .producers import scoring_frame
+from .producers import scoring_frame, write_sklearn
 
 DOCUMENTS = sorted(p.name for p in CORPUS.glob("*.pmml"))
 BUNDLE = Path("dist/model-1.0.0-rpi4.edgepack")
@@ -148,6 +148,24 @@ def test_csv_sample_input_and_eval(tmp_path, monkeypatch):
     assert acc["basis"] == "accuracy vs labels" and 0 < acc["accuracy_fp32"] < 1
     assert acc["drop_points"] == 0.0
     assert golden_agreement(CORPUS / FOREST, BUNDLE).ratio == 1.0
+
+
+@needs_java
+@pytest.mark.slow
+def test_readme_command_on_an_sklearn2pmml_document(tmp_path, monkeypatch):
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    write_sklearn(GradientBoostingClassifier(n_estimators=10, max_depth=2, random_state=0),
+                  "cls", tmp_path / "model.pmml")
+    _rows().to_csv(tmp_path / "sample.csv", index=False, na_rep="")
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(main, ["build", "model.pmml", "--target", "rpi4",
+                                       "--sample-input", "sample.csv"])
+
+    assert result.exit_code == 0, result.output
+    assert golden_agreement(tmp_path / "model.pmml", BUNDLE).ratio == 1.0
+    assert "SkLearn2PMML" in _member(BUNDLE, "report.json")["model"]["pmml"]["producer"]
 
 
 def test_csv_with_a_bad_cell_names_line_and_column(tmp_path, monkeypatch):
