@@ -9,8 +9,9 @@ The check runs in a child process (``python -m edgepack.agent.health SLOT_DIR``)
 * a hang is bounded by ``health.timeout_s``: the child is killed.
 
 Steps: load the model; feed every ``golden.npz`` sample and compare with the expected outputs
-(float outputs: cosine >= ``min_cosine`` and ``allclose(atol, rtol)``; integer outputs: the
-fraction equal >= ``min_label_agreement``); warm up, then time ``runs`` inferences for p95; read
+(float outputs: cosine >= ``min_cosine`` and ``allclose(atol, rtol)``, NaN — a missing
+prediction — only where the golden output is NaN; integer and string outputs: the fraction equal
+>= ``min_label_agreement``); warm up, then time ``runs`` inferences for p95; read
 the peak RSS (``VmHWM``). Budgets come from ``manifest["budgets"]``: ``p95_ms`` and
 ``peak_rss_mb``.
 """
@@ -145,7 +146,10 @@ def _compare(j: int, spec: Mapping[str, Any], got: Any, expected: Any,
                        detail=f"shape {list(got.shape)} != expected {list(expected.shape)}")
             return row
         got = got_r
-    if expected.dtype.kind in "iub" and got.dtype.kind in "iub":
+    strings = expected.dtype.kind in "USO" or got.dtype.kind in "USO"
+    if strings or (expected.dtype.kind in "iub" and got.dtype.kind in "iub"):
+        if strings:  # labels compare exactly, as text
+            got, expected = got.astype(str), expected.astype(str)
         agreement = float(np.mean(got == expected)) if expected.size else 1.0
         ok = agreement >= tol["min_label_agreement"]
         row.update(kind="labels", agreement=round(agreement, 6), passed=ok)
@@ -155,11 +159,14 @@ def _compare(j: int, spec: Mapping[str, Any], got: Any, expected: Any,
         return row
     a = got.astype(np.float64).ravel()
     b = expected.astype(np.float64).ravel()
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    cosine = 1.0 if na == 0 and nb == 0 else (float(a @ b) / (na * nb) if na and nb else 0.0)
-    max_err = float(np.max(np.abs(a - b))) if a.size else 0.0
-    close = bool(np.allclose(a, b, atol=tol["atol"], rtol=tol["rtol"]))
-    ok = cosine >= tol["min_cosine"] and close and bool(np.all(np.isfinite(a)))
+    both_nan = np.isnan(a) & np.isnan(b)  # a missing prediction where the golden one is missing
+    a0, b0 = np.where(both_nan, 0.0, a), np.where(both_nan, 0.0, b)
+    na, nb = float(np.linalg.norm(a0)), float(np.linalg.norm(b0))
+    cosine = 1.0 if na == 0 and nb == 0 else (float(a0 @ b0) / (na * nb) if na and nb else 0.0)
+    max_err = float(np.max(np.abs(a0 - b0))) if a.size else 0.0
+    close = bool(np.allclose(a0, b0, atol=tol["atol"], rtol=tol["rtol"]))
+    finite = bool(np.all(np.isfinite(a) | both_nan))
+    ok = cosine >= tol["min_cosine"] and close and finite
     row.update(kind="float", cosine=round(cosine, 8), max_abs_err=max_err, passed=ok)
     if not ok:
         row["detail"] = (f"cosine {cosine:.6f} (min {tol['min_cosine']}), max |error| "

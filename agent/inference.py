@@ -73,6 +73,24 @@ def _spec_from_manifest(t: Mapping[str, Any], fallback: TensorSpec | None) -> Te
                       scale=float(q.get("scale") or 0.0), zero_point=int(q.get("zero_point") or 0))
 
 
+STRING_DTYPES = ("string", "str")
+
+
+def _np_dtype(dtype: str) -> np.dtype | None:
+    """The numpy dtype feeds are converted to (``str`` for string tensors); None: left alone."""
+    if dtype in STRING_DTYPES:
+        return np.dtype(str)
+    if dtype in ("sequence", "map"):
+        return None
+    return np.dtype(dtype)
+
+
+def _plain_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """String tensors as numpy str arrays (the runtime gives object arrays, which npz refuses)."""
+    return {k: v.astype(str) if isinstance(v, np.ndarray) and v.dtype.kind == "O" else v
+            for k, v in outputs.items()}
+
+
 def active_slot_dir(data_dir: str | os.PathLike) -> Path:
     """The directory of the agent's committed bundle under ``data_dir``."""
     try:
@@ -107,8 +125,7 @@ class Model:
         if len(self.outputs) != len(session.outputs):
             self.outputs = list(session.outputs)
         self._output_names = [s.name for s in self.outputs]
-        self._dtypes = {s.name: np.dtype(s.dtype) if s.dtype not in ("str", "sequence", "map")
-                        else None for s in self.inputs}
+        self._dtypes = {s.name: _np_dtype(s.dtype) for s in self.inputs}
 
     # ---- construction
     @classmethod
@@ -218,14 +235,21 @@ class Model:
         if type(x) is np.ndarray and x.dtype == dt and x.ndim == len(spec.shape):
             return x  # the common case, kept cheap: this runs on every call
         arr = np.asarray(x)
+        if dt.kind == "U" and arr.dtype.kind == "O":
+            arr = np.vectorize(lambda v: "" if v is None else str(v), otypes=[str])(arr)
         if spec.scale and dt.kind in "iu" and arr.dtype.kind == "f":
             info = np.iinfo(dt)  # quantize float input for an int8/uint8 model
             arr = np.clip(np.round(arr / spec.scale + spec.zero_point), info.min, info.max)
-        if arr.dtype != dt:
+        if dt.kind == "U" and arr.dtype.kind in "fc":
+            raise DataError(f"input {spec.name!r} takes strings, not {arr.dtype} numbers")
+        if arr.dtype != dt and not (dt.kind == "U" and arr.dtype.kind == "U"):
             arr = arr.astype(dt)
         rank = len(spec.shape)
         if rank and arr.ndim == rank - 1 and spec.shape[0] in (1, None, "batch", "N"):
             arr = arr[None]  # one sample without its batch axis
+        elif arr.ndim < rank and all(isinstance(d, int) and d > 0 for d in spec.shape) and \
+                arr.size == int(np.prod(spec.shape)):
+            arr = arr.reshape(spec.shape)  # e.g. one value for a (1, 1) input
         return arr
 
     def run(self, feeds: Mapping[str, Any]) -> list[Any]:
@@ -247,7 +271,7 @@ class Model:
             self.stats.record_error()
             raise
         outs = self.run(feeds)
-        result = dict(zip(self._output_names, outs, strict=False))
+        result = _plain_outputs(dict(zip(self._output_names, outs, strict=False)))
         if dequantize:
             for s in self.outputs:
                 v = result.get(s.name)
@@ -391,7 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(200, {
             "outputs": {k: _jsonable(v) for k, v in outputs.items()},
-            "dtypes": {k: str(v.dtype) for k, v in outputs.items() if isinstance(v, np.ndarray)},
+            "dtypes": {k: "string" if v.dtype.kind == "U" else str(v.dtype)
+                       for k, v in outputs.items() if isinstance(v, np.ndarray)},
             "shapes": {k: list(v.shape) for k, v in outputs.items() if isinstance(v, np.ndarray)},
             "latency_ms": round(ms, 4), "bundle_id": model.bundle_id})
 

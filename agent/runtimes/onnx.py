@@ -19,7 +19,7 @@ _DTYPES = {
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
     "tensor(uint16)": "uint16", "tensor(int32)": "int32", "tensor(uint32)": "uint32",
     "tensor(int64)": "int64", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
-    "tensor(string)": "str",
+    "tensor(string)": "string",
 }
 
 

@@ -37,8 +37,11 @@ class PreparedModel:
 
 
 def onnx_dtype_name(elem_type: int) -> str:
+    """A numpy dtype name, or ``string`` for string tensors (numpy calls them ``object``)."""
     import onnx
 
+    if elem_type == onnx.TensorProto.STRING:
+        return "string"
     try:
         return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, ValueError):

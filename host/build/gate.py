@@ -121,4 +121,8 @@ def host_warnings(measured: Measured, profile: Profile, *, mode: str, label: str
                    "figure")
     if measured.source.startswith("16 random"):
         out.append("no eval or calibration data: the gate compared outputs on random inputs")
+    elif "synthesized from" in measured.source:
+        out.append(f"no eval data: golden samples are {measured.source.split(' (')[0]}; pass "
+                   "`eval=` (an .npz keyed by field name, or a CSV with a header) to check the "
+                   "model on real rows")
     return out

@@ -164,6 +164,9 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
     if quantize not in QUANTIZE_MODES:
         raise ModelError(f"`quantize=` takes one of {', '.join(QUANTIZE_MODES)}, not "
                          f"{quantize!r}", field="quantize")
+    kind = detect_kind(model)  # unknown formats fail before anything slow
+    if kind == "pmml":
+        quantize = _pmml_mode(quantize)
     plan = BuildPlan(
         model=Path(model), profile=profile,
         quantize=QuantizeConfig(mode=quantize, scheme=scheme,
@@ -178,8 +181,7 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
         profile_on=ProfileOnConfig(devices=tuple(profile_on), broker=broker, fleet=fleet,
                                    timeout=profile_timeout, runs=profile_runs,
                                    cache=_opt_str(profile_cache)))
-    detect_kind(plan.model)  # unknown formats fail before anything slow
-    if plan.mode == "int8" and not calibration:
+    if plan.mode == "int8" and not calibration and kind != "pmml":
         raise DataError("int8 quantization needs calibration data: pass `calibration=` "
                         "data.npz (a few hundred representative inputs keyed by input name), "
                         "or use `quantize=` dynamic (no calibration) or fp16.",
@@ -197,6 +199,15 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
         raise ModelError(f"`prune=` takes a sparsity between 0 and 1 (exclusive), not {prune}",
                          field="prune")
     return plan
+
+
+def _pmml_mode(quantize: str) -> str:
+    """PMML models stay float (the document's float64 arithmetic and string inputs): ``auto``
+    means none; int8 and dynamic are kept float by the backend (and say so); fp16 is refused."""
+    if quantize == "fp16":
+        raise ModelError("PMML models stay float64 as the document specifies; fp16 would change "
+                         "its arithmetic. Leave `quantize=` at auto (or none).", field="quantize")
+    return "none" if quantize == "auto" else quantize
 
 
 def _opt_str(v: str | Path | None) -> str | None:

@@ -59,8 +59,10 @@ def run_outputs(session: Session, data: Dataset, batch: int = 1) -> Outputs:
     arrays: list[np.ndarray | None] = []
     for outs in per:
         if outs and isinstance(outs[0], np.ndarray):
-            arrays.append(np.concatenate([o.reshape(batch, *o.shape[1:]) if o.ndim else
-                                          o.reshape(1) for o in outs]))
+            arr = np.concatenate([o.reshape(batch, *o.shape[1:]) if o.ndim else o.reshape(1)
+                                  for o in outs])
+            # string tensors come back as object arrays; numpy str arrays save without pickle
+            arrays.append(arr.astype(str) if arr.dtype.kind == "O" else arr)
         else:
             arrays.append(None)
     return Outputs(arrays)
@@ -80,26 +82,59 @@ class GateMetrics:
     max_abs_error: float | None = None
     drop_points: float = 0.0
     basis: str = ""
+    max_rel_error: float | None = None  # regression: max |error| over the output's largest |value|
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _class_scores(arr: np.ndarray) -> np.ndarray | None:
-    """Per-sample predicted class from a score/logit output, or labels from an int output."""
-    if arr.dtype.kind in "iu" and arr.ndim == 1:
-        return arr
-    if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] > 1:
-        return arr.argmax(axis=1)
+def _labels(arr: np.ndarray) -> np.ndarray | None:
+    """Per-sample labels from a label output (strings, or integers one per sample)."""
+    if arr.dtype.kind in "USO" or (arr.dtype.kind in "iu" and arr.ndim == 1):
+        return arr.reshape(len(arr))
     return None
+
+
+def _class_scores(arr: np.ndarray) -> np.ndarray | None:
+    """Per-sample predicted class from a score/logit output, or labels from a label output."""
+    labels = _labels(arr)
+    if labels is not None:
+        return labels
+    if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] > 1:
+        return np.nan_to_num(arr, nan=-np.inf).argmax(axis=1)
+    return None
+
+
+def _float_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """(min cosine, max |error|, max relative error) of two float outputs; NaN (a missing
+    prediction) agrees only with NaN. Rows of one value are compared as one column."""
+    fa = a.reshape(len(a), -1).astype(np.float64)
+    fb = b.reshape(len(b), -1).astype(np.float64)
+    nan_a, nan_b = np.isnan(fa), np.isnan(fb)
+    if (nan_a != nan_b).any():
+        return 0.0, float("inf"), float("inf")
+    fa, fb = np.where(nan_a, 0.0, fa), np.where(nan_b, 0.0, fb)
+    if fa.shape[1] == 1:
+        fa, fb = fa.T, fb.T
+    na, nb = np.linalg.norm(fa, axis=1), np.linalg.norm(fb, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.where(both_zero, 1.0, (fa * fb).sum(1) / np.maximum(na * nb, 1e-30))
+    err = float(np.abs(fa - fb).max()) if fa.size else 0.0
+    scale = float(np.abs(fa).max()) if fa.size else 0.0
+    return float(cos.min()), err, err / scale if scale > 0 else (0.0 if err == 0 else 1.0)
 
 
 def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
             labels: np.ndarray | None) -> GateMetrics:
-    """Compare what can be compared; say what could not."""
+    """Compare what can be compared; say what could not.
+
+    A model with a label or class-score output is a classifier, gated by top-1 (label)
+    agreement or by accuracy against ``labels``; otherwise by relative error and cosine
+    against fp32 (a regression is never gated by top-1).
+    """
     n = next((len(a) for a in ref.arrays if a is not None), 0)
     m = GateMetrics(samples=n)
-    cosines, errors = [], []
+    cosines, errors, rel = [], [], []
     preds_ref = preds_opt = None
     for spec, a, b in zip(specs, ref.arrays, opt.arrays, strict=True):
         if a is None or b is None:
@@ -107,13 +142,10 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
             continue
         m.compared.append(spec.name)
         if a.dtype.kind == "f":
-            fa = a.reshape(len(a), -1).astype(np.float64)
-            fb = b.reshape(len(b), -1).astype(np.float64)
-            na, nb = np.linalg.norm(fa, axis=1), np.linalg.norm(fb, axis=1)
-            both_zero = (na == 0) & (nb == 0)
-            cos = np.where(both_zero, 1.0, (fa * fb).sum(1) / np.maximum(na * nb, 1e-30))
-            cosines.append(float(cos.min()))
-            errors.append(float(np.abs(fa - fb).max()))
+            cos, err, rerr = _float_diff(a, b)
+            cosines.append(cos)
+            errors.append(err)
+            rel.append(rerr)
         if preds_ref is None:
             pr, po = _class_scores(a), _class_scores(b)
             if pr is not None and po is not None:
@@ -125,6 +157,9 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
         m.top1_agreement = float((preds_ref == preds_opt).mean())
         if labels is not None and len(labels) >= len(preds_ref):
             lab = labels.reshape(-1)[:len(preds_ref)]  # a batch > 1 drops the last partial batch
+            if (lab.dtype.kind in "USO") != (preds_ref.dtype.kind in "USO"):
+                lab, preds_ref, preds_opt = lab.astype(str), preds_ref.astype(str), \
+                    preds_opt.astype(str)
             m.accuracy_fp32 = float((preds_ref == lab).mean())
             m.accuracy_optimized = float((preds_opt == lab).mean())
             m.drop_points = 100.0 * (m.accuracy_fp32 - m.accuracy_optimized)
@@ -133,9 +168,10 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
             m.drop_points = 100.0 * (1.0 - m.top1_agreement)
             m.basis = "top-1 agreement with fp32"
     elif m.min_cosine is not None:
-        # Regression-like outputs: express the cosine loss in points of a 0-100 scale.
-        m.drop_points = 100.0 * max(0.0, 1.0 - m.min_cosine)
-        m.basis = "min cosine similarity with fp32"
+        # Regression: the larger of the relative error and the cosine loss, in points of 0-100.
+        m.max_rel_error = max(rel)
+        m.drop_points = 100.0 * max(0.0, 1.0 - m.min_cosine, min(1.0, m.max_rel_error))
+        m.basis = "relative error and cosine similarity with fp32"
     return m
 
 

@@ -23,10 +23,11 @@ __all__ = ["build"]
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]))
 @click.option("--calibration-samples", type=click.IntRange(1), help="Cap on samples used.")
 @click.option("--eval", "eval_data", type=click.Path(exists=True, dir_okay=False),
-              help="NPZ of eval inputs (and optional 'labels') for the accuracy gate.")
+              help="NPZ of eval inputs (and optional 'labels') for the accuracy gate, or a CSV "
+                   "with a header naming the inputs (PMML: field names; empty cell = missing).")
 @click.option("--sample-input", type=click.Path(exists=True, dir_okay=False),
-              help="NPZ with one input array: input type for scikit-learn/PMML models, and eval "
-                   "inputs when --eval is absent.")
+              help="NPZ with one input array: input type for scikit-learn models, and eval "
+                   "inputs when --eval is absent (NPZ keyed by field name or CSV for PMML).")
 @click.option("--max-drop", type=click.FloatRange(0), help="Max accuracy/agreement drop, points.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True,
               help="Fix a dynamic batch dimension to this size.")

@@ -115,7 +115,7 @@ class OnnxBackend:
         base_mode = plan.mode if not imported.float_only else "none"
         gate.check_fp32_budget(len(prepared.model_bytes), base_mode, profile)
         with progress.stage("loading data"):
-            data = _gate_data(plan, prepared)
+            data = _gate_data(plan, prepared, getattr(imported, "domain", None))
         batch, threads = plan.data.batch, plan.threads
         feed = {k: v[:batch] for k, v in data.evalset.inputs.items()}
         feed = {s.name: feed[s.name].reshape(s.shape) for s in prepared.inputs}
@@ -273,17 +273,19 @@ class OnnxBackend:
             model={"source": str(plan.model), "kind": imported.kind,
                    "import_notes": list(imported.notes), "inputs": inputs, "outputs": outputs,
                    "preflight": list(prepared.steps), "ops": prepared.op_counts,
-                   "source_opset": prepared.source_opset},
+                   "source_opset": prepared.source_opset,
+                   **getattr(imported, "details", {})},
             optimization=optimization, metrics=measured.report_metrics(profile),
             warnings=warnings, timings_s=dict(progress.timings), variants=opt.variants,
             pruning=pruning)
         return Assembly(manifest, res.model_bytes, {}, golden, report)
 
 
-def _gate_data(plan: BuildPlan, prepared: PreparedModel) -> Any:
+def _gate_data(plan: BuildPlan, prepared: PreparedModel, domain: Any = None) -> Any:
     cap = plan.quantize.calibration_samples or plan.profile.quantization.calibration_samples
     return load_gate_data(prepared.inputs, calibration=plan.data.calibration,
-                          eval=plan.data.eval, sample_input=plan.data.sample_input, cap=cap)
+                          eval=plan.data.eval, sample_input=plan.data.sample_input, cap=cap,
+                          domain=domain)
 
 
 def _entries(specs: Any) -> list[dict]:

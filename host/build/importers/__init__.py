@@ -7,11 +7,11 @@
     SavedModel directory        → savedmodel  tf2onnx (ONNX) + the directory itself (TFLite)
     .tflite                     → tflite      checked, then packaged as is
     .pkl / .pickle / .joblib    → sklearn     scikit-learn estimator → skl2onnx
-    .pmml (.xml holding <PMML>) → pmml        sklearn-pmml-model → scikit-learn → skl2onnx
+    .pmml (.xml holding <PMML>) → pmml        edgepack's PMML 4.x converter (host/build/pmml)
 
 :data:`IMPORTERS` says how each format is recognised (suffix, first bytes, directory layout)
 and which module loads it; adding a format is one entry there. The format modules import
-TensorFlow, Keras, tf2onnx, skl2onnx, joblib and sklearn-pmml-model inside their functions.
+TensorFlow, Keras, tf2onnx, skl2onnx, joblib and onnx inside their functions.
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ def import_model(path: str | Path, *, workdir: Path, opset: int = 17,
     """Read the model at ``path`` and convert it for the engine, writing files into ``workdir``.
 
     ``opset`` is the ONNX opset asked of the converters. ``sample_input`` (an ``.npz`` holding one
-    array shaped ``(N, n_features)``) defines a scikit-learn or PMML model's input: its float
-    arrays give a float32 input, integer arrays an int64 one; without it the model's feature
-    count gives a float32 ``(None, n_features)`` input. TensorFlow models define their own inputs.
+    array shaped ``(N, n_features)``) defines a scikit-learn model's input: its float arrays give
+    a float32 input, integer arrays an int64 one; without it the model's feature count gives a
+    float32 ``(None, n_features)`` input. PMML and TensorFlow models define their own inputs.
     """
     src = Path(path)
     importer = _importer(src)

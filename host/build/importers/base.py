@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["HDF5_MAGIC", "TFLITE_ID", "Imported", "first_line"]
 
@@ -22,6 +23,8 @@ class Imported:
     tflite_bytes: bytes | None  # tflite: packaged as is
     float_only: bool  # nothing in the model has int8 kernels: keep it float and say so
     notes: tuple[str, ...]  # what the importer did, for the build report
+    domain: Any = None  # data.InputDomain: missing values, rows to use without data (PMML)
+    details: dict[str, Any] = field(default_factory=dict)  # extra entries of report.model
 
 
 def first_line(exc: object) -> str:

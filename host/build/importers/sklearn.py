@@ -69,8 +69,7 @@ def _estimator_name(est: Any) -> str:
 
 
 def from_estimator(kind: str, src: Path, est: Any, name: str, workdir: Path, opset: int,
-                    sample_input: str | None, notes: list[str],
-                    n_features: int | None = None) -> Imported:
+                    sample_input: str | None, notes: list[str]) -> Imported:
     from sklearn.base import is_classifier
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
@@ -82,7 +81,7 @@ def from_estimator(kind: str, src: Path, est: Any, name: str, workdir: Path, ops
                          stage="import") from None
     except TypeError:
         pass  # not an estimator check_is_fitted understands; skl2onnx will judge
-    n_features = n_features if n_features is not None else getattr(est, "n_features_in_", None)
+    n_features = getattr(est, "n_features_in_", None)
     input_name, input_type, x_check, input_note = _input_type(sample_input, n_features, name)
     notes.append(input_note)
 

@@ -47,6 +47,9 @@ class PmmlModel:
     classes: tuple
     features: tuple
     target: str | None = None
+    producer: str = ""  # Header/Application name and version, as the document gives them
+    version: str = ""  # the document's PMML version
+    element: str = ""  # the top model element (TreeModel, MiningModel, ...)
 
 
 def convert_pmml(path) -> PmmlModel:
@@ -147,7 +150,16 @@ def _finish(ctx: Context, model, inputs: list, pred) -> PmmlModel:
     _prune(g, ["label", "probabilities", "predicted"])
     onnx_model = g.model(inputs, outputs)
     return PmmlModel(onnx_model, tuple(ctx.inputs), described, task, classes,
-                     tuple(sorted(ctx.features)), target)
+                     tuple(sorted(ctx.features)), target, _producer(ctx.root),
+                     ctx.root.get("version", ""), model.tag)
+
+
+def _producer(root) -> str:
+    header = child(root, "Header")
+    app = child(header, "Application") if header is not None else None
+    if app is None:
+        return ""
+    return " ".join(p for p in (app.get("name", ""), app.get("version", "")) if p)
 
 
 def _prune(g: Graph, outputs: list[str]) -> None:

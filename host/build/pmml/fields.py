@@ -47,6 +47,7 @@ class InputField:
     optype: str
     dtype: str
     values: tuple = ()
+    intervals: tuple = ()  # (closure, left, right) of a continuous field's valid ranges
 
 
 def read_data_dictionary(ctx: Context) -> dict[str, FieldSpec]:
@@ -132,7 +133,7 @@ def input_values(ctx: Context, names: list[str]) -> tuple[list, dict]:
         raw[name] = (Val(x, missing, spec.is_string, spec.data_type), invalid)
         values = tuple(spec.valid)
         inputs_dtype = "string" if spec.is_string else "float64"
-        ctx.inputs.append(InputField(name, spec.optype, inputs_dtype, values))
+        ctx.inputs.append(InputField(name, spec.optype, inputs_dtype, values, spec.intervals))
     return inputs, raw
 
 

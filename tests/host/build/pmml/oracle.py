@@ -127,6 +127,11 @@ def agree(path: Path, df, res=None) -> Agreement:
     session = ort.InferenceSession(res.onnx.SerializeToString())
     names = [o.name for o in res.outputs]
     got = dict(zip(names, session.run(names, onnx_feed(res, df)), strict=True))
+    return _count(path, df, res, got)
+
+
+def _count(path: Path, df, res, got: dict) -> Agreement:
+    """Rows where JPMML's result on ``df`` equals ``got`` (output name -> array over rows)."""
     expected = jpmml_rows(path, df)
     probs = probability_columns(path) if res.task == "classification" else {}
     integer = any(o.dtype == "int64" for o in res.outputs)
@@ -148,6 +153,33 @@ def agree(path: Path, df, res=None) -> Agreement:
         elif len(bad) < 5:
             bad.append((i, dict(df.iloc[i]), row, {k: v[i] for k, v in got.items()}))
     return Agreement(path.name, len(expected), agreed, bad)
+
+
+def golden_agreement(path: Path, bundle: Path) -> Agreement:
+    """The bundle's golden rows through JPMML, against the golden outputs the bundle carries."""
+    import io
+    import json
+    import zipfile
+
+    import pandas as pd
+
+    from edgepack.host.build.pmml import convert_pmml
+
+    with zipfile.ZipFile(bundle) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        golden = np.load(io.BytesIO(z.read("golden.npz")), allow_pickle=False)
+        golden = {k: golden[k] for k in golden.files}
+    columns = {}
+    for i, spec in enumerate(manifest["model"]["inputs"]):
+        values = golden[f"input_{i}"].reshape(-1)
+        assert values.dtype.kind in ("U" if spec["dtype"] == "string" else "f"), values.dtype
+        columns[spec["name"]] = [None if (v == "" if values.dtype.kind == "U" else np.isnan(v))
+                                 else (str(v) if values.dtype.kind == "U" else float(v))
+                                 for v in values]
+    got = {spec["name"]: golden[f"output_{j}"].reshape(len(golden["output_0"]),
+                                                       *golden[f"output_{j}"].shape[2:])
+           for j, spec in enumerate(manifest["model"]["outputs"])}
+    return _count(path, pd.DataFrame(columns), convert_pmml(path), got)
 
 
 def assert_agrees(path: Path, df, res=None) -> Agreement:
