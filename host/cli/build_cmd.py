@@ -9,6 +9,7 @@ import sys
 import click
 
 from edgepack.host.cli.build import TargetType
+from edgepack.host.cli.flags import as_flags
 
 __all__ = ["build"]
 
@@ -88,7 +89,10 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
     with Progress(enabled=not (quiet or as_json)) as progress, \
             contextlib.redirect_stdout(sys.stderr):
         result = run(plan, progress)
-    emit(result.report.to_dict(), as_json, render_build)
+    report = result.report.to_dict()
+    if not as_json:  # warnings name arguments as `eval=`; people here type --eval
+        report["warnings"] = [as_flags(w, build) for w in report.get("warnings", [])]
+    emit(report, as_json, render_build)
     if result.report.device_profile and not as_json:
         from edgepack.host.cli.profile import render_choice
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from edgepack.host.cli.flags import as_flags
 from edgepack.host.cli.options import broker_options, check_id, fleet_option
 
 __all__ = ["register", "until_signal", "fleet", "deploy_cmd", "broker_cmd"]
@@ -96,7 +97,7 @@ def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_
                    f"{where} in fleet {fleet_name}: deployment {result.deployment_id}"
                    + (" (bundle published first)" if result.published else ""))
         for w in result.warnings:
-            click.echo(f"warning: {w}", err=True)
+            click.echo(f"warning: {as_flags(w)}", err=True)
         if wait_s is not None:
             from edgepack.host.fleet.deploy import wait_for_deployment
 

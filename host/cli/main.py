@@ -11,23 +11,15 @@ one place where those names become the flags a CLI user types (``--calibration``
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
 
 import click
 
 from edgepack.agent.errors import EdgepackError
+from edgepack.host.cli.flags import as_flags
 
-__all__ = ["main", "emit", "render_error"]
-
-# An argument named in a library message: `calibration=` (see agent/errors.py).
-_ARGUMENT = re.compile(r"`([a-z_][a-z0-9_]*)=`")
-# Where the Python argument and the flag are not spelled alike.
-_FLAG_FOR = {"eval": "--eval", "eval_data": "--eval", "out": "--out", "out_dir": "--out",
-             "fmt": "--format", "format": "--format", "pubs": "--pub", "key": "--key",
-             "overwrite": "--force"}
-
+__all__ = ["main", "emit", "render_error", "as_flags"]
 
 def emit(obj: Any, as_json: bool, render: Any = None) -> None:
     """Print ``obj`` as JSON (for scripts) or through ``render`` (for people)."""
@@ -37,31 +29,10 @@ def emit(obj: Any, as_json: bool, render: Any = None) -> None:
         render(obj)
 
 
-def _flags(command: click.Command | None) -> dict[str, str]:
-    """Python parameter name -> its first long flag, for ``command`` and any sub-commands."""
-    flags: dict[str, str] = {}
-    todo = [command] if command is not None else []
-    while todo:
-        cmd = todo.pop(0)
-        for p in cmd.params:
-            if isinstance(p, click.Option) and p.name:
-                longs = [o for o in p.opts if o.startswith("--")]
-                flags.setdefault(p.name, longs[0] if longs else p.opts[0])
-        if isinstance(cmd, click.Group):
-            todo.extend(cmd.commands.values())
-    return flags
-
-
 def render_error(exc: EdgepackError, command: click.Command | None = None) -> str:
     """The message a CLI user reads: `` `name=` `` becomes ``--name`` (or the flag it maps to),
     so "pass `calibration=` data.npz" reads "pass --calibration data.npz"."""
-    flags = _flags(command)
-
-    def flag(m: re.Match) -> str:
-        name = m.group(1)
-        return _FLAG_FOR.get(name) or flags.get(name) or "--" + name.replace("_", "-")
-
-    return _ARGUMENT.sub(flag, str(exc))
+    return as_flags(str(exc), command)
 
 
 class _Group(click.Group):

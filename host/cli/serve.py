@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from edgepack.host.cli.flags import as_flags
 from edgepack.host.cli.fleet import until_signal
 from edgepack.host.cli.options import broker_config, broker_options, fleet_option
 
@@ -107,7 +108,7 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
         server = FleetServer(config).start()
         try:
             for w in config.warnings():
-                click.echo(f"warning: {w}".replace("`token=`", "--token"), err=True)
+                click.echo(f"warning: {as_flags(w)}", err=True)
             click.echo(f"edgepack fleet serve: collecting fleet(s) {', '.join(opts.fleets)} "
                        f"from {broker_cfg.url} into {server.store.safe_url}")
             click.echo(f"dashboard: {server.url}  (metrics: {server.url}metrics)")
