@@ -109,6 +109,7 @@ class Model:
         self._output_names = [s.name for s in self.outputs]
         self._dtypes = {s.name: np.dtype(s.dtype) if s.dtype not in ("str", "sequence", "map")
                         else None for s in self.inputs}
+        self.drift: Any = None  # a DriftSketcher when the bundle has drift.json (the daemon's)
 
     # ---- construction
     @classmethod
@@ -248,6 +249,8 @@ class Model:
             raise
         outs = self.run(feeds)
         result = dict(zip(self._output_names, outs, strict=False))
+        if self.drift is not None:
+            self.drift.observe(feeds, result)
         if dequantize:
             for s in self.outputs:
                 v = result.get(s.name)

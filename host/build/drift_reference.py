@@ -31,6 +31,7 @@ from edgepack.agent.drift import (
     DEFAULT_MAX_ROWS,
     DEFAULT_PIXELS_PER_ROW,
     DEFAULT_SAMPLE_RATE,
+    REFERENCE_MEMBER,
     REFERENCE_SCHEMA,
     DriftSpec,
     InputSpec,
@@ -54,7 +55,6 @@ __all__ = [
     "reference_json",
 ]
 
-REFERENCE_MEMBER = "drift.json"
 # The reference is sketched once and shipped once: k=200 (rank error 1.3 %) costs ~2.5 KB a sketch.
 REFERENCE_K = 200
 # PSI bins: the reference's quintiles. A window sketch of k=32 misplaces up to a few percent of
