@@ -108,18 +108,29 @@ pages.overview = {
       h("div", { cls: "toolbar" }, search, rows.length > MAX_ROWS
         ? h("span", { cls: "muted" }, `showing the first ${MAX_ROWS}: filter to narrow`) : null),
       table(["device", "status", "board", "target", "bundle", "last seen", "health",
-        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }],
+        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }, { t: "drift", cls: "num" }],
       rows.slice(0, MAX_ROWS).map((r) => h("tr", { "data-device": r.device },
         h("td", {}, a(`/devices/${encodeURIComponent(r.device)}`, r.device)),
         h("td", {}, badge(r.status)), h("td", {}, r.board || "–"), h("td", {}, r.target || "–"),
         h("td", {}, r.bundle_id ? a(`/bundles/${r.bundle_id}`, `${r.bundle_name || "?"} ${r.bundle_version || ""}`) : "–"),
         h("td", { title: when(r.last_seen) }, ago(r.last_seen)),
         h("td", { title: r.health_detail || "" }, badge(r.health), r.health_detail ? h("span", { cls: "muted" }, " ", r.health_detail) : null),
-        h("td", { cls: "num" }, fmt(r.p95_ms)), h("td", { cls: "num" }, fmt(r.rss_mb, 0)))),
+        h("td", { cls: "num" }, fmt(r.p95_ms)), h("td", { cls: "num" }, fmt(r.rss_mb, 0)),
+        driftCell(r))),
       { id: "devices-table" }),
     ];
   },
 };
+
+// Drift score of the device's last hour (1.0 = the alert threshold): red when a figure alerts.
+function driftCell(r) {
+  const title = r.drift_note || (r.drift_alert ? "drift: a figure is over its threshold" : "no drift");
+  if (r.drift_score === null || r.drift_score === undefined) {
+    return h("td", { cls: "num drift", title, "data-drift": "none" }, "–");
+  }
+  const s = r.drift_alert ? "drifting" : "stable";
+  return h("td", { cls: "num drift", title, "data-drift": s }, badge(s, fmt(r.drift_score, 2)));
+}
 
 pages.device = {
   load: async (id) => {
