@@ -35,7 +35,7 @@ from edgepack.agent import __version__
 from edgepack.agent.compat import DeviceFacts
 from edgepack.agent.config import AgentConfig, load_config
 from edgepack.agent.deployment import Deployment, label
-from edgepack.agent.drift import DriftSketcher, load_sketcher
+from edgepack.agent.drift import load_sketcher
 from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
 from edgepack.agent.health import HealthOptions, run_health_check
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
@@ -323,9 +323,7 @@ class Agent:
                 if not self.installer.slot_intact(self.installer.state["active"]):
                     raise InstallError(f"slot {d.name} is damaged: its model is missing or does "
                                        "not match the manifest's sha256")
-                model = Model.open(d, threads=self.cfg.runtime.threads, stats=self.stats)
-                model.drift = self._drift_sketcher(d)
-                self.service.swap(model)
+                self.service.swap(self.open_model(d))
                 return
             except EdgepackError as exc:
                 bad = self.installer.active
@@ -414,15 +412,16 @@ class Agent:
         except sqlite3.Error as exc:  # a full or failing disk must not stop the agent
             log.error("cannot queue event %s: %s", kind, exc)
 
-    def _drift_sketcher(self, slot_dir: Path) -> DriftSketcher | None:
-        """Drift sketches for the bundle in ``slot_dir`` (none without drift.json or when off)."""
-        if not self.cfg.drift.enabled:
-            return None
-        try:
-            return load_sketcher(slot_dir, sample_rate=self.cfg.drift.sample_rate)
-        except EdgepackError as exc:  # serving goes on without drift telemetry
-            log.warning("drift telemetry off for this bundle: %s", exc)
-            return None
+    def open_model(self, slot_dir: Path) -> Model:
+        """Load an installed slot for serving, with drift sketches when its bundle has
+        drift.json and ``[drift] enabled``."""
+        model = Model.open(slot_dir, threads=self.cfg.runtime.threads, stats=self.stats)
+        if self.cfg.drift.enabled:
+            try:
+                model.drift = load_sketcher(slot_dir, sample_rate=self.cfg.drift.sample_rate)
+            except EdgepackError as exc:  # serving goes on without drift telemetry
+                log.warning("drift telemetry off for this bundle: %s", exc)
+        return model
 
     def _telemetry(self) -> None:
         w = self.stats.drain()
