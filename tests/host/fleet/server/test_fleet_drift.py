@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fleet_helpers import get_json, wait_for
 
+from edgepack.agent.errors import DataError
 from edgepack.host.fleet.deploy import deploy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent"))
@@ -123,3 +124,91 @@ def test_drift_in_distribution_stays_quiet_and_inverted_images_alert(
     finally:
         if agent.alive:
             agent.kill9()
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory):
+    from drift_models import digits_cnn
+
+    return digits_cnn(tmp_path_factory.mktemp("drift-cnn"))
+
+
+def _windows(cnn, calls: int, transform=None, windows: int = 2) -> list[dict]:
+    from drift_models import run_windows
+
+    from edgepack.agent.drift import DriftSketcher, DriftSpec
+
+    sketcher = DriftSketcher(DriftSpec.from_reference(cnn.reference), sample_rate=1.0, seed=1)
+    return run_windows(cnn, sketcher, windows=windows, calls=calls, seed=3,
+                       transform=transform)
+
+
+def test_drift_windows_stored_and_judged_on_both_databases(db_url, cnn):
+    from collections import Counter
+
+    from edgepack.agent.protocol import VERSION, encode
+    from edgepack.host.build.drift_reference import reference_json
+    from edgepack.host.fleet.collector.messages import parse_messages
+    from edgepack.host.fleet.drift_status import drift_status
+    from edgepack.host.fleet.storage import open_store
+
+    quiet = _windows(cnn, 200)
+    shifted = _windows(cnn, 200, transform=lambda x: 1.0 - x)
+    ref = cnn.reference
+    now = time.time()
+    msgs = []
+    for i, w in enumerate(quiet + shifted):
+        dev = "a" if i < 2 else "b"
+        body = {"device_id": dev, "ts": now - 100 + i, "bundle_id": "b" * 64, "inferences": 200,
+                "drift": w}
+        msgs.append((now, f"edgepack/{VERSION}/f1/devices/{dev}/telemetry", encode(body), False))
+    bad = {"device_id": "c", "ts": now - 50, "bundle_id": "b" * 64,
+           "drift": {**quiet[0], "sampled": 10**6}}
+    msgs.append((now, f"edgepack/{VERSION}/f1/devices/c/telemetry", encode(bad), False))
+    dropped: Counter = Counter()
+    parsed = parse_messages(msgs, {"f1"}, received=Counter(), dropped=dropped,
+                            on_bundle=lambda *_: None)
+    assert dropped["bad_drift"] == 1 and len(parsed.batch.telemetry) == 5
+    assert len(parsed.batch.drift) == 4
+    with open_store(db_url) as store:
+        store.write_batch(parsed.batch)
+        store.write_batch(parsed.batch)  # an outbox re-sent after a reconnect: stored once
+        assert store.drift.count("f1") == 4
+        assert store.telemetry.count("f1") == 5
+        [s] = drift_status(store, "f1", device="a", since=now - 200)
+        assert s.verdict is None and "not fetched" in s.note and s.windows == 2
+        store.drift.set_reference("f1", "b" * 64, ref["id"], reference_json(ref).decode())
+        [a] = drift_status(store, "f1", device="a", since=now - 200)
+        [b] = drift_status(store, "f1", device="b", since=now - 200)
+        assert a.verdict.judged and not a.alert and a.score < 1.0
+        assert b.verdict.judged and b.alert and b.score >= 1.0
+        [both] = drift_status(store, "f1", bundle="b" * 64, since=now - 200)
+        assert both.devices == ("a", "b") and both.verdict.rows == 800
+        assert [x.key for x in drift_status(store, "f1", since=now - 200)] == ["a", "b"]
+        assert drift_status(store, "f1", device="a", since=now - 200,
+                            until=now - 101)[0].note.startswith("no drift windows")
+        with pytest.raises(DataError, match="one of"):
+            drift_status(store, "f1", device="a", bundle="x")
+        store.prune(telemetry_before=now + 1)
+        assert store.drift.count("f1") == 0
+
+
+def test_a_version_1_database_gains_the_drift_tables(tmp_path):
+    import sqlite3
+
+    from edgepack.host.fleet.storage import SCHEMA_VERSION, open_store
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    open_store(url).close()
+    conn = sqlite3.connect(tmp_path / "fleet.db")
+    conn.execute("DROP TABLE drift_windows")
+    conn.execute("DROP TABLE drift_references")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with open_store(url) as store:
+        assert store.meta.get("schema_version") == str(SCHEMA_VERSION) == "2"
+        assert store.drift.count("f") == 0 and store.drift.reference("f", "x") is None
