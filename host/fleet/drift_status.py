@@ -26,7 +26,7 @@ from edgepack.host.fleet.drift import (
 )
 from edgepack.host.fleet.storage import DriftWindowRecord, Store
 
-__all__ = ["DEFAULT_RANGE_S", "DriftStatus", "drift_status"]
+__all__ = ["DEFAULT_RANGE_S", "DriftStatus", "drift_series", "drift_status"]
 
 # Verdicts cover the last hour unless asked otherwise: at the default 1 % rate a device serving
 # 10 inferences/s sketches ~360 rows an hour, just over the 300 rows a figure needs to be judged.
@@ -157,3 +157,37 @@ def _judge_bucket(store: Store, fleet: str, scope: str, key: str, bundle_id: str
             f"{verdict.rows} rows sketched, fewer than the {verdict.thresholds.min_rows} a " \
             "verdict needs"
     return status(verdict, note, len(mine))
+
+
+def drift_series(store: Store, fleet: str, *, device: str | None = None,
+                 bundle: str | None = None, group: str | None = None,
+                 since: float | None = None, until: float | None = None,
+                 points: int = 30) -> dict[str, list]:
+    """The score over time for a chart: the range cut into ``points`` equal buckets, each
+    judged on its own windows (per bucket, the bundle with the most windows).
+
+    ``{"ts": [bucket end…], "score": [… or None], "alert": […], "rows": […],
+    "confidence_drop": [… or None]}``; a bucket with fewer rows than a verdict needs has
+    ``score`` None.
+    """
+    now = time.time()
+    since = now - DEFAULT_RANGE_S if since is None else (now + since if since < 0 else since)
+    until = now if until is None else until
+    points = max(1, min(int(points), 200))
+    step = max((until - since) / points, 1e-6)
+    out: dict[str, list] = {"ts": [], "score": [], "alert": [], "rows": [],
+                            "confidence_drop": []}
+    for i in range(points):
+        lo, hi = since + i * step, since + (i + 1) * step
+        found = [s for s in drift_status(store, fleet, device=device, bundle=bundle,
+                                         group=group, since=lo, until=hi) if s.windows]
+        best = max(found, key=lambda s: s.windows, default=None)
+        v = best.verdict if best is not None else None
+        drops = [f.confidence_drop for f in v.figures if f.confidence_drop is not None] \
+            if v is not None else []
+        out["ts"].append(hi)
+        out["score"].append(round(best.score, 4) if best and best.score is not None else None)
+        out["alert"].append(bool(best and best.alert))
+        out["rows"].append(v.rows if v is not None else 0)
+        out["confidence_drop"].append(round(max(drops), 4) if drops else None)
+    return out

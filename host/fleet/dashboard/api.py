@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from edgepack.host.fleet.drift_status import drift_status
+from edgepack.host.fleet.drift_status import drift_series, drift_status
 from edgepack.host.fleet.rollout import FINAL_STATES, bundle_budgets, rollout_status
 from edgepack.host.fleet.rollout.plan import EVENT_STATUS
 from edgepack.host.fleet.storage import (
@@ -379,15 +379,20 @@ class FleetAPI:
     # -- drift
     def drift(self, fleet: str | None, *, device: str | None = None, bundle: str | None = None,
               group: str | None = None, since: float | None = None,
-              until: float | None = None) -> dict[str, Any]:
-        """Drift verdicts per device, bundle or group over a time range (``drift_status``)."""
+              until: float | None = None, points: int | None = None) -> dict[str, Any]:
+        """Drift verdicts per device, bundle or group over a time range (``drift_status``);
+        with ``points``, also the score over time (``drift_series``)."""
         fleet = self.fleet(fleet)
         if bundle:
             with contextlib.suppress(NotFound):  # a unique prefix of a published bundle too
                 bundle = self.bundle(fleet, bundle)["bundle_id"]
         found = drift_status(self.store, fleet, device=device, bundle=bundle, group=group,
                              since=since, until=until)
-        return {"fleet": fleet, "verdicts": [s.to_json() for s in found]}
+        out: dict[str, Any] = {"fleet": fleet, "verdicts": [s.to_json() for s in found]}
+        if points:
+            out["series"] = drift_series(self.store, fleet, device=device, bundle=bundle,
+                                         group=group, since=since, until=until, points=points)
+        return out
 
     # -- collector
     def health(self) -> dict[str, Any]:

@@ -119,6 +119,17 @@ def test_drift_in_distribution_stays_quiet_and_inverted_images_alert(
         wait_for(lambda: cell.get_attribute("data-drift") == "drifting", 15,
                  what="the drift column turning red")
         assert float(cell.inner_text()) >= 1.0
+        # the device page charts the score over time, with the alert threshold
+        page.goto(f"{server.url}devices/{DEVICE}?fleet={fleet}")
+        page.wait_for_selector("#chart-drift canvas")
+        labels = page.evaluate("() => window.__charts['chart-drift'].series.map(s => s.label)")
+        assert {"score", "alert threshold"} <= set(labels)
+        assert page.evaluate(
+            "() => window.__charts['chart-drift'].data[1].some(v => v !== null && v >= 1)")
+        assert page.locator("#chart-drift").get_attribute("data-drift") == "drifting"
+        # and so does the bundle page, over every device running it
+        page.goto(f"{server.url}bundles/{res.bundle_id}?fleet={fleet}")
+        page.wait_for_selector("#chart-drift canvas")
         assert not page.js_errors, page.js_errors
         assert agent.stop() == 0
     finally:
