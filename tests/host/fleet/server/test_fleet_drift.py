@@ -26,17 +26,18 @@ pytestmark = pytest.mark.broker
 DEVICE = "cam-1"
 
 
-def _digits_bundle(tmp_path: Path, key: Path) -> Path:
+def _digits_bundle(tmp_path: Path, key: Path, version: str = "1.0.0") -> Path:
     """The digits CNN built by edgepack with calibration and eval data: it has drift.json."""
     from edgepack.host.build import build
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     split = digits_split()
     model = build_digits_cnn(tmp_path / "digits_cnn.onnx", split)
     np.savez(tmp_path / "calib.npz", **{IMAGE: split.reference[:300]})
     np.savez(tmp_path / "eval.npz", **{IMAGE: split.reference[300:]})
     r = build(model=str(model), target=TARGET, quantize="none", key=str(key),
               calibration=str(tmp_path / "calib.npz"), eval=str(tmp_path / "eval.npz"),
-              out=str(tmp_path / "out"), variants=False)
+              out=str(tmp_path / "out"), variants=False, version=version)
     assert "drift.json" in r.manifest["files"]
     return r.path
 
@@ -131,6 +132,50 @@ def test_drift_in_distribution_stays_quiet_and_inverted_images_alert(
         page.goto(f"{server.url}bundles/{res.bundle_id}?fleet={fleet}")
         page.wait_for_selector("#chart-drift canvas")
         assert not page.js_errors, page.js_errors
+        assert agent.stop() == 0
+    finally:
+        if agent.alive:
+            agent.kill9()
+
+
+def test_a_rollout_halts_when_the_new_bundle_drifts(tmp_path, sqlite_url, mosquitto, fleet,
+                                                     serve, fleet_keys):
+    from edgepack.agent.inference import Client
+    from edgepack.host.fleet.api import rollout_start, rollout_status
+
+    key, pub = fleet_keys
+    v1 = _digits_bundle(tmp_path / "v1", key, "1.0.0")
+    v2 = _digits_bundle(tmp_path / "v2", key, "2.0.0")
+    server = serve(sqlite_url, fleet)
+    cfg = agent_config(tmp_path / "dev", mosquitto.url, fleet, device_id=DEVICE, pub=pub,
+                       groups=["cams"], drift={"sample_rate": 1.0})
+    agent = AgentProcess(cfg).start()
+    try:
+        wait_for(lambda: (d := server.store.devices.get(fleet, DEVICE)) and d.online, 30,
+                 what="the agent's birth message")
+        first = deploy(v1, broker=mosquitto.url, group="cams", fleet=fleet, key=key)
+        wait_for(lambda: server.store.devices.get(fleet, DEVICE).bundle_id == first.bundle_id,
+                 90, what="v1 installed")
+        client = Client(f"unix:{cfg.parent / 'data' / 'agent.sock'}")
+        stream = digits_split().stream
+        for x in stream[:400]:  # v1 answers in-distribution traffic: no drift before
+            client.predict({IMAGE: x[None]})
+        r = rollout_start(v2, group="cams", broker=mosquitto.url, db=server.store, fleet=fleet,
+                          stages="100", max_failures="0", soak="60s", key=key)
+        v2_id = rollout_status(r.id, db=server.store).rollout.bundle_id
+        wait_for(lambda: server.store.devices.get(fleet, DEVICE).bundle_id == v2_id, 90,
+                 what="v2 installed")
+        wait_for(lambda: (x := server.store.drift.reference(fleet, v2_id)) and x.ref, 60,
+                 what="v2's drift.json fetched")
+        for x in stream[:600]:  # the camera's picture inverts under the new bundle
+            client.predict({IMAGE: 1.0 - x[None]})
+        final = wait_for(lambda: (s := rollout_status(r.id, db=server.store)).state
+                         in ("completed", "halted") and s, 120, what="the rollout's end")
+        assert final.state == "halted", final.log
+        assert "drift on the new bundle" in final.devices[0].detail, final.devices
+        assert any("drift" in x.message for x in final.log), final.log
+        wait_for(lambda: server.store.devices.get(fleet, DEVICE).bundle_id == first.bundle_id,
+                 60, what="v1 active again")
         assert agent.stop() == 0
     finally:
         if agent.alive:
