@@ -20,6 +20,9 @@ __all__ = ["check_drift"]
 def check_drift(store: Store, tick: Tick, k: int) -> None:
     """Fail installed devices of stage ``k`` whose drift on the new bundle alerts (see above)."""
     r = tick.rollout
+    ref = store.drift.reference(r.fleet, r.bundle_id)
+    if ref is None or ref.reference is None:  # no drift.json (or not fetched yet): no gate
+        return
     changes = {}
     for d in tick.stage_devices(k):
         if d.status != "installed":
