@@ -46,6 +46,7 @@ __all__ = [
     "RuntimeSection",
     "HealthSection",
     "TelemetrySection",
+    "DriftSection",
     "ServeSection",
     "AgentConfig",
     "load_config",
@@ -117,6 +118,14 @@ class TelemetrySection:
 
 
 @dataclass(frozen=True)
+class DriftSection:
+    """Drift sketches of live inferences, when the active bundle has ``drift.json``."""
+
+    enabled: bool = True
+    sample_rate: float = 0.01  # fraction of inference calls sketched (docs/drift.md)
+
+
+@dataclass(frozen=True)
 class ServeSection:
     """The local inference endpoint: a Unix socket, loopback HTTP, both, or neither."""
 
@@ -144,6 +153,7 @@ class AgentConfig:
     health: HealthSection = field(default_factory=HealthSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     serve: ServeSection = field(default_factory=ServeSection)
+    drift: DriftSection = field(default_factory=DriftSection)
     source: str = ""
 
     @property
@@ -180,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "health": HealthSection,
     "telemetry": TelemetrySection,
     "serve": ServeSection,
+    "drift": DriftSection,
 }
 _TOP = {f.name: f for f in dataclasses.fields(AgentConfig)
         if f.name not in _SECTIONS and f.name != "source"}
@@ -299,6 +310,8 @@ def _check(cfg: AgentConfig, source: str) -> None:
         raise bad("telemetry.qos", "must be 0 or 1")
     if cfg.telemetry.outbox_max_bytes < 4096:
         raise bad("telemetry.outbox_max_bytes", "must be at least 4096")
+    if not 0.0 <= cfg.drift.sample_rate <= 1.0:
+        raise bad("drift.sample_rate", "must be between 0 and 1 (a fraction of inference calls)")
     if cfg.serve.http:
         host, _, port = cfg.serve.http.rpartition(":")
         if host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():

@@ -35,6 +35,7 @@ from edgepack.agent import __version__
 from edgepack.agent.compat import DeviceFacts
 from edgepack.agent.config import AgentConfig, load_config
 from edgepack.agent.deployment import Deployment, label
+from edgepack.agent.drift import load_sketcher
 from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
 from edgepack.agent.health import HealthOptions, run_health_check
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
@@ -322,8 +323,7 @@ class Agent:
                 if not self.installer.slot_intact(self.installer.state["active"]):
                     raise InstallError(f"slot {d.name} is damaged: its model is missing or does "
                                        "not match the manifest's sha256")
-                self.service.swap(Model.open(d, threads=self.cfg.runtime.threads,
-                                             stats=self.stats))
+                self.service.swap(self.open_model(d))
                 return
             except EdgepackError as exc:
                 bad = self.installer.active
@@ -412,6 +412,17 @@ class Agent:
         except sqlite3.Error as exc:  # a full or failing disk must not stop the agent
             log.error("cannot queue event %s: %s", kind, exc)
 
+    def open_model(self, slot_dir: Path) -> Model:
+        """Load an installed slot for serving, with drift sketches when its bundle has
+        drift.json and ``[drift] enabled``."""
+        model = Model.open(slot_dir, threads=self.cfg.runtime.threads, stats=self.stats)
+        if self.cfg.drift.enabled:
+            try:
+                model.drift = load_sketcher(slot_dir, sample_rate=self.cfg.drift.sample_rate)
+            except EdgepackError as exc:  # serving goes on without drift telemetry
+                log.warning("drift telemetry off for this bundle: %s", exc)
+        return model
+
     def _telemetry(self) -> None:
         w = self.stats.drain()
         active = self.installer.active
@@ -422,6 +433,9 @@ class Agent:
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase.value if self.job else "idle",
                 "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox)}
+        model = self.service.model
+        if model is not None and model.drift is not None:
+            body["drift"] = model.drift.take_window()
         try:
             self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
         except sqlite3.Error as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from edgepack.agent.bundle import Bundle, read_bundle
@@ -56,6 +57,8 @@ class Device(Protocol):
     def publish_state(self) -> None: ...
 
     def load_active(self) -> None: ...
+
+    def open_model(self, slot_dir: Path) -> Model: ...
 
 
 def label(info: SlotInfo | None) -> str:
@@ -285,8 +288,7 @@ class Deployment:
             inst.abandon(d.deployment_id, d.bundle_id, "install_failed", str(exc), slot=slot)
             return Phase.FAILED
         try:
-            model = Model.open(inst.slot_dir(slot), threads=dev.cfg.runtime.threads,
-                               stats=dev.stats)
+            model = dev.open_model(inst.slot_dir(slot))
         except EdgepackError as exc:
             back = inst.rollback("load_failed", str(exc))
             dev.event("health_failed", f"passed in the health check but the agent cannot "

@@ -36,6 +36,7 @@ import random
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -54,8 +55,13 @@ __all__ = [
     "Figures",
     "extract_figures",
     "DriftSketcher",
+    "REFERENCE_MEMBER",
+    "load_sketcher",
     "payload_bytes",
 ]
+
+# The optional bundle member holding the reference profile (docs/bundle.md).
+REFERENCE_MEMBER = "drift.json"
 
 SCHEMA = "drift/1"
 REFERENCE_SCHEMA = "edgepack.drift/1"
@@ -520,6 +526,22 @@ class DriftSketcher:
             "c": {key: [int(v) for v in c] for key, c in figs.counts.items()},
             "sum": {key: round(v, 4) for key, v in figs.sums.items()},
         }
+
+
+def load_sketcher(slot_dir: str | Path, *, sample_rate: float) -> DriftSketcher | None:
+    """The sketcher for an installed bundle's ``drift.json``; None when it has none.
+
+    Raises :class:`BundleError` naming the member when the file is there but unreadable.
+    """
+    path = Path(slot_dir) / REFERENCE_MEMBER
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise BundleError(f"{REFERENCE_MEMBER} is not readable JSON: {e}",
+                          field=REFERENCE_MEMBER) from None
+    return DriftSketcher(DriftSpec.from_reference(doc), sample_rate=sample_rate)
 
 
 def _head(tensors: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

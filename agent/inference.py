@@ -126,6 +126,7 @@ class Model:
             self.outputs = list(session.outputs)
         self._output_names = [s.name for s in self.outputs]
         self._dtypes = {s.name: _np_dtype(s.dtype) for s in self.inputs}
+        self.drift: Any = None  # a DriftSketcher when the bundle has drift.json (the daemon's)
 
     # ---- construction
     @classmethod
@@ -272,6 +273,8 @@ class Model:
             raise
         outs = self.run(feeds)
         result = _plain_outputs(dict(zip(self._output_names, outs, strict=False)))
+        if self.drift is not None:
+            self.drift.observe(feeds, result)
         if dequantize:
             for s in self.outputs:
                 v = result.get(s.name)

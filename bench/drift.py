@@ -11,7 +11,9 @@ input, e.g. the Keras one ``python examples/digits.py --out DIR`` writes):
   and ``on @ 0`` (observe called, nothing sampled: the cost every call pays). Times are the
   thread's CPU time (``time.thread_time``), steadier than wall time on a shared machine. The
   ratio is the median over rounds of each variant's mean time per call / ``off``'s in the same
-  round (goal ≤ 1.05 at the default rate); ``take_window`` (once a minute, off the inference
+  round (goal ≤ 1.05 at the default rate). Two more variants go through the agent's own
+  inference path, ``Model.predict`` (feeds checked and typed, outputs by name, the drift hook):
+  ``predict off`` (no ``drift.json``) and ``predict @ default``; ``take_window`` (once a minute, off the inference
   path) is timed apart;
 * **bytes**: the compact JSON window payload after a 60 s window at several inference rates, at
   the window's row cap (the worst case), and per device per day at one window a minute.
@@ -61,6 +63,18 @@ def _time_variant(sess: object, sketcher: object, images: list, calls: int) -> f
     return (time.thread_time() - start) / calls
 
 
+def _time_predict(model: object, images: list, calls: int) -> float:
+    """Mean CPU seconds per call through the agent's ``Model.predict`` (as the endpoint runs)."""
+    from drift_models import IMAGE
+
+    predict = model.predict
+    n = len(images)
+    start = time.thread_time()
+    for i in range(calls):
+        predict({IMAGE: images[i % n]})
+    return (time.thread_time() - start) / calls
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=200)
@@ -97,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         for img in images[:200]:  # warm-up
             sess.run(None, {IMAGE: img})
 
+        from edgepack.agent.inference import Model
+        from edgepack.agent.runtimes import open_model
+
+        model = Model(open_model(path, "onnxruntime", threads=1), {"model": {}})
         variants = {"off": None, "on @ 1.0": 1.0, f"on @ {spec.sample_rate}": spec.sample_rate,
-                    "on @ 0": 0.0}
+                    "on @ 0": 0.0, "predict off": "predict", "predict @ default": "predict"}
         per_round: dict[str, list[float]] = {v: [] for v in variants}
         ratios: dict[str, list[float]] = {v: [] for v in variants}
         order = list(variants)
@@ -106,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             took = {}
             for v in order[r % len(order):] + order[:r % len(order)]:
                 rate = variants[v]
+                if rate == "predict":
+                    model.drift = DriftSketcher(spec, seed=r) if v != "predict off" else None
+                    took[v] = _time_predict(model, images, args.calls)
+                    continue
                 sketcher = None if rate is None else DriftSketcher(spec, sample_rate=rate, seed=r)
                 took[v] = _time_variant(sess, sketcher, images, args.calls)
             for v in variants:
                 per_round[v].append(took[v])
-                ratios[v].append(took[v] / took["off"])
+                base = took["predict off"] if v.startswith("predict") else took["off"]
+                ratios[v].append(took[v] / base)
 
         windows = {}
         for hz in RATES_HZ:
@@ -141,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "windows": {k: {**w, "bytes_per_day": w["bytes"] * per_day} for k, w in windows.items()},
     }
     print(f"digits CNN, onnxruntime 1 thread, batch 1; {args.rounds} rounds x {args.calls} calls")
-    print(f"{'variant':16s} {'µs/call':>9s} {'ratio vs off':>13s}")
+    print(f"{'variant':18s} {'µs/call':>9s} {'ratio vs off':>13s}  (predict: vs predict off)")
     for v in variants:
-        print(f"{v:16s} {result['us_per_call'][v]:9.2f} {result['ratio_vs_off'][v]:13.4f}")
+        print(f"{v:18s} {result['us_per_call'][v]:9.2f} {result['ratio_vs_off'][v]:13.4f}")
     print(f"take_window at the row cap ({spec.max_rows} rows): {take_ms:.1f} ms CPU, "
           f"once per window, off the inference path")
     print(f"\ndrift payload per {WINDOW_S} s window (k={spec.k}, default rate "

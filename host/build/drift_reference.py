@@ -21,6 +21,8 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from edgepack.agent.drift import (
     DEFAULT_MAX_ROWS,
     DEFAULT_PIXELS_PER_ROW,
     DEFAULT_SAMPLE_RATE,
+    REFERENCE_MEMBER,
     REFERENCE_SCHEMA,
     DriftSpec,
     InputSpec,
@@ -37,15 +40,21 @@ from edgepack.agent.drift import (
 )
 from edgepack.agent.errors import DataError
 
+if TYPE_CHECKING:
+    from edgepack.host.build.data import Dataset, TensorSpec
+    from edgepack.host.build.validate import Outputs
+
 __all__ = [
     "REFERENCE_MEMBER",
     "REFERENCE_K",
+    "DriftSample",
+    "drift_sample",
     "make_reference",
+    "reference_member",
     "spec_from_reference",
     "reference_json",
 ]
 
-REFERENCE_MEMBER = "drift.json"
 # The reference is sketched once and shipped once: k=200 (rank error 1.3 %) costs ~2.5 KB a sketch.
 REFERENCE_K = 200
 # PSI bins: the reference's quintiles. A window sketch of k=32 misplaces up to a few percent of
@@ -54,6 +63,69 @@ REFERENCE_K = 200
 _PSI_QUANTILES = (0.2, 0.4, 0.6, 0.8)
 _MIN_BIN_MASS = 0.1
 _TASKS = ("classification", "regression")
+# Below this many rows the reference's quintile edges are too coarse to judge windows against.
+MIN_REFERENCE_ROWS = 20
+
+
+@dataclass(frozen=True)
+class DriftSample:
+    """What a build profiles: its inputs by name and the optimized model's outputs on them."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+def drift_sample(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 sets: Sequence[tuple[Dataset, Outputs]]) -> DriftSample | None:
+    """Stack the build's datasets (calibration, eval) with the model's outputs on each.
+
+    Outputs that are not tensors are left out; None when no output is a tensor.
+    """
+    ins: dict[str, list[np.ndarray]] = {s.name: [] for s in inputs}
+    outs: dict[str, list[np.ndarray]] = {}
+    for data, produced in sets:
+        arrays = [(s.name, a) for s, a in zip(outputs, produced.arrays, strict=True)
+                  if a is not None]
+        if not arrays:
+            return None
+        rows = min(len(a) for _, a in arrays)  # a batch > 1 drops the last partial batch
+        for name in ins:
+            ins[name].append(np.asarray(data.inputs[name])[:rows])
+        for name, a in arrays:
+            outs.setdefault(name, []).append(a[:rows])
+    if not outs:
+        return None
+    return DriftSample({k: np.concatenate(v) for k, v in ins.items()},
+                      {k: np.concatenate(v) for k, v in outs.items()})
+
+
+def reference_member(sample: DriftSample | None, *, why_not: str = "") -> tuple[dict, dict]:
+    """The bundle member ``drift.json`` for ``sample`` and the build report's ``drift`` entry.
+
+    Returns ``({}, {"skipped": reason})`` when the build's data cannot give a reference (no
+    sample, too few rows, nothing of a supported kind): drift.json is optional.
+    """
+    if sample is None:
+        return {}, {"skipped": why_not or "the model's outputs are not tensors"}
+    rows = min((len(a) for a in (*sample.inputs.values(), *sample.outputs.values())), default=0)
+    if rows < MIN_REFERENCE_ROWS:
+        return {}, {"skipped": f"{rows} samples of calibration/eval data; a drift reference "
+                               f"needs at least {MIN_REFERENCE_ROWS}"}
+    task = "classification" if any(_class_output(a) for a in sample.outputs.values()) \
+        else "regression"
+    try:
+        ref = make_reference(sample.inputs, sample.outputs, task=task)
+    except DataError as e:
+        return {}, {"skipped": str(e)}
+    return ({REFERENCE_MEMBER: reference_json(ref)},
+            {"member": REFERENCE_MEMBER, "id": ref["id"], "task": task, "rows": ref["rows"],
+             "figures": len(ref["figures"]), "notes": ref["notes"]})
+
+
+def _class_output(a: np.ndarray) -> bool:
+    """Scores ``[N, C>1]`` or integer labels ``[N]``: the model classifies."""
+    return (a.dtype.kind == "f" and a.ndim == 2 and a.shape[1] > 1) or \
+        (a.dtype.kind in "iu" and a.ndim == 1)
 
 
 def make_reference(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], *,

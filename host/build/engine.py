@@ -14,6 +14,7 @@ from typing import Any
 
 from edgepack.agent.errors import ModelError
 from edgepack.host.build.backends import Backend, Baseline, backend_for
+from edgepack.host.build.drift_reference import reference_member
 from edgepack.host.build.package import package
 from edgepack.host.build.plan import BuildPlan
 from edgepack.host.build.report import Progress
@@ -55,8 +56,10 @@ def finish(backend: Backend, base: Baseline, plan: BuildPlan, progress: Progress
     asm = backend.assemble(base, optimized, plan, progress)
     if keras_pruning and asm.report.pruning is not None:
         asm.report.pruning["keras_fine_tuning"] = keras_pruning
-    return package(plan, asm.manifest, asm.model_bytes, asm.files, asm.golden, asm.report,
-                   progress)
+    member, entry = reference_member(asm.drift, why_not=asm.drift_skipped)
+    asm.report.model["drift"] = entry
+    return package(plan, asm.manifest, asm.model_bytes, {**asm.files, **member}, asm.golden,
+                   asm.report, progress)
 
 
 def _prune_keras_source(plan: BuildPlan, work: Path, progress: Progress

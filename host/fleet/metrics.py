@@ -19,6 +19,13 @@ quantile}``                                             window (0.5, 0.95, 0.99)
 ``edgepack_install_outcomes_total{fleet,outcome}``      install events stored (installed,
                                                         health_failed, rolled_back, rejected,
                                                         error) within the retention window
+``edgepack_drift_score{fleet,device,bundle}``           drift of the device's windows on the bundle
+                                                        (first 12 hex digits of its id) over the
+                                                        last hour: 1.0 is the alert threshold;
+                                                        absent until 300 rows are sketched
+``edgepack_drift_alert{fleet,device,bundle}``           1 when a figure alerts, else 0
+``edgepack_drift_rows{fleet,device,bundle}``            rows sketched behind the verdict
+``edgepack_drift_confidence_drop{…}``                   fall of the mean top probability
 ``edgepack_rollouts{fleet,state}``                      rollouts by state
 ``edgepack_collector_connected``                        1 while subscribed to the broker
 ``edgepack_collector_messages_received_total{kind}``    messages the broker delivered, by topic
@@ -119,6 +126,8 @@ class _FleetCollector:
             for status, n in counts.items():
                 devices.add_metric([fleet, status], float(n))
         yield from (devices, online, info, latency, rss, peak, cpu, temp, infer, errors, seen)
+        if self.per_device:
+            yield from _drift_families(self.store, self.fleets, GaugeMetricFamily)
 
         outcomes = CounterMetricFamily("edgepack_install_outcomes",
                                        "Install events stored, by outcome.",
@@ -184,6 +193,33 @@ class _FleetCollector:
             yield _gauge(GaugeMetricFamily, "edgepack_rollout_engine_errors",
                          "Rollout steps that failed (retried next tick).",
                          float(self.engine.errors))
+
+
+def _drift_families(store: Store, fleets: Iterable[str], gauge: Any) -> Iterator[Any]:
+    """``edgepack_drift_*``: each device's verdict on the bundle it ran over the last hour."""
+    from edgepack.host.fleet.drift_status import drift_status
+
+    labels = ["fleet", "device", "bundle"]
+    score = gauge("edgepack_drift_score", "Drift score of the device's windows over the last "
+                  "hour (1.0 = alert threshold).", labels=labels)
+    alert = gauge("edgepack_drift_alert", "1 when a drift figure alerts.", labels=labels)
+    rows = gauge("edgepack_drift_rows", "Rows sketched behind the drift verdict.", labels=labels)
+    drop = gauge("edgepack_drift_confidence_drop", "Fall of the mean top probability from the "
+                 "bundle's reference.", labels=labels)
+    for fleet in fleets:
+        for s in drift_status(store, fleet):
+            if s.verdict is None:
+                continue
+            key = [fleet, s.key, (s.bundle_id or "")[:12]]
+            rows.add_metric(key, float(s.verdict.rows))
+            alert.add_metric(key, 1.0 if s.alert else 0.0)
+            if s.score is not None:
+                score.add_metric(key, float(s.score))
+            drops = [f.confidence_drop for f in s.verdict.figures
+                     if f.confidence_drop is not None]
+            if drops:
+                drop.add_metric(key, float(max(drops)))
+    yield from (score, alert, rows, drop)
 
 
 def _gauge(cls: Any, name: str, helptext: str, value: float) -> Any:

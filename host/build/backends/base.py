@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from edgepack.host.build.plan import BuildPlan
 from edgepack.host.build.report import Progress
 from edgepack.host.build.result import BuildReport
 from edgepack.host.build.validate import Outputs
+
+if TYPE_CHECKING:
+    from edgepack.host.build.drift_reference import DriftSample
 
 __all__ = ["Assembly", "Backend", "Baseline"]
 
@@ -43,6 +46,10 @@ class Assembly:
     files: dict[str, bytes]
     golden: dict[str, np.ndarray]
     report: BuildReport
+    # The build's data and the chosen model's outputs on it, for the drift reference
+    # (None: the backend gives none, and the bundle has no drift.json).
+    drift: DriftSample | None = None
+    drift_skipped: str = "not profiled for this model format"
 
 
 class Backend(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.agent.errors import GateError, ModelError
 from edgepack.agent.profiles import QuantScheme
@@ -37,6 +37,9 @@ from edgepack.host.build.validate import (
     rank_sensitive_nodes,
     run_outputs,
 )
+
+if TYPE_CHECKING:
+    from edgepack.host.build.drift_reference import DriftSample
 
 __all__ = ["PREFER_DEFAULT", "OnnxBackend"]
 
@@ -278,7 +281,8 @@ class OnnxBackend:
             optimization=optimization, metrics=measured.report_metrics(profile),
             warnings=warnings, timings_s=dict(progress.timings), variants=opt.variants,
             pruning=pruning)
-        return Assembly(manifest, res.model_bytes, {}, golden, report)
+        drift, skipped = _drift_sample(base, res.model_bytes, best.outputs, plan.data.batch)
+        return Assembly(manifest, res.model_bytes, {}, golden, report, drift, skipped)
 
 
 def _gate_data(plan: BuildPlan, prepared: PreparedModel, domain: Any = None) -> Any:
@@ -365,3 +369,18 @@ def _int8_with_fallback(base: _OnnxBaseline, scheme: QuantScheme, method: str, m
         "`calibration_method=` entropy or percentile, more or more representative calibration "
         "data, `quantize=` fp16, or raise `max_drop=`.", stage="gate", field="max_drop")
 
+
+
+def _drift_sample(base: _OnnxBaseline, model_bytes: bytes, eval_outputs: Outputs, batch: int
+                  ) -> tuple[DriftSample | None, str]:
+    """Calibration and eval inputs with the chosen model's outputs on them (drift.json)."""
+    from edgepack.host.build.drift_reference import drift_sample
+
+    data = base.data
+    if data.random:
+        return None, "no calibration or eval data (random inputs say nothing of the field)"
+    sets = [(data.evalset, eval_outputs)]
+    if data.calib is not None and data.calib is not data.evalset:
+        sets.append((data.calib, run_outputs(Session(model_bytes, base.threads), data.calib,
+                                             batch)))
+    return drift_sample(base.inputs, base.outputs, sets), ""

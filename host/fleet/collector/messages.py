@@ -6,12 +6,14 @@ skipped; the rest of the batch is kept.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from edgepack.agent.errors import ProtocolError
 from edgepack.agent.protocol import VERSION, check_id, decode
+from edgepack.host.fleet.drift import decode_window
 from edgepack.host.fleet.storage import Batch
 
 __all__ = ["Parsed", "parse_messages"]
@@ -68,6 +70,8 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
                     continue
                 (batch.telemetry if leaf == "telemetry" else batch.events).append(
                     (fleet, device, rcv, body))
+                if leaf == "telemetry" and body.get("drift") is not None:
+                    _drift_window(batch, fleet, device, rcv, body, dropped)
                 ts = body.get("ts")
                 if isinstance(ts, (int, float)) and not isinstance(ts, bool):
                     out.device_ts.append(float(ts))
@@ -89,3 +93,19 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
             dropped["bad_message"] += 1
             log.debug("dropped a message on %s: %s", topic, exc)
     return out
+
+
+def _drift_window(batch: Batch, fleet: str, device: str, received: float, telemetry: dict,
+                  dropped: Counter) -> None:
+    """Keep a telemetry message's drift window if it is a well-formed ``drift/1`` window; a bad
+    one is counted in ``dropped["bad_drift"]`` and the rest of the message is kept."""
+    raw = telemetry["drift"]
+    try:
+        w = decode_window(raw)
+    except ProtocolError as exc:
+        dropped["bad_drift"] += 1
+        log.debug("dropped the drift window of %s: %s", device, exc)
+        return
+    batch.drift.append((fleet, device, received, telemetry, w.reference_id,
+                        (w.calls, w.sampled, w.rows),
+                        raw if isinstance(raw, str) else json.dumps(raw, separators=(",", ":"))))

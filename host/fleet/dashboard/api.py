@@ -6,10 +6,12 @@ server in :mod:`edgepack.host.fleet.dashboard.server` only routes to them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import Any
 
+from edgepack.host.fleet.drift_status import drift_series, drift_status
 from edgepack.host.fleet.rollout import FINAL_STATES, bundle_budgets, rollout_status
 from edgepack.host.fleet.rollout.plan import EVENT_STATUS
 from edgepack.host.fleet.storage import (
@@ -128,8 +130,10 @@ class FleetAPI:
     def device_rows(self, fleet: str) -> list[dict[str, Any]]:
         now = time.time()
         budgets = {b.bundle_id: bundle_budgets(b.manifest) for b in self.store.bundles.list(fleet)}
+        drift = {(s.key, s.bundle_id): s for s in drift_status(self.store, fleet)}
         rows = []
         for d in self.store.devices.list(fleet):
+            dr = drift.get((d.device_id, d.bundle_id))
             health, why = health_of(d, budgets.get(d.bundle_id or "", {}), now,
                                     self.stale_after_s)
             t = _latency_when_serving(d.telemetry or {})
@@ -147,6 +151,8 @@ class FleetAPI:
                 "p99_ms": t.get("p99"), "rss_mb": t.get("rss_mb"),
                 "peak_rss_mb": t.get("peak_rss_mb"), "cpu_percent": t.get("cpu_percent"),
                 "temperature_c": t.get("temperature_c"),
+                "drift_score": dr.score if dr else None, "drift_alert": bool(dr and dr.alert),
+                "drift_note": dr.note if dr else "no drift windows",
             })
         return rows
 
@@ -369,6 +375,24 @@ class FleetAPI:
                               "created": r.created}
                              for r in self.store.rollouts.list(fleet)
                              if r.bundle_id == b.bundle_id]}
+
+    # -- drift
+    def drift(self, fleet: str | None, *, device: str | None = None, bundle: str | None = None,
+              group: str | None = None, since: float | None = None,
+              until: float | None = None, points: int | None = None) -> dict[str, Any]:
+        """Drift verdicts per device, bundle or group over a time range (``drift_status``);
+        with ``points``, also the score over time (``drift_series``)."""
+        fleet = self.fleet(fleet)
+        if bundle:
+            with contextlib.suppress(NotFound):  # a unique prefix of a published bundle too
+                bundle = self.bundle(fleet, bundle)["bundle_id"]
+        found = drift_status(self.store, fleet, device=device, bundle=bundle, group=group,
+                             since=since, until=until)
+        out: dict[str, Any] = {"fleet": fleet, "verdicts": [s.to_json() for s in found]}
+        if points:
+            out["series"] = drift_series(self.store, fleet, device=device, bundle=bundle,
+                                         group=group, since=since, until=until, points=points)
+        return out
 
     # -- collector
     def health(self) -> dict[str, Any]:

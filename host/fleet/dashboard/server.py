@@ -162,6 +162,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return api.rollouts(fleet)
             if len(rest) == 1:
                 return api.rollout(rest[0])
+        if head == "drift" and not rest:
+            return api.drift(fleet, device=q.get("device"), bundle=q.get("bundle"),
+                             group=q.get("group"), since=_float(q.get("since")),
+                             until=_float(q.get("until")),
+                             points=int(q["points"]) if q.get("points") else None)
         if head == "bundles":
             if not rest:
                 return api.bundles(fleet)

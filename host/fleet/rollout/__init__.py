@@ -17,7 +17,8 @@ after a restart, and pause / resume / abort work from any process that reaches t
    transfer given up, no answer within ``stage_timeout``).
 4. **Soak**: once every device of the stage has installed or failed, the stage soaks for
    ``soak`` seconds; a device whose telemetry on the new bundle goes over the bundle's budgets
-   (p95 latency, peak RSS) in more than a quarter of its reports fails.
+   (p95 latency, peak RSS) in more than a quarter of its reports fails, and so does a device
+   whose drift on the new bundle alerts while its previous bundle's did not (:mod:`.drift_gate`).
 5. **Halt** when the failures among all devices deployed so far exceed ``max_failures`` (an
    absolute count, or a percentage of the devices deployed so far): the stage's devices get a
    device-level desired state naming their previous bundle (with ``allow_downgrade``), and the

@@ -19,6 +19,7 @@ from edgepack.agent.errors import BrokerError, ProtocolError
 from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.host.fleet.rollout import actions
 from edgepack.host.fleet.rollout.actions import Tick
+from edgepack.host.fleet.rollout.drift_gate import check_drift
 from edgepack.host.fleet.rollout.plan import ACTIVE_STATES, EVENT_STATUS, allowed_failures
 from edgepack.host.fleet.storage import (
     DeviceRecord,
@@ -196,6 +197,7 @@ class RolloutEngine:
                                 f"{r.soak_s:g}s")
             return
         self._check_budgets(tick, k)
+        check_drift(self.store, tick, k)
         if self._over_limit(tick):
             return
         if tick.now - r.soak_started < r.soak_s:

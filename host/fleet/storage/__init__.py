@@ -18,6 +18,7 @@ One repository per table, each returning frozen records (SQL lives only in this 
 ``store.bundles``       :class:`BundleRecord`           manifests of published bundles, reports
 ``store.desired``       :class:`DesiredRecord`          retained desired states (device, group)
 ``store.rollouts``      :class:`RolloutRecord`, …       staged rollouts, their devices and log
+``store.drift``         :class:`DriftWindowRecord`, …   devices' drift windows, bundles' drift.json
 ``store.meta``          —                               schema version, leases, heartbeats
 ======================  ==============================  ==========================================
 
@@ -41,6 +42,12 @@ from edgepack.host.fleet.storage.db import (
 )
 from edgepack.host.fleet.storage.desired import Desired, DesiredRecord
 from edgepack.host.fleet.storage.devices import DeviceRecord, Devices
+from edgepack.host.fleet.storage.drift import (
+    DriftReferenceRecord,
+    DriftWindowRecord,
+    DriftWindows,
+    drift_row,
+)
 from edgepack.host.fleet.storage.events import (
     DeploymentSummary,
     EventRecord,
@@ -84,6 +91,8 @@ __all__ = [
     "RolloutRecord",
     "RolloutDeviceRecord",
     "RolloutLogEntry",
+    "DriftWindowRecord",
+    "DriftReferenceRecord",
 ]
 
 
@@ -94,7 +103,9 @@ class Batch:
     ``states``: ``(fleet, device_id, received, payload)`` where payload is the decoded state
     message (a presence-only message such as the LWT ``{"online": false}`` updates presence
     and keeps the rest). ``telemetry``: ``(fleet, device_id, received, payload)``. ``events``:
-    ``(fleet, device_id, received, payload)``. ``bundles``: ``(fleet, received, table)`` where
+    ``(fleet, device_id, received, payload)``. ``drift``: ``(fleet, device_id, received,
+    telemetry, ref, (calls, sampled, rows), window JSON)`` for each telemetry message whose
+    window passed validation. ``bundles``: ``(fleet, received, table)`` where
     table is the decoded retained manifest message. ``desired``: ``(fleet, scope, name,
     received, payload or None)``; None clears it.
     """
@@ -104,8 +115,10 @@ class Batch:
     events: list[tuple[str, str, float, dict]] = field(default_factory=list)
     bundles: list[tuple[str, float, dict]] = field(default_factory=list)
     desired: list[tuple[str, str, str, float, dict | None]] = field(default_factory=list)
+    drift: list[tuple[str, str, float, dict, str, tuple[int, int, int], str]] = field(
+        default_factory=list)
 
-    KINDS = ("states", "telemetry", "events", "bundles", "desired")
+    KINDS = ("states", "telemetry", "events", "bundles", "desired", "drift")
 
     def __len__(self) -> int:
         return sum(len(getattr(self, name)) for name in self.KINDS)
@@ -130,6 +143,7 @@ class Store:
         self.bundles = Bundles(db)
         self.desired = Desired(db)
         self.rollouts = Rollouts(db)
+        self.drift = DriftWindows(db)
         self.meta = Meta(db)
 
     @property
@@ -188,13 +202,17 @@ class Store:
                 self.bundles.write(cur, fleet, received, table)
             for fleet, scope, name, received, payload in batch.desired:
                 self.desired.write(cur, fleet, scope, name, received, payload)
+            if batch.drift:
+                self.drift.write(cur, [drift_row(*item) for item in batch.drift])
 
     def prune(self, *, telemetry_before: float | None = None,
               events_before: float | None = None) -> dict[str, int]:
-        """Delete telemetry and events received before the given unix times (retention)."""
+        """Delete telemetry (and drift windows) and events received before the given unix
+        times (retention)."""
         out = {"telemetry": 0, "events": 0}
         if telemetry_before is not None:
             out["telemetry"] = self.telemetry.prune(telemetry_before)
+            self.drift.prune(telemetry_before)
         if events_before is not None:
             out["events"] = self.events.prune(events_before)
         if self.kind == "sqlite" and (out["telemetry"] or out["events"]):

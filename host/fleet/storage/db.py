@@ -22,7 +22,9 @@ from edgepack.agent.errors import EdgepackError
 
 __all__ = ["Database", "StorageError", "Cursor", "open_database", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+# 2: drift_windows and drift_references (added by the CREATE … IF NOT EXISTS below; a version 1
+# database gains them when opened and is marked 2).
+SCHEMA_VERSION = 2
 
 
 class StorageError(EdgepackError):
@@ -87,6 +89,16 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 CREATE TABLE IF NOT EXISTS rollout_log (
     id {autoid}, rollout_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, message TEXT);
 CREATE INDEX IF NOT EXISTS rollout_log_rollout ON rollout_log (rollout_id, id);
+CREATE TABLE IF NOT EXISTS drift_windows (
+    fleet TEXT NOT NULL, device_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL, bundle_id TEXT,
+    ref TEXT NOT NULL, calls BIGINT, sampled BIGINT, nrows BIGINT, payload TEXT NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS drift_windows_device_ts ON drift_windows (fleet, device_id, ts);
+CREATE INDEX IF NOT EXISTS drift_windows_bundle ON drift_windows (fleet, bundle_id, ts);
+CREATE INDEX IF NOT EXISTS drift_windows_received ON drift_windows (received);
+CREATE TABLE IF NOT EXISTS drift_references (
+    fleet TEXT NOT NULL, bundle_id TEXT NOT NULL, ref TEXT, reference TEXT, error TEXT,
+    PRIMARY KEY (fleet, bundle_id));
 """
 
 
@@ -381,6 +393,9 @@ class Database:
                 raise StorageError(
                     f"the fleet database {self.safe_url} has schema version {row[0]}, newer than "
                     f"this edgepack understands ({SCHEMA_VERSION}): upgrade edgepack")
+            elif int(row[0]) < SCHEMA_VERSION:  # the tables it lacked were created above
+                cur.execute("UPDATE meta SET value = ?, updated = ? WHERE key = ?",
+                            (str(SCHEMA_VERSION), time.time(), "schema_version"))
 
 
 # ------------------------------------------------------------------------------ opening

@@ -108,26 +108,38 @@ pages.overview = {
       h("div", { cls: "toolbar" }, search, rows.length > MAX_ROWS
         ? h("span", { cls: "muted" }, `showing the first ${MAX_ROWS}: filter to narrow`) : null),
       table(["device", "status", "board", "target", "bundle", "last seen", "health",
-        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }],
+        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }, { t: "drift", cls: "num" }],
       rows.slice(0, MAX_ROWS).map((r) => h("tr", { "data-device": r.device },
         h("td", {}, a(`/devices/${encodeURIComponent(r.device)}`, r.device)),
         h("td", {}, badge(r.status)), h("td", {}, r.board || "–"), h("td", {}, r.target || "–"),
         h("td", {}, r.bundle_id ? a(`/bundles/${r.bundle_id}`, `${r.bundle_name || "?"} ${r.bundle_version || ""}`) : "–"),
         h("td", { title: when(r.last_seen) }, ago(r.last_seen)),
         h("td", { title: r.health_detail || "" }, badge(r.health), r.health_detail ? h("span", { cls: "muted" }, " ", r.health_detail) : null),
-        h("td", { cls: "num" }, fmt(r.p95_ms)), h("td", { cls: "num" }, fmt(r.rss_mb, 0)))),
+        h("td", { cls: "num" }, fmt(r.p95_ms)), h("td", { cls: "num" }, fmt(r.rss_mb, 0)),
+        driftCell(r))),
       { id: "devices-table" }),
     ];
   },
 };
 
+// Drift score of the device's last hour (1.0 = the alert threshold): red when a figure alerts.
+function driftCell(r) {
+  const title = r.drift_note || (r.drift_alert ? "drift: a figure is over its threshold" : "no drift");
+  if (r.drift_score === null || r.drift_score === undefined) {
+    return h("td", { cls: "num drift", title, "data-drift": "none" }, "–");
+  }
+  const s = r.drift_alert ? "drifting" : "stable";
+  return h("td", { cls: "num drift", title, "data-drift": s }, badge(s, fmt(r.drift_score, 2)));
+}
+
 pages.device = {
   load: async (id) => {
-    const [dev, tel] = await Promise.all([api(`/api/devices/${encodeURIComponent(id)}`),
-      api(`/api/devices/${encodeURIComponent(id)}/telemetry?since=-${state.range}&points=600`)]);
-    return { dev, tel };
+    const [dev, tel, drift] = await Promise.all([api(`/api/devices/${encodeURIComponent(id)}`),
+      api(`/api/devices/${encodeURIComponent(id)}/telemetry?since=-${state.range}&points=600`),
+      api(`/api/drift?device=${encodeURIComponent(id)}&since=-${state.range}&points=30`)]);
+    return { dev, tel, drift };
   },
-  draw({ dev, tel }) {
+  draw({ dev, tel, drift }) {
     const d = dev;
     const ranges = [[900, "15 min"], [3600, "1 h"], [21600, "6 h"], [86400, "24 h"], [604800, "7 d"]];
     return [
@@ -151,7 +163,8 @@ pages.device = {
         h("div", { cls: "panel chart", id: "chart-latency", "data-points": tel.points }, h("h3", {}, "Inference latency (ms)")),
         h("div", { cls: "panel chart", id: "chart-memory", "data-points": tel.points }, h("h3", {}, "Memory (MB)")),
         h("div", { cls: "panel chart", id: "chart-cpu", "data-points": tel.points }, h("h3", {}, "CPU (%) and temperature (°C)")),
-        h("div", { cls: "panel chart", id: "chart-rate", "data-points": tel.points }, h("h3", {}, "Inferences and errors per report"))),
+        h("div", { cls: "panel chart", id: "chart-rate", "data-points": tel.points }, h("h3", {}, "Inferences and errors per report")),
+        driftPanel(drift)),
       h("h2", {}, "Events"),
       table(["time", "kind", "deployment", "detail"], d.events.map((e) => h("tr", {},
         h("td", { title: when(e.ts) }, ago(e.received)), h("td", {}, badge(e.kind)),
@@ -159,7 +172,8 @@ pages.device = {
       h("details", {}, h("summary", {}, "last state message"), h("pre", {}, JSON.stringify(d.state, null, 2))),
     ];
   },
-  after({ tel }) {
+  after({ tel, drift }) {
+    driftChart(drift);
     const s = tel.series, b = tel.budgets || {};
     const flat = (v) => s.ts.map(() => v);
     chart("chart-latency", s.ts, [["p50", s.p50, "#2da44e"], ["p95", s.p95, "#0969da"], ["p99", s.p99, "#8250df"],
@@ -170,6 +184,21 @@ pages.device = {
     chart("chart-rate", s.ts, [["inferences", s.inferences, "#2da44e"], ["errors", s.errors, "#cf222e"]]);
   },
 };
+
+// The drift score over the page's range (1.0 = the default alert threshold) and the latest verdict.
+function driftPanel(d) {
+  const v = (d.verdicts || [])[d.verdicts.length - 1];
+  const what = !v ? "no drift windows" : v.score === null ? (v.note || "not judged yet")
+    : `${v.alert ? "alert" : "no alert"}: score ${fmt(v.score, 2)} over ${v.verdict.rows} rows`;
+  return h("div", { cls: "panel chart", id: "chart-drift", "data-drift": v && v.score !== null ? (v.alert ? "drifting" : "stable") : "none" },
+    h("h3", {}, "Drift score (1.0 = alert)"), h("div", { cls: "muted" }, what));
+}
+function driftChart(d) {
+  if (!d || !d.series) return;
+  const s = d.series;
+  chart("chart-drift", s.ts, [["score", s.score, "#8250df"], ["confidence drop ×10", s.confidence_drop.map((x) => (x === null ? null : x * 10)), "#bf3989"],
+    ["alert threshold", s.ts.map(() => 1), "#cf222e", [6, 4]]]);
+}
 
 function chart(id, xs, lines) {
   const el = document.getElementById(id);
@@ -282,7 +311,12 @@ pages.bundles = {
 };
 
 pages.bundle = {
-  load: (id) => api(`/api/bundles/${encodeURIComponent(id)}`),
+  load: async (id) => {
+    const b = await api(`/api/bundles/${encodeURIComponent(id)}`);
+    b.drift = await api(`/api/drift?bundle=${encodeURIComponent(b.bundle_id)}&since=-${state.range}&points=30`);
+    return b;
+  },
+  after: (b) => driftChart(b.drift),
   draw(b) {
     const m = b.manifest || {};
     const model = m.model || {}, rt = m.runtime || {}, opt = m.optimization || {};
@@ -314,6 +348,7 @@ pages.bundle = {
         h("details", {}, h("summary", {}, "report.json"), h("pre", {}, JSON.stringify(report, null, 2)))]
           : b.report_status === "fetching" ? h("p", { cls: "muted" }, "Fetching the bundle from the broker to read its report…")
             : h("p", { cls: "muted" }, `Report unavailable: ${b.report_error}`)),
+      h("div", { cls: "grid2" }, driftPanel(b.drift)),
       h("h2", {}, `Devices running it (${b.devices.length})`),
       h("div", { cls: "panel" }, b.devices.length ? b.devices.map((d, i) => [i ? ", " : "", a(`/devices/${encodeURIComponent(d)}`, d)]) : h("span", { cls: "muted" }, "none")),
       b.rollouts.length ? [h("h2", {}, "Rollouts"), h("ul", {}, b.rollouts.map((r) => h("li", {}, a(`/rollouts/${r.id}`, r.id), " ", badge(r.state), ` to ${r.group} — ${when(r.created)}`)))] : null,

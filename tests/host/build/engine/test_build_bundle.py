@@ -22,7 +22,8 @@ from edgepack.agent.signing import load_public_keys
 from edgepack.host.build import build
 from edgepack.host.cli import main
 
-MEMBERS = ("manifest.json", "model.onnx", "golden.npz", "report.json", "signature.json")
+MEMBERS = ("manifest.json", "model.onnx", "golden.npz", "report.json", "signature.json",
+           "drift.json")
 
 
 def _members(path: Path) -> dict[str, bytes]:
@@ -53,7 +54,7 @@ def test_bundle_members_and_manifest(signed_mlp, keys):
                                 "quantization": None}]
     assert model["outputs"][0]["name"] == "logits"
     assert manifest["files"] == {n: hashlib.sha256(members[n]).hexdigest()
-                                 for n in ("golden.npz", "report.json")}
+                                 for n in ("golden.npz", "report.json", "drift.json")}
     assert manifest["runtime"]["name"] == "onnxruntime"
     assert manifest["optimization"]["mode"] == "int8"
     assert manifest["budgets"]["p95_ms"] == 200

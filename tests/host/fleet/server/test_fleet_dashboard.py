@@ -36,6 +36,9 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     first = sim.devices[0].id
     row = page.locator(f"tr[data-device='{first}']")
     assert "rpi4" in row.inner_text() and "online" in row.inner_text()
+    # the drift column: simulated devices send no drift windows, so it says so
+    assert "drift" in page.locator("#devices-table thead").inner_text()
+    assert row.locator("td.drift").get_attribute("data-drift") == "none"
     assert page.locator("header nav a.active").inner_text() == "Devices"
     # filtering keeps the focus and narrows the table
     page.fill("input[type=search]", first)
