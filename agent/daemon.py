@@ -42,12 +42,13 @@ from edgepack.agent.installer import Installer
 from edgepack.agent.mqtt import Connection
 from edgepack.agent.outbox import Outbox
 from edgepack.agent.profiler import Profiler
-from edgepack.agent.protocol import DesiredState, Topics, encode, parse_desired
+from edgepack.agent.protocol import DesiredState, Topics, encode
 from edgepack.agent.reconcile import Action, decide, effective_desired
 from edgepack.agent.runtimes import available_runtimes, runtime_version
 from edgepack.agent.signing import load_public_keys
 from edgepack.agent.states import Phase
 from edgepack.agent.telemetry import LatencyStats, SystemSampler
+from edgepack.agent.trust import ControlRefused, DesiredGate
 
 __all__ = ["Agent", "main"]
 
@@ -64,6 +65,11 @@ class Agent:
         self._lock_fd = _lock_data_dir(Path(cfg.data_dir))
         self.topics = Topics(cfg.fleet)
         self.keys = load_public_keys(cfg.trusted_keys) if cfg.trusted_keys else {}
+        self.gate = DesiredGate(cfg.data_dir, device_id=cfg.device_id, fleet=cfg.fleet,
+                                groups=cfg.groups, trusted_keys=cfg.trusted_keys,
+                                root_file=cfg.trust_root, allow_unsigned=cfg.allow_unsigned)
+        self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
+        self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
         self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite",
                              cfg.telemetry.outbox_max_bytes)
@@ -89,6 +95,7 @@ class Agent:
         self.events_topic = self.topics.events(cfg.device_id)
         self.telemetry_topic = self.topics.telemetry(cfg.device_id)
         self.desired_topic = self.topics.desired(cfg.device_id)
+        self.downgrade_topic = self.topics.downgrade(cfg.device_id)
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
         will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
                                           "reason": "connection lost"}), 1, True)
@@ -133,6 +140,9 @@ class Agent:
         if self.installer.damaged:
             self._recover_state(self.installer.damaged)
         self.load_active()
+        active = self.installer.active
+        if active is not None:  # a crash between a commit and its floor leaves it lower
+            self.gate.record_install(active.name, active.version)
         if cfg.socket_path is not None or cfg.serve.http:
             self.server = InferenceServer(self.service, socket_path=cfg.socket_path,
                                           http=cfg.serve.http).start()
@@ -217,7 +227,7 @@ class Agent:
         log.info("connected to %s", self.net.cfg.url)
         self.publish_state()
         try:
-            self.net.subscribe([self.desired_topic, *self.group_topics])
+            self.net.subscribe([self.downgrade_topic, self.desired_topic, *self.group_topics])
             self.net.subscribe([self.profiler.jobs_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
             log.warning("%s", exc)
@@ -237,20 +247,40 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if self.profiler.wants(topic):  # its jobs, and chunks it fetches (maybe an install's too)
             self.profiler.on_message(topic, payload)
-        if topic == self.desired_topic:
-            self.desired_device = parse_desired(payload)
-            self._reconcile()
-        elif topic in self.group_topics:
-            ds = parse_desired(payload)
-            group = self.group_topics[topic]
-            if ds is None:
-                self.desired_groups.pop(group, None)
+        if topic == self.desired_topic or topic in self.group_topics:
+            try:
+                ds = self.gate.desired(payload)
+            except ControlRefused as exc:  # the previous verified desired state stays
+                self._control_refused(topic, "desired", exc)
+                return
+            if topic == self.desired_topic:
+                self.desired_device = ds
+            elif ds is None:
+                self.desired_groups.pop(self.group_topics[topic], None)
             else:
-                self.desired_groups[group] = ds
+                self.desired_groups[self.group_topics[topic]] = ds
             self._reconcile()
+        elif topic == self.downgrade_topic:
+            try:
+                self.gate.downgrade(payload)
+            except ControlRefused as exc:
+                self._control_refused(topic, "downgrade", exc)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
+
+    def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
+        """One event per topic and reason a minute (a storm is counted in telemetry)."""
+        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+        now = time.monotonic()
+        last = self._refused_at.get((topic, exc.reason))
+        if last is not None and now - last < 60.0:
+            return
+        self._refused_at[(topic, exc.reason)] = now
+        self.event("control_refused", f"{kind} message on {topic} refused: {exc}; the device "
+                   "keeps its verified desired state and its bundle", control=kind,
+                   reason=exc.reason, key_ids=list(exc.key_ids),
+                   version=exc.context.get("version"), topic=topic)
 
     # ------------------------------------------------------------------ timers
     def _tick(self) -> None:
@@ -405,7 +435,7 @@ class Agent:
             if v is not None or k not in body:
                 body[k] = v
         level = logging.WARNING if kind in ("rejected", "health_failed", "rolled_back",
-                                            "error") else logging.INFO
+                                            "error", "control_refused") else logging.INFO
         log.log(level, "%s: %s", kind, detail)
         try:
             self.outbox.put(self.events_topic, body, qos=1)
@@ -421,7 +451,8 @@ class Agent:
                 "bundle_id": active.bundle_id if active else None,
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase.value if self.job else "idle",
-                "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox)}
+                "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox),
+                "control_refused": dict(self.refused)}
         try:
             self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
         except sqlite3.Error as exc:

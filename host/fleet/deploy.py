@@ -12,6 +12,7 @@ reads the device's last reported state and returns warnings when it can already 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -155,7 +156,10 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
         desired = DesiredState(deployment_id=new_deployment_id(), bundle_id=bundle_id,
                                name=name, version=version, allow_downgrade=allow_downgrade,
                                ts=time.time())
-        client.publish(desired_topic, encode(desired.to_payload()), qos=1, retain=True)
+        length = (json.loads(raw_table)["bytes"] if raw_table is not None
+                  else path.stat().st_size)
+        warnings += _publish_desired(client, topics, desired, length, key=key, fleet=fleet,
+                                     device=device, group=group)
     result = DeployResult(
         deployment_id=desired.deployment_id, bundle_id=bundle_id, name=name, version=version,
         target=target, fleet=fleet, device=device, group=group, topic=desired_topic,
@@ -167,6 +171,36 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
     state = wait_for_deployment(cfg, result, timeout=wait)
     return replace(result, active=True, waited_s=round(time.monotonic() - t0, 3),
                    slot=state.get("slot"))
+
+
+def _publish_desired(client: SyncClient, topics: Topics, desired: DesiredState, length: int,
+                     *, key: str | Path | None, fleet: str, device: str | None,
+                     group: str | None) -> list[str]:
+    """Retain ``desired`` signed with the release key (protocol v2), preceded by a downgrade
+    authorization when ``allow_downgrade``; unsigned (v1) only when there is no key at all."""
+    from edgepack.agent.trust import Target
+    from edgepack.host.fleet.trust import release_signer, sign_desired, sign_downgrade
+
+    topic = topics.desired(device) if device is not None else topics.group_desired(group)
+    signer = release_signer(key)
+    if signer is None:
+        client.publish(topic, encode(desired.to_payload()), qos=1, retain=True)
+        return ["no release key: the desired state is unsigned (protocol v1), which devices "
+                "refuse unless they run with allow_unsigned (development); pass `key=`"]
+    warnings = []
+    t = Target(desired.bundle_id, int(length), desired.name, desired.version)
+    if desired.allow_downgrade and device is not None:
+        client.publish(topics.downgrade(device),
+                       sign_downgrade(signer, fleet, device=device, target=t), qos=1,
+                       retain=True)
+    elif desired.allow_downgrade:
+        warnings.append("a downgrade is authorized per device (protocol v2): devices of the "
+                        "group whose rollback floor is above this version refuse it; deploy "
+                        "to each of them with `device=`")
+    client.publish(topic, sign_desired(signer, fleet, target=t,
+                                       deployment_id=desired.deployment_id, device=device,
+                                       group=group), qos=1, retain=True)
+    return warnings
 
 
 def wait_for_deployment(broker: str | BrokerConfig, deployment: DeployResult, *,

@@ -29,6 +29,10 @@ __all__ = [
     "FRESHNESS_INTERVAL_S",
     "FRESHNESS_LIFETIME_S",
     "ControlSigner",
+    "release_signer",
+    "sign_desired",
+    "sign_downgrade",
+    "signed_version",
 ]
 
 DESIRED_LIFETIME_S = 30 * 86400     # re-signed by the operator before a month passes
@@ -136,3 +140,65 @@ class ControlSigner:
                           else ("fleet", self.fleet))
         return self.sign("freshness", scope, subject, fields={"versions": dict(versions)},
                          lifetime_s=lifetime_s, version=version)
+
+
+# -- release signing for deploy and rollouts (protocol v2) ----------------------------------
+
+#: where :func:`release_signer` looks when no key is passed: ``$EDGEPACK_KEY``, then the key
+#: ``edgepack keys generate --out keys/`` writes in the working directory
+DEFAULT_KEY_ENV = "EDGEPACK_KEY"
+DEFAULT_KEY_PATH = Path("keys") / "fleet.key"
+
+
+def release_signer(key: str | os.PathLike | None) -> Any | None:
+    """The release key that signs desired states: ``key`` (a PEM Ed25519 key file, 0600, such as
+    ``fleet.key`` or a ``release.key`` of ``edgepack keys init``), else ``$EDGEPACK_KEY``, else
+    ``./keys/fleet.key`` when it exists; None when there is none."""
+    from edgepack.host.fleet.keyring import load_signer
+
+    if key is None:
+        env = os.environ.get(DEFAULT_KEY_ENV)
+        key = env if env else (DEFAULT_KEY_PATH if DEFAULT_KEY_PATH.is_file() else None)
+    return load_signer(key) if key is not None else None
+
+
+def signed_version(payload: bytes | None) -> int:
+    """The ``signed.version`` of a retained v2 message (0: none, or not a v2 message)."""
+    if not payload:
+        return 0
+    try:
+        v = json.loads(payload)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def sign_desired(signer: Any, fleet: str, *, target: Target | None,
+                 deployment_id: str | None, device: str | None = None,
+                 group: str | None = None, previous: bytes | None = None,
+                 lifetime_s: float = DESIRED_LIFETIME_S) -> bytes:
+    """A release-signed desired state whose version is above ``previous`` (the retained
+    message it replaces), above the current second and above what this process signed for the
+    same device or group: devices refuse anything not newer."""
+    scope, subject = ("device", device) if device else ("group", group)
+    cs = ControlSigner(fleet, [signer])
+    return cs.desired(target=target, deployment_id=deployment_id, device=device, group=group,
+                      lifetime_s=lifetime_s,
+                      version=_next(cs, f"desired/{scope}/{subject}", previous))
+
+
+def sign_downgrade(signer: Any, fleet: str, *, device: str, target: Target,
+                   previous: bytes | None = None) -> bytes:
+    """A release-signed authorization for ``device`` to install ``target`` below its floor."""
+    cs = ControlSigner(fleet, [signer])
+    return cs.downgrade(device=device, target=target,
+                        version=_next(cs, f"downgrade/device/{device}", previous))
+
+
+_LAST: dict[tuple[str, str], int] = {}  # versions this process signed: never twice the same
+
+
+def _next(cs: ControlSigner, key: str, previous: bytes | None) -> int:
+    v = max(signed_version(previous) + 1, int(cs.clock()), _LAST.get((cs.fleet, key), 0) + 1)
+    _LAST[(cs.fleet, key)] = v
+    return v

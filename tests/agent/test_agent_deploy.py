@@ -135,8 +135,9 @@ def test_refusals_change_nothing(agent_env, mosquitto, fleet, bundles, keys):
     refused(bundles.get("3.0.0", signer=None, seed=32), "signature", key=None)
     ev = refused(bundles.get("3.0.0", target="rpi4"), "target")
     assert "rpi4" in ev["detail"]
-    ev = refused(bundles.get("1.0.0"), "downgrade")
-    assert "allow_downgrade" in ev["detail"]
+    # protocol v2: the rollback floor replaces `allow_downgrade` (reason `below_floor`)
+    ev = refused(bundles.get("1.0.0"), "below_floor")
+    assert "rollback floor 2.0.0" in ev["detail"] and "downgrade authorization" in ev["detail"]
     # the bundle signed by another key, published with a table signed by the fleet key:
     # the table passes, the bundle's own signature does not
     ev = refused(bundles.get("3.0.1", signer="other"), "signature")
