@@ -29,6 +29,7 @@ __all__ = [
     "FRESHNESS_INTERVAL_S",
     "FRESHNESS_LIFETIME_S",
     "ControlSigner",
+    "release_key_path",
     "release_signer",
     "sign_desired",
     "sign_downgrade",
@@ -150,16 +151,23 @@ DEFAULT_KEY_ENV = "EDGEPACK_KEY"
 DEFAULT_KEY_PATH = Path("keys") / "fleet.key"
 
 
-def release_signer(key: str | os.PathLike | None) -> Any | None:
-    """The release key that signs desired states: ``key`` (a PEM Ed25519 key file, 0600, such as
-    ``fleet.key`` or a ``release.key`` of ``edgepack keys init``), else ``$EDGEPACK_KEY``, else
-    ``./keys/fleet.key`` when it exists; None when there is none."""
-    from edgepack.host.fleet.keyring import load_signer
-
+def release_key_path(key: str | os.PathLike | None) -> Path | None:
+    """``key``, else ``$EDGEPACK_KEY``, else ``./keys/fleet.key`` when it exists (absolute);
+    None when there is none."""
     if key is None:
         env = os.environ.get(DEFAULT_KEY_ENV)
         key = env if env else (DEFAULT_KEY_PATH if DEFAULT_KEY_PATH.is_file() else None)
-    return load_signer(key) if key is not None else None
+    return Path(key).absolute() if key is not None else None
+
+
+def release_signer(key: str | os.PathLike | None) -> Any | None:
+    """The release key that signs desired states (:func:`release_key_path`: a PEM Ed25519 key
+    file, 0600, such as ``fleet.key`` or the ``release.key`` of ``edgepack keys init``); None
+    when there is none."""
+    from edgepack.host.fleet.keyring import load_signer
+
+    path = release_key_path(key)
+    return load_signer(path) if path is not None else None
 
 
 def signed_version(payload: bytes | None) -> int:
