@@ -181,7 +181,7 @@ def signed_version(payload: bytes | None) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
-def sign_desired(signer: Any, fleet: str, *, target: Target | None,
+def sign_desired(signer: Any | Sequence[Any], fleet: str, *, target: Target | None,
                  deployment_id: str | None, device: str | None = None,
                  group: str | None = None, previous: bytes | None = None,
                  lifetime_s: float = DESIRED_LIFETIME_S) -> bytes:
@@ -189,18 +189,23 @@ def sign_desired(signer: Any, fleet: str, *, target: Target | None,
     message it replaces), above the current second and above what this process signed for the
     same device or group: devices refuse anything not newer."""
     scope, subject = ("device", device) if device else ("group", group)
-    cs = ControlSigner(fleet, [signer])
+    cs = ControlSigner(fleet, _signers(signer))
     return cs.desired(target=target, deployment_id=deployment_id, device=device, group=group,
                       lifetime_s=lifetime_s,
                       version=_next(cs, f"desired/{scope}/{subject}", previous))
 
 
-def sign_downgrade(signer: Any, fleet: str, *, device: str, target: Target,
+def sign_downgrade(signer: Any | Sequence[Any], fleet: str, *, device: str, target: Target,
                    previous: bytes | None = None) -> bytes:
     """A release-signed authorization for ``device`` to install ``target`` below its floor."""
-    cs = ControlSigner(fleet, [signer])
+    cs = ControlSigner(fleet, _signers(signer))
     return cs.downgrade(device=device, target=target,
                         version=_next(cs, f"downgrade/device/{device}", previous))
+
+
+def _signers(signer: Any) -> list[Any]:
+    """One signer, or several (a threshold above one, or keys of several roots)."""
+    return list(signer) if isinstance(signer, (list, tuple)) else [signer]
 
 
 _LAST: dict[tuple[str, str], int] = {}  # versions this process signed: never twice the same

@@ -34,11 +34,12 @@ TARGET = "x86-64-avx2"
 class Keys:
     """The fleet key pair devices trust, and a foreign one they do not.
 
-    The last one made is the release key :func:`publish_desired` signs desired states with
-    (devices derive their trusted root from ``fleet.pub``: protocol v2's simple path).
+    :func:`publish_desired` signs desired states with the fleet key of every ``Keys`` made in
+    this process (devices derive their trusted root from ``fleet.pub``: protocol v2's simple
+    path; signatures by keys a device does not know are ignored).
     """
 
-    current: Keys | None = None
+    made: list[Keys] = []
 
     def __init__(self, root: Path) -> None:
         from edgepack.host.keys import generate_keys, load_private_key
@@ -47,7 +48,11 @@ class Keys:
         self.other_key, self.other_pub, _ = generate_keys(root, "other")
         self.private = load_private_key(self.key)
         self.other_private = load_private_key(self.other_key)
-        Keys.current = self
+        Keys.made.append(self)
+
+    @classmethod
+    def release_keys(cls) -> list[Path]:
+        return [k.key for k in cls.made]
 
 
 
@@ -167,9 +172,9 @@ def signed_desired(fleet: str, bundle_id: str | None, *, length: int = 0,
     from edgepack.host.fleet.keyring import load_signer
     from edgepack.host.fleet.trust import sign_desired
 
-    key = key or Keys.current.key
+    signers = [load_signer(k) for k in ([key] if key else Keys.release_keys())]
     target = Target(bundle_id, length, name, version) if bundle_id else None
-    return sign_desired(load_signer(key), fleet, target=target,
+    return sign_desired(signers, fleet, target=target,
                         deployment_id=deployment_id if bundle_id else None,
                         device=None if group else (device_id or "dev1"), group=group)
 
@@ -188,7 +193,7 @@ def publish_desired(broker_url: str, fleet: str, bundle_id: str, *, device_id: s
                     key: Any = _RELEASE, length: int | None = None) -> str:
     """Write the retained desired state (what ``edgepack deploy`` does); returns the deployment id.
 
-    Signed (protocol v2) with ``key`` (default: the fleet key of the session's :class:`Keys`);
+    Signed (protocol v2) with ``key`` (default: the fleet keys of :class:`Keys`);
     ``key=None`` writes a v1 unsigned one (devices with ``allow_unsigned`` only).
     ``allow_downgrade`` also publishes a release-signed downgrade authorization for the device.
     """
@@ -197,7 +202,7 @@ def publish_desired(broker_url: str, fleet: str, bundle_id: str, *, device_id: s
     device = device_id or "dev1"
     topic = topics.group_desired(group) if group else topics.desired(device)
     if key is _RELEASE:
-        key = Keys.current.key if Keys.current is not None else None
+        key = False if Keys.made else None  # False: every Keys' fleet key
     if key is None:
         ds = DesiredState(deployment_id=dep, bundle_id=bundle_id, name=name, version=version,
                           allow_downgrade=allow_downgrade)
@@ -223,7 +228,8 @@ def signed_downgrade(fleet: str, device_id: str, bundle_id: str, length: int, na
     from edgepack.host.fleet.keyring import load_signer
     from edgepack.host.fleet.trust import sign_downgrade
 
-    return sign_downgrade(load_signer(key or Keys.current.key), fleet, device=device_id,
+    signers = [load_signer(k) for k in ([key] if key else Keys.release_keys())]
+    return sign_downgrade(signers, fleet, device=device_id,
                           target=Target(bundle_id, length, name, version))
 
 
