@@ -16,13 +16,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from agent_helpers import agent_config, publish_desired
+from agent_helpers import agent_config, publish_desired, signed_desired
 from reliability_helpers import CrashableAgent, Recorder, save_scenario, serves, wait_for
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BrokerError, BundleError
 from edgepack.agent.mqtt import BrokerConfig
-from edgepack.agent.protocol import DesiredState, Topics, chunk_table_payload, encode
+from edgepack.agent.protocol import (
+    DesiredState,
+    Topics,
+    chunk_table_payload,
+    encode,
+    parse_desired,
+)
 from edgepack.agent.signing import canonical_json, load_public_keys
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.publish import publish_bundle
@@ -305,8 +311,9 @@ def test_tls_private_ca_client_certs_and_acl(tmp_path, secure_broker, rel_bundle
             o.subscribe(t.prefix + "devices/#")
             info = publish_bundle(rel_bundles.get("1.0.0"), op, key_path=rel_keys.key,
                                   fleet=fleet, chunk_size=4096)
-            dep = DesiredState("dep-tls-1", info["bundle_id"], "tiny", "1.0.0")
-            o.publish(t.desired("dev-a"), encode(dep.to_payload()), retain=True)
+            o.publish(t.desired("dev-a"), signed_desired(
+                fleet, info["bundle_id"], length=rel_bundles.get("1.0.0").stat().st_size,
+                device_id="dev-a", deployment_id="dep-tls-1", key=rel_keys.key), retain=True)
             seen: dict[str, list[bytes]] = {}
             deadline = time.monotonic() + 40
             installed = False
@@ -346,7 +353,7 @@ def test_tls_private_ca_client_certs_and_acl(tmp_path, secure_broker, rel_bundle
                                not forged))
             retained = o.retained(t.desired("dev-a"))
             checks.append(("dev-a's desired state untouched",
-                           json.loads(retained[t.desired("dev-a")])["deployment_id"]
+                           parse_desired(retained[t.desired("dev-a")]).deployment_id
                            == "dep-tls-1"))
         # a certificate from a CA the broker does not trust
         try:
