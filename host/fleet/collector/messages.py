@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from edgepack.agent.errors import ProtocolError
-from edgepack.agent.protocol import VERSION, check_id, decode
+from edgepack.agent.protocol import VERSION, check_id, decode, parse_desired
 from edgepack.host.fleet.storage import Batch
 
 __all__ = ["Parsed", "parse_messages"]
@@ -54,7 +54,7 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
                 received[leaf] += 1
                 if leaf == "desired":
                     batch.desired.append((fleet, "device", device, rcv,
-                                          decode(payload) if payload else None))
+                                          _desired(payload)))
                     continue
                 if not payload or leaf not in ("telemetry", "events", "state"):
                     continue  # a cleared state: nothing to record
@@ -75,7 +75,7 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
             elif kind == "groups" and leaf == "desired":
                 received["group_desired"] += 1
                 batch.desired.append((fleet, "group", check_id(name, "group name"), rcv,
-                                      decode(payload) if payload else None))
+                                      _desired(payload)))
             elif kind == "bundles" and leaf == "manifest":
                 received["manifest"] += 1
                 if payload:
@@ -89,3 +89,15 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
             dropped["bad_message"] += 1
             log.debug("dropped a message on %s: %s", topic, exc)
     return out
+
+
+def _desired(payload: bytes) -> dict | None:
+    """A desired state (protocol v1, or v2 signed metadata read without verifying) as the v1
+    dict the store keeps; None when cleared."""
+    if not payload:
+        return None
+    body = decode(bytes(payload), "desired state")
+    if "signed" not in body:
+        return body
+    ds = parse_desired(bytes(payload))
+    return ds.to_payload() if ds is not None else None
