@@ -227,8 +227,8 @@ class Agent:
         log.info("connected to %s", self.net.cfg.url)
         self.publish_state()
         try:
+            self.net.subscribe([self.downgrade_topic])  # before the desired states it allows
             self.net.subscribe([self.desired_topic, *self.group_topics])
-            self.net.subscribe([self.downgrade_topic])
             self.net.subscribe([self.profiler.jobs_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
             log.warning("%s", exc)

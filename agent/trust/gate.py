@@ -110,10 +110,19 @@ class DesiredGate:
         trust_dir = Path(data_dir) / "trust"
         self.allow_unsigned = allow_unsigned
         self.verifier: ControlVerifier | None = None
+        self.authorization: Verified | None = None  # newest verified downgrade
+        self._downgrade_path = trust_dir / "downgrade.json"
         if open_root(trust_dir, root_file=root_file, trusted_keys=trusted_keys):
             self.verifier = ControlVerifier(trust_dir, device_id=device_id, fleet=fleet,
                                             groups=groups)
-        self.authorization: Verified | None = None  # newest verified downgrade
+            # kept across restarts: a resumed install checks the floor before the retained
+            # authorization arrives again
+            if self._downgrade_path.exists():
+                try:
+                    self.authorization = self.verifier.verify(
+                        self._downgrade_path.read_bytes(), kind="downgrade")
+                except ControlRefused as exc:
+                    log.info("the stored downgrade authorization no longer holds: %s", exc)
 
     @property
     def enforcing(self) -> bool:
@@ -138,6 +147,8 @@ class DesiredGate:
                                  reason=Reason.UNSIGNED, kind="downgrade")
         v = self.verifier.verify(payload, kind="downgrade")
         self.authorization = v
+        if v.new:
+            write_private(self._downgrade_path, payload)
         return v
 
     def check_floor(self, name: str, version: str, bundle_id: str) -> FloorDecision | None:
