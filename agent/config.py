@@ -136,6 +136,7 @@ class AgentConfig:
     groups: tuple[str, ...] = ()
     trusted_keys: tuple[str, ...] = ()
     trust_root: str = ""  # the fleet's root.json (protocol v2); "" derives one from trusted_keys
+    freshness_bound_s: float = 0.0  # report `freshness` stale beyond this age; 0: not checked
     allow_unsigned: bool = False
     compatible_targets: tuple[str, ...] = ()
     log_level: str = "info"

@@ -69,6 +69,7 @@ class Agent:
                                 groups=cfg.groups, trusted_keys=cfg.trusted_keys,
                                 root_file=cfg.trust_root, allow_unsigned=cfg.allow_unsigned)
         self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
+        self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
         self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
         self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite",
@@ -227,7 +228,8 @@ class Agent:
         log.info("connected to %s", self.net.cfg.url)
         self.publish_state()
         try:
-            self.net.subscribe([self.downgrade_topic])  # before the desired states it allows
+            # the downgrade before the desired states it allows
+            self.net.subscribe([self.downgrade_topic, self.topics.freshness])
             self.net.subscribe([self.desired_topic, *self.group_topics])
             self.net.subscribe([self.profiler.jobs_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
@@ -261,11 +263,12 @@ class Agent:
             else:
                 self.desired_groups[self.group_topics[topic]] = ds
             self._reconcile()
-        elif topic == self.downgrade_topic:
+        elif topic in (self.downgrade_topic, self.topics.freshness):
+            kind = "downgrade" if topic == self.downgrade_topic else "freshness"
             try:
-                self.gate.downgrade(payload)
+                (self.gate.downgrade if kind == "downgrade" else self.gate.freshness)(payload)
             except ControlRefused as exc:
-                self._control_refused(topic, "downgrade", exc)
+                self._control_refused(topic, kind, exc)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
@@ -443,7 +446,25 @@ class Agent:
         except sqlite3.Error as exc:  # a full or failing disk must not stop the agent
             log.error("cannot queue event %s: %s", kind, exc)
 
+    def _check_freshness(self) -> dict[str, Any] | None:
+        """Event ``freshness`` when the status or the withheld keys change."""
+        st = self.gate.freshness_status(self.cfg.freshness_bound_s)
+        if st is None:
+            return None
+        now = (st.status, st.behind)
+        if now != self._freshness:
+            self._freshness = now
+            age = f"{st.age_s:.0f}s old" if st.age_s is not None else "never received"
+            self.event("freshness", f"control plane {st.status}: the fleet server's last "
+                       f"freshness signature is {age} (bound {st.bound_s:g}s)"
+                       + (f"; newer desired states withheld: {', '.join(st.behind)}"
+                          if st.behind else ""), status=st.status, age_s=st.age_s,
+                       bound_s=st.bound_s, behind=list(st.behind), key_ids=list(st.key_ids))
+        return {"status": st.status, "age_s": None if st.age_s is None else round(st.age_s, 1),
+                "behind": list(st.behind)}
+
     def _telemetry(self) -> None:
+        freshness = self._check_freshness()
         w = self.stats.drain()
         active = self.installer.active
         body = {"device_id": self.cfg.device_id, "window_s": round(w.window_s, 3),
@@ -453,7 +474,7 @@ class Agent:
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase.value if self.job else "idle",
                 "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox),
-                "control_refused": dict(self.refused)}
+                "control_refused": dict(self.refused), "freshness": freshness}
         try:
             self.outbox.put(self.telemetry_topic, body, qos=self.cfg.telemetry.qos)
         except sqlite3.Error as exc:

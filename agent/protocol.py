@@ -101,6 +101,11 @@ class Topics:
         """Protocol v2: the release-signed downgrade authorization for one device (retained)."""
         return self.device(device_id, "downgrade")
 
+    @property
+    def freshness(self) -> str:
+        """Protocol v2: the fleet server's freshness signature (retained, online key)."""
+        return f"{self.prefix}freshness"
+
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}groups/{check_id(group, 'group name')}/desired"
 

@@ -29,7 +29,12 @@ from edgepack.agent.protocol import DesiredState, desired_from_control, parse_de
 from edgepack.agent.trust.errors import ControlRefused, Reason
 from edgepack.agent.trust.privatefile import write_private
 from edgepack.agent.trust.root import TrustedRoot
-from edgepack.agent.trust.verifier import ControlVerifier, FloorDecision, Verified
+from edgepack.agent.trust.verifier import (
+    ControlVerifier,
+    FloorDecision,
+    FreshnessStatus,
+    Verified,
+)
 
 __all__ = ["DesiredGate", "derive_root", "open_root"]
 
@@ -150,6 +155,18 @@ class DesiredGate:
         if v.new:
             write_private(self._downgrade_path, payload)
         return v
+
+    def freshness(self, payload: bytes) -> Verified | None:
+        """Accept the fleet server's freshness signature (online key)."""
+        if self.verifier is None:
+            return None
+        return self.verifier.verify(payload, kind="freshness")
+
+    def freshness_status(self, bound_s: float) -> FreshnessStatus | None:
+        """``fresh``/``stale``/``missing`` and the withheld desired states (``behind``)."""
+        if self.verifier is None or bound_s <= 0:
+            return None
+        return self.verifier.freshness(bound_s)
 
     def check_floor(self, name: str, version: str, bundle_id: str) -> FloorDecision | None:
         """Refuse (FloorError) a bundle below the rollback floor of ``name`` unless the newest

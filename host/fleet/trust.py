@@ -29,6 +29,7 @@ __all__ = [
     "FRESHNESS_INTERVAL_S",
     "FRESHNESS_LIFETIME_S",
     "ControlSigner",
+    "FreshnessBeacon",
     "release_key_path",
     "release_signer",
     "sign_desired",
@@ -215,3 +216,74 @@ def _next(cs: ControlSigner, key: str, previous: bytes | None) -> int:
     v = max(signed_version(previous) + 1, int(cs.clock()), _LAST.get((cs.fleet, key), 0) + 1)
     _LAST[(cs.fleet, key)] = v
     return v
+
+
+class FreshnessBeacon:
+    """The fleet server's freshness signature (protocol v2): every ``interval_s``, sign with the
+    online key which desired-state versions are current and retain it on ``{fleet}/freshness``;
+    devices report ``stale`` when it stops coming (a withheld or frozen control plane) and
+    ``behind`` for a desired state of theirs that is newer than what they hold.
+
+    ``run`` in a thread (:meth:`start`/:meth:`close`), or call :meth:`publish_once`.
+    """
+
+    def __init__(self, broker: Any, fleet: str, signer: Any, *,
+                 interval_s: float = FRESHNESS_INTERVAL_S,
+                 lifetime_s: float = FRESHNESS_LIFETIME_S) -> None:
+        import threading
+
+        self.broker, self.fleet, self.interval_s, self.lifetime_s = (broker, fleet, interval_s,
+                                                                     lifetime_s)
+        self.signer = ControlSigner(fleet, _signers(signer))
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def versions(self, client: Any) -> dict[str, int]:
+        """Message key → signed version of every retained v2 desired state of the fleet."""
+        from edgepack.agent.protocol import Topics
+
+        t = Topics(self.fleet)
+        out = {}
+        for scope, pattern in (("device", t.all_devices("desired")),
+                               ("group", f"{t.prefix}groups/+/desired")):
+            for topic, payload in client.retained(pattern, settle=0.3).items():
+                v = signed_version(payload)
+                if v:
+                    out[f"desired/{scope}/{topic.split('/')[-2]}"] = v
+        return out
+
+    def publish_once(self) -> bytes:
+        from edgepack.agent.protocol import Topics
+        from edgepack.host.fleet.client import SyncClient
+
+        with SyncClient(self.broker, timeout=15) as c:
+            payload = self.signer.freshness(versions=self.versions(c),
+                                            lifetime_s=self.lifetime_s,
+                                            version=_next(self.signer, "freshness/fleet", None))
+            c.publish(Topics(self.fleet).freshness, payload, qos=1, retain=True)
+        self.published += 1
+        return payload
+
+    def _run(self) -> None:
+        import logging
+
+        while not self._stop.is_set():
+            try:
+                self.publish_once()
+            except Exception as exc:  # noqa: BLE001 - a broker outage must not end the beacon
+                logging.getLogger("edgepack.fleet").warning("freshness not published: %s", exc)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> FreshnessBeacon:
+        import threading
+
+        self._thread = threading.Thread(target=self._run, name="edgepack-freshness",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
