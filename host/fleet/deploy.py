@@ -93,6 +93,12 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
            lookup_timeout: float = 3.0) -> DeployResult:
     """Point ``device`` (or every device of ``group``) at a bundle; return what was written.
 
+    The desired state is a release-signed control message (protocol v2, docs/protocol.md §9)
+    signed with ``key`` (else ``$EDGEPACK_KEY``, else ``./keys/fleet.key``); without any key it
+    is a v1 unsigned one and a warning says that only development devices accept it. With
+    ``allow_downgrade`` and ``device``, a release-signed downgrade authorization for that
+    device and bundle is published first.
+
     ``bundle_or_id`` is a ``.edgepack`` file (published first with ``key`` signing the chunk
     table, unless the broker already holds it) or the id of a published bundle (full sha256 or
     a unique prefix of at least 8 hex digits). With ``wait`` (seconds, ``device`` only), block
