@@ -184,7 +184,11 @@ def published_length(broker_url: str, fleet: str, bundle_id: str) -> int:
     topic = Topics(fleet).bundle_manifest(bundle_id)
     with SyncClient(broker_url) as c:
         raw = c.retained(topic, settle=0.3).get(topic)
-    return json.loads(raw)["bytes"] if raw else 0
+    try:
+        n = json.loads(raw)["bytes"] if raw else 0
+    except (ValueError, KeyError, TypeError):  # hostile tests publish garbage tables
+        return 0
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
 
 
 def publish_desired(broker_url: str, fleet: str, bundle_id: str, *, device_id: str | None = "dev1",
