@@ -239,7 +239,10 @@ def signed_downgrade(fleet: str, device_id: str, bundle_id: str, length: int, na
 
 def deploy(broker_url: str, fleet: str, bundle: Path, *, key: Path | None, device_id: str = "dev1",
            chunk_size: int | None = 4096, allow_downgrade: bool = False) -> tuple[str, str]:
-    """Publish ``bundle`` and point the device at it; returns ``(bundle_id, deployment_id)``."""
+    """Publish ``bundle`` and point the device at it; returns ``(bundle_id, deployment_id)``.
+
+    ``key`` signs the chunk table and the desired state (without it: the fleet keys of
+    :class:`Keys`)."""
     from edgepack.agent.bundle import read_bundle
     from edgepack.host.fleet.publish import publish_bundle
 
@@ -247,7 +250,8 @@ def deploy(broker_url: str, fleet: str, bundle: Path, *, key: Path | None, devic
     publish_bundle(bundle, broker_url, key_path=key, fleet=fleet, chunk_size=chunk_size)
     dep = publish_desired(broker_url, fleet, b.bundle_id, device_id=device_id, name=b.name,
                           version=b.version, allow_downgrade=allow_downgrade,
-                          length=bundle.stat().st_size)
+                          length=bundle.stat().st_size,
+                          key=key if key is not None else _RELEASE)
     return b.bundle_id, dep
 
 
