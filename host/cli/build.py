@@ -90,12 +90,16 @@ def keys() -> None:
 @click.option("--name", default="fleet", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing key pair.")
 def keys_generate(out_dir: str, name: str, force: bool) -> None:
-    """Write NAME.key (private, mode 0600) and NAME.pub (give this to devices)."""
+    """Write NAME.key (private, mode 0600) and NAME.pub (give this to devices).
+
+    The one-machine path: NAME.key signs bundles and desired states; devices given NAME.pub
+    derive their trusted root from it. A fleet with offline root keys: `keys init`.
+    """
     from edgepack.host.keys import generate_keys
 
     priv, pub, kid = generate_keys(out_dir, name, overwrite=force)
-    click.echo(f"private key {priv} (keep it on the build machine)\npublic key  {pub}\n"
-               f"key id      {kid}")
+    click.echo(f"private key {priv} (signs bundles and desired states; keep it on the build "
+               f"machine)\npublic key  {pub}\nkey id      {kid}")
 
 
 @keys.command("init")
