@@ -91,7 +91,10 @@ def open_root(trust_dir: Path, *, root_file: str = "", trusted_keys: Iterable[st
     keys = tuple(trusted_keys)
     if path.exists():
         current = path.read_bytes()
-        if not (_is_derived(current) and keys and not root_file):
+        if not _is_derived(current) or not (keys or root_file):
+            return True  # the fleet's root, maybe rotated since: it stays
+        if root_file:  # agent.toml names the fleet's root now: it replaces the derived one
+            TrustedRoot.install(path, Path(root_file).read_bytes())
             return True
         fresh = derive_root(keys)
         if json.loads(fresh)["signed"]["keys"] != json.loads(current)["signed"]["keys"]:
