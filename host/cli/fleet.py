@@ -120,6 +120,28 @@ def fleet() -> None:
     """Devices of a fleet: what they run and how they are."""
 
 
+@fleet.command("clear")
+@click.option("--device", callback=check_id("device id"),
+              help="Clear this device's own desired state (it follows its groups again).")
+@click.option("--group", callback=check_id("group name"), help="Clear a group's.")
+@broker_options
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              help="Release key that signs the clear (default: $EDGEPACK_KEY, else "
+              "./keys/fleet.key).")
+@fleet_option
+def clear_cmd(device: str | None, group: str | None, broker_cfg: Any, key_path: str | None,
+              fleet_name: str) -> None:
+    """Clear a desired state with a signed empty one (protocol v2)."""
+    from edgepack.host.fleet.deploy import clear_desired
+
+    if (device is None) == (group is None):
+        raise click.UsageError("give exactly one of --device or --group")
+    topic, signed = clear_desired(broker=broker_cfg, device=device, group=group,
+                                  fleet=fleet_name, key=key_path)
+    click.echo(f"cleared {topic}" + ("" if signed else " (unsigned: only development devices "
+                                     "accept it; pass --key)"))
+
+
 @fleet.command("status")
 @broker_options
 @fleet_option

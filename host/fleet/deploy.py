@@ -38,7 +38,8 @@ from edgepack.agent.protocol import (
 )
 from edgepack.host.fleet.client import SyncClient
 
-__all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle"]
+__all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle",
+           "clear_desired"]
 
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _FAILED = ("rejected", "health_failed", "rolled_back", "error")
@@ -207,6 +208,28 @@ def _publish_desired(client: SyncClient, topics: Topics, desired: DesiredState, 
                                        deployment_id=desired.deployment_id, device=device,
                                        group=group), qos=1, retain=True)
     return warnings
+
+
+def clear_desired(*, broker: str | BrokerConfig, device: str | None = None,
+                  group: str | None = None, fleet: str = "default",
+                  key: str | Path | None = None) -> tuple[str, bool]:
+    """Clear the desired state of ``device`` (it follows its groups again) or ``group``: a
+    release-signed desired state naming no bundle (protocol v2 devices refuse an unsigned
+    clear); without any release key, the empty retained message of v1. Returns the topic and
+    whether the clear was signed."""
+    from edgepack.host.fleet.trust import release_signer, sign_desired
+
+    if (device is None) == (group is None):
+        raise EdgepackError("clear exactly one desired state: pass `device=` or `group=`",
+                            field="device")
+    topics = Topics(fleet)
+    topic = topics.desired(device) if device is not None else topics.group_desired(group)
+    signer = release_signer(key)
+    payload = b"" if signer is None else sign_desired(
+        signer, fleet, target=None, deployment_id=None, device=device, group=group)
+    with SyncClient(_config(broker)) as client:
+        client.publish(topic, payload, qos=1, retain=True)
+    return topic, signer is not None
 
 
 def wait_for_deployment(broker: str | BrokerConfig, deployment: DeployResult, *,

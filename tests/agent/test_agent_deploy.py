@@ -177,6 +177,16 @@ def test_group_desired_and_device_override(tmp_path, mosquitto, fleet, bundles, 
                                     allow_downgrade=True)
             watcher.wait_event("installed", dep_d)
             watcher.wait_active(b1.bundle_id)
+            # a signed clear of the device's own desired state: it follows its group again
+            from click.testing import CliRunner
+
+            from edgepack.host.cli import main
+
+            r = CliRunner().invoke(main, ["fleet", "clear", "--device", "dev1", "--broker",
+                                          mosquitto.url, "--fleet", fleet, "--key",
+                                          str(keys.key)])
+            assert r.exit_code == 0 and "unsigned" not in r.output, r.output
+            watcher.wait_active(b2.bundle_id)
     finally:
         assert agent.stop() == 0
 
