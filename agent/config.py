@@ -144,6 +144,8 @@ class AgentConfig:
     fleet: str = "default"
     groups: tuple[str, ...] = ()
     trusted_keys: tuple[str, ...] = ()
+    trust_root: str = ""  # the fleet's root.json (protocol v2); "" derives one from trusted_keys
+    freshness_bound_s: float = 0.0  # report `freshness` stale beyond this age; 0: not checked
     allow_unsigned: bool = False
     compatible_targets: tuple[str, ...] = ()
     log_level: str = "info"
@@ -266,6 +268,7 @@ def parse_config(data: dict[str, Any], source: str = "agent.toml",
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     kwargs["data_dir"] = _resolve(base, kwargs["data_dir"])
     kwargs["trusted_keys"] = tuple(_resolve(base, k) for k in kwargs.get("trusted_keys", ()))
+    kwargs["trust_root"] = _resolve(base, kwargs.get("trust_root", ""))
     if "broker" in kwargs:
         b = kwargs["broker"]
         kwargs["broker"] = dataclasses.replace(b, ca=_resolve(base, b.ca),
@@ -287,9 +290,9 @@ def _check(cfg: AgentConfig, source: str) -> None:
             check_id(g, "group name")
     except EdgepackError as exc:
         raise ConfigError(f"{source}: {exc}", file=source) from None
-    if not cfg.trusted_keys and not cfg.allow_unsigned:
+    if not cfg.trusted_keys and not cfg.trust_root and not cfg.allow_unsigned:
         raise bad("trusted_keys", "is empty: list the fleet's public key(s) (fleet.pub), or set "
-                  "allow_unsigned = true for development")
+                  "trust_root (the fleet's root.json), or allow_unsigned = true for development")
     try:
         cfg.broker_config()
     except EdgepackError as exc:
@@ -399,7 +402,11 @@ def write_config(out: str | os.PathLike, cfg: AgentConfig | None = None, **field
     text = render_config(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    # 0600 from the first byte: agent.toml may hold a broker password
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     try:
         load_config(tmp)
     except ConfigError:

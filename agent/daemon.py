@@ -23,7 +23,6 @@ import logging
 import os
 import queue
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -43,12 +42,14 @@ from edgepack.agent.installer import Installer
 from edgepack.agent.mqtt import Connection
 from edgepack.agent.outbox import Outbox
 from edgepack.agent.profiler import Profiler
-from edgepack.agent.protocol import DesiredState, Topics, encode, parse_desired
+from edgepack.agent.protocol import DesiredState, Topics, encode
 from edgepack.agent.reconcile import Action, decide, effective_desired
 from edgepack.agent.runtimes import available_runtimes, runtime_version
 from edgepack.agent.signing import load_public_keys
 from edgepack.agent.states import Phase
+from edgepack.agent.system import lock_data_dir, ram_mb, return_freed_memory, sd_notify
 from edgepack.agent.telemetry import LatencyStats, SystemSampler
+from edgepack.agent.trust import ControlRefused, DesiredGate
 
 __all__ = ["Agent", "main"]
 
@@ -62,9 +63,15 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self._lock_fd = _lock_data_dir(Path(cfg.data_dir))
+        self._lock_fd = lock_data_dir(Path(cfg.data_dir))
         self.topics = Topics(cfg.fleet)
         self.keys = load_public_keys(cfg.trusted_keys) if cfg.trusted_keys else {}
+        self.gate = DesiredGate(cfg.data_dir, device_id=cfg.device_id, fleet=cfg.fleet,
+                                groups=cfg.groups, trusted_keys=cfg.trusted_keys,
+                                root_file=cfg.trust_root, allow_unsigned=cfg.allow_unsigned)
+        self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
+        self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
+        self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
         self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite",
                              cfg.telemetry.outbox_max_bytes)
@@ -74,7 +81,7 @@ class Agent:
         self.inbox: queue.Queue = queue.Queue()
         self.runtimes = {name: runtime_version(name) for name in available_runtimes()}
         self.facts = DeviceFacts(cfg.target, tuple(cfg.compatible_targets), self.runtimes,
-                                 _ram_mb())
+                                 ram_mb())
         self.connected = False
         self.desired_device: DesiredState | None = None
         self.desired_groups: dict[str, DesiredState] = {}
@@ -90,6 +97,7 @@ class Agent:
         self.events_topic = self.topics.events(cfg.device_id)
         self.telemetry_topic = self.topics.telemetry(cfg.device_id)
         self.desired_topic = self.topics.desired(cfg.device_id)
+        self.downgrade_topic = self.topics.downgrade(cfg.device_id)
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
         will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
                                           "reason": "connection lost"}), 1, True)
@@ -134,11 +142,14 @@ class Agent:
         if self.installer.damaged:
             self._recover_state(self.installer.damaged)
         self.load_active()
+        active = self.installer.active
+        if active is not None:  # a crash between a commit and its floor leaves it lower
+            self.gate.record_install(active.name, active.version)
         if cfg.socket_path is not None or cfg.serve.http:
             self.server = InferenceServer(self.service, socket_path=cfg.socket_path,
                                           http=cfg.serve.http).start()
         self.net.start()
-        _sd_notify("READY=1")
+        sd_notify("READY=1")
         log.info("edgepack-agent %s: device %s, fleet %s, target %s, active %s", __version__,
                  cfg.device_id, cfg.fleet, cfg.target,
                  label(self.installer.active) or "none")
@@ -174,7 +185,7 @@ class Agent:
             self._tick()
 
     def _shutdown(self) -> None:
-        _sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1")
         if self.job is not None:
             self.job.stop()
         self.profiler.close()
@@ -218,6 +229,8 @@ class Agent:
         log.info("connected to %s", self.net.cfg.url)
         self.publish_state()
         try:
+            # the downgrade before the desired states it allows
+            self.net.subscribe([self.downgrade_topic, self.topics.freshness])
             self.net.subscribe([self.desired_topic, *self.group_topics])
             self.net.subscribe([self.profiler.jobs_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
@@ -238,20 +251,41 @@ class Agent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         if self.profiler.wants(topic):  # its jobs, and chunks it fetches (maybe an install's too)
             self.profiler.on_message(topic, payload)
-        if topic == self.desired_topic:
-            self.desired_device = parse_desired(payload)
-            self._reconcile()
-        elif topic in self.group_topics:
-            ds = parse_desired(payload)
-            group = self.group_topics[topic]
-            if ds is None:
-                self.desired_groups.pop(group, None)
+        if topic == self.desired_topic or topic in self.group_topics:
+            try:
+                ds = self.gate.desired(payload)
+            except ControlRefused as exc:  # the previous verified desired state stays
+                self._control_refused(topic, "desired", exc)
+                return
+            if topic == self.desired_topic:
+                self.desired_device = ds
+            elif ds is None:
+                self.desired_groups.pop(self.group_topics[topic], None)
             else:
-                self.desired_groups[group] = ds
+                self.desired_groups[self.group_topics[topic]] = ds
             self._reconcile()
+        elif topic in (self.downgrade_topic, self.topics.freshness):
+            kind = "downgrade" if topic == self.downgrade_topic else "freshness"
+            try:
+                (self.gate.downgrade if kind == "downgrade" else self.gate.freshness)(payload)
+            except ControlRefused as exc:
+                self._control_refused(topic, kind, exc)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
+
+    def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
+        """One event per topic and reason a minute (a storm is counted in telemetry)."""
+        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+        now = time.monotonic()
+        last = self._refused_at.get((topic, exc.reason))
+        if last is not None and now - last < 60.0:
+            return
+        self._refused_at[(topic, exc.reason)] = now
+        self.event("control_refused", f"{kind} message on {topic} refused: {exc}; the device "
+                   "keeps its verified desired state and its bundle", control=kind,
+                   reason=exc.reason, key_ids=list(exc.key_ids),
+                   version=exc.context.get("version"), topic=topic)
 
     # ------------------------------------------------------------------ timers
     def _tick(self) -> None:
@@ -266,7 +300,7 @@ class Agent:
             self._flush_outbox()
         if now >= self._next_watchdog:
             self._next_watchdog = now + 5.0
-            _sd_notify("WATCHDOG=1")
+            sd_notify("WATCHDOG=1")
 
     # ------------------------------------------------------------------ desired state
     def effective_desired(self) -> DesiredState | None:
@@ -405,7 +439,7 @@ class Agent:
             if v is not None or k not in body:
                 body[k] = v
         level = logging.WARNING if kind in ("rejected", "health_failed", "rolled_back",
-                                            "error") else logging.INFO
+                                            "error", "control_refused") else logging.INFO
         log.log(level, "%s: %s", kind, detail)
         try:
             self.outbox.put(self.events_topic, body, qos=1)
@@ -423,7 +457,25 @@ class Agent:
                 log.warning("drift telemetry off for this bundle: %s", exc)
         return model
 
+    def _check_freshness(self) -> dict[str, Any] | None:
+        """Event ``freshness`` when the status or the withheld keys change."""
+        st = self.gate.freshness_status(self.cfg.freshness_bound_s)
+        if st is None:
+            return None
+        now = (st.status, st.behind)
+        if now != self._freshness:
+            self._freshness = now
+            age = f"{st.age_s:.0f}s old" if st.age_s is not None else "never received"
+            self.event("freshness", f"control plane {st.status}: the fleet server's last "
+                       f"freshness signature is {age} (bound {st.bound_s:g}s)"
+                       + (f"; newer desired states withheld: {', '.join(st.behind)}"
+                          if st.behind else ""), status=st.status, age_s=st.age_s,
+                       bound_s=st.bound_s, behind=list(st.behind), key_ids=list(st.key_ids))
+        return {"status": st.status, "age_s": None if st.age_s is None else round(st.age_s, 1),
+                "behind": list(st.behind)}
+
     def _telemetry(self) -> None:
+        freshness = self._check_freshness()
         w = self.stats.drain()
         active = self.installer.active
         body = {"device_id": self.cfg.device_id, "window_s": round(w.window_s, 3),
@@ -432,7 +484,8 @@ class Agent:
                 "bundle_id": active.bundle_id if active else None,
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase.value if self.job else "idle",
-                "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox)}
+                "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox),
+                "control_refused": dict(self.refused), "freshness": freshness}
         model = self.service.model
         if model is not None and model.drift is not None:
             body["drift"] = model.drift.take_window()
@@ -457,62 +510,9 @@ class Agent:
                 self._inflight[sent] = row.id
 
 
-def _lock_data_dir(data_dir: Path) -> int:
-    """One agent per data directory: a second one would fight over slots and the socket."""
-    import fcntl
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise EdgepackError(f"another edgepack-agent (pid {other}) is running with data_dir "
-                            f"{data_dir}; stop it first (systemctl stop edgepack-agent)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _ram_mb() -> float:
-    import psutil
-
-    return psutil.virtual_memory().total / _MB
-
-
-def _sd_notify(message: str) -> None:
-    """systemd's readiness/watchdog protocol (no-op outside systemd)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError:
-        pass
-
-
-def _return_freed_memory() -> None:
-    """Let glibc give large freed blocks back to the OS.
-
-    Installing a bundle reads tens of MB (chunks, hashes, extraction); glibc keeps freed heap
-    below the dynamic mmap threshold for reuse, so a long-running agent held ~90 MB it no longer
-    used after a 20 MB install. A fixed 128 KiB threshold serves big buffers from mmap, which
-    returns to the OS when freed. No-op elsewhere than glibc.
-    """
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console script ``edgepack-agent``."""
-    _return_freed_memory()
+    return_freed_memory()
     p = argparse.ArgumentParser(prog="edgepack-agent",
                                 description="edgepack on-device agent: pulls bundles over MQTT, "
                                 "verifies, installs behind a health gate, serves inference and "

@@ -32,6 +32,7 @@ from edgepack.agent.protocol import ChunkTable, DesiredState, Topics
 from edgepack.agent.states import OUTCOMES, Candidate, Phase
 from edgepack.agent.telemetry import LatencyStats
 from edgepack.agent.transfer import Link, Rejected, Transfer
+from edgepack.agent.trust import DesiredGate, FloorDecision
 
 __all__ = ["Device", "Deployment", "label"]
 
@@ -44,6 +45,7 @@ class Device(Protocol):
     cfg: AgentConfig
     topics: Topics
     keys: dict[str, Any]
+    gate: DesiredGate
     installer: Installer
     facts: DeviceFacts
     service: InferenceService
@@ -80,6 +82,7 @@ class Deployment:
         self.attempts = 0
         self.retry_at: float | None = None
         self.last_progress = 0.0
+        self.floor: FloorDecision | None = None
         self._handlers: dict[Phase, Callable[[], Phase]] = {
             Phase.DOWNLOADING: self._downloading, Phase.WAITING: self._waiting,
             Phase.VERIFYING: self._verifying, Phase.STAGED: self._staged,
@@ -160,13 +163,27 @@ class Deployment:
         self.transfer.start(dev.connected)
 
     def _precheck(self, table: ChunkTable) -> None:
+        d = self.desired
+        if d.length is not None and table.bytes != d.length:
+            raise Rejected(f"the published chunk table says {table.bytes} bytes but the signed "
+                           f"desired state names {d.length}: not the bundle that was deployed",
+                           reason="tampered", bundle_id=d.bundle_id)
         # Unauthenticated until the bundle's own signature is checked: used only to refuse early.
         self.check(table.manifest)
 
-    def check(self, manifest: dict) -> None:
+    def check(self, manifest: dict) -> FloorDecision | None:
+        """Target, runtime, budgets; then the downgrade rule: with a trusted root the rollback
+        floor (a release-signed authorization allows going below it), else (development mode,
+        v1) ``allow_downgrade``."""
         active = self.dev.installer.active
+        gate = self.dev.gate
+        floor = gate.verifier is not None and (self.desired.signed or gate.enforcing)
         check_compat(manifest, self.desired, self.dev.facts,
-                     (active.name, active.version) if active else None)
+                     (active.name, active.version) if active and not floor else None)
+        name, version = manifest.get("name"), manifest.get("version")
+        if floor and isinstance(name, str) and isinstance(version, str):
+            return gate.check_floor(name, version, self.desired.bundle_id)
+        return None
 
     def _on_started(self, tr: Transfer) -> None:
         st = tr.stats
@@ -230,7 +247,11 @@ class Deployment:
         try:
             bundle: Bundle = read_bundle(self.transfer.result_path, bundle_id=d.bundle_id)
             key = bundle.verify(dev.keys, allow_unsigned=dev.cfg.allow_unsigned)
-            self.check(bundle.manifest)
+            if d.signed and (bundle.name, bundle.version) != (d.name, d.version):
+                raise Rejected(f"the bundle is {bundle.name} {bundle.version} but the signed "
+                               f"desired state names {d.name} {d.version}", reason="invalid",
+                               bundle_id=d.bundle_id)
+            self.floor = self.check(bundle.manifest)
         except (Rejected, BundleError) as exc:
             return self._reject(exc)
         signer = f"signed by key {key}" if key else "unsigned (allow_unsigned)"
@@ -298,6 +319,8 @@ class Deployment:
             dev.load_active()
             return Phase.ROLLED_BACK
         dev.service.swap(model)
+        dev.gate.record_install(info.name, info.version,
+                                downgrade=self.floor is not None and self.floor.downgrade)
         dev.event("installed", f"{info.name} {info.version} committed in slot {slot} "
                   f"({report.summary()})", desired=d, slot=slot, health=report.to_dict(),
                   previous=old.public() if old else None)

@@ -286,7 +286,7 @@ class HealthCheck:
 
     def __init__(self, slot_dir: str | os.PathLike, opts: HealthOptions = HealthOptions()) -> None:
         self.opts = opts
-        cmd = [sys.executable, "-m", "edgepack.agent.health", str(slot_dir),
+        cmd = [sys.executable, "-I", "-m", "edgepack.agent.health", str(slot_dir),
                "--threads", str(opts.threads), "--warmup", str(opts.warmup),
                "--runs", str(opts.runs), "--max-timing-s", str(opts.max_timing_s)]
         if not opts.enforce_budgets:

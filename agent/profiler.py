@@ -368,8 +368,8 @@ class Profiler:
         out = bdir / "profile.json"
         err = bdir / "profile.stderr"
         threads = job.threads or self.cfg.runtime.threads
-        cmd = [sys.executable, "-m", "edgepack.agent.measure", str(bdir), "--out", str(out),
-               "--runs", str(job.runs), "--warmup", str(job.warmup), "--threads", str(threads),
+        cmd = [sys.executable, "-I", "-m", "edgepack.agent.measure", str(bdir),  # -I: no cwd
+               "--out", str(out), "--runs", str(job.runs), "--warmup", str(job.warmup), "--threads", str(threads),
                "--nice", str(NICE), "--max-timing-s", f"{max(0.5, min(120.0, 0.4 * share)):.2f}"]
         if eval_path is not None:
             cmd += ["--eval", str(eval_path)]

@@ -28,6 +28,7 @@ __all__ = [
     "encode",
     "decode",
     "parse_desired",
+    "desired_from_control",
     "parse_chunk_table",
     "chunk_table_payload",
     "RESULT_KINDS",
@@ -95,6 +96,15 @@ class Topics:
     def results(self, device_id: str) -> str:
         """Profile job answers: accepted/refused, progress, per-bundle results, done."""
         return self.device(device_id, "results")
+
+    def downgrade(self, device_id: str) -> str:
+        """Protocol v2: the release-signed downgrade authorization for one device (retained)."""
+        return self.device(device_id, "downgrade")
+
+    @property
+    def freshness(self) -> str:
+        """Protocol v2: the fleet server's freshness signature (retained, online key)."""
+        return f"{self.prefix}freshness"
 
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}groups/{check_id(group, 'group name')}/desired"
@@ -166,6 +176,15 @@ class DesiredState:
     version: str
     allow_downgrade: bool = False
     ts: float = 0.0
+    #: protocol v2 only: the signed bundle length, the signed version of the message and the
+    #: keys whose signatures were accepted (v1 desired states carry none of these)
+    length: int | None = None
+    signed_version: int | None = None
+    key_ids: tuple[str, ...] = ()
+
+    @property
+    def signed(self) -> bool:
+        return self.signed_version is not None
 
     def to_payload(self) -> dict:
         return {"deployment_id": self.deployment_id, "bundle_id": self.bundle_id,
@@ -174,10 +193,20 @@ class DesiredState:
 
 
 def parse_desired(data: bytes) -> DesiredState | None:
-    """A desired-state payload; None for the empty retained message that clears it."""
+    """A desired-state payload, v1 or v2, *not verified*; None for the empty retained message
+    that clears it (and for a v2 signed clear).
+
+    Hosts and the fleet simulator read desired states with this; the agent verifies v2
+    messages first (:class:`edgepack.agent.trust.DesiredGate`) and reads v1 only in its
+    ``allow_unsigned`` development mode.
+    """
     if not data:
         return None
     d = decode(data, "desired state")
+    if "signed" in d and "signatures" in d:
+        from edgepack.agent.trust.control import parse_control
+
+        return desired_from_control(parse_control(data))
     return DesiredState(
         deployment_id=check_id(_field(d, "deployment_id", str, "desired state"), "deployment id"),
         bundle_id=_check_sha(_field(d, "bundle_id", str, "desired state")),
@@ -186,6 +215,18 @@ def parse_desired(data: bytes) -> DesiredState | None:
         allow_downgrade=bool(_field(d, "allow_downgrade", bool, "desired state", required=False)),
         ts=float(_field(d, "ts", (int, float), "desired state", required=False) or 0.0),
     )
+
+
+def desired_from_control(msg: Any, key_ids: tuple[str, ...] = ()) -> DesiredState | None:
+    """The desired state a v2 control message (parsed or verified) names; None: cleared."""
+    t = msg.target
+    if t is None:
+        return None
+    return DesiredState(deployment_id=check_id(str(msg.fields.get("deployment_id")),
+                                               "deployment id"),
+                        bundle_id=t.bundle_id, name=t.name or "", version=t.version or "",
+                        ts=float(msg.issued), length=t.length, signed_version=msg.version,
+                        key_ids=tuple(key_ids))
 
 
 @dataclass(frozen=True)

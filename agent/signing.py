@@ -118,7 +118,7 @@ def _check_in_child(raw_key: bytes, sig: bytes, data: bytes) -> bool:
     job = json.dumps({"key": raw_key.hex(), "sig": sig.hex(),
                       "data": base64.b64encode(data).decode()}).encode()
     try:
-        r = subprocess.run([sys.executable, "-m", "edgepack.agent.signing"], input=job,
+        r = subprocess.run([sys.executable, "-I", "-m", "edgepack.agent.signing"], input=job,
                            capture_output=True, timeout=_CHILD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SignatureError(f"could not run the signature check ({exc})") from None

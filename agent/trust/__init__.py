@@ -23,6 +23,7 @@ from edgepack.agent.trust.errors import (
     RootRefused,
     TrustError,
 )
+from edgepack.agent.trust.gate import DesiredGate, derive_root
 from edgepack.agent.trust.ledger import Ledger
 from edgepack.agent.trust.root import RootUpdate, TrustedRoot
 from edgepack.agent.trust.verifier import (
@@ -42,6 +43,7 @@ __all__ = [
     "ControlMessage",
     "ControlRefused",
     "ControlVerifier",
+    "DesiredGate",
     "FloorDecision",
     "FloorError",
     "FreshnessStatus",
@@ -55,6 +57,7 @@ __all__ = [
     "TrustError",
     "TrustedRoot",
     "Verified",
+    "derive_root",
     "parse_control",
     "target_path",
 ]

@@ -111,12 +111,19 @@ class TrustedRoot:
         """Key ids holding ``role`` (edgepack role name)."""
         return tuple(self.signed.roles[tuf_role(role)].keyids)
 
-    @classmethod
-    def install(cls, path: str | os.PathLike, data: bytes) -> TrustedRoot:
-        """First trust (``agent init``): a root that verifies with its own root threshold."""
+    @staticmethod
+    def check(data: bytes) -> Any:
+        """Root metadata that verifies with its own root threshold (the python-tuf Metadata);
+        RootRefused otherwise."""
         md = _parse_root(data)
         check = check_signatures(md.signed, "root", md.signed_bytes, md.signatures)
         refuse_unverified(md.signed, check, "root metadata", RootRefused)
+        return md
+
+    @classmethod
+    def install(cls, path: str | os.PathLike, data: bytes) -> TrustedRoot:
+        """First trust (``agent init``): a root that verifies with its own root threshold."""
+        md = cls.check(data)
         write_private(path, data)
         return cls(path, md)
 

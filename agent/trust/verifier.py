@@ -164,7 +164,8 @@ class ControlVerifier:
                 raise ControlRefused(f"{what} names no deployment_id", reason=Reason.MALFORMED,
                                      **ctx)
             if role == "online" and msg.target is not None:
-                auth = self._authorization(msg, fields.pop("authorization", None), now, ctx)
+                auth = self._authorization(msg, fields.pop("authorization", None), now,
+                                           {**ctx, "key_ids": check.signed})
         elif msg.kind == "freshness":
             versions = fields.get("versions")
             if not isinstance(versions, Mapping) or not all(
@@ -210,6 +211,7 @@ class ControlVerifier:
         if inner.kind != "desired":
             raise ControlRefused("the authorization is not a desired state",
                                  reason=Reason.NOT_AUTHORIZED, **ctx)
+        ctx = {k: v for k, v in ctx.items() if k != "key_ids"}  # the inner keys from here on
         auth = self._check(inner, now, nested=True)
         if auth.role != "release":
             raise ControlRefused("the authorization is not signed by release keys",

@@ -37,13 +37,16 @@ def register(main: click.Group) -> None:
     @click.option("--fleet", default="default", show_default=True)
     @click.option("--allow-unsigned", is_flag=True,
                   help="Accept unsigned bundles (development only).")
+    @click.option("--root", type=click.Path(exists=True, dir_okay=False),
+                  help="The fleet's root.json (edgepack keys init): the keys and thresholds "
+                  "of protocol v2. Without it the device derives its root from --pub.")
     @click.option("--force", is_flag=True, help="Overwrite an existing config.")
     @click.option("--json", "as_json", is_flag=True)
     def init(board: str, device_id: str, broker: str, ca: str | None, cert: str | None,
              client_key: str | None, username: str | None, password: str | None,
              pubs: tuple[str, ...], data_dir: str, out: str, target: str | None,
-             groups: tuple[str, ...], fleet: str, allow_unsigned: bool, force: bool,
-             as_json: bool) -> None:
+             groups: tuple[str, ...], fleet: str, allow_unsigned: bool, root: str | None,
+             force: bool, as_json: bool) -> None:
         """Write agent.toml for a device (start it with: edgepack-agent --config OUT)."""
         from edgepack.host.cli.main import emit
         from edgepack.host.cli.options import broker_config
@@ -53,11 +56,13 @@ def register(main: click.Group) -> None:
                             password=password)
         result = init_agent(board, device_id, broker=cfg, out=out, pub=pubs,
                             data_dir=data_dir, target=target, groups=groups, fleet=fleet,
-                            allow_unsigned=allow_unsigned, force=force).to_json()
+                            allow_unsigned=allow_unsigned, root=root, force=force).to_json()
 
         def render(r: dict) -> None:
             click.echo(f"wrote {r['config']} for {r['device_id']} ({board}, target "
                        f"{r['target']}, fleet {r['fleet']})")
+            click.echo(f"trusts {r['trust_root'] or 'a root derived from its trusted keys'} "
+                       "for signed desired states (protocol v2)")
             click.echo(f"start it with: edgepack-agent --config {r['config']}")
 
         emit(result, as_json, render)

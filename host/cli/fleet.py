@@ -63,10 +63,13 @@ def _console() -> Any:
               help="Deploy to every device of this group.")
 @broker_options
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
-              help="Fleet signing key (fleet.key), to publish a bundle file not yet published.")
+              help="Release key (fleet.key, or release.key of `keys init`): signs the desired "
+              "state (protocol v2) and publishes a bundle file not yet published. Default: "
+              "$EDGEPACK_KEY, else ./keys/fleet.key.")
 @fleet_option
 @click.option("--allow-downgrade", is_flag=True,
-              help="Let devices install a version older than the one they run.")
+              help="Let the device install a version older than its rollback floor (a signed "
+              "downgrade authorization for --device).")
 @click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS",
               help="With --device: wait until the device runs the bundle (or reports failure).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -75,7 +78,9 @@ def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_
                wait_s: float | None, as_json: bool) -> None:
     """Point a device or a group at a bundle (a .edgepack file, or the id of a published one).
 
-    A bundle file the broker does not hold yet is published first (signed with --key).
+    A bundle file the broker does not hold yet is published first (signed with --key). The
+    desired state is signed with --key (protocol v2); without any key it is unsigned (v1),
+    which only development devices (allow_unsigned) accept.
     """
     from edgepack.host.cli.main import emit
     from edgepack.host.fleet.api import deploy
@@ -114,6 +119,28 @@ def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_
 @click.group("fleet")
 def fleet() -> None:
     """Devices of a fleet: what they run and how they are."""
+
+
+@fleet.command("clear")
+@click.option("--device", callback=check_id("device id"),
+              help="Clear this device's own desired state (it follows its groups again).")
+@click.option("--group", callback=check_id("group name"), help="Clear a group's.")
+@broker_options
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              help="Release key that signs the clear (default: $EDGEPACK_KEY, else "
+              "./keys/fleet.key).")
+@fleet_option
+def clear_cmd(device: str | None, group: str | None, broker_cfg: Any, key_path: str | None,
+              fleet_name: str) -> None:
+    """Clear a desired state with a signed empty one (protocol v2)."""
+    from edgepack.host.fleet.deploy import clear_desired
+
+    if (device is None) == (group is None):
+        raise click.UsageError("give exactly one of --device or --group")
+    topic, signed = clear_desired(broker=broker_cfg, device=device, group=group,
+                                  fleet=fleet_name, key=key_path)
+    click.echo(f"cleared {topic}" + ("" if signed else " (unsigned: only development devices "
+                                     "accept it; pass --key)"))
 
 
 @fleet.command("status")

@@ -12,6 +12,7 @@ reads the device's last reported state and returns warnings when it can already 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -37,7 +38,8 @@ from edgepack.agent.protocol import (
 )
 from edgepack.host.fleet.client import SyncClient
 
-__all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle"]
+__all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle",
+           "clear_desired"]
 
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _FAILED = ("rejected", "health_failed", "rolled_back", "error")
@@ -91,6 +93,12 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
            allow_downgrade: bool = False, wait: float | None = None, timeout: float = 30.0,
            lookup_timeout: float = 3.0) -> DeployResult:
     """Point ``device`` (or every device of ``group``) at a bundle; return what was written.
+
+    The desired state is a release-signed control message (protocol v2, docs/protocol.md §9)
+    signed with ``key`` (else ``$EDGEPACK_KEY``, else ``./keys/fleet.key``); without any key it
+    is a v1 unsigned one and a warning says that only development devices accept it. With
+    ``allow_downgrade`` and ``device``, a release-signed downgrade authorization for that
+    device and bundle is published first.
 
     ``bundle_or_id`` is a ``.edgepack`` file (published first with ``key`` signing the chunk
     table, unless the broker already holds it) or the id of a published bundle (full sha256 or
@@ -155,7 +163,10 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
         desired = DesiredState(deployment_id=new_deployment_id(), bundle_id=bundle_id,
                                name=name, version=version, allow_downgrade=allow_downgrade,
                                ts=time.time())
-        client.publish(desired_topic, encode(desired.to_payload()), qos=1, retain=True)
+        length = (json.loads(raw_table)["bytes"] if raw_table is not None
+                  else path.stat().st_size)
+        warnings += _publish_desired(client, topics, desired, length, key=key, fleet=fleet,
+                                     device=device, group=group)
     result = DeployResult(
         deployment_id=desired.deployment_id, bundle_id=bundle_id, name=name, version=version,
         target=target, fleet=fleet, device=device, group=group, topic=desired_topic,
@@ -167,6 +178,58 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
     state = wait_for_deployment(cfg, result, timeout=wait)
     return replace(result, active=True, waited_s=round(time.monotonic() - t0, 3),
                    slot=state.get("slot"))
+
+
+def _publish_desired(client: SyncClient, topics: Topics, desired: DesiredState, length: int,
+                     *, key: str | Path | None, fleet: str, device: str | None,
+                     group: str | None) -> list[str]:
+    """Retain ``desired`` signed with the release key (protocol v2), preceded by a downgrade
+    authorization when ``allow_downgrade``; unsigned (v1) only when there is no key at all."""
+    from edgepack.agent.trust import Target
+    from edgepack.host.fleet.trust import release_signer, sign_desired, sign_downgrade
+
+    topic = topics.desired(device) if device is not None else topics.group_desired(group)
+    signer = release_signer(key)
+    if signer is None:
+        client.publish(topic, encode(desired.to_payload()), qos=1, retain=True)
+        return ["no release key: the desired state is unsigned (protocol v1), which devices "
+                "refuse unless they run with allow_unsigned (development); pass `key=`"]
+    warnings = []
+    t = Target(desired.bundle_id, int(length), desired.name, desired.version)
+    if desired.allow_downgrade and device is not None:
+        client.publish(topics.downgrade(device),
+                       sign_downgrade(signer, fleet, device=device, target=t), qos=1,
+                       retain=True)
+    elif desired.allow_downgrade:
+        warnings.append("a downgrade is authorized per device (protocol v2): devices of the "
+                        "group whose rollback floor is above this version refuse it; deploy "
+                        "to each of them with `device=`")
+    client.publish(topic, sign_desired(signer, fleet, target=t,
+                                       deployment_id=desired.deployment_id, device=device,
+                                       group=group), qos=1, retain=True)
+    return warnings
+
+
+def clear_desired(*, broker: str | BrokerConfig, device: str | None = None,
+                  group: str | None = None, fleet: str = "default",
+                  key: str | Path | None = None) -> tuple[str, bool]:
+    """Clear the desired state of ``device`` (it follows its groups again) or ``group``: a
+    release-signed desired state naming no bundle (protocol v2 devices refuse an unsigned
+    clear); without any release key, the empty retained message of v1. Returns the topic and
+    whether the clear was signed."""
+    from edgepack.host.fleet.trust import release_signer, sign_desired
+
+    if (device is None) == (group is None):
+        raise EdgepackError("clear exactly one desired state: pass `device=` or `group=`",
+                            field="device")
+    topics = Topics(fleet)
+    topic = topics.desired(device) if device is not None else topics.group_desired(group)
+    signer = release_signer(key)
+    payload = b"" if signer is None else sign_desired(
+        signer, fleet, target=None, deployment_id=None, device=device, group=group)
+    with SyncClient(_config(broker)) as client:
+        client.publish(topic, payload, qos=1, retain=True)
+    return topic, signer is not None
 
 
 def wait_for_deployment(broker: str | BrokerConfig, deployment: DeployResult, *,

@@ -34,6 +34,8 @@ __all__ = [
     "rotate_root",
     "add_signature",
     "DEFAULT_ROOT_DAYS",
+    "FleetKeys",
+    "init_fleet_keys",
 ]
 
 DEFAULT_ROOT_DAYS = 365
@@ -174,3 +176,54 @@ def add_signature(metadata: bytes, signer: Any) -> bytes:
     md = Metadata.from_bytes(metadata)
     md.sign(signer, append=True)
     return md.to_bytes()
+
+
+@dataclass(frozen=True)
+class FleetKeys:
+    """What :func:`init_fleet_keys` wrote: the root metadata and every key by role."""
+
+    root: Path
+    root_keys: tuple[KeyInfo, ...]
+    root_threshold: int
+    release: KeyInfo
+    release_pem: Path      # release.pub: the PEM devices list in trusted_keys (bundles)
+    online: KeyInfo
+
+    def to_json(self) -> dict[str, Any]:
+        def info(k: KeyInfo) -> dict[str, str]:
+            return {"name": k.name, "key_id": k.key_id, "private": str(k.private_path),
+                    "public": str(k.public_path)}
+
+        return {"root": str(self.root), "root_threshold": self.root_threshold,
+                "root_keys": [info(k) for k in self.root_keys], "release": info(self.release),
+                "release_pem": str(self.release_pem), "online": info(self.online)}
+
+
+def init_fleet_keys(out_dir: str | os.PathLike, *, root_keys: int = 1, root_threshold: int = 1,
+                    overwrite: bool = False, expires: datetime | None = None) -> FleetKeys:
+    """Make a fleet's keys and its root v1 (protocol v2): ``root-1..N.key`` (offline; keep
+    them apart), ``release.key`` (signs bundles and desired states; ``release.pub`` is its PEM
+    for devices' ``trusted_keys``), ``online.key`` (the fleet server's) and ``root.json``,
+    signed by every root key (a threshold of ``root_threshold`` of them verifies it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    out = Path(out_dir)
+    if not 1 <= root_threshold <= root_keys:
+        raise KeyFileError(f"root threshold {root_threshold} needs between 1 and {root_keys} "
+                           "root keys: pass `root_threshold=` at most `root_keys=`",
+                           path=out, field="root_threshold")
+    roots = [generate_key(out, f"root-{i + 1}", overwrite=overwrite) for i in range(root_keys)]
+    release = generate_key(out, "release", overwrite=overwrite)
+    online = generate_key(out, "online", overwrite=overwrite)
+    signers = [load_signer(k.private_path) for k in roots]
+    data = create_root(root_signers=signers, root_threshold=root_threshold,
+                       release_keys=[load_public_key(release.public_path)],
+                       online_keys=[load_public_key(online.public_path)], expires=expires)
+    root_path = out / "root.json"
+    root_path.write_bytes(data)
+    pem = out / "release.pub"
+    raw = bytes.fromhex(load_public_key(release.public_path).keyval["public"])
+    pem.write_bytes(Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return FleetKeys(root_path, tuple(roots), root_threshold, release, pem, online)

@@ -43,6 +43,7 @@ class AgentSetup:
     broker: str
     trusted_keys: tuple[str, ...]
     data_dir: str
+    trust_root: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -69,11 +70,15 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
                out: str | Path = "/etc/edgepack/agent.toml", pub: Sequence[str | Path] = (),
                data_dir: str | Path = "/var/lib/edgepack", target: str | None = None,
                groups: Sequence[str] = (), fleet: str = "default", allow_unsigned: bool = False,
-               force: bool = False) -> AgentSetup:
-    """Write ``out`` for ``device_id`` on ``board``; the trusted public keys ``pub`` (files such
-    as fleet.pub) are copied into a ``keys/`` folder next to it. Raises ConfigError for an
-    existing ``out`` (unless ``force``), a device that would trust no key (unless
-    ``allow_unsigned``), or a bad value, and ProfileError for an unknown ``target``.
+               root: str | Path | None = None, force: bool = False) -> AgentSetup:
+    """Write ``out`` (mode 0600: it may hold a broker password) for ``device_id`` on
+    ``board``; the trusted public keys ``pub`` (files such as fleet.pub) and the fleet's
+    ``root`` (root.json of ``edgepack keys init``; protocol v2) are copied into a ``keys/``
+    folder next to it. Without ``root`` the device derives its root from ``pub``: those keys
+    sign bundles and desired states. Raises ConfigError for an existing ``out`` (unless
+    ``force``), a device that would trust no key (unless ``allow_unsigned``), or a bad value,
+    RootRefused for a ``root`` that does not verify, and ProfileError for an unknown
+    ``target``.
     """
     from edgepack.agent.config import ConfigError, load_config, write_config
     from edgepack.agent.profiles import load_profile
@@ -87,6 +92,12 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
     if not pub and not allow_unsigned:
         raise ConfigError("pass `pub=` (fleet.pub, the key bundles are signed with), or "
                           "`allow_unsigned=` for development", field="pub")
+    root_data = None
+    if root is not None:
+        from edgepack.agent.trust import TrustedRoot
+
+        root_data = Path(root).read_bytes()
+        TrustedRoot.check(root_data)
     data = board_template(board)
     if target:
         load_profile(target)  # unknown target: the error lists the known ones
@@ -100,8 +111,13 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
             keys_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
         trusted.append(str(dst))
+    trust_root = ""
+    if root_data is not None:
+        from edgepack.agent.trust.privatefile import write_private
+
+        trust_root = str(write_private(keys_dir / "root.json", root_data).resolve())
     data.update(device_id=device_id, fleet=fleet, data_dir=str(Path(data_dir).absolute()),
-                trusted_keys=trusted, allow_unsigned=allow_unsigned,
+                trusted_keys=trusted, allow_unsigned=allow_unsigned, trust_root=trust_root,
                 broker=_broker_section(broker, data.get("broker", {})))
     if groups:
         data["groups"] = list(groups)
@@ -110,4 +126,4 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
     return AgentSetup(config=str(path), device_id=cfg.device_id, board=cfg.board,
                       target=cfg.target, fleet=cfg.fleet, groups=tuple(cfg.groups),
                       broker=cfg.broker.url, trusted_keys=tuple(cfg.trusted_keys),
-                      data_dir=cfg.data_dir)
+                      data_dir=cfg.data_dir, trust_root=cfg.trust_root)

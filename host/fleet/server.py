@@ -40,6 +40,9 @@ class ServeConfig:
     rollouts: bool = True
     rollout_tick_s: float = 1.0
     token: str | None = None
+    #: protocol v2: the online key (0600) that re-signs each fleet's freshness on a schedule
+    online_key: str | None = None
+    freshness_interval_s: float = 600.0
 
     def warnings(self) -> list[str]:
         """What an operator should know before starting (a dashboard open to the network)."""
@@ -65,6 +68,15 @@ class FleetServer:
         self.engine = RolloutEngine(self.store, self.cfg, tick_s=config.rollout_tick_s,
                                     owner=f"{self.collector.client_id}-{uuid.uuid4().hex[:6]}") \
             if config.rollouts else None
+        self.beacons = []
+        if config.online_key:
+            from edgepack.host.fleet.keyring import load_signer
+            from edgepack.host.fleet.trust import FreshnessBeacon
+
+            online = load_signer(config.online_key)
+            self.beacons = [FreshnessBeacon(self.cfg, f, online,
+                                            interval_s=config.freshness_interval_s)
+                            for f in opts.fleets if f not in ("+", "#")]
         self.api = FleetAPI(self.store, list(opts.fleets), collector=self.collector,
                             engine=self.engine)
         host, port = config.http
@@ -89,6 +101,8 @@ class FleetServer:
         self.collector.start()
         if self.engine is not None:
             self.engine.start()
+        for b in self.beacons:
+            b.start()
         self._thread.start()
         return self
 
@@ -98,6 +112,8 @@ class FleetServer:
         self.http.server_close()
         if self.engine is not None:
             self.engine.stop()
+        for b in self.beacons:
+            b.close()
         self.collector.stop()
         if self._own_store:
             self.store.close()

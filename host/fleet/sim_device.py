@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from edgepack.agent.chunkstore import MemoryChunks
@@ -59,6 +60,7 @@ class SimDevice:
         self.telemetry_topic = t.telemetry(device_id)
         self.events_topic = t.events(device_id)
         self.desired_topic = t.desired(device_id)
+        self.downgrade_topic = t.downgrade(device_id)
         self.group_topics = {t.group_desired(g): g for g in o.groups}
         self.facts = DeviceFacts(o.target, runtimes=SIM_RUNTIMES)
         self.client: MqttClient | None = None
@@ -71,6 +73,7 @@ class SimDevice:
         self.manifests: dict[str, dict] = {}  # bundle id -> manifest of installed bundles
         self.desired_device: DesiredState | None = None
         self.desired_groups: dict[str, DesiredState] = {}
+        self.downgrade_to: str | None = None  # bundle id a (v2) downgrade authorization names
         self.handled: set[str] = set()
         self.failed: set[tuple[str, str]] = set()
         self.job: _Job | None = None
@@ -124,7 +127,7 @@ class SimDevice:
         self.attempt = 0
         self.sim.counters["connects"] += 1
         self.publish_state()
-        self.subscribe([self.desired_topic, *self.group_topics])
+        self.subscribe([self.downgrade_topic, self.desired_topic, *self.group_topics])
         if self.job is not None:
             self.job.transfer.on_connected()
 
@@ -191,6 +194,8 @@ class SimDevice:
             if topic == self.desired_topic:
                 self.desired_device = parse_desired(payload)
                 self._reconcile()
+            elif topic == self.downgrade_topic:
+                self.downgrade_to = _downgrade_target(payload)
             elif topic in self.group_topics:
                 ds = parse_desired(payload)
                 g = self.group_topics[topic]
@@ -236,7 +241,9 @@ class SimDevice:
 
         def precheck(table: ChunkTable) -> None:
             a = self.active
-            check_compat(table.manifest, want, self.facts,
+            authorized = replace(want, allow_downgrade=True) \
+                if self.downgrade_to == want.bundle_id else want
+            check_compat(table.manifest, authorized, self.facts,
                          (str(a.get("name")), str(a.get("version"))) if a else None)
 
         tr = Transfer(want.bundle_id, topics=self.sim.topics, store=MemoryChunks(), link=self,
@@ -427,3 +434,14 @@ def _label(active: dict | None) -> str:
 
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _downgrade_target(payload: bytes) -> str | None:
+    """The bundle a downgrade authorization names (simulated devices do not verify it)."""
+    from edgepack.agent.trust import parse_control
+
+    try:
+        t = parse_control(payload).target
+    except EdgepackError:
+        return None
+    return t.bundle_id if t is not None else None

@@ -29,6 +29,12 @@ __all__ = [
     "FRESHNESS_INTERVAL_S",
     "FRESHNESS_LIFETIME_S",
     "ControlSigner",
+    "FreshnessBeacon",
+    "release_key_path",
+    "release_signer",
+    "sign_desired",
+    "sign_downgrade",
+    "signed_version",
 ]
 
 DESIRED_LIFETIME_S = 30 * 86400     # re-signed by the operator before a month passes
@@ -136,3 +142,148 @@ class ControlSigner:
                           else ("fleet", self.fleet))
         return self.sign("freshness", scope, subject, fields={"versions": dict(versions)},
                          lifetime_s=lifetime_s, version=version)
+
+
+# -- release signing for deploy and rollouts (protocol v2) ----------------------------------
+
+#: where :func:`release_signer` looks when no key is passed: ``$EDGEPACK_KEY``, then the key
+#: ``edgepack keys generate --out keys/`` writes in the working directory
+DEFAULT_KEY_ENV = "EDGEPACK_KEY"
+DEFAULT_KEY_PATH = Path("keys") / "fleet.key"
+
+
+def release_key_path(key: str | os.PathLike | None) -> Path | None:
+    """``key``, else ``$EDGEPACK_KEY``, else ``./keys/fleet.key`` when it exists (absolute);
+    None when there is none."""
+    if key is None:
+        env = os.environ.get(DEFAULT_KEY_ENV)
+        key = env if env else (DEFAULT_KEY_PATH if DEFAULT_KEY_PATH.is_file() else None)
+    return Path(key).absolute() if key is not None else None
+
+
+def release_signer(key: str | os.PathLike | None) -> Any | None:
+    """The release key that signs desired states (:func:`release_key_path`: a PEM Ed25519 key
+    file, 0600, such as ``fleet.key`` or the ``release.key`` of ``edgepack keys init``); None
+    when there is none."""
+    from edgepack.host.fleet.keyring import load_signer
+
+    path = release_key_path(key)
+    return load_signer(path) if path is not None else None
+
+
+def signed_version(payload: bytes | None) -> int:
+    """The ``signed.version`` of a retained v2 message (0: none, or not a v2 message)."""
+    if not payload:
+        return 0
+    try:
+        v = json.loads(payload)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return 0
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def sign_desired(signer: Any | Sequence[Any], fleet: str, *, target: Target | None,
+                 deployment_id: str | None, device: str | None = None,
+                 group: str | None = None, previous: bytes | None = None,
+                 lifetime_s: float = DESIRED_LIFETIME_S) -> bytes:
+    """A release-signed desired state whose version is above ``previous`` (the retained
+    message it replaces), above the current second and above what this process signed for the
+    same device or group: devices refuse anything not newer."""
+    scope, subject = ("device", device) if device else ("group", group)
+    cs = ControlSigner(fleet, _signers(signer))
+    return cs.desired(target=target, deployment_id=deployment_id, device=device, group=group,
+                      lifetime_s=lifetime_s,
+                      version=_next(cs, f"desired/{scope}/{subject}", previous))
+
+
+def sign_downgrade(signer: Any | Sequence[Any], fleet: str, *, device: str, target: Target,
+                   previous: bytes | None = None) -> bytes:
+    """A release-signed authorization for ``device`` to install ``target`` below its floor."""
+    cs = ControlSigner(fleet, _signers(signer))
+    return cs.downgrade(device=device, target=target,
+                        version=_next(cs, f"downgrade/device/{device}", previous))
+
+
+def _signers(signer: Any) -> list[Any]:
+    """One signer, or several (a threshold above one, or keys of several roots)."""
+    return list(signer) if isinstance(signer, (list, tuple)) else [signer]
+
+
+_LAST: dict[tuple[str, str], int] = {}  # versions this process signed: never twice the same
+
+
+def _next(cs: ControlSigner, key: str, previous: bytes | None) -> int:
+    v = max(signed_version(previous) + 1, int(cs.clock()), _LAST.get((cs.fleet, key), 0) + 1)
+    _LAST[(cs.fleet, key)] = v
+    return v
+
+
+class FreshnessBeacon:
+    """The fleet server's freshness signature (protocol v2): every ``interval_s``, sign with the
+    online key which desired-state versions are current and retain it on ``{fleet}/freshness``;
+    devices report ``stale`` when it stops coming (a withheld or frozen control plane) and
+    ``behind`` for a desired state of theirs that is newer than what they hold.
+
+    ``run`` in a thread (:meth:`start`/:meth:`close`), or call :meth:`publish_once`.
+    """
+
+    def __init__(self, broker: Any, fleet: str, signer: Any, *,
+                 interval_s: float = FRESHNESS_INTERVAL_S,
+                 lifetime_s: float = FRESHNESS_LIFETIME_S) -> None:
+        import threading
+
+        self.broker, self.fleet, self.interval_s, self.lifetime_s = (broker, fleet, interval_s,
+                                                                     lifetime_s)
+        self.signer = ControlSigner(fleet, _signers(signer))
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def versions(self, client: Any) -> dict[str, int]:
+        """Message key → signed version of every retained v2 desired state of the fleet."""
+        from edgepack.agent.protocol import Topics
+
+        t = Topics(self.fleet)
+        out = {}
+        for scope, pattern in (("device", t.all_devices("desired")),
+                               ("group", f"{t.prefix}groups/+/desired")):
+            for topic, payload in client.retained(pattern, settle=0.3).items():
+                v = signed_version(payload)
+                if v:
+                    out[f"desired/{scope}/{topic.split('/')[-2]}"] = v
+        return out
+
+    def publish_once(self) -> bytes:
+        from edgepack.agent.protocol import Topics
+        from edgepack.host.fleet.client import SyncClient
+
+        with SyncClient(self.broker, timeout=15) as c:
+            payload = self.signer.freshness(versions=self.versions(c),
+                                            lifetime_s=self.lifetime_s,
+                                            version=_next(self.signer, "freshness/fleet", None))
+            c.publish(Topics(self.fleet).freshness, payload, qos=1, retain=True)
+        self.published += 1
+        return payload
+
+    def _run(self) -> None:
+        import logging
+
+        while not self._stop.is_set():
+            try:
+                self.publish_once()
+            except Exception as exc:  # noqa: BLE001 - a broker outage must not end the beacon
+                logging.getLogger("edgepack.fleet").warning("freshness not published: %s", exc)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> FreshnessBeacon:
+        import threading
+
+        self._thread = threading.Thread(target=self._run, name="edgepack-freshness",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -32,7 +32,14 @@ TARGET = "x86-64-avx2"
 
 
 class Keys:
-    """The fleet key pair devices trust, and a foreign one they do not."""
+    """The fleet key pair devices trust, and a foreign one they do not.
+
+    :func:`publish_desired` signs desired states with the fleet key of every ``Keys`` made in
+    this process (devices derive their trusted root from ``fleet.pub``: protocol v2's simple
+    path; signatures by keys a device does not know are ignored).
+    """
+
+    made: list[Keys] = []
 
     def __init__(self, root: Path) -> None:
         from edgepack.host.keys import generate_keys, load_private_key
@@ -41,6 +48,11 @@ class Keys:
         self.other_key, self.other_pub, _ = generate_keys(root, "other")
         self.private = load_private_key(self.key)
         self.other_private = load_private_key(self.other_key)
+        Keys.made.append(self)
+
+    @classmethod
+    def release_keys(cls) -> list[Path]:
+        return [k.key for k in cls.made]
 
 
 
@@ -148,30 +160,98 @@ def agent_config(directory: Path, broker_url: str, fleet: str, *, device_id: str
     return write_config(directory / "agent.toml", **top, **sections)
 
 
+_RELEASE = object()  # publish_desired's default: sign with the release key of Keys.current
+
+
+def signed_desired(fleet: str, bundle_id: str | None, *, length: int = 0,
+                   device_id: str | None = "dev1", group: str | None = None,
+                   name: str = "tiny", version: str = "1.0.0", deployment_id: str = "d-1",
+                   key: Path | None = None) -> bytes:
+    """A release-signed (protocol v2) desired state; ``bundle_id=None`` clears."""
+    from edgepack.agent.trust import Target
+    from edgepack.host.fleet.keyring import load_signer
+    from edgepack.host.fleet.trust import sign_desired
+
+    signers = [load_signer(k) for k in ([key] if key else Keys.release_keys())]
+    target = Target(bundle_id, length, name, version) if bundle_id else None
+    return sign_desired(signers, fleet, target=target,
+                        deployment_id=deployment_id if bundle_id else None,
+                        device=None if group else (device_id or "dev1"), group=group)
+
+
+def published_length(broker_url: str, fleet: str, bundle_id: str) -> int:
+    """The ``bytes`` of a published bundle's chunk table (0 when it is not published)."""
+    topic = Topics(fleet).bundle_manifest(bundle_id)
+    with SyncClient(broker_url) as c:
+        raw = c.retained(topic, settle=0.3).get(topic)
+    try:
+        n = json.loads(raw)["bytes"] if raw else 0
+    except (ValueError, KeyError, TypeError):  # hostile tests publish garbage tables
+        return 0
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+
 def publish_desired(broker_url: str, fleet: str, bundle_id: str, *, device_id: str | None = "dev1",
                     group: str | None = None, name: str = "tiny", version: str = "1.0.0",
-                    allow_downgrade: bool = False, deployment_id: str | None = None) -> str:
-    """Write the retained desired state (what ``edgepack deploy`` does); returns the deployment id."""
+                    allow_downgrade: bool = False, deployment_id: str | None = None,
+                    key: Any = _RELEASE, length: int | None = None) -> str:
+    """Write the retained desired state (what ``edgepack deploy`` does); returns the deployment id.
+
+    Signed (protocol v2) with ``key`` (default: the fleet keys of :class:`Keys`);
+    ``key=None`` writes a v1 unsigned one (devices with ``allow_unsigned`` only).
+    ``allow_downgrade`` also publishes a release-signed downgrade authorization for the device.
+    """
     dep = deployment_id or f"d-{uuid.uuid4().hex[:10]}"
     topics = Topics(fleet)
-    topic = topics.group_desired(group) if group else topics.desired(device_id or "dev1")
-    ds = DesiredState(deployment_id=dep, bundle_id=bundle_id, name=name, version=version,
-                      allow_downgrade=allow_downgrade)
+    device = device_id or "dev1"
+    topic = topics.group_desired(group) if group else topics.desired(device)
+    if key is _RELEASE:
+        key = False if Keys.made else None  # False: every Keys' fleet key
+    if key is None:
+        ds = DesiredState(deployment_id=dep, bundle_id=bundle_id, name=name, version=version,
+                          allow_downgrade=allow_downgrade)
+        payload = encode(ds.to_payload())
+    else:
+        if length is None:
+            length = published_length(broker_url, fleet, bundle_id)
+        payload = signed_desired(fleet, bundle_id, length=length, device_id=device, group=group,
+                                 name=name, version=version, deployment_id=dep, key=key)
     with SyncClient(broker_url) as c:
-        c.publish(topic, encode(ds.to_payload()), qos=1, retain=True)
+        if key is not None and allow_downgrade and not group:
+            c.publish(topics.downgrade(device), signed_downgrade(
+                fleet, device, bundle_id, length or 0, name, version, key=key), qos=1,
+                retain=True)
+        c.publish(topic, payload, qos=1, retain=True)
     return dep
+
+
+def signed_downgrade(fleet: str, device_id: str, bundle_id: str, length: int, name: str,
+                     version: str, *, key: Path | None = None) -> bytes:
+    """A release-signed downgrade authorization for ``device_id`` to run that bundle."""
+    from edgepack.agent.trust import Target
+    from edgepack.host.fleet.keyring import load_signer
+    from edgepack.host.fleet.trust import sign_downgrade
+
+    signers = [load_signer(k) for k in ([key] if key else Keys.release_keys())]
+    return sign_downgrade(signers, fleet, device=device_id,
+                          target=Target(bundle_id, length, name, version))
 
 
 def deploy(broker_url: str, fleet: str, bundle: Path, *, key: Path | None, device_id: str = "dev1",
            chunk_size: int | None = 4096, allow_downgrade: bool = False) -> tuple[str, str]:
-    """Publish ``bundle`` and point the device at it; returns ``(bundle_id, deployment_id)``."""
+    """Publish ``bundle`` and point the device at it; returns ``(bundle_id, deployment_id)``.
+
+    ``key`` signs the chunk table and the desired state (without it: the fleet keys of
+    :class:`Keys`)."""
     from edgepack.agent.bundle import read_bundle
     from edgepack.host.fleet.publish import publish_bundle
 
     b = read_bundle(bundle)
     publish_bundle(bundle, broker_url, key_path=key, fleet=fleet, chunk_size=chunk_size)
     dep = publish_desired(broker_url, fleet, b.bundle_id, device_id=device_id, name=b.name,
-                          version=b.version, allow_downgrade=allow_downgrade)
+                          version=b.version, allow_downgrade=allow_downgrade,
+                          length=bundle.stat().st_size,
+                          key=key if key is not None else _RELEASE)
     return b.bundle_id, dep
 
 

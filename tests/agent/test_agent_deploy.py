@@ -135,8 +135,9 @@ def test_refusals_change_nothing(agent_env, mosquitto, fleet, bundles, keys):
     refused(bundles.get("3.0.0", signer=None, seed=32), "signature", key=None)
     ev = refused(bundles.get("3.0.0", target="rpi4"), "target")
     assert "rpi4" in ev["detail"]
-    ev = refused(bundles.get("1.0.0"), "downgrade")
-    assert "allow_downgrade" in ev["detail"]
+    # protocol v2: the rollback floor replaces `allow_downgrade` (reason `below_floor`)
+    ev = refused(bundles.get("1.0.0"), "below_floor")
+    assert "rollback floor 2.0.0" in ev["detail"] and "downgrade authorization" in ev["detail"]
     # the bundle signed by another key, published with a table signed by the fleet key:
     # the table passes, the bundle's own signature does not
     ev = refused(bundles.get("3.0.1", signer="other"), "signature")
@@ -176,6 +177,16 @@ def test_group_desired_and_device_override(tmp_path, mosquitto, fleet, bundles, 
                                     allow_downgrade=True)
             watcher.wait_event("installed", dep_d)
             watcher.wait_active(b1.bundle_id)
+            # a signed clear of the device's own desired state: it follows its group again
+            from click.testing import CliRunner
+
+            from edgepack.host.cli import main
+
+            r = CliRunner().invoke(main, ["fleet", "clear", "--device", "dev1", "--broker",
+                                          mosquitto.url, "--fleet", fleet, "--key",
+                                          str(keys.key)])
+            assert r.exit_code == 0 and "unsigned" not in r.output, r.output
+            watcher.wait_active(b2.bundle_id)
     finally:
         assert agent.stop() == 0
 

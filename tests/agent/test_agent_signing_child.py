@@ -48,3 +48,28 @@ def test_importing_the_agent_bundle_reader_does_not_load_cryptography() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_child_ignores_modules_planted_in_the_working_directory(keys, tmp_path, monkeypatch):
+    """A ``json.py`` planted in the working directory (or on PYTHONPATH) that exits 0 would
+    turn an all-zero signature into "verified": the children run isolated (``-I``)."""
+    trusted = signing.load_public_keys([keys.pub])
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "json.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    assert not signing._check_in_child(trusted[keys.key_id].raw, b"\0" * 64, b"manifest bytes")
+    # the same planted module does take over a child run without -I: the test is meaningful
+    r = subprocess.run([sys.executable, "-m", "edgepack.agent.signing"], input=b"{}",
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0
+
+
+def test_health_and_measure_children_run_isolated() -> None:
+    import inspect
+
+    from edgepack.agent import health, profiler
+
+    assert '"-I", "-m", "edgepack.agent.health"' in inspect.getsource(health.HealthCheck)
+    assert '"-I", "-m", "edgepack.agent.measure"' in inspect.getsource(profiler)

@@ -403,18 +403,26 @@ def test_hostile_messages_to_a_live_agent(tmp_path, mosquitto, fleet, rel_bundle
             agent.start()
             dep = publish_desired(url, fleet, bid)
             w.wait_event("installed", dep, timeout=30)
+            # protocol v2: each is refused (unsigned or malformed) and counted in telemetry;
+            # events are one per topic and reason a minute, so a storm cannot flood the outbox
             for expected, payload in enumerate(desired_garbage, 1):
                 c.publish(topics.desired("dev1"), payload, qos=1, retain=False)
-                w.wait(lambda n=expected: len([e for e in w.events if e["kind"] == "error"])
-                       >= n, 10, f"an error event for desired {payload[:30]!r}")
+                w.wait(lambda n=expected: any(
+                    sum((m.get("control_refused") or {}).values()) >= n for m in w.telemetry),
+                    10, f"a refusal counted for desired {payload[:30]!r}")
                 rec.run(agent.alive)
+            refusals = [e for e in w.events if e["kind"] == "control_refused"]
+            assert 1 <= len(refusals) <= len({e["reason"] for e in refusals}), refusals
+            assert all(e["topic"] == topics.desired("dev1") for e in refusals)
             for i, payload in enumerate(manifests):
                 fake = f"{i:02x}" * 32
                 if payload.startswith(b"{") and b'"bundle_id": "' + SHA.encode() in payload:
                     payload = payload.replace(SHA.encode(), fake.encode())
                     payload = json.dumps(signed(json.loads(payload))).encode()
                 c.publish(topics.bundle_manifest(fake), payload, qos=1, retain=True)
-                dep = publish_desired(url, fleet, fake)
+                # the signed desired state names the table's size, so the hostile manifest
+                # object itself is what the device has to survive
+                dep = publish_desired(url, fleet, fake, length=_table()["bytes"])
                 ev = w.wait(lambda d=dep: next((e for e in w.events if e.get("deployment_id") == d
                                                 and e["kind"] in ("rejected", "error")), None),
                             15, f"an event for manifest message {i}")

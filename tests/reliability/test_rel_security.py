@@ -1,6 +1,7 @@
 """A device runs only what its owner signed: unsigned, foreign-key, tampered (any single byte of
 any member, positions sampled) and downgraded bundles never activate; replaying an old desired
-state does not downgrade; TLS with a private CA and client certificates against a real
+state (or an edited, unsigned, expired, misaddressed or foreign-signed one) does not
+downgrade, nor a bundle below the rollback floor; TLS with a private CA and client certificates against a real
 Mosquitto running the shipped config, whose ACL keeps devices apart (tests/host/fleet/deploy helpers)."""
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from agent_helpers import agent_config, publish_desired
+from agent_helpers import agent_config, publish_desired, signed_desired
 from reliability_helpers import CrashableAgent, Recorder, save_scenario, serves, wait_for
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import BrokerError, BundleError
 from edgepack.agent.mqtt import BrokerConfig
-from edgepack.agent.protocol import DesiredState, Topics, chunk_table_payload, encode
+from edgepack.agent.protocol import (
+    DesiredState,
+    Topics,
+    chunk_table_payload,
+    encode,
+    parse_desired,
+)
 from edgepack.agent.signing import canonical_json, load_public_keys
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.publish import publish_bundle
@@ -136,14 +143,9 @@ def test_only_signed_current_bundles_activate(tmp_path, mosquitto, fleet, rel_bu
             active = ids["2.0.0"]
             manifest3 = json.loads(_members(rel_bundles.get("3.0.0"))[0][1])
 
-            def attack(name: str, bid: str, version: str, reasons: tuple[str, ...], *,
-                       raw_desired: bytes | None = None) -> None:
+            def attack(name: str, bid: str, version: str, reasons: tuple[str, ...]) -> None:
                 since = len(r.events)
-                if raw_desired is not None:
-                    c.publish(Topics(fleet).desired("dev1"), raw_desired, retain=True)
-                    dep = json.loads(raw_desired)["deployment_id"]
-                else:
-                    dep = publish_desired(url, fleet, bid, version=version)
+                dep = publish_desired(url, fleet, bid, version=version)
                 ev = r.wait(lambda: next((e for e in r.events[since:]
                                           if e.get("deployment_id") == dep
                                           and e["kind"] in ("rejected", "installed",
@@ -153,6 +155,23 @@ def test_only_signed_current_bundles_activate(tmp_path, mosquitto, fleet, rel_bu
                 ok = ok and serves(data, active) and agent.alive
                 attacks.append((name, ok, ev["kind"], ev.get("reason")))
                 rec.run(ok, note=None if ok else f"{name}: {ev['kind']} {ev.get('reason')}")
+
+            def refused(name: str, payload: bytes, reason: str, *,
+                        topic: str = Topics(fleet).desired("dev1")) -> dict:
+                """A control message published as an attacker would: the device answers
+                ``control_refused`` with the reason and key ids, and keeps its bundle."""
+                since = len(r.events)
+                c.publish(topic, payload, retain=True)
+                ev = r.wait(lambda: next((e for e in r.events[since:]
+                                          if e["kind"] in ("control_refused", "rejected",
+                                                           "installed")), None), 30, name)
+                ok = ev["kind"] == "control_refused" and ev.get("reason") == reason \
+                    and ev.get("topic") == topic
+                time.sleep(0.2)
+                ok = ok and serves(data, active) and agent.alive
+                attacks.append((name, ok, ev["kind"], ev.get("reason")))
+                rec.run(ok, note=None if ok else f"{name}: {ev['kind']} {ev.get('reason')}")
+                return ev
 
             # 1. a bundle without signature.json, its chunk table signed by the fleet key
             unsigned = rel_bundles.get("3.0.0", signer=None)
@@ -189,24 +208,66 @@ def test_only_signed_current_bundles_activate(tmp_path, mosquitto, fleet, rel_bu
                 c, fleet, rel_bundles.get("4.0.0").read_bytes(), sign_key=rel_keys.private,
                 manifest=json.loads(_members(rel_bundles.get("4.0.0"))[0][1]), alter_chunk=1),
                 "4.0.0", ("tampered",))
-            # 6. a downgrade to v1 (signed, published), without allow_downgrade
-            attack("downgrade", ids["1.0.0"], "1.0.0", ("downgrade",))
-            # 7. v1 re-published with a lying (unsigned) manifest object claiming 9.9.9
+            # 6. a downgrade to v1 (release-signed, published), without a downgrade
+            #    authorization: below the rollback floor (protocol v2)
+            attack("downgrade", ids["1.0.0"], "1.0.0", ("below_floor",))
+            # 7. v1 re-published with a lying (unsigned) manifest object claiming 9.9.9: the
+            #    verified manifest is not what the desired state signed
             lying = json.loads(_members(v1)[0][1]) | {"version": "9.9.9"}
             bid_lying = _publish_raw(c, fleet, v1.read_bytes(), sign_key=rel_keys.private,
                                      manifest=lying)
             assert bid_lying == ids["1.0.0"]
             attack("downgrade behind a lying manifest message", bid_lying, "9.9.9",
-                   ("downgrade",))
+                   ("below_floor", "invalid"))
             # 8. the old desired state of deployment 1, replayed byte for byte
-            attack("replayed old desired state", ids["1.0.0"], "1.0.0", ("downgrade",),
-                   raw_desired=dep1_payload)
-            wait_for(lambda: serves(data, active), 10, "v2 still served")
+            ev = refused("replayed old desired state", dep1_payload, "replayed")
+            assert ev["key_ids"] and ev["version"] is not None
+            # 9. the current desired state edited: v1's id and allow_downgrade
+            doc = json.loads(c.retained(Topics(fleet).desired("dev1"))[
+                Topics(fleet).desired("dev1")])
+            t = doc["signed"]["targets"]
+            path, tf = next(iter(t.items()))
+            t.pop(path)
+            t[f"bundles/{ids['1.0.0']}"] = tf | {"hashes": {"sha256": ids["1.0.0"]}}
+            doc["signed"]["edgepack"]["allow_downgrade"] = True
+            refused("forged downgrade (edited desired state)", json.dumps(doc).encode(),
+                    "bad_signature")
+            # 10. a v1 unsigned desired state with allow_downgrade
+            v1_desired = DesiredState(deployment_id="d-forged", bundle_id=ids["1.0.0"],
+                                      name="tiny", version="1.0.0", allow_downgrade=True)
+            refused("unsigned desired state", encode(v1_desired.to_payload()), "unsigned")
+            # 11. a genuine-looking message that expired, one for another device, one signed
+            #     by a key the device does not trust
+            from agent_helpers import signed_desired
+
+            from edgepack.agent.trust import Target
+            from edgepack.host.fleet.keyring import load_signer
+            from edgepack.host.fleet.trust import sign_desired
+
+            t1 = Target(ids["1.0.0"], v1.stat().st_size, "tiny", "1.0.0")
+            refused("expired desired state", sign_desired(
+                load_signer(rel_keys.key), fleet, target=t1, deployment_id="d-old",
+                device="dev1", lifetime_s=-3600), "expired")
+            refused("desired state for another device", signed_desired(
+                fleet, ids["1.0.0"], length=t1.length, device_id="dev2", key=rel_keys.key,
+                version="1.0.0"), "wrong_device")
+            refused("desired state signed by a foreign key", signed_desired(
+                fleet, ids["1.0.0"], length=t1.length, key=rel_keys.other_key,
+                version="1.0.0"), "unknown_key")
+            # 12. another model name in between: the floor of `tiny` stays 2.0.0
+            other = rel_bundles.get("1.0.0", name="other")
+            publish_bundle(other, url, key_path=rel_keys.key, fleet=fleet, chunk_size=4096)
+            dep_o = publish_desired(url, fleet, read_bundle(other).bundle_id, name="other")
+            r.wait_event("installed", dep_o, timeout=30)
+            active = read_bundle(other).bundle_id
+            attack("older bundle of a model name that ran before, below its floor",
+                   ids["1.0.0"], "1.0.0", ("below_floor",))
+            wait_for(lambda: serves(data, active), 10, "the last genuine bundle still served")
     finally:
         agent.stop()
     failed = [a for a in attacks if not a[1]]
     assert not failed, failed
-    assert len(attacks) == 9
+    assert len(attacks) == 15
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +311,9 @@ def test_tls_private_ca_client_certs_and_acl(tmp_path, secure_broker, rel_bundle
             o.subscribe(t.prefix + "devices/#")
             info = publish_bundle(rel_bundles.get("1.0.0"), op, key_path=rel_keys.key,
                                   fleet=fleet, chunk_size=4096)
-            dep = DesiredState("dep-tls-1", info["bundle_id"], "tiny", "1.0.0")
-            o.publish(t.desired("dev-a"), encode(dep.to_payload()), retain=True)
+            o.publish(t.desired("dev-a"), signed_desired(
+                fleet, info["bundle_id"], length=rel_bundles.get("1.0.0").stat().st_size,
+                device_id="dev-a", deployment_id="dep-tls-1", key=rel_keys.key), retain=True)
             seen: dict[str, list[bytes]] = {}
             deadline = time.monotonic() + 40
             installed = False
@@ -291,7 +353,7 @@ def test_tls_private_ca_client_certs_and_acl(tmp_path, secure_broker, rel_bundle
                                not forged))
             retained = o.retained(t.desired("dev-a"))
             checks.append(("dev-a's desired state untouched",
-                           json.loads(retained[t.desired("dev-a")])["deployment_id"]
+                           parse_desired(retained[t.desired("dev-a")]).deployment_id
                            == "dep-tls-1"))
         # a certificate from a CA the broker does not trust
         try:

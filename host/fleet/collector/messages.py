@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from edgepack.agent.errors import ProtocolError
-from edgepack.agent.protocol import VERSION, check_id, decode
+from edgepack.agent.protocol import VERSION, check_id, decode, parse_desired
 from edgepack.host.fleet.drift import decode_window
 from edgepack.host.fleet.storage import Batch
 
@@ -56,7 +56,7 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
                 received[leaf] += 1
                 if leaf == "desired":
                     batch.desired.append((fleet, "device", device, rcv,
-                                          decode(payload) if payload else None))
+                                          _desired(payload)))
                     continue
                 if not payload or leaf not in ("telemetry", "events", "state"):
                     continue  # a cleared state: nothing to record
@@ -79,7 +79,7 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
             elif kind == "groups" and leaf == "desired":
                 received["group_desired"] += 1
                 batch.desired.append((fleet, "group", check_id(name, "group name"), rcv,
-                                      decode(payload) if payload else None))
+                                      _desired(payload)))
             elif kind == "bundles" and leaf == "manifest":
                 received["manifest"] += 1
                 if payload:
@@ -109,3 +109,14 @@ def _drift_window(batch: Batch, fleet: str, device: str, received: float, teleme
     batch.drift.append((fleet, device, received, telemetry, w.reference_id,
                         (w.calls, w.sampled, w.rows),
                         raw if isinstance(raw, str) else json.dumps(raw, separators=(",", ":"))))
+
+def _desired(payload: bytes) -> dict | None:
+    """A desired state (protocol v1, or v2 signed metadata read without verifying) as the v1
+    dict the store keeps; None when cleared."""
+    if not payload:
+        return None
+    body = decode(bytes(payload), "desired state")
+    if "signed" not in body:
+        return body
+    ds = parse_desired(bytes(payload))
+    return ds.to_payload() if ds is not None else None

@@ -3,10 +3,17 @@ the group, pin devices back to their previous bundle, and clear pins that became
 
 Every action publishes retained desired states first and records the decision after, so a
 restart in between publishes them again (they are idempotent).
+
+Protocol v2: desired states are signed with the release key given at ``rollout start`` (its
+path is remembered in the database, so the fleet server must be able to read it); a pin back to
+an older bundle is preceded by a release-signed downgrade authorization for that device, and a
+desired state is cleared with a signed empty one. Without a release key they are v1, unsigned
+(development devices only).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,7 +23,8 @@ from edgepack.agent.protocol import DesiredState, Topics, encode
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.storage import RolloutDeviceRecord, RolloutRecord, Store
 
-__all__ = ["Tick", "deploy_stage", "complete", "start_rollback", "finish_rollback"]
+__all__ = ["Tick", "deploy_stage", "complete", "start_rollback", "finish_rollback",
+           "remember_release_key"]
 
 
 @dataclass
@@ -40,35 +48,90 @@ class Tick:
         self.rollout = replace(self.rollout, state=state)
 
 
-def _desired(r: RolloutRecord, deployment_id: str, *, bundle: dict[str, Any] | None = None,
-             allow_downgrade: bool | None = None) -> bytes:
-    b = bundle or {"bundle_id": r.bundle_id, "name": r.bundle_name, "version": r.bundle_version}
-    ds = DesiredState(deployment_id=deployment_id, bundle_id=b["bundle_id"],
-                      name=b.get("name") or "", version=b.get("version") or "",
-                      allow_downgrade=r.allow_downgrade if allow_downgrade is None
-                      else allow_downgrade, ts=time.time())
-    return encode(ds.to_payload())
+def remember_release_key(store: Store, rollout_id: str, key_path: Any) -> None:
+    """Remember where the release key of ``rollout_id`` is (the engine signs with it)."""
+    from edgepack.host.fleet.trust import release_key_path
+
+    path = release_key_path(key_path)
+    if path is not None:
+        store.meta.set(f"rollout-key:{rollout_id}", str(path))
 
 
-def _set(c: SyncClient, topics: Topics, device_id: str, payload: bytes) -> int:
-    """Retain ``payload`` (b"" clears) as the device's desired state; the message id."""
-    return c.publish(topics.desired(device_id), payload, qos=1, retain=True, wait=False)
+class _Signing:
+    """Desired states of one rollout action: signed when the rollout has a release key."""
 
+    def __init__(self, store: Store, c: SyncClient, r: RolloutRecord) -> None:
+        from edgepack.host.fleet.trust import release_signer
 
-def _pin(c: SyncClient, topics: Topics, r: RolloutRecord, d: RolloutDeviceRecord) -> int:
-    return _set(c, topics, d.device_id, _desired(r, f"{r.id}-rb", bundle=d.previous,
-                                                 allow_downgrade=True))
+        self.c, self.r, self.topics = c, r, Topics(r.fleet)
+        path = store.meta.get(f"rollout-key:{r.id}")
+        self.signer = release_signer(path) if path else None
+        self._lengths: dict[str, int] = {}
+
+    def _target(self, b: dict[str, Any]) -> Any:
+        from edgepack.agent.trust import Target
+
+        bid = b["bundle_id"]
+        if bid not in self._lengths:
+            topic = self.topics.bundle_manifest(bid)
+            raw = self.c.retained(topic, settle=0.2).get(topic)
+            self._lengths[bid] = json.loads(raw)["bytes"] if raw else 0
+        return Target(bid, self._lengths[bid], b.get("name") or "", b.get("version") or "")
+
+    def desired(self, deployment_id: str, *, device: str | None = None,
+                bundle: dict[str, Any] | None = None,
+                allow_downgrade: bool | None = None) -> bytes:
+        r = self.r
+        b = bundle or {"bundle_id": r.bundle_id, "name": r.bundle_name,
+                       "version": r.bundle_version}
+        if self.signer is None:
+            ds = DesiredState(deployment_id=deployment_id, bundle_id=b["bundle_id"],
+                              name=b.get("name") or "", version=b.get("version") or "",
+                              allow_downgrade=r.allow_downgrade if allow_downgrade is None
+                              else allow_downgrade, ts=time.time())
+            return encode(ds.to_payload())
+        from edgepack.host.fleet.trust import sign_desired
+
+        return sign_desired(self.signer, r.fleet, target=self._target(b),
+                            deployment_id=deployment_id, device=device,
+                            group=None if device else r.group_name)
+
+    def set(self, device_id: str, payload: bytes | None) -> int:
+        """Retain ``payload`` (None clears) as the device's desired state; the message id."""
+        if payload is None and self.signer is not None:
+            from edgepack.host.fleet.trust import sign_desired
+
+            payload = sign_desired(self.signer, self.r.fleet, target=None, deployment_id=None,
+                                   device=device_id)
+        return self.c.publish(self.topics.desired(device_id), payload or b"", qos=1,
+                              retain=True, wait=False)
+
+    def stage(self, devices: list[RolloutDeviceRecord], deployment_id: str) -> list[int]:
+        if self.signer is None:
+            payload = self.desired(deployment_id)
+            return [self.set(d.device_id, payload) for d in devices]
+        return [self.set(d.device_id, self.desired(deployment_id, device=d.device_id))
+                for d in devices]
+
+    def pin(self, d: RolloutDeviceRecord) -> int:
+        """Back to the device's previous bundle (a downgrade it is authorized for)."""
+        if self.signer is not None:
+            from edgepack.host.fleet.trust import sign_downgrade
+
+            self.c.publish(self.topics.downgrade(d.device_id), sign_downgrade(
+                self.signer, self.r.fleet, device=d.device_id,
+                target=self._target(d.previous)), qos=1, retain=True)
+        return self.set(d.device_id, self.desired(f"{self.r.id}-rb", device=d.device_id,
+                                                  bundle=d.previous, allow_downgrade=True))
 
 
 def deploy_stage(store: Store, cfg: BrokerConfig, tick: Tick,
                  devices: list[RolloutDeviceRecord], k: int) -> None:
     """A device-level desired state naming the bundle for each device of stage ``k``."""
     r = tick.rollout
-    topics = Topics(r.fleet)
     deployment_id = f"{r.id}-s{k + 1}"
-    payload = _desired(r, deployment_id)
     with SyncClient(cfg, timeout=30) as c:
-        c.wait_published([_set(c, topics, d.device_id, payload) for d in devices])
+        c.wait_published(_Signing(store, c, r).stage(devices, deployment_id))
     now = time.time()
     tick.apply(store, {d.device_id: {"status": "pending", "deployment_id": deployment_id,
                                      "deployed_at": now, "detail": None} for d in devices})
@@ -81,13 +144,14 @@ def complete(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
     topics = Topics(r.fleet)
     full = r.stages[-1] >= 100
     with SyncClient(cfg, timeout=30) as c:
+        s = _Signing(store, c, r)
         mids = []
         if full:
-            c.publish(topics.group_desired(r.group_name), _desired(r, f"{r.id}-group"), qos=1,
+            c.publish(topics.group_desired(r.group_name), s.desired(f"{r.id}-group"), qos=1,
                       retain=True)
-            mids += [_set(c, topics, d.device_id, b"") for d in tick.devices
+            mids += [s.set(d.device_id, None) for d in tick.devices
                      if d.status == "installed"]
-        mids += [_pin(c, topics, r, d) for d in tick.devices
+        mids += [s.pin(d) for d in tick.devices
                  if d.status == "failed" and d.previous]
         c.wait_published(mids)
     ok = sum(d.status == "installed" for d in tick.devices)
@@ -107,7 +171,6 @@ def start_rollback(store: Store, cfg: BrokerConfig, tick: Tick,
     Idempotent (retained desired states): a restart in between publishes them again.
     """
     r = tick.rollout
-    topics = Topics(r.fleet)
     targets = [d for d in devices if d.status not in ("waiting", "rolled_back")]
     running = {d.device_id: d.bundle_id for d in store.devices.list(
         r.fleet, ids=[t.device_id for t in targets])}
@@ -120,19 +183,19 @@ def start_rollback(store: Store, cfg: BrokerConfig, tick: Tick,
     changes: dict[str, dict[str, Any]] = {}
     kept = 0
     with SyncClient(cfg, timeout=30) as c:
+        s = _Signing(store, c, r)
         mids = []
         for d in targets:
             runs_new = running.get(d.device_id) == r.bundle_id
             if d.status == "failed" and not runs_new:
                 # failed on the device (rejected, health check): it kept what it ran
-                mids.append(_pin(c, topics, r, d) if d.previous else
-                            _set(c, topics, d.device_id, b""))
+                mids.append(s.pin(d) if d.previous else s.set(d.device_id, None))
                 continue
             if not d.previous and fallback is not None:
                 d = replace(d, previous=fallback)
                 changes[d.device_id] = {"previous": fallback}
             if d.previous:
-                mids.append(_pin(c, topics, r, d))
+                mids.append(s.pin(d))
                 if d.status == "rolling_back":
                     continue
                 back = f"back to {d.previous.get('version')}"
@@ -142,7 +205,7 @@ def start_rollback(store: Store, cfg: BrokerConfig, tick: Tick,
             else:
                 # nothing to go back to: the device keeps the new bundle and follows its group
                 # again (no failure of its own)
-                mids.append(_set(c, topics, d.device_id, b""))
+                mids.append(s.set(d.device_id, None))
                 kept += 1
                 if d.status != "failed":
                     changes[d.device_id] = {
@@ -186,6 +249,6 @@ def _unpin(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
                  and (d.previous or {}).get("bundle_id") == group.bundle_id]
     if not redundant:
         return
-    topics = Topics(r.fleet)
     with SyncClient(cfg, timeout=30) as c:
-        c.wait_published([_set(c, topics, d.device_id, b"") for d in redundant])
+        s = _Signing(store, c, r)
+        c.wait_published([s.set(d.device_id, None) for d in redundant])

@@ -120,6 +120,9 @@ def start_rollout(store: Store, broker: BrokerConfig | str, bundle: str | os.Pat
         soak_s=soak_s, stage_timeout_s=timeout_s, budgets=bundle_budgets(manifest),
         allow_downgrade=allow_downgrade, created=now, updated=now,
         previous_group_desired=group_desired.to_json() if group_desired else None)
+    from edgepack.host.fleet.rollout.actions import remember_release_key
+
+    remember_release_key(store, rid, key_path)
     counts = ", ".join(f"{p:g}%→{n}" for p, n in zip(stage_list, sizes, strict=True))
     store.rollouts.insert(rollout, plan, f"planned {manifest.get('name')} "
                           f"{manifest.get('version')} ({rollout.bundle_id[:12]}) for "

@@ -49,7 +49,38 @@ def test_deploy_by_id_to_a_group_with_downgrade(mosquitto, fleet: str, make_bund
     assert desired.bundle_id == bid and desired.version == "0.9.0"
     assert desired.allow_downgrade is True
     assert desired.deployment_id == second.deployment_id != first.deployment_id
-    assert second.topic.endswith("/groups/rpi4-fleet/desired") and second.warnings == ()
+    # without a release key the desired state is protocol v1, unsigned: deploy says so
+    assert second.topic.endswith("/groups/rpi4-fleet/desired")
+    assert len(second.warnings) == 1 and "unsigned (protocol v1)" in second.warnings[0]
+
+
+def test_deploy_signs_desired_states_with_the_release_key(mosquitto, fleet, make_bundle,
+                                                          signing_key) -> None:
+    """Protocol v2: the desired state is release-signed metadata naming the bundle's sha256,
+    length, name and version; versions only go up; a device downgrade comes with a signed
+    authorization for that device, a group downgrade warns (authorizations are per device)."""
+    from edgepack.agent.trust import parse_control
+
+    path = make_bundle(version="0.8.0")
+    bid = publish_manifest_only(mosquitto.url, fleet, path)
+    t = Topics(fleet)
+    first = deploy(bid, broker=mosquitto.url, device="pi-v2", fleet=fleet, key=signing_key[0],
+                   lookup_timeout=0.5)
+    one = parse_control(_retained(mosquitto.url, t.desired("pi-v2")))
+    second = deploy(bid, broker=mosquitto.url, device="pi-v2", fleet=fleet,
+                    key=signing_key[0], allow_downgrade=True, lookup_timeout=0.5)
+    two = parse_control(_retained(mosquitto.url, t.desired("pi-v2")))
+    assert (one.kind, one.scope, one.subject, one.fleet) == ("desired", "device", "pi-v2", fleet)
+    assert one.target.bundle_id == bid and one.target.version == "0.8.0"
+    assert one.fields["deployment_id"] == first.deployment_id
+    assert two.version > one.version and two.fields["deployment_id"] == second.deployment_id
+    assert parse_desired(_retained(mosquitto.url, t.desired("pi-v2"))).bundle_id == bid
+    auth = parse_control(_retained(mosquitto.url, t.downgrade("pi-v2")))
+    assert auth.kind == "downgrade" and auth.target == two.target
+    assert not any("unsigned" in w for w in first.warnings + second.warnings)
+    group = deploy(bid, broker=mosquitto.url, group="g2", fleet=fleet, key=signing_key[0],
+                   allow_downgrade=True)
+    assert any("per device" in w for w in group.warnings)
 
 
 def test_deploy_by_unique_id_prefix(mosquitto, fleet: str, make_bundle) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
-from agent_helpers import Watcher, build_bundle, deploy, publish_desired
+from agent_helpers import Watcher, build_bundle, deploy, publish_desired, signed_desired
 from click.testing import CliRunner
 
 from edgepack.agent.bundle import read_bundle
@@ -96,13 +96,16 @@ def test_busy_device_refuses_and_the_memory_bound_kills(tiny, devices, keys) -> 
     # An install in progress: the desired bundle is not published, so it waits for it.
     missing = uuid.uuid4().hex * 2
     with Watcher(devices.broker_url, devices.fleet, "gw-b") as w:
-        publish_desired(devices.broker_url, devices.fleet, missing, device_id="gw-b")
+        publish_desired(devices.broker_url, devices.fleet, missing, device_id="gw-b",
+                        key=keys.key)
         w.wait_state(lambda s: s.get("phase") == "downloading")
         run = _profile(devices, tiny, "gw-b").devices["gw-b"]
         assert (run.status, run.reason) == ("refused", "busy")
         assert "install is in progress" in run.message
-        with SyncClient(devices.broker_url) as c:  # clear the desired state
-            c.publish(Topics(devices.fleet).desired("gw-b"), b"", qos=1, retain=True)
+        with SyncClient(devices.broker_url) as c:  # clear the desired state (signed, v2)
+            c.publish(Topics(devices.fleet).desired("gw-b"),
+                      signed_desired(devices.fleet, None, device_id="gw-b", key=keys.key),
+                      qos=1, retain=True)
         w.wait_state(lambda s: s.get("phase") == "idle", since=len(w.states))
 
     run = _profile(devices, tiny, "gw-b", max_rss_mb=40).devices["gw-b"]

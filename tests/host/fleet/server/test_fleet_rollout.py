@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from fleet_helpers import get_json, wait_for
 
-from edgepack.agent.protocol import Topics
+from edgepack.agent.protocol import Topics, parse_desired
 from edgepack.host.fleet.api import rollout_start, rollout_status
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.deploy import deploy
@@ -66,8 +66,12 @@ def _retained_desired(url, fleet):
     with SyncClient(url) as c:
         found = c.retained(t.all_devices("desired"), settle=0.3)
         groups = c.retained(t.prefix + "groups/+/desired", settle=0.3)
-    return ({k.split("/")[-2]: json.loads(v) for k, v in found.items()},
-            {k.split("/")[-2]: json.loads(v) for k, v in groups.items()})
+    # v1 or v2 (signed) desired states; a signed clear counts as cleared
+    def read(msgs):
+        return {k.split("/")[-2]: ds.to_payload() for k, v in msgs.items()
+                if (ds := parse_desired(v)) is not None}
+
+    return read(found), read(groups)
 
 
 # ------------------------------------------------------------------------------ end to end
