@@ -37,7 +37,7 @@ import numpy as np
 
 from edgepack.agent.errors import ModelError
 
-__all__ = ["TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck", "inspect_tflite",
+__all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck", "inspect_tflite",
            "check_with_tflm", "check_with_litert", "quantize_input", "dequantize_output",
            "TFLM_MAX_ARENA"]
 
@@ -268,7 +268,7 @@ def _ordered(inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
 
 
 @contextlib.contextmanager
-def _captured() -> Iterator[list[str]]:
+def captured_output() -> Iterator[list[str]]:
     """Route the process's stdout/stderr (C++ logs) into a list of lines while inside."""
     lines: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as sink:
@@ -317,7 +317,7 @@ def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequenc
     data = _read(path)
     info = inspect_tflite(path)
     feeds = _ordered(inputs, info.inputs)
-    with _captured() as log:
+    with captured_output() as log:
         good, bad, outputs, reason = 0, 0, (), ""
         size = max(4096, _ALIGN * (len(data) // _ALIGN // 4 + 1))
         while size <= max_arena:  # grow until it runs
@@ -358,7 +358,7 @@ def check_with_litert(path: str | Path, inputs: Mapping[str, np.ndarray] | Seque
     data = _read(path)
     info = inspect_tflite(path)
     feeds = _ordered(inputs, info.inputs)
-    with _captured() as log:
+    with captured_output() as log:
         try:
             it = Interpreter(model_content=data)
             details = it.get_input_details()

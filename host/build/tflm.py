@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgepack.agent.errors import BudgetError, ModelError
-from edgepack.host.build.convert_tflite import _enum_names, has_data, _schema, op_name, read_model
+from edgepack.host.build.convert_tflite import _enum_names, _schema, has_data, op_name, read_model
 
 __all__ = ["ASSUMPTIONS", "TFLM_RESOLVER", "ArenaPlan", "plan_arena", "resolver_ops",
            "write_sources", "check_budgets", "ARENA_MARGIN"]

@@ -3,9 +3,7 @@ the TFLM interpreter on this host."""
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -67,7 +65,11 @@ def _host_check(model_bytes: bytes, sess: LiteRTSession, feeds: list[dict]) -> d
                     agree += int((y.argmax(1) == r.argmax(1)).sum())
                     total += len(r)
         # print_allocations writes to the C-level stdout/stderr: capture both through a file.
-        text = _capture_fds(it.print_allocations)
+        from edgepack.host.build.tflite_intake import captured_output
+
+        with captured_output() as lines:
+            it.print_allocations()
+        text = "\n".join(lines)
         m = re.search(r"Arena allocation total (\d+) bytes", text)
         h = re.search(r"Arena allocation head (\d+) bytes", text)
         return {"ran": True, "samples": len(feeds), "max_abs_diff_vs_litert_q": max_diff,
@@ -78,19 +80,3 @@ def _host_check(model_bytes: bytes, sess: LiteRTSession, feeds: list[dict]) -> d
                         "matches a 32-bit MCU, the tail (structs) is larger here"}
     except Exception as exc:
         return {"ran": False, "why": f"TFLM interpreter failed: {str(exc)[:300]}"}
-
-
-def _capture_fds(fn: Any) -> str:
-    with tempfile.TemporaryFile() as f:
-        saved = [os.dup(1), os.dup(2)]
-        try:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-            fn()
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-        f.seek(0)
-        return f.read().decode(errors="replace")
