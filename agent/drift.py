@@ -467,6 +467,10 @@ class DriftSketcher:
             if call < self._next_sample:  # another thread took this sample
                 return False
             self._next_sample = call + self._next_skip()
+            if call < self._window_start:
+                # Counted by the window that just closed while this call waited for the lock:
+                # its figures land in this window, so count the call here too (sampled <= calls).
+                self._window_start -= 1
             room = self.spec.max_rows - self._pieces.rows - self._buffered_rows
             if room <= 0:
                 return False
@@ -509,7 +513,6 @@ class DriftSketcher:
             end = next(self._counter)  # this tick is not a call: the next window starts after it
             calls, sampled, pieces = end - self._window_start, self._sampled, self._pieces
             self._window_start = end + 1
-            self._next_sample = max(self._next_sample, end + 1)
             self._sampled = 0
             self._pieces = _Pieces()
         figs = _summarise(self.spec, pieces)
