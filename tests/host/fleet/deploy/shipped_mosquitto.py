@@ -42,13 +42,9 @@ class SecureBroker:
         return (self.workdir / "mosquitto.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from brokers import stop_process
+
+        stop_process(self.proc)
 
 
 def start_shipped_mosquitto(workdir: Path, passwords: dict[str, str]) -> SecureBroker:
