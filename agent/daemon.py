@@ -50,6 +50,7 @@ from edgepack.agent.states import Phase
 from edgepack.agent.system import lock_data_dir, ram_mb, return_freed_memory, sd_notify
 from edgepack.agent.telemetry import LatencyStats, SystemSampler
 from edgepack.agent.trust import ControlRefused, DesiredGate
+from edgepack.agent.trust.root import ROOT_TOPIC, RootChain
 
 __all__ = ["Agent", "main"]
 
@@ -69,6 +70,10 @@ class Agent:
         self.gate = DesiredGate(cfg.data_dir, device_id=cfg.device_id, fleet=cfg.fleet,
                                 groups=cfg.groups, trusted_keys=cfg.trusted_keys,
                                 root_file=cfg.trust_root, allow_unsigned=cfg.allow_unsigned)
+        v = self.gate.verifier  # root rotations arrive retained on root/{N} and are walked
+        self.roots = RootChain(v.root, v.update_root) if v is not None else None
+        self.root_prefix = self.topics.prefix + ROOT_TOPIC.format(version="")
+        self._trust_root_keys()
         self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
         self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
         self._refused_at: dict[tuple[str, str], float] = {}
@@ -230,7 +235,8 @@ class Agent:
         self.publish_state()
         try:
             # the downgrade before the desired states it allows
-            self.net.subscribe([self.downgrade_topic, self.topics.freshness])
+            self.net.subscribe([self.root_prefix + "+", self.downgrade_topic,
+                                self.topics.freshness])
             self.net.subscribe([self.desired_topic, *self.group_topics])
             self.net.subscribe([self.profiler.jobs_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
@@ -270,9 +276,35 @@ class Agent:
                 (self.gate.downgrade if kind == "downgrade" else self.gate.freshness)(payload)
             except ControlRefused as exc:
                 self._control_refused(topic, kind, exc)
+        elif self.roots is not None and topic.startswith(self.root_prefix):
+            self._on_root(topic, payload)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
+
+    def _on_root(self, topic: str, payload: bytes) -> None:
+        """Walk the root chain (event ``root_updated`` per version); bundles are then checked
+        against the new root's release keys."""
+        updates, refused = self.roots.offer(payload)
+        for u in updates:
+            self.event("root_updated", f"trusted root v{u.from_version} -> v{u.to_version} "
+                       f"(changed: {', '.join(u.changed_roles) or 'expiry only'})",
+                       from_version=u.from_version, to_version=u.to_version,
+                       changed_roles=list(u.changed_roles), key_ids=list(u.key_ids))
+        if updates:
+            self._trust_root_keys()
+        if refused is not None:
+            self._control_refused(topic, "root", refused)
+
+    def _trust_root_keys(self) -> None:
+        """Bundle and chunk-table keys: the root's release keys, plus ``trusted_keys`` until
+        the first rotation (from then on the root alone says who signs)."""
+        v = self.gate.verifier
+        if v is None:
+            return
+        if v.root.version > 1:
+            self.keys.clear()  # in place: the profiler holds the same dict
+        self.keys.update(v.root.v1_keys("release"))
 
     def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
         """One event per topic and reason a minute (a storm is counted in telemetry)."""

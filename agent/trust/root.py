@@ -20,7 +20,12 @@ from edgepack.agent.trust.control import ROLE_NAMES, tuf_role
 from edgepack.agent.trust.errors import ControlRefused, Reason, RootRefused
 from edgepack.agent.trust.privatefile import write_private
 
-__all__ = ["RoleCheck", "RootUpdate", "TrustedRoot", "check_signatures", "refuse_unverified"]
+__all__ = ["RoleCheck", "RootUpdate", "RootChain", "TrustedRoot", "check_signatures",
+           "refuse_unverified", "ROOT_TOPIC"]
+
+# Root versions travel retained on ``edgepack/v1/{fleet}/root/{N}`` (one topic per version, so a
+# device several rotations behind finds every version it must walk); devices subscribe ``root/+``.
+ROOT_TOPIC = "root/{version}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,53 @@ class TrustedRoot:
         """Keys that held ``role`` in root ``before`` and no longer do."""
         name = tuf_role(role)
         return set(before.roles[name].keyids) - set(self.signed.roles[name].keyids)
+
+
+class RootChain:
+    """Root versions as they arrive (retained, in any order), applied one version at a time.
+
+    ``offer`` keeps versions above the trusted one and applies every consecutive one it can
+    with ``update`` (normally :meth:`ControlVerifier.update_root`); versions at or below the
+    trusted one are old news (every connect redelivers them) and ignored.
+    """
+
+    def __init__(self, root: TrustedRoot, update: Any) -> None:
+        self.root = root
+        self._update = update
+        self.pending: dict[int, bytes] = {}
+
+    def offer(self, payload: bytes) -> tuple[tuple[RootUpdate, ...], RootRefused | None]:
+        """Apply what ``payload`` makes possible: the updates applied, and the refusal that
+        stopped the walk (that version is dropped; the device keeps the root it reached)."""
+        if not payload:
+            return (), None
+        try:
+            version = _version_of(payload)
+        except RootRefused as exc:
+            return (), exc
+        if version <= self.root.version:
+            return (), None
+        self.pending[version] = payload
+        done = []
+        while (data := self.pending.pop(self.root.version + 1, None)) is not None:
+            try:
+                done.append(self._update(data))
+            except RootRefused as exc:
+                return tuple(done), exc
+        return tuple(done), None
+
+
+def _version_of(payload: bytes) -> int:
+    import json
+
+    try:
+        v = json.loads(payload)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        v = None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RootRefused("not root metadata (no integer signed.version)",
+                          reason=Reason.MALFORMED)
+    return v
 
 
 def _role_keys(root: Any, name: str) -> set[tuple[str, str]]:

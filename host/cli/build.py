@@ -79,58 +79,6 @@ def targets_show(target: str, as_json: bool) -> None:
     emit(p.to_dict(), as_json, render)
 
 
-@click.group("keys")
-def keys() -> None:
-    """Fleet signing keys (Ed25519)."""
-
-
-@keys.command("generate")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="keys",
-              show_default=True)
-@click.option("--name", default="fleet", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing key pair.")
-def keys_generate(out_dir: str, name: str, force: bool) -> None:
-    """Write NAME.key (private, mode 0600) and NAME.pub (give this to devices).
-
-    The one-machine path: NAME.key signs bundles and desired states; devices given NAME.pub
-    derive their trusted root from it. A fleet with offline root keys: `keys init`.
-    """
-    from edgepack.host.keys import generate_keys
-
-    priv, pub, kid = generate_keys(out_dir, name, overwrite=force)
-    click.echo(f"private key {priv} (signs bundles and desired states; keep it on the build "
-               f"machine)\npublic key  {pub}\nkey id      {kid}")
-
-
-@keys.command("init")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="keys",
-              show_default=True)
-@click.option("--root-keys", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="How many offline root keys (n).")
-@click.option("--root-threshold", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="How many of them must sign a new root (k).")
-@click.option("--force", is_flag=True, help="Replace existing keys.")
-@click.option("--json", "as_json", is_flag=True)
-def keys_init(out_dir: str, root_keys: int, root_threshold: int, force: bool,
-              as_json: bool) -> None:
-    """Protocol v2 keys: root (k of n, offline), release, online, and root.json."""
-    from edgepack.host.cli.main import emit
-    from edgepack.host.fleet.keyring import init_fleet_keys
-
-    fk = init_fleet_keys(out_dir, root_keys=root_keys, root_threshold=root_threshold,
-                         overwrite=force)
-
-    def render(r: dict) -> None:
-        click.echo(f"root.json   {r['root']} ({r['root_threshold']} of "
-                   f"{len(r['root_keys'])} root keys; keep root-*.key offline, apart)")
-        click.echo(f"release key {r['release']['private']} (build --key, deploy --key)")
-        click.echo(f"online key  {r['online']['private']} (the fleet server's)")
-        click.echo(f"devices:    edgepack agent init --pub {r['release_pem']} --root "
-                   f"{r['root']} ...")
-
-    emit(fk.to_json(), as_json, render)
-
-
 @click.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -178,6 +126,8 @@ def verify_cmd(bundle: str, pubs: tuple[str, ...], as_json: bool) -> None:
 
 def register(main: click.Group) -> None:
     """Add the build-side commands to the ``edgepack`` group."""
+    from edgepack.host.cli.keys import keys
+
     for cmd in (targets, keys, inspect_cmd, verify_cmd):
         main.add_command(cmd)
     from edgepack.host.cli.build_cmd import build

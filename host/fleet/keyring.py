@@ -36,6 +36,12 @@ __all__ = [
     "DEFAULT_ROOT_DAYS",
     "FleetKeys",
     "init_fleet_keys",
+    "RoleInfo",
+    "RootInfo",
+    "describe_root",
+    "Rotation",
+    "rotate_keys",
+    "root_history",
 ]
 
 DEFAULT_ROOT_DAYS = 365
@@ -205,8 +211,6 @@ def init_fleet_keys(out_dir: str | os.PathLike, *, root_keys: int = 1, root_thre
     them apart), ``release.key`` (signs bundles and desired states; ``release.pub`` is its PEM
     for devices' ``trusted_keys``), ``online.key`` (the fleet server's) and ``root.json``,
     signed by every root key (a threshold of ``root_threshold`` of them verifies it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     out = Path(out_dir)
     if not 1 <= root_threshold <= root_keys:
@@ -220,10 +224,223 @@ def init_fleet_keys(out_dir: str | os.PathLike, *, root_keys: int = 1, root_thre
     data = create_root(root_signers=signers, root_threshold=root_threshold,
                        release_keys=[load_public_key(release.public_path)],
                        online_keys=[load_public_key(online.public_path)], expires=expires)
-    root_path = out / "root.json"
-    root_path.write_bytes(data)
-    pem = out / "release.pub"
-    raw = bytes.fromhex(load_public_key(release.public_path).keyval["public"])
+    root_path = _write_root(out, data)
+    pem = _write_pem(release)
+    return FleetKeys(root_path, tuple(roots), root_threshold, release, pem, online)
+
+
+def _write_pem(info: KeyInfo) -> Path:
+    """``NAME.pub``: the PEM (SubjectPublicKeyInfo) form devices list in ``trusted_keys``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    pem = info.public_path.with_name(f"{info.name}.pub")
+    raw = bytes.fromhex(load_public_key(info.public_path).keyval["public"])
     pem.write_bytes(Ed25519PublicKey.from_public_bytes(raw).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return FleetKeys(root_path, tuple(roots), root_threshold, release, pem, online)
+    return pem
+
+
+def _write_root(out: Path, data: bytes) -> Path:
+    """``root.json`` (the newest) and ``{N}.root.json`` (every version, the chain devices walk)."""
+    version = json.loads(data)["signed"]["version"]
+    (out / f"{version}.root.json").write_bytes(data)
+    tmp = out / "root.json.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, out / "root.json")
+    return out / "root.json"
+
+
+def root_history(keys_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(version, path)`` of every root version kept in ``keys_dir`` (``{N}.root.json``), oldest
+    first; a ``root.json`` without its numbered copy (made before numbered copies existed)
+    counts as its own version."""
+    out = Path(keys_dir)
+    found = {}
+    for p in out.glob("*.root.json"):
+        head = p.name.split(".", 1)[0]
+        if head.isdigit():
+            found[int(head)] = p
+    current = out / "root.json"
+    if current.exists():
+        found.setdefault(_root_doc(current)["signed"]["version"], current)
+    return sorted(found.items())
+
+
+def _root_doc(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_bytes())
+        doc["signed"]["version"] + 0
+        return doc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not root metadata ({exc}); `keys init` writes one",
+                           path=path) from None
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    """One role of a root: how many of which keys must sign."""
+
+    role: str                    # root, release, online
+    threshold: int
+    key_ids: tuple[str, ...]
+    names: tuple[str, ...]       # the key files in the keys folder holding them ("" unknown)
+
+
+@dataclass(frozen=True)
+class RootInfo:
+    """What :func:`describe_root` reads from root metadata."""
+
+    path: Path
+    version: int
+    expires: str                 # ISO-8601 UTC
+    roles: tuple[RoleInfo, ...]
+    signed_by: tuple[str, ...]   # key ids of the signatures it carries
+    history: tuple[int, ...]     # root versions kept next to it (the chain devices walk)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "version": self.version, "expires": self.expires,
+                "roles": {r.role: {"threshold": r.threshold, "key_ids": list(r.key_ids),
+                                   "names": list(r.names)} for r in self.roles},
+                "signed_by": list(self.signed_by), "history": list(self.history)}
+
+
+def _key_names(folder: Path) -> dict[str, str]:
+    names = {}
+    for p in folder.glob("*.pub.json"):
+        try:
+            names[json.loads(p.read_bytes())["keyid"]] = p.name[:-len(".pub.json")]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return names
+
+
+def describe_root(path: str | os.PathLike) -> RootInfo:
+    """Roles, key ids, thresholds and expiry of root metadata (a ``root.json``, or a keys
+    folder holding one); key ids are named after the key files next to it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "root.json"
+    doc = _root_doc(path)
+    signed = doc["signed"]
+    names = _key_names(path.parent)
+    roles = []
+    for role, tuf_name in ROLE_NAMES.items():
+        r = signed["roles"][tuf_name]
+        roles.append(RoleInfo(role, r["threshold"], tuple(r["keyids"]),
+                              tuple(names.get(k, "") for k in r["keyids"])))
+    return RootInfo(path, signed["version"], signed["expires"], tuple(roles),
+                    tuple(s["keyid"] for s in doc["signatures"]),
+                    tuple(v for v, _ in root_history(path.parent)))
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What :func:`rotate_keys` did: root ``from_version`` → ``to_version`` with new keys for
+    ``role`` (written next to the root), the key ids it removed, and who signed."""
+
+    role: str
+    root: Path
+    from_version: int
+    to_version: int
+    threshold: int
+    new_keys: tuple[KeyInfo, ...]
+    removed_key_ids: tuple[str, ...]
+    signed_by: tuple[str, ...]
+    pem: Path | None             # release rotations: the new key's PEM (build --key's pair)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"role": self.role, "root": str(self.root), "from_version": self.from_version,
+                "to_version": self.to_version, "threshold": self.threshold,
+                "new_keys": [{"name": k.name, "key_id": k.key_id, "private": str(k.private_path),
+                              "public": str(k.public_path)} for k in self.new_keys],
+                "removed_key_ids": list(self.removed_key_ids),
+                "signed_by": list(self.signed_by), "pem": str(self.pem) if self.pem else None}
+
+
+def _next_names(folder: Path, role: str, count: int) -> list[str]:
+    taken = {p.name.split(".", 1)[0] for p in folder.glob(f"{role}*")}
+    names, i = [], 1
+    while len(names) < count:
+        i += 1
+        if f"{role}-{i}" not in taken:
+            names.append(f"{role}-{i}")
+    return names
+
+
+def _current_root_signers(folder: Path, root_keys: Sequence[str | os.PathLike],
+                          signed: dict[str, Any]) -> list[Any]:
+    """The current root's signing keys: ``root_keys`` given, else every ``*.key`` in the
+    folder that holds the root role; refused when fewer than its threshold."""
+    role = signed["roles"]["root"]
+    paths = [Path(p) for p in root_keys] or sorted(folder.glob("*.key"))
+    signers = []
+    for p in paths:
+        try:
+            signer = load_signer(p)
+        except KeyFileError:
+            if root_keys:
+                raise
+            continue  # another kind of file in the keys folder
+        if signer.public_key.keyid in role["keyids"]:
+            signers.append(signer)
+        elif root_keys:
+            raise KeyFileError(f"{p} is not a root key of root v{signed['version']}",
+                               path=p, field="root_keys")
+    if len(signers) < role["threshold"]:
+        raise KeyFileError(
+            f"root v{signed['version']} needs {role['threshold']} of its root keys to sign the "
+            f"next version; {len(signers)} found in {folder}: pass them with `root_keys=`",
+            path=folder, field="root_keys")
+    return signers
+
+
+def rotate_keys(keys_dir: str | os.PathLike, role: str, *, count: int = 1,
+                threshold: int = 1, root_keys: Sequence[str | os.PathLike] = (),
+                expires: datetime | None = None) -> Rotation:
+    """Replace ``role``'s keys (``root``, ``release`` or ``online``) with ``count`` new ones
+    (``threshold`` of them must sign) and write root version N+1 next to root N in
+    ``keys_dir`` (``root.json`` and ``{N+1}.root.json``).
+
+    Root N+1 is signed by a threshold of root N's root keys (``root_keys``, else the root keys
+    found in ``keys_dir``) and, for a root rotation, by the new root keys too: devices accept
+    it only with both (docs/security.md). Nothing on the devices changes by hand: publish the
+    chain (:func:`edgepack.host.fleet.root_publish.publish_root`) and they walk it.
+    """
+    from tuf.api.metadata import Metadata
+
+    if role not in ROLE_NAMES:
+        raise KeyFileError(f"unknown role {role!r}: rotate one of {', '.join(ROLE_NAMES)}",
+                           path=None, field="role")
+    if not 1 <= threshold <= count:
+        raise KeyFileError(f"{role} threshold {threshold} needs between 1 and {count} new "
+                           "keys: pass `threshold=` at most `count=`", path=None,
+                           field="threshold")
+    folder = Path(keys_dir)
+    current_path = folder / "root.json"
+    current = current_path.read_bytes() if current_path.exists() else None
+    if current is None:
+        raise KeyFileError(f"no root.json in {folder}: make the fleet's keys with `keys init` "
+                           "first", path=current_path)
+    old = _root_doc(current_path)["signed"]
+    if not (folder / f"{old['version']}.root.json").exists():  # keep the chain complete
+        (folder / f"{old['version']}.root.json").write_bytes(current)
+    signers = _current_root_signers(folder, root_keys, old)
+    new = [generate_key(folder, n) for n in _next_names(folder, role, count)]
+    if role == "root":
+        signers += [load_signer(k.private_path) for k in new]
+    data = rotate_root(current, signers=signers, expires=expires,
+                       roles={role: ([load_public_key(k.public_path) for k in new], threshold)})
+    md = Metadata.from_bytes(data)
+    check = md.signed.get_root_verification_result(Metadata.from_bytes(current).signed,
+                                                   md.signed_bytes, md.signatures)
+    if not check.verified:  # pragma: no cover - the signers above always satisfy both
+        raise KeyFileError(f"root v{md.signed.version} would not verify on devices",
+                           path=folder)
+    tuf_name = ROLE_NAMES[role]
+    removed = tuple(k for k in old["roles"][tuf_name]["keyids"]
+                    if k not in md.signed.roles[tuf_name].keyids)
+    path = _write_root(folder, data)
+    return Rotation(role, path, old["version"], md.signed.version, threshold, tuple(new),
+                    removed, tuple(sorted(md.signatures)),
+                    _write_pem(new[0]) if role == "release" else None)
