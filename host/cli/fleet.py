@@ -111,6 +111,8 @@ def deploy_cmd(bundle_or_id: str, device: str | None, group: str | None, broker_
             click.echo(f"device {device} runs {result.name} {result.version} "
                        f"(after {time.monotonic() - t0:.1f}s)")
         return
+    for w in result.warnings:  # scripts read them in the JSON; people watching see them too
+        click.echo(f"warning: {as_flags(w)}", err=True)
     emit(result.to_json(), True)
 
 

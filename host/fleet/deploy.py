@@ -35,11 +35,12 @@ from edgepack.agent.protocol import (
     decode,
     encode,
     parse_chunk_table,
+    parse_desired,
 )
 from edgepack.host.fleet.client import SyncClient
 
 __all__ = ["deploy", "DeployResult", "wait_for_deployment", "new_deployment_id", "active_bundle",
-           "clear_desired"]
+           "clear_desired", "overriding_devices"]
 
 _HEX_ID = re.compile(r"^[0-9a-f]{8,64}$")
 _FAILED = ("rejected", "health_failed", "rolled_back", "error")
@@ -49,8 +50,10 @@ _FAILED = ("rejected", "health_failed", "rolled_back", "error")
 class DeployResult:
     """What :func:`deploy` wrote: the desired state's deployment id, the bundle, where it went
     (``device`` or ``group``, its ``topic``), whether the bundle was ``published`` first, and
-    ``warnings`` the device's last reported state already gives. After ``wait=``: ``active``,
-    ``waited_s`` and the device's ``slot``."""
+    ``warnings`` the device's last reported state already gives. For a group, ``overridden``
+    lists its devices whose own desired state overrides the group's (they will not follow
+    it until that is cleared). After ``wait=``: ``active``, ``waited_s`` and the device's
+    ``slot``."""
 
     deployment_id: str
     bundle_id: str
@@ -66,6 +69,7 @@ class DeployResult:
     ts: float
     broker: str
     warnings: tuple[str, ...] = ()
+    overridden: tuple[str, ...] = ()
     active: bool | None = None
     waited_s: float | None = None
     slot: str | None = None
@@ -73,6 +77,7 @@ class DeployResult:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["warnings"] = list(self.warnings)
+        out["overridden"] = list(self.overridden)
         if self.waited_s is None:
             for k in ("active", "waited_s", "slot"):
                 del out[k]
@@ -157,9 +162,14 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
                                   "the file modified meanwhile?", bundle_id=bundle_id)
             published = True
         warnings: list[str] = []
+        overridden: tuple[str, ...] = ()
         if device is not None:
             warnings = _preflight(found.get(topics.state(device)), device, fleet, bundle_id,
                                   name, version, target, allow_downgrade)
+        else:
+            overridden = overriding_devices(client, topics, group)
+            if overridden:
+                warnings.append(_override_warning(group, overridden))
         desired = DesiredState(deployment_id=new_deployment_id(), bundle_id=bundle_id,
                                name=name, version=version, allow_downgrade=allow_downgrade,
                                ts=time.time())
@@ -171,7 +181,7 @@ def deploy(bundle_or_id: str | Path, *, broker: str | BrokerConfig, device: str 
         deployment_id=desired.deployment_id, bundle_id=bundle_id, name=name, version=version,
         target=target, fleet=fleet, device=device, group=group, topic=desired_topic,
         published=published, allow_downgrade=allow_downgrade, ts=desired.ts, broker=cfg.url,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), overridden=overridden)
     if wait is None:
         return result
     t0 = time.monotonic()
@@ -208,6 +218,42 @@ def _publish_desired(client: SyncClient, topics: Topics, desired: DesiredState, 
                                        deployment_id=desired.deployment_id, device=device,
                                        group=group), qos=1, retain=True)
     return warnings
+
+
+def overriding_devices(client: SyncClient, topics: Topics, group: str) -> tuple[str, ...]:
+    """Devices whose retained state says they follow ``group`` and that hold a device-level
+    desired state naming a bundle: it wins over any group's (docs/protocol.md §3.4)."""
+    states = client.retained(topics.all_devices("state"))
+    members = set()
+    for topic, raw in states.items():
+        try:
+            body = decode(raw, f"message on {topic}")
+        except ProtocolError:
+            continue
+        groups = body.get("groups")
+        if isinstance(groups, list) and group in groups:
+            members.add(topics.parse_device_topic(topic)[0])
+    if not members:
+        return ()
+    out = []
+    for topic, raw in client.retained(topics.all_devices("desired")).items():
+        dev = topics.parse_device_topic(topic)[0]
+        if dev not in members:
+            continue
+        try:
+            if parse_desired(raw) is not None:  # a signed clear names no bundle
+                out.append(dev)
+        except ProtocolError:
+            continue
+    return tuple(sorted(out))
+
+
+def _override_warning(group: str, devices: tuple[str, ...]) -> str:
+    shown = ", ".join(devices[:10]) + (f" and {len(devices) - 10} more" if len(devices) > 10
+                                       else "")
+    return (f"{len(devices)} device(s) of group {group} have their own desired state, which "
+            f"overrides the group's, so they will not follow this deployment: {shown}. Clear "
+            f"each to hand it back to the group: edgepack fleet clear `device=` {devices[0]}")
 
 
 def clear_desired(*, broker: str | BrokerConfig, device: str | None = None,
