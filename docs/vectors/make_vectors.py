@@ -1,4 +1,4 @@
-"""Rebuild the test vectors of docs/vectors/ (protocol v2 trust, v1 chunk table signature).
+"""Rebuild the test vectors of docs/vectors/ (protocol v2 trust, chunk tables, a tiny bundle).
 
     python docs/vectors/make_vectors.py [OUT_DIR]
 
@@ -64,6 +64,66 @@ def _chunk_table(bundle: bytes, signer) -> dict:
     sig = {"alg": "ed25519", "key_id": key_id(priv.public_key()),
            "sig": base64.b64encode(priv.sign(canonical_json(table))).decode()}
     return {**table, "table_sig": sig, "canonical": canonical_json(table).decode()}
+
+
+# A one-node ONNX model (Relu on a float32 [1, 4] tensor, opset 17, IR 8), serialized once and
+# kept as bytes so that the vectors do not depend on the onnx package's version.
+TINY_MODEL = bytes.fromhex(
+    "08081210656467657061636b2d766563746f72733a3e0a0c0a0178120179220452656c75120474696e795a13"
+    "0a0178120e0a0c080112080a0208010a02080462130a0179120e0a0c080112080a0208010a02080442040a00"
+    "1011")
+TINY_CHUNK = 1024  # bytes per chunk in the tiny bundle's manifest message
+
+
+def _tiny_bundle(out: Path, signer) -> tuple[bytes, dict, dict]:
+    """``bundle/tiny.edgepack`` (signed by release-1), its retained manifest message
+    (chunk table, ``table_sig``) and the expected digests."""
+    import numpy as np
+
+    from edgepack.host.build.package import npz_bytes, write_bundle
+    from edgepack.host.fleet.publish import manifest_message
+    from edgepack.host.keys import sign_bytes
+
+    x = np.array([[[-1.0, -0.5, 0.5, 1.0]], [[2.0, -2.0, 0.25, 0.0]]], dtype=np.float32)
+    golden = npz_bytes({"input_0": x, "output_0": np.maximum(x, 0)})
+    manifest = {
+        "name": "tiny", "version": "1.0.0", "created": "2026-01-01T00:00:00Z",
+        "target": "x86-64-avx2",
+        "model": {"file": "model.onnx", "format": "onnx", "opset": 17,
+                  "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4],
+                              "quantization": None}],
+                  "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4],
+                               "quantization": None}]},
+        "runtime": {"name": "onnxruntime", "min_version": "1.17", "threads": 1,
+                    "providers": ["CPUExecutionProvider"]},
+        "health": {"golden": "golden.npz", "samples": 2, "atol": 1e-5, "rtol": 1e-4,
+                   "min_cosine": 0.999, "min_label_agreement": 1.0},
+        "budgets": {"p95_ms": 50, "peak_rss_mb": 512, "model_mb": 1},
+    }
+    report = b'{"note": "edgepack test vector"}'
+    priv = signer._private_key
+    path = write_bundle(out / "bundle" / "tiny.edgepack", manifest, TINY_MODEL,
+                        {"golden.npz": golden, "report.json": report},
+                        sign=lambda data: sign_bytes(data, priv))
+    path.chmod(0o644)
+    data = path.read_bytes()
+    msg, chunks = manifest_message(path, chunk_size=TINY_CHUNK,
+                                   sign=lambda b: sign_bytes(b, priv))
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: {"sha256": hashlib.sha256(zf.read(i)).hexdigest(),
+                                "bytes": i.file_size,
+                                "compression": "deflate" if i.compress_type == 8 else "stored"}
+                   for i in zf.infolist()}
+    table = {k: msg[k] for k in ("bundle_id", "bytes", "chunk_size", "chunks")}
+    digests = {"file": "bundle/tiny.edgepack", "bundle_id": hashlib.sha256(data).hexdigest(),
+               "bytes": len(data), "members": members,
+               "signature_key_id": msg["signature"]["key_id"],
+               "manifest_message": "bundle/tiny.manifest-message.json",
+               "chunk_table_canonical": canonical_json(table).decode(),
+               "chunks": len(chunks)}
+    return data, msg, digests
 
 
 def _fleet_pub(signer) -> bytes:
@@ -141,6 +201,13 @@ def build(out: Path) -> None:
         {**signed_report, "kind": "rejected"}, sort_keys=True).encode()
     files["report/enrollment.json"] = json.dumps({DEVICE: ident.enrollment()},
                                                  sort_keys=True).encode()
+    tiny, tiny_msg, tiny_digests = _tiny_bundle(out, k["release-1"])
+    files["bundle/tiny.manifest-message.json"] = json.dumps(tiny_msg, indent=1,
+                                                            sort_keys=True).encode()
+    files["bundle/tiny.json"] = json.dumps(tiny_digests, indent=1, sort_keys=True).encode()
+    files["control/desired-tiny-device.json"] = release.desired(
+        device=DEVICE, target=Target(tiny_digests["bundle_id"], len(tiny), "tiny", "1.0.0"),
+        deployment_id="d-tiny", lifetime_s=LIFETIME, version=40)
     files["v1/chunked.bin"] = blob
     files["v1/chunk-table.json"] = json.dumps(_chunk_table(blob, k["fleet-v1"]), indent=1,
                                               sort_keys=True).encode()
@@ -150,7 +217,8 @@ def build(out: Path) -> None:
     for name, data in files.items():
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data if name.endswith(".bin") else data.rstrip(b"\n") + b"\n")
+        path.write_bytes(data if name.endswith((".bin", ".edgepack"))
+                         else data.rstrip(b"\n") + b"\n")
 
 
 def _index() -> dict:
@@ -171,6 +239,7 @@ def _index() -> dict:
         ("control/unknown-key.json", no, "unknown_key"),
         ("control/wrong-role.json", no, "wrong_role"),
         ("control/unauthorized-online.json", no, "not_authorized"),
+        ("control/desired-tiny-device.json", ok, None),
     ]
     return {
         "warning": WARNING,
@@ -185,6 +254,8 @@ def _index() -> dict:
                      "reason": "bad_signature"}],
         "v1_chunk_table": {"table": "v1/chunk-table.json", "key": "v1/fleet.pub",
                            "data": "v1/chunked.bin"},
+        "bundle": {"digests": "bundle/tiny.json", "signed_by": "release-1",
+                   "desired": "control/desired-tiny-device.json"},
     }
 
 

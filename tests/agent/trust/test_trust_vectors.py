@@ -86,6 +86,64 @@ def test_v1_chunk_table_vector():
         verify_detached(canonical_json(table), bad, keys)
 
 
+def test_tiny_bundle_vector(tmp_path):
+    """The tiny bundle: its digests, its signature (checked with the release keys of the
+    vectors' root, as a device does), its retained manifest message and chunk table, the
+    health gate on its golden samples; tampered copies fail."""
+    import zipfile
+
+    from edgepack.agent.bundle import read_bundle
+    from edgepack.agent.errors import BundleError, SignatureError
+    from edgepack.agent.health import HealthOptions, check_model
+    from edgepack.agent.protocol import parse_chunk_table
+
+    exp = json.loads((VECTORS / INDEX["bundle"]["digests"]).read_text())
+    path = VECTORS / exp["file"]
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == exp["bundle_id"] and len(data) == exp["bytes"]
+    root = TrustedRoot.load(VECTORS / INDEX["device"]["trusted_root"])
+    release = root.v1_keys("release")
+    bundle = read_bundle(path)
+    assert bundle.bundle_id == exp["bundle_id"]
+    assert bundle.verify(release) == exp["signature_key_id"]
+    with zipfile.ZipFile(path) as zf:
+        assert [i.filename for i in zf.infolist()] == ["manifest.json", "model.onnx",
+                                                      "golden.npz", "report.json",
+                                                      "signature.json"]
+        for info in zf.infolist():
+            m = exp["members"][info.filename]
+            assert hashlib.sha256(zf.read(info)).hexdigest() == m["sha256"], info.filename
+            assert info.compress_type == zipfile.ZIP_DEFLATED and m["compression"] == "deflate"
+    # the retained manifest message (§3.5): chunk table, table_sig, re-encoded manifest
+    raw = (VECTORS / exp["manifest_message"]).read_bytes()
+    table = parse_chunk_table(raw, exp["bundle_id"])
+    msg = json.loads(raw)
+    canonical = canonical_json({k: msg[k] for k in ("bundle_id", "bytes", "chunk_size",
+                                                    "chunks")})
+    assert canonical.decode() == exp["chunk_table_canonical"]
+    assert verify_detached(canonical, msg["table_sig"], release) == exp["signature_key_id"]
+    size = table.chunk_size
+    assert [hashlib.sha256(data[i:i + size]).hexdigest()
+            for i in range(0, len(data), size)] == list(table.chunks) == msg["chunks"]
+    assert msg["manifest"] == bundle.manifest and msg["signature"] == bundle.signature
+    # the health gate, in process, on the golden samples (what the device runs in a child)
+    report = check_model(bundle.extract(tmp_path / "slot"),
+                         HealthOptions(runs=3, warmup=1, enforce_budgets=False))
+    assert report.passed, report.failures
+    # tampering: one byte of the archive; the signature over other bytes; the chunk table
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    (tmp_path / "bad.edgepack").write_bytes(bytes(bad))
+    with pytest.raises((BundleError, SignatureError)):
+        read_bundle(tmp_path / "bad.edgepack").verify(release)
+    with pytest.raises(SignatureError):
+        verify_detached(canonical.replace(b'"bytes":', b'"bytes":1'), msg["table_sig"],
+                        release)
+    stranger = load_public_keys([VECTORS / "v1/fleet.pub"])
+    with pytest.raises(SignatureError):
+        bundle.verify(stranger)
+
+
 def test_vectors_are_rebuilt_byte_for_byte(tmp_path):
     spec = importlib.util.spec_from_file_location("make_vectors", VECTORS / "make_vectors.py")
     module = importlib.util.module_from_spec(spec)
