@@ -21,12 +21,12 @@ pytestmark = pytest.mark.broker
 EDGEPACK = str(Path(sys.executable).with_name("edgepack"))
 
 
-def _edgepack(cwd: Path, env: dict, *args: str) -> dict:
-    """Run ``edgepack ARGS --json`` in ``cwd`` (as the README shows it) and parse its output."""
-    res = subprocess.run([EDGEPACK, *args, "--json"], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=120)
+def _edgepack(cwd: Path, env: dict, command: str) -> str:
+    """Run ``command`` in ``cwd`` exactly as docs/security.md §4.3 shows it; its stdout."""
+    res = subprocess.run([EDGEPACK, *command.split()[1:]], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    return res.stdout
 
 
 def _key_id(keys: Path, name: str) -> str:
@@ -43,7 +43,7 @@ def test_rotate_release_then_root_on_a_live_device(tmp_path, mosquitto, fleet):
     from edgepack.host.keys import load_private_key
 
     env = {**os.environ, "EDGEPACK_BROKER": mosquitto.url, "EDGEPACK_FLEET": fleet}
-    _edgepack(tmp_path, env, "keys", "init", "--root-keys", "3", "--root-threshold", "2")
+    _edgepack(tmp_path, env, "edgepack keys init --root-keys 3 --root-threshold 2")
     keys = tmp_path / "keys"
     old_release = _key_id(keys, "release")
     setup = init_agent("x86-gateway", "dev-k", broker=mosquitto.url, target=TARGET,
@@ -58,15 +58,17 @@ def test_rotate_release_then_root_on_a_live_device(tmp_path, mosquitto, fleet):
             w.wait_state(lambda s: s.get("online"), timeout=30)
 
             # release rotation: root v2, published retained; the agent walks to it
-            rot = _edgepack(tmp_path, env, "keys", "rotate", "--role", "release", "--publish")
-            assert rot["to_version"] == 2 and rot["removed_key_ids"] == [old_release]
-            assert rot["published"]["versions"] == [1, 2]
+            out = _edgepack(tmp_path, env, "edgepack keys rotate --role release --publish")
+            assert "root v1 -> v2" in out and old_release[:16] in out
+            assert f"{Topics(fleet).prefix}root/2" in out
             ev = w.wait_event("root_updated", None, timeout=30)
             assert (ev["from_version"], ev["to_version"]) == (1, 2)
             assert ev["changed_roles"] == ["release"]
             assert set(ev["key_ids"]) == {_key_id(keys, f"root-{i}") for i in (1, 2, 3)}
-            shown = _edgepack(tmp_path, env, "keys", "show")
+            assert "release  1 of 1: release-2" in _edgepack(tmp_path, env, "edgepack keys show")
+            shown = json.loads(_edgepack(tmp_path, env, "edgepack keys show --json"))
             assert shown["version"] == 2 and shown["roles"]["release"]["names"] == ["release-2"]
+            assert shown["history"] == [1, 2]
 
             # the old release key's new desired state is refused, naming the key
             deploy(old_bundle, broker=mosquitto.url, device="dev-k", fleet=fleet,
@@ -85,16 +87,18 @@ def test_rotate_release_then_root_on_a_live_device(tmp_path, mosquitto, fleet):
             assert ev["key_id"]  # the bundle's signer, by key id
 
             # root rotation, 2 of the 3 old root keys sign with the 3 new ones: v3
-            rot = _edgepack(tmp_path, env, "keys", "rotate", "--role", "root", "--count", "3",
-                            "--threshold", "2", "--root-key", "keys/root-1.key",
-                            "--root-key", "keys/root-3.key", "--publish")
-            assert rot["to_version"] == 3 and len(rot["removed_key_ids"]) == 3
+            out = _edgepack(tmp_path, env, "edgepack keys rotate --role root --count 3 "
+                            "--threshold 2 --root-key keys/root-1.key --root-key "
+                            "keys/root-3.key --publish")
+            assert "root v2 -> v3" in out and "(2 of 3)" in out
             w.wait(lambda: any(e["kind"] == "root_updated" and e["to_version"] == 3
                                for e in w.events), 30, "root v3")
             ev = [e for e in w.events if e["kind"] == "root_updated"][-1]
             assert ev["changed_roles"] == ["root"]
             assert {_key_id(keys, "root-1"), _key_id(keys, "root-3")} <= set(ev["key_ids"])
             assert _key_id(keys, "root-2") not in ev["key_ids"]
+            out = _edgepack(tmp_path, env, "edgepack keys publish-root")
+            assert "published root v1, v2, v3" in out
 
             # v4 signed by one of the new root keys only: refused, v3 stays trusted
             v3 = (keys / "root.json").read_bytes()
