@@ -1,6 +1,7 @@
 """``deploy --group G`` warns (stderr and ``--json``) about devices of G whose own desired state
 overrides the group's, naming them and the command that clears it; ``fleet clear --device``
-hands the device back to the group and the warning goes away."""
+hands the device back to the group and the warning goes away; ``fleet clear --group`` clears
+the group's own desired state with a signed clear."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.agent.protocol import Topics, encode
+from edgepack.agent.protocol import Topics, encode, parse_desired
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.deploy import clear_desired, deploy
 
@@ -58,3 +59,10 @@ def test_group_deploy_names_devices_that_override_it(tmp_path, mosquitto, fleet,
     assert "override" not in res.stderr and "deployed" in res.stdout
     res = _run(tmp_path, env, "deploy", "tiny.edgepack", "--group", "lab", "--json")
     assert json.loads(res.stdout)["overridden"] == []
+
+    # the group's own desired state is cleared the same way: a signed clear naming no bundle
+    res = _run(tmp_path, env, "fleet", "clear", "--group", "lab")
+    assert "cleared" in res.stdout and "unsigned" not in res.stdout
+    with SyncClient(mosquitto.url) as c:
+        raw = c.retained(topics.group_desired("lab"))[topics.group_desired("lab")]
+    assert json.loads(raw)["signatures"] and parse_desired(raw) is None
