@@ -126,6 +126,10 @@ def test_tiny_bundle_vector(tmp_path):
     assert [hashlib.sha256(data[i:i + size]).hexdigest()
             for i in range(0, len(data), size)] == list(table.chunks) == msg["chunks"]
     assert msg["manifest"] == bundle.manifest and msg["signature"] == bundle.signature
+    desired = json.loads((VECTORS / INDEX["bundle"]["desired"]).read_text())
+    assert desired["signed"]["targets"] == {f"bundles/{exp['bundle_id']}": {
+        "length": exp["bytes"], "hashes": {"sha256": exp["bundle_id"]},
+        "custom": {"name": bundle.name, "version": bundle.version}}}
     # the health gate, in process, on the golden samples (what the device runs in a child)
     report = check_model(bundle.extract(tmp_path / "slot"),
                          HealthOptions(runs=3, warmup=1, enforce_budgets=False))
