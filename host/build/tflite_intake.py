@@ -134,7 +134,9 @@ def _enum_names(enum: type) -> dict[int, str]:
     return {v: k for k, v in vars(enum).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def _read(path: str | Path) -> bytes:
+def _read(path: str | Path | bytes) -> bytes:
+    if isinstance(path, (bytes, bytearray)):
+        return bytes(path)
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"TFLite model {path} does not exist", field="model")
@@ -187,15 +189,20 @@ def _kind(acts: Counter, weights: Counter) -> tuple[str | None, bool]:
     return None, weights_quantized
 
 
-def inspect_tflite(path: str | Path) -> TfliteInfo:
-    """Describe a ``.tflite`` file from its flatbuffer alone (no interpreter)."""
+def _label(path: str | Path | bytes, name: str | None) -> str:
+    return name or ("the TFLite model" if isinstance(path, (bytes, bytearray)) else Path(path).name)
+
+
+def inspect_tflite(path: str | Path | bytes, *, name: str | None = None) -> TfliteInfo:
+    """Describe a ``.tflite`` file (or its bytes) from its flatbuffer alone (no interpreter)."""
     s = _schema()
     data = _read(path)
-    model = _model(data, Path(path).name)
+    label = _label(path, name)
+    model = _model(data, label)
     types = _enum_names(s.TensorType)
     ops_by_code = _enum_names(s.BuiltinOperator)
     if not model.subgraphs:
-        raise ModelError(f"{Path(path).name} has no subgraph to run", field="model")
+        raise ModelError(f"{label} has no subgraph to run", field="model")
     codes = []
     for c in model.operatorCodes or []:
         code = max(int(c.builtinCode), int(c.deprecatedBuiltinCode))
