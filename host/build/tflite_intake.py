@@ -37,9 +37,9 @@ import numpy as np
 
 from edgepack.agent.errors import ModelError
 
-__all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck", "inspect_tflite",
-           "check_with_tflm", "check_with_litert", "quantize_input", "dequantize_output",
-           "TFLM_MAX_ARENA"]
+__all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck",
+           "TflmSession", "inspect_tflite", "check_with_tflm", "check_with_litert",
+           "quantize_input", "dequantize_output", "signature_names", "TFLM_MAX_ARENA"]
 
 TFLM_MAX_ARENA = 64 << 20  # the largest arena the bisection tries (64 MiB)
 _MEMORY = re.compile(r"allocate|resize buffer|missing:|too many buffers|arena", re.I)
@@ -386,3 +386,80 @@ def check_with_litert(path: str | Path, inputs: Mapping[str, np.ndarray] | Seque
                              else "")
         return LitertCheck(False, reason=f"LiteRT refuses it: {why}", log=tuple(log[:20]))
     return LitertCheck(True, outputs=outputs, log=tuple(log[:20]))
+
+
+def signature_names(model: str | Path | bytes) -> tuple[dict[str, str], dict[str, str]]:
+    """``(inputs, outputs)``: tensor name → signature name, from the first signature (empty
+    when the model has none)."""
+    m = _model(_read(model), "the TFLite model")
+    if not m.signatureDefs or not m.subgraphs:
+        return {}, {}
+    sig, tensors = m.signatureDefs[0], m.subgraphs[0].tensors
+    return tuple({_name(tensors[t.tensorIndex].name): _name(t.name) for t in (ios or [])}
+                 for ios in (sig.inputs, sig.outputs))  # type: ignore[return-value]
+
+
+class TflmSession:
+    """A model in TFLite Micro's host interpreter, with the gate's session interface (that of
+    ``convert_tflite.LiteRTSession``): ``run`` takes and returns float values (quantized I/O is
+    quantized and dequantized with the tensors' parameters), ``run_raw`` the model's own dtypes.
+    TFLM does not resize inputs: a batch is run one row at a time.
+    """
+
+    def __init__(self, model_bytes: bytes, arena_bytes: int, *, name: str | None = None) -> None:
+        from tflite_micro.python.tflite_micro import runtime
+
+        self.info = inspect_tflite(model_bytes, name=name)
+        with captured_output():
+            self._it = runtime.Interpreter.from_bytes(bytes(model_bytes),
+                                                      arena_size=arena_bytes)
+        self.input_names = [t.name for t in self.info.inputs]
+        self.output_names = [t.name for t in self.info.outputs]
+        self.signature_inputs, self.signature_outputs = signature_names(model_bytes)
+
+    def _infos(self, which: str) -> tuple[TensorInfo, ...]:
+        return self.info.inputs if which == "inputs" else self.info.outputs
+
+    def tensor_specs(self, which: str = "inputs", *, raw: bool = False,
+                     by_signature: bool = False) -> tuple[Any, ...]:
+        """Specs of the inputs/outputs (batch 1); float dtypes for quantized I/O unless ``raw``."""
+        from edgepack.host.build.data import TensorSpec
+
+        names = self.signature_inputs if which == "inputs" else self.signature_outputs
+        return tuple(TensorSpec(names.get(t.name, t.name) if by_signature else t.name,
+                                "float32" if t.quantized and not raw else t.dtype,
+                                tuple(1 if d < 0 else d for d in t.shape))
+                     for t in self._infos(which))
+
+    def quantization(self, which: str = "inputs") -> list[dict | None]:
+        return [{"scale": t.scale[0], "zero_point": t.zero_point[0]} if t.quantized else None
+                for t in self._infos(which)]
+
+    def quantize_inputs(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float feed (tensor or signature names) → the model's input dtypes, by tensor name."""
+        out = {}
+        for t in self.info.inputs:
+            key = t.name if t.name in feed else self.signature_inputs.get(t.name)
+            if key not in feed:
+                from edgepack.agent.errors import DataError
+
+                raise DataError(f"no data for model input {t.name!r} (have {', '.join(feed)})",
+                                field="eval")
+            out[t.name] = quantize_input(feed[key], t)
+        return out
+
+    def run_raw(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(next(iter(feed.values()))) if feed else 1
+        outs: list[list[np.ndarray]] = [[] for _ in self.info.outputs]
+        for r in range(rows):
+            for i, t in enumerate(self.info.inputs):
+                self._it.set_input(np.ascontiguousarray(feed[t.name][r:r + 1]), i)
+            self._it.invoke()
+            for j in range(len(outs)):
+                outs[j].append(np.array(self._it.get_output(j)))
+        return [np.concatenate(o) for o in outs]
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        raw = self.run_raw(self.quantize_inputs(feed))
+        return [dequantize_output(y, t).astype(np.float32, copy=False)
+                if t.quantized else y for y, t in zip(raw, self.info.outputs, strict=True)]
