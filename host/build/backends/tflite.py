@@ -211,7 +211,15 @@ class TfliteBackend:
                           info: TfliteInfo | None) -> Any:
         """The session the reference outputs come from: LiteRT, the interpreter the target runs
         (the TFLM backend runs a given .tflite in TFLite Micro)."""
-        return LiteRTSession(model_bytes, plan.threads)
+        try:
+            return LiteRTSession(model_bytes, plan.threads)
+        except ModelError as exc:
+            if info is None:
+                raise
+            raise ModelError(f"{plan.model.name}: {exc.message}. {plan.profile.name} runs LiteRT, "
+                             "which refuses this model: convert it again from the float source, "
+                             "or build it for a microcontroller target if TFLite Micro runs it.",
+                             target=plan.profile.name, stage="validate") from None
 
     def device_candidates(self, plan: BuildPlan) -> list[tuple[str, BuildPlan]]:
         return []  # device-in-the-loop choice builds ONNX candidates only
@@ -292,7 +300,7 @@ class TfliteBackend:
             dyn = _convert(base, "dynamic", batch=batch)
             dyn = TFLiteResult(dyn.model_bytes, dyn.mode, dyn.notes + (
                 "full int8 failed the gate; dynamic range (float activations) is the fallback",),
-                io_type="float32")
+                io_type="float32", tool=dyn.tool)
             c = _measure(dyn, base, batch)
         tried.append(c)
         if c.metrics.drop_points <= max_drop:
