@@ -92,8 +92,8 @@ class TflmBackend(TfliteBackend):
 def _arena(model_bytes: bytes, sess: Any, feeds: list[dict], plan: BuildPlan
            ) -> tuple[tflm.ArenaPlan, dict]:
     """The arena plan with ``kTensorArenaSize`` from TFLM's own allocation (bisected to 16 bytes
-    on this host) plus :data:`tflm.ARENA_MARGIN`, rounded up to 1 KiB; the planner's estimate
-    when tflite-micro is not installed."""
+    on this host) plus :data:`tflm.ARENA_MARGIN`, rounded up to 1 KiB (never below the planner's
+    estimate); the planner's estimate alone when tflite-micro is not installed."""
     estimate = tflm.plan_arena(model_bytes)
     if not _tflm_installed():
         return estimate, {"measured": False, "why": "tflite-micro is not installed: "
@@ -101,12 +101,15 @@ def _arena(model_bytes: bytes, sess: Any, feeds: list[dict], plan: BuildPlan
     check = check_with_tflm(model_bytes, sess.quantize_inputs(feeds[0]))
     if not check.ok:
         raise _refused(plan.model.name, check, plan.profile.name)
-    kib = math.ceil(check.arena_bytes * tflm.ARENA_MARGIN / 1024)
+    # Never below the planner's estimate: it counts the scratch buffers CMSIS-NN / ESP-NN
+    # kernels request, which TFLM's reference kernels on this host do not.
+    kib = math.ceil(max(check.arena_bytes * tflm.ARENA_MARGIN, estimate.arena_bytes) / 1024)
     return replace(estimate, recommended_bytes=kib * 1024), {
         "measured": True, "tflm_arena_bytes": check.arena_bytes, "arena_kb": kib,
         "margin": tflm.ARENA_MARGIN, "estimate_bytes": estimate.arena_bytes,
         "note": "the smallest arena TFLite Micro allocates and invokes in on this 64-bit host "
-                "(16-byte bisection), plus the margin; a 32-bit MCU needs a little less"}
+                "(16-byte bisection), plus the margin, never below the planner's estimate (which "
+                "counts vendor kernels' scratch); a 32-bit MCU needs a little less"}
 
 
 def _litert(model_bytes: bytes, sess: Any) -> LiteRTSession | None:
