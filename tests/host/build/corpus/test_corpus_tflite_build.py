@@ -25,6 +25,8 @@ AS_IS = {"tflite_int8": "int8", "tflite_16x8": "16x8", "tflite_uint8-io": "int8"
 TFLM_REFUSES = {"tflite_dynamic": "FULLY_CONNECTED", "tflite_float16": "DEQUANTIZE"}
 LITERT_REFUSES = {"tflite_litert_refused"}
 README_SKLEARN = "edgepack build clf.joblib --target rpi4 --sample-input sample.npz"
+README_TFLITE = ("edgepack build model.tflite --target esp32-s3",  # already int8: as it is
+                 "edgepack build model.tflite --target rpi4")
 
 
 def _cli(tmp_path: Path, monkeypatch, model: Path, *args: str):
@@ -128,3 +130,14 @@ def test_readme_sklearn_command_asks_for_no_calibration(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     m = read_bundle(tmp_path / "dist" / "clf-1.0.0-rpi4.edgepack").manifest
     assert m["model"]["format"] == "onnx" and m["optimization"]["mode"] == "none"
+
+
+def test_readme_tflite_commands(tflite_corpus, tmp_path, monkeypatch):
+    shutil.copy(tflite_corpus["tflite_int8"].path, tmp_path / "model.tflite")
+    monkeypatch.chdir(tmp_path)
+    for command, fmt in zip(README_TFLITE, ("tflm", "tflite"), strict=True):
+        r = CliRunner().invoke(main, shlex.split(command)[1:])
+        assert r.exit_code == 0, r.output
+        target = shlex.split(command)[-1]
+        m = read_bundle(tmp_path / "dist" / f"model-1.0.0-{target}.edgepack").manifest
+        assert m["model"]["format"] == fmt and m["optimization"]["dtype"] == "int8"
