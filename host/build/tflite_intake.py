@@ -39,7 +39,8 @@ from edgepack.agent.errors import ModelError
 
 __all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck",
            "TflmSession", "inspect_tflite", "check_with_tflm", "check_with_litert",
-           "quantize_input", "dequantize_output", "signature_names", "TFLM_MAX_ARENA"]
+           "quantize_input", "dequantize_output", "signature_names", "tflm_available",
+           "zero_inputs", "TFLM_MAX_ARENA"]
 
 TFLM_MAX_ARENA = 64 << 20  # the largest arena the bisection tries (64 MiB)
 _MEMORY = re.compile(r"allocate|resize buffer|missing:|too many buffers|arena", re.I)
@@ -65,6 +66,11 @@ class TensorInfo:
     @property
     def quantized(self) -> bool:
         return bool(self.scale)
+
+    @property
+    def fixed_shape(self) -> tuple[int, ...]:
+        """The shape with open dimensions (-1) at 1: what one sample looks like."""
+        return tuple(1 if d < 0 else d for d in self.shape)
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,20 @@ def _tflm_run(data: bytes, arena: int, feeds: list[np.ndarray], n_out: int) -> t
     return tuple(np.array(it.get_output(i)) for i in range(n_out))
 
 
+def tflm_available() -> bool:
+    """Whether TFLite Micro's Python interpreter (``tflite-micro``) is installed."""
+    try:
+        from tflite_micro.python.tflite_micro import runtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def zero_inputs(info: TfliteInfo) -> list[np.ndarray]:
+    """One all-zero sample per input, in the inputs' own dtypes (a smoke run's feed)."""
+    return [np.zeros(t.fixed_shape, t.dtype) for t in info.inputs]
+
+
 def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                     *, max_arena: int = TFLM_MAX_ARENA) -> TflmCheck:
     """Run the model in TFLite Micro and find the smallest arena it runs in.
@@ -317,9 +337,7 @@ def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequenc
     are quantized with the tensor's parameters. A model TFLM cannot run gives ``ok=False`` and
     the reason, never an exception.
     """
-    try:
-        from tflite_micro.python.tflite_micro import runtime  # noqa: F401
-    except ImportError:
+    if not tflm_available():
         return TflmCheck(False, reason="TFLite Micro is not installed (pip install tflite-micro)")
     data = _read(path)
     info = inspect_tflite(path)
@@ -428,7 +446,7 @@ class TflmSession:
         names = self.signature_inputs if which == "inputs" else self.signature_outputs
         return tuple(TensorSpec(names.get(t.name, t.name) if by_signature else t.name,
                                 "float32" if t.quantized and not raw else t.dtype,
-                                tuple(1 if d < 0 else d for d in t.shape))
+                                t.fixed_shape)
                      for t in self._infos(which))
 
     def quantization(self, which: str = "inputs") -> list[dict | None]:

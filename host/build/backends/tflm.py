@@ -26,19 +26,13 @@ from edgepack.host.build.tflite_intake import (
     TflmSession,
     captured_output,
     check_with_tflm,
+    tflm_available,
+    zero_inputs,
 )
 
 __all__ = ["TflmBackend"]
 
 _SESSION_SLACK = 2  # the reference session's arena: the measured one times this (rows differ)
-
-
-def _tflm_installed() -> bool:
-    try:
-        from tflite_micro.python.tflite_micro import runtime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _refused(name: str, check: TflmCheck, target: str) -> ModelError:
@@ -58,11 +52,9 @@ class TflmBackend(TfliteBackend):
                           info: TfliteInfo | None) -> Any:
         """A given .tflite runs in TFLite Micro (what the device runs); a model converted here
         in LiteRT (its float reference has no int8 kernels to check yet)."""
-        if info is None or not _tflm_installed():
+        if info is None or not tflm_available():
             return super().reference_session(model_bytes, plan, info)
-        zeros = [np.zeros(tuple(1 if d < 0 else d for d in t.shape), t.dtype)
-                 for t in info.inputs]
-        check = check_with_tflm(model_bytes, zeros)
+        check = check_with_tflm(model_bytes, zero_inputs(info))
         if not check.ok:
             raise _refused(plan.model.name, check, plan.profile.name)
         return TflmSession(model_bytes, check.arena_bytes * _SESSION_SLACK, name=plan.model.name)
@@ -95,7 +87,7 @@ def _arena(model_bytes: bytes, sess: Any, feeds: list[dict], plan: BuildPlan
     on this host) plus :data:`tflm.ARENA_MARGIN`, rounded up to 1 KiB (never below the planner's
     estimate); the planner's estimate alone when tflite-micro is not installed."""
     estimate = tflm.plan_arena(model_bytes)
-    if not _tflm_installed():
+    if not tflm_available():
         return estimate, {"measured": False, "why": "tflite-micro is not installed: "
                           "kTensorArenaSize is the planner's estimate"}
     check = check_with_tflm(model_bytes, sess.quantize_inputs(feeds[0]))
@@ -123,10 +115,10 @@ def _litert(model_bytes: bytes, sess: Any) -> LiteRTSession | None:
 
 def _host_check(model_bytes: bytes, sess: LiteRTSession | None, feeds: list[dict]) -> dict:
     """Run the model in the TFLM interpreter (reference kernels) and compare with LiteRT."""
-    try:
-        from tflite_micro.python.tflite_micro import runtime
-    except Exception:
+    if not tflm_available():
         return {"ran": False, "why": "tflite-micro (the TFLM Python interpreter) is not installed"}
+    from tflite_micro.python.tflite_micro import runtime
+
     if sess is None:
         return {"ran": False, "why": "LiteRT refuses this model (TFLite Micro runs it): nothing "
                                      "to compare TFLM's outputs with"}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from edgepack.agent.errors import ModelError
 from edgepack.host.build.importers.base import TFLITE_ID, Imported
 
@@ -20,7 +18,12 @@ __all__ = ["load"]
 
 def load(src: Path, *, workdir: Path, opset: int, sample_input: str | None) -> Imported:
     """A ``.tflite`` file, described from its flatbuffer."""
-    from edgepack.host.build.tflite_intake import check_with_litert, check_with_tflm, inspect_tflite
+    from edgepack.host.build.tflite_intake import (
+        check_with_litert,
+        check_with_tflm,
+        inspect_tflite,
+        zero_inputs,
+    )
 
     try:
         data = src.read_bytes()
@@ -38,7 +41,7 @@ def load(src: Path, *, workdir: Path, opset: int, sample_input: str | None) -> I
         raise ModelError(corrupt.format(exc.message), stage="import") from None
     ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in info.inputs)
     notes = [f"TFLite flatbuffer ({info.size_bytes:,} bytes, {info.dtype}); inputs: {ins}"]
-    zeros = [np.zeros(tuple(1 if d < 0 else d for d in t.shape), t.dtype) for t in info.inputs]
+    zeros = zero_inputs(info)
     lite = check_with_litert(data, zeros)
     if not lite.ok:
         micro = check_with_tflm(data, zeros)
