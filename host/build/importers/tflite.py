@@ -40,14 +40,18 @@ def load(src: Path, *, workdir: Path, opset: int, sample_input: str | None) -> I
     except ModelError as exc:
         raise ModelError(corrupt.format(exc.message), stage="import") from None
     ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in info.inputs)
-    notes = [f"TFLite flatbuffer ({info.size_bytes:,} bytes, {info.dtype}); inputs: {ins}"]
+    notes = [f"TFLite flatbuffer ({info.size_bytes:,} bytes, {info.dtype}), packaged as is"
+             + ("" if info.dtype != "float32" else " unless `quantize=` asks for int8 or dynamic")]
     zeros = zero_inputs(info)
     lite = check_with_litert(data, zeros)
-    if not lite.ok:
+    if lite.ok:
+        notes.append(f"loads in LiteRT; inputs: {ins}")
+    else:
         micro = check_with_tflm(data, zeros)
         if not micro.ok:
             raise ModelError(corrupt.format(lite.reason), stage="import")
-        notes.append(f"{lite.reason}; TFLite Micro runs it (microcontroller targets)")
+        notes.append(f"{lite.reason}; TFLite Micro runs it (microcontroller targets); "
+                     f"inputs: {ins}")
     details = {"tflite": {"dtype": info.dtype, "quantized": info.quantized,
                           "weights_quantized": info.weights_quantized,
                           "bytes": info.size_bytes, "ops": list(info.ops)}}
