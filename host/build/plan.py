@@ -3,7 +3,9 @@
 Everything a build was asked to do is grouped by the stage that reads it (what to quantize,
 which data feeds the gate, how to prune, how to package, which devices choose); the plan also
 holds what the arguments resolve to against the profile (the quantization mode, the bundle
-name, the output format). Mistakes in the arguments fail here, before anything slow.
+name, the output format, which follows the input's format). Mistakes in the arguments fail
+here, before anything slow; what depends on the model itself (does it need calibration data? is
+a TFLite model already quantized?) is checked right after import by :func:`check_imported`.
 """
 
 from __future__ import annotations
