@@ -30,7 +30,14 @@ def available() -> bool:
     return any(_has(top) for top, _, _ in _SOURCES)
 
 
+# ai-edge-litert numbers its releases from 1.0, the first built from TensorFlow 2.18's TFLite;
+# tflite-runtime and tensorflow use TensorFlow's numbers, which bundles' runtime.min_version uses.
+_LITERT_LINEAGE = "2.18"
+
+
 def version() -> str:
+    """The TFLite runtime version in TensorFlow's numbering (what ``runtime.min_version`` of a
+    bundle compares with); ai-edge-litert's own version follows as ``2.18+ai-edge-litert-X``."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as _v
 
@@ -39,9 +46,10 @@ def version() -> str:
             continue
         for d in (dist, f"{dist}-cpu" if dist == "tensorflow" else dist):
             try:
-                return _v(d)
+                v = _v(d)
             except PackageNotFoundError:
                 continue
+            return f"{_LITERT_LINEAGE}+{dist}-{v}" if dist == "ai-edge-litert" else v
     return "unknown"
 
 

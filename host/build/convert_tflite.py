@@ -6,6 +6,7 @@
     LiteRTSession(model_bytes, threads)   .run(feed) → float outputs (I/O (de)quantized)
     tflite_ops / non_int8_ops                                what a .tflite holds, per layer
     quantize_keeping_float(float_bytes, calib, layers)      selective int8 (ai-edge-quantizer)
+    quantize_tflite(float_bytes, mode, calib=)              a float .tflite to int8 / dynamic
     rank_sensitive_layers(float_bytes, int8_bytes, data)    which layers hurt int8 most
     onnx_to_saved_model(path, workdir)                      through onnx2tf, when installed
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from edgepack.agent.errors import DataError, GateError, ModelError
 from edgepack.host.build.data import Dataset, TensorSpec
+from edgepack.host.build.tflite_intake import _enum_names, _schema  # one copy of the schema lookup
 
 __all__ = [
     "MODES",
@@ -40,6 +42,7 @@ __all__ = [
     "layer_ops",
     "non_int8_ops",
     "quantize_keeping_float",
+    "quantize_tflite",
     "rank_sensitive_layers",
     "onnx_to_saved_model",
     "read_model",
@@ -81,15 +84,6 @@ class LayerOp:
 # flatbuffer access
 
 
-def _schema() -> Any:
-    """The generated TFLite flatbuffer schema: LiteRT's copy, else TensorFlow's, else ``tflite``."""
-    for mod in ("ai_edge_litert.schema_py_generated",
-                "tensorflow.lite.python.schema_py_generated"):
-        with contextlib.suppress(ImportError):
-            return __import__(mod, fromlist=["ModelT"])
-    raise ModelError("no TFLite flatbuffer schema found: install ai-edge-litert")
-
-
 def read_model(model_bytes: bytes) -> Any:
     """The model as the schema's object API (``ModelT``); ModelError if it is not a .tflite."""
     s = _schema()
@@ -99,11 +93,6 @@ def read_model(model_bytes: bytes) -> Any:
         return s.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     except Exception as exc:  # a truncated buffer raises anything from struct to IndexError
         raise ModelError(f"cannot parse the TFLite flatbuffer: {exc}") from None
-
-
-def _enum_names(enum_cls: Any) -> dict[int, str]:
-    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and
-            isinstance(v, int)}
 
 
 def op_name(model: Any, op: Any) -> str:
@@ -511,18 +500,15 @@ def rank_sensitive_layers(float_bytes: bytes, calib: Dataset, data: Dataset
     return losses
 
 
-def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: list[str]
-                           ) -> TFLiteResult:
-    """Static int8 (int8 weights and activations, float model I/O) with the ops producing
-    ``float_tensors`` kept in float, through ai-edge-quantizer's selective recipe."""
-    aeq = _aeq()
-    if aeq is None:
-        raise ModelError("selective int8 needs ai-edge-quantizer (pip install ai-edge-quantizer)")
+def _aeq_quantize(float_bytes: bytes, recipe_name: str, calib: Dataset | None,
+                  float_tensors: list[str] = ()) -> bytes:
+    """``float_bytes`` quantized by ai-edge-quantizer's ``recipe_name`` recipe, the ops producing
+    ``float_tensors`` kept in float; ``calib`` calibrates static recipes."""
     from ai_edge_quantizer import qtyping, quantizer, recipe
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     q = quantizer.Quantizer(bytearray(float_bytes))
-    q.load_quantization_recipe(recipe.static_wi8_ai8())
+    q.load_quantization_recipe(getattr(recipe, recipe_name)())
     for name in float_tensors:
         # ai-edge-quantizer matches against the op's scope: its output names joined by ";"
         # with a trailing ";".
@@ -532,13 +518,52 @@ def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: li
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        cal = q.calibrate(_calib_feeds(float_bytes, calib), num_threads=2)
+        cal = (q.calibrate(_calib_feeds(float_bytes, calib), num_threads=2)
+               if calib is not None else None)
         res = q.quantize(calibration_result=cal, enable_progress_report=False)
+    return bytes(res.quantized_model)
+
+
+def _need_aeq(what: str) -> None:
+    if _aeq() is None:
+        raise ModelError(f"{what} needs ai-edge-quantizer (pip install 'edgepack[host]')")
+
+
+def quantize_keeping_float(float_bytes: bytes, calib: Dataset, float_tensors: list[str]
+                           ) -> TFLiteResult:
+    """Static int8 (int8 weights and activations, float model I/O) with the ops producing
+    ``float_tensors`` kept in float, through ai-edge-quantizer's selective recipe."""
+    _need_aeq("selective int8")
+    model = _aeq_quantize(float_bytes, "static_wi8_ai8", calib, float_tensors)
     layers = tuple(dict.fromkeys(n.split(";")[0].rsplit("/", 1)[0] for n in float_tensors))
-    return TFLiteResult(bytes(res.quantized_model), "int8",
+    return TFLiteResult(model, "int8",
                         (f"int8 with {len(float_tensors)} layer(s) kept in float "
                          f"(ai-edge-quantizer selective recipe): {', '.join(layers)}",),
                         io_type="float32", float_layers=layers, tool="ai-edge-quantizer")
+
+
+def quantize_tflite(float_bytes: bytes, mode: str, *, calib: Dataset | None = None
+                    ) -> TFLiteResult:
+    """A float ``.tflite`` (no SavedModel behind it) quantized by ai-edge-quantizer: ``int8``
+    (static, int8 weights and activations, float model I/O around QUANTIZE/DEQUANTIZE,
+    calibrated on ``calib``) or ``dynamic`` (int8 weights, float activations)."""
+    if mode not in ("int8", "dynamic"):
+        raise ModelError(f"a float .tflite quantizes to int8 or dynamic here, not {mode}: give "
+                         "the source model (Keras, SavedModel or ONNX) for other modes",
+                         field="quantize")
+    _need_aeq(f"{mode} quantization of a .tflite")
+    if mode == "int8":
+        if calib is None or len(calib) == 0:
+            raise DataError("full-int8 TFLite needs calibration data (pass `calibration=`)",
+                            field="calibration")
+        model = _aeq_quantize(float_bytes, "static_wi8_ai8", calib)
+        io_type = LiteRTSession(model).tensor_specs("inputs", raw=True)[0].dtype
+        note = (f"full int8 by ai-edge-quantizer (static_wi8_ai8) calibrated on {len(calib)} "
+                f"samples, {io_type} model I/O")
+    else:
+        model, io_type = _aeq_quantize(float_bytes, "dynamic_wi8_afp32", None), "float32"
+        note = "int8 weights, float activations (ai-edge-quantizer dynamic_wi8_afp32)"
+    return TFLiteResult(model, mode, (note,), io_type=io_type, tool="ai-edge-quantizer")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The build engine: plan → import → pre-flight → optimize → gate → choose → package.
 
+Calibration data is asked for after import, when the model turns out to need it
+(:func:`~edgepack.host.build.plan.check_imported`).
+
 :func:`run` drives the stages for one :class:`~edgepack.host.build.plan.BuildPlan`; the format
 backend (:mod:`edgepack.host.build.backends`) does what differs between ONNX, TFLite and TFLite
 Micro, the shared stages (:mod:`~edgepack.host.build.gate`, :mod:`~edgepack.host.build.package`)
@@ -16,7 +19,7 @@ from edgepack.agent.errors import ModelError
 from edgepack.host.build.backends import Backend, Baseline, backend_for
 from edgepack.host.build.drift_reference import reference_member
 from edgepack.host.build.package import package
-from edgepack.host.build.plan import BuildPlan
+from edgepack.host.build.plan import BuildPlan, check_imported
 from edgepack.host.build.report import Progress
 from edgepack.host.build.result import BuildResult
 
@@ -41,6 +44,7 @@ def run(plan: BuildPlan, progress: Progress | None = None, *,
             with progress.stage("import"):
                 imported = import_model(src, workdir=work, opset=plan.profile.runtime.opset,
                                         sample_input=plan.data.sample_input)
+        check_imported(plan, imported)  # calibration is asked for only when the model needs it
         base = backend.prepare(plan, imported, work, progress)
         if plan.profile_on.devices and backend.device_candidates(plan):
             from edgepack.host.build.choose import choose_on_devices

@@ -3,7 +3,9 @@
 Everything a build was asked to do is grouped by the stage that reads it (what to quantize,
 which data feeds the gate, how to prune, how to package, which devices choose); the plan also
 holds what the arguments resolve to against the profile (the quantization mode, the bundle
-name, the output format). Mistakes in the arguments fail here, before anything slow.
+name, the output format, which follows the input's format). Mistakes in the arguments fail
+here, before anything slow; what depends on the model itself (does it need calibration data? is
+a TFLite model already quantized?) is checked right after import by :func:`check_imported`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from edgepack.agent.errors import DataError, ModelError
 from edgepack.agent.profiles import Profile, QuantScheme, load_profile
@@ -22,11 +25,14 @@ __all__ = [
     "ProfileOnConfig",
     "PruneConfig",
     "QuantizeConfig",
+    "check_imported",
+    "default_format",
     "host_threads",
     "make_plan",
 ]
 
 QUANTIZE_MODES = ("auto", "int8", "dynamic", "fp16", "none")
+_TFLITE_FORMATS = ("tflite", "tflm")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class BuildPlan:
     prune: PruneConfig = field(default_factory=PruneConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     profile_on: ProfileOnConfig = field(default_factory=ProfileOnConfig)
+    source_kind: str = ""  # the input's format (importers.KINDS); "" when not detected
 
     @property
     def target(self) -> str:
@@ -112,8 +119,13 @@ class BuildPlan:
 
     @property
     def format(self) -> str:
-        """onnx, tflite or tflm: what the bundle's model is."""
-        fmt = self.package.format or self.profile.runtime.formats[0]
+        """onnx, tflite or tflm: what the bundle's model is.
+
+        ``format=`` when given; else it follows the input: a TFLite input stays TFLite (``tflm``
+        on microcontrollers), scikit-learn and PMML models become ONNX, anything else takes the
+        target's first format.
+        """
+        fmt = self.package.format or default_format(self.profile, self.source_kind)
         return fmt if fmt in ("tflite", "tflm") else "onnx"
 
     @property
@@ -165,6 +177,7 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
         raise ModelError(f"`quantize=` takes one of {', '.join(QUANTIZE_MODES)}, not "
                          f"{quantize!r}", field="quantize")
     kind = detect_kind(model)  # unknown formats fail before anything slow
+    _check_format(kind, format, profile)
     if kind == "pmml":
         quantize = _pmml_mode(quantize)
     plan = BuildPlan(
@@ -180,12 +193,8 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
                               out_dir=str(out), format=format),
         profile_on=ProfileOnConfig(devices=tuple(profile_on), broker=broker, fleet=fleet,
                                    timeout=profile_timeout, runs=profile_runs,
-                                   cache=_opt_str(profile_cache)))
-    if plan.mode == "int8" and not calibration and kind != "pmml":
-        raise DataError("int8 quantization needs calibration data: pass `calibration=` "
-                        "data.npz (a few hundred representative inputs keyed by input name), "
-                        "or use `quantize=` dynamic (no calibration) or fp16.",
-                        target=profile.name, field="calibration")
+                                   cache=_opt_str(profile_cache)),
+        source_kind=kind)
     check_id(plan.name, "bundle name")
     parse_version(version)
     if format and format not in profile.runtime.formats:
@@ -199,6 +208,71 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
         raise ModelError(f"`prune=` takes a sparsity between 0 and 1 (exclusive), not {prune}",
                          field="prune")
     return plan
+
+
+def default_format(profile: Profile, kind: str) -> str:
+    """The bundle format when ``format=`` is not given: it follows the input ``kind``."""
+    formats = profile.runtime.formats
+    if kind == "tflite":
+        return next((f for f in formats if f in _TFLITE_FORMATS), formats[0])
+    if kind in ("sklearn", "pmml") and "onnx" in formats:
+        return "onnx"  # no TFLite path for trees, forests and PMML documents
+    return formats[0]
+
+
+def _check_format(kind: str, format: str | None, profile: Profile) -> None:  # noqa: A002
+    """A TFLite input packages as TFLite (or TFLM): it is never converted to ONNX."""
+    if kind != "tflite":
+        return
+    what = ("give the source model (Keras, SavedModel or ONNX) for an ONNX bundle; edgepack "
+            "does not convert TFLite to ONNX")
+    if format == "onnx":
+        raise ModelError(f"`format=` onnx cannot take a TFLite model: drop `format=` to package "
+                         f"it as TFLite, or {what}.", target=profile.name, field="format")
+    if not any(f in _TFLITE_FORMATS for f in profile.runtime.formats):
+        raise ModelError(f"target {profile.name} runs {'/'.join(profile.runtime.formats)} only "
+                         f"and this is a TFLite model: pick a target that runs TFLite (edgepack "
+                         f"targets list), or {what}.", target=profile.name, field="target")
+
+
+# `quantize=` values that ask for what an already-quantized TFLite model is (no-ops).
+_SAME_AS = {"int8": ("int8", "uint8"), "dynamic": ("dynamic-int8",), "fp16": ("float16",)}
+
+
+def check_imported(plan: BuildPlan, imported: Any) -> None:
+    """The checks that need the model read: a quantized TFLite model is packaged as it is (a
+    `quantize=` asking for something else is refused); int8 needs calibration data only when the
+    model will really be quantized to int8 (not trees, forests, PMML or a quantized TFLite).
+    """
+    name, target = plan.model.name, plan.profile.name
+    tflite = getattr(imported, "tflite_bytes", None)
+    if tflite:
+        from edgepack.host.build.tflite_intake import inspect_tflite
+
+        dtype = inspect_tflite(bytes(tflite), name=name).dtype
+        asked = plan.quantize.mode
+        if dtype != "float32":
+            if asked not in ("auto", "none") and dtype not in _SAME_AS.get(asked, ()):
+                raise ModelError(
+                    f"{name} is already quantized ({dtype}) and cannot be re-quantized to "
+                    f"{asked}: leave `quantize=` at auto to package it as it is, or give the "
+                    "float source model (Keras, SavedModel, ONNX or a float .tflite).",
+                    target=target, field="quantize")
+            return
+    if plan.mode != "int8" or plan.data.calibration or plan.source_kind == "pmml" or \
+            getattr(imported, "float_only", False):
+        return
+    if plan.profile.runtime.integer_only:
+        why = (f"{target} runs integer-only kernels, so this float network must be quantized to "
+               "int8, which needs calibration data: pass `calibration=` data.npz (a few hundred "
+               "representative inputs keyed by input name).")
+    else:
+        others = "dynamic or none" if tflite else "dynamic, fp16 or none"
+        why = (f"{target} quantizes to int8 by default, which needs calibration data: pass "
+               "`calibration=` data.npz (a few hundred representative inputs keyed by input "
+               f"name), or choose `quantize=` {others} (no calibration).")
+    raise DataError(f"{name} is a float network; {why}", target=target, field="calibration",
+                    stage="import")
 
 
 def _pmml_mode(quantize: str) -> str:

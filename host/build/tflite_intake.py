@@ -37,9 +37,10 @@ import numpy as np
 
 from edgepack.agent.errors import ModelError
 
-__all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck", "inspect_tflite",
-           "check_with_tflm", "check_with_litert", "quantize_input", "dequantize_output",
-           "TFLM_MAX_ARENA"]
+__all__ = ["captured_output", "TensorInfo", "TfliteInfo", "TflmCheck", "LitertCheck",
+           "TflmSession", "inspect_tflite", "check_with_tflm", "check_with_litert",
+           "quantize_input", "dequantize_output", "signature_names", "tflm_available",
+           "zero_inputs", "TFLM_MAX_ARENA"]
 
 TFLM_MAX_ARENA = 64 << 20  # the largest arena the bisection tries (64 MiB)
 _MEMORY = re.compile(r"allocate|resize buffer|missing:|too many buffers|arena", re.I)
@@ -65,6 +66,11 @@ class TensorInfo:
     @property
     def quantized(self) -> bool:
         return bool(self.scale)
+
+    @property
+    def fixed_shape(self) -> tuple[int, ...]:
+        """The shape with open dimensions (-1) at 1: what one sample looks like."""
+        return tuple(1 if d < 0 else d for d in self.shape)
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,9 @@ def _enum_names(enum: type) -> dict[int, str]:
     return {v: k for k, v in vars(enum).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def _read(path: str | Path) -> bytes:
+def _read(path: str | Path | bytes) -> bytes:
+    if isinstance(path, (bytes, bytearray)):
+        return bytes(path)
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"TFLite model {path} does not exist", field="model")
@@ -187,15 +195,20 @@ def _kind(acts: Counter, weights: Counter) -> tuple[str | None, bool]:
     return None, weights_quantized
 
 
-def inspect_tflite(path: str | Path) -> TfliteInfo:
-    """Describe a ``.tflite`` file from its flatbuffer alone (no interpreter)."""
+def _label(path: str | Path | bytes, name: str | None) -> str:
+    return name or ("the TFLite model" if isinstance(path, (bytes, bytearray)) else Path(path).name)
+
+
+def inspect_tflite(path: str | Path | bytes, *, name: str | None = None) -> TfliteInfo:
+    """Describe a ``.tflite`` file (or its bytes) from its flatbuffer alone (no interpreter)."""
     s = _schema()
     data = _read(path)
-    model = _model(data, Path(path).name)
+    label = _label(path, name)
+    model = _model(data, label)
     types = _enum_names(s.TensorType)
     ops_by_code = _enum_names(s.BuiltinOperator)
     if not model.subgraphs:
-        raise ModelError(f"{Path(path).name} has no subgraph to run", field="model")
+        raise ModelError(f"{label} has no subgraph to run", field="model")
     codes = []
     for c in model.operatorCodes or []:
         code = max(int(c.builtinCode), int(c.deprecatedBuiltinCode))
@@ -302,6 +315,20 @@ def _tflm_run(data: bytes, arena: int, feeds: list[np.ndarray], n_out: int) -> t
     return tuple(np.array(it.get_output(i)) for i in range(n_out))
 
 
+def tflm_available() -> bool:
+    """Whether TFLite Micro's Python interpreter (``tflite-micro``) is installed."""
+    try:
+        from tflite_micro.python.tflite_micro import runtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def zero_inputs(info: TfliteInfo) -> list[np.ndarray]:
+    """One all-zero sample per input, in the inputs' own dtypes (a smoke run's feed)."""
+    return [np.zeros(t.fixed_shape, t.dtype) for t in info.inputs]
+
+
 def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                     *, max_arena: int = TFLM_MAX_ARENA) -> TflmCheck:
     """Run the model in TFLite Micro and find the smallest arena it runs in.
@@ -310,9 +337,7 @@ def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequenc
     are quantized with the tensor's parameters. A model TFLM cannot run gives ``ok=False`` and
     the reason, never an exception.
     """
-    try:
-        from tflite_micro.python.tflite_micro import runtime  # noqa: F401
-    except ImportError:
+    if not tflm_available():
         return TflmCheck(False, reason="TFLite Micro is not installed (pip install tflite-micro)")
     data = _read(path)
     info = inspect_tflite(path)
@@ -379,3 +404,80 @@ def check_with_litert(path: str | Path, inputs: Mapping[str, np.ndarray] | Seque
                              else "")
         return LitertCheck(False, reason=f"LiteRT refuses it: {why}", log=tuple(log[:20]))
     return LitertCheck(True, outputs=outputs, log=tuple(log[:20]))
+
+
+def signature_names(model: str | Path | bytes) -> tuple[dict[str, str], dict[str, str]]:
+    """``(inputs, outputs)``: tensor name → signature name, from the first signature (empty
+    when the model has none)."""
+    m = _model(_read(model), "the TFLite model")
+    if not m.signatureDefs or not m.subgraphs:
+        return {}, {}
+    sig, tensors = m.signatureDefs[0], m.subgraphs[0].tensors
+    return tuple({_name(tensors[t.tensorIndex].name): _name(t.name) for t in (ios or [])}
+                 for ios in (sig.inputs, sig.outputs))  # type: ignore[return-value]
+
+
+class TflmSession:
+    """A model in TFLite Micro's host interpreter, with the gate's session interface (that of
+    ``convert_tflite.LiteRTSession``): ``run`` takes and returns float values (quantized I/O is
+    quantized and dequantized with the tensors' parameters), ``run_raw`` the model's own dtypes.
+    TFLM does not resize inputs: a batch is run one row at a time.
+    """
+
+    def __init__(self, model_bytes: bytes, arena_bytes: int, *, name: str | None = None) -> None:
+        from tflite_micro.python.tflite_micro import runtime
+
+        self.info = inspect_tflite(model_bytes, name=name)
+        with captured_output():
+            self._it = runtime.Interpreter.from_bytes(bytes(model_bytes),
+                                                      arena_size=arena_bytes)
+        self.input_names = [t.name for t in self.info.inputs]
+        self.output_names = [t.name for t in self.info.outputs]
+        self.signature_inputs, self.signature_outputs = signature_names(model_bytes)
+
+    def _infos(self, which: str) -> tuple[TensorInfo, ...]:
+        return self.info.inputs if which == "inputs" else self.info.outputs
+
+    def tensor_specs(self, which: str = "inputs", *, raw: bool = False,
+                     by_signature: bool = False) -> tuple[Any, ...]:
+        """Specs of the inputs/outputs (batch 1); float dtypes for quantized I/O unless ``raw``."""
+        from edgepack.host.build.data import TensorSpec
+
+        names = self.signature_inputs if which == "inputs" else self.signature_outputs
+        return tuple(TensorSpec(names.get(t.name, t.name) if by_signature else t.name,
+                                "float32" if t.quantized and not raw else t.dtype,
+                                t.fixed_shape)
+                     for t in self._infos(which))
+
+    def quantization(self, which: str = "inputs") -> list[dict | None]:
+        return [{"scale": t.scale[0], "zero_point": t.zero_point[0]} if t.quantized else None
+                for t in self._infos(which)]
+
+    def quantize_inputs(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float feed (tensor or signature names) → the model's input dtypes, by tensor name."""
+        out = {}
+        for t in self.info.inputs:
+            key = t.name if t.name in feed else self.signature_inputs.get(t.name)
+            if key not in feed:
+                from edgepack.agent.errors import DataError
+
+                raise DataError(f"no data for model input {t.name!r} (have {', '.join(feed)})",
+                                field="eval")
+            out[t.name] = quantize_input(feed[key], t)
+        return out
+
+    def run_raw(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(next(iter(feed.values()))) if feed else 1
+        outs: list[list[np.ndarray]] = [[] for _ in self.info.outputs]
+        for r in range(rows):
+            for i, t in enumerate(self.info.inputs):
+                self._it.set_input(np.ascontiguousarray(feed[t.name][r:r + 1]), i)
+            self._it.invoke()
+            for j in range(len(outs)):
+                outs[j].append(np.array(self._it.get_output(j)))
+        return [np.concatenate(o) for o in outs]
+
+    def run(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        raw = self.run_raw(self.quantize_inputs(feed))
+        return [dequantize_output(y, t).astype(np.float32, copy=False)
+                if t.quantized else y for y, t in zip(raw, self.info.outputs, strict=True)]

@@ -27,6 +27,7 @@ from edgepack.host.build.convert_tflite import (
     non_int8_ops,
     onnx_to_saved_model,
     quantize_keeping_float,
+    quantize_tflite,
     rank_sensitive_layers,
     tflite_ops,
     to_tflite,
@@ -40,12 +41,17 @@ from edgepack.host.build.edgetpu import (
 from edgepack.host.build.plan import BuildPlan
 from edgepack.host.build.report import Progress
 from edgepack.host.build.result import BuildReport
+from edgepack.host.build.tflite_intake import TfliteInfo, inspect_tflite
 from edgepack.host.build.validate import GateMetrics, Outputs, compare, measure_latency, run_outputs
 
 __all__ = ["LITERT_MIN_VERSION", "TfliteBackend"]
 
 LITERT_MIN_VERSION = "2.14"  # tflite-runtime 2.14 / any ai-edge-litert run these models
 _BOUNDARY = ("QUANTIZE", "DEQUANTIZE")
+# An already-quantized model's dtype (tflite_intake.TfliteInfo.dtype) → optimization.mode.
+_MODE_OF = {"int8": "int8", "uint8": "int8", "16x8": "int8", "dynamic-int8": "dynamic",
+            "float16": "fp16", "float32": "none"}
+_ACTIVATIONS = {"int8": "int8", "uint8": "uint8", "16x8": "int16"}
 
 
 @dataclass
@@ -67,7 +73,8 @@ class _Candidate:
 @dataclass(frozen=True)
 class _TfliteBaseline(Baseline):
     sm_dir: str | None
-    as_is: bool  # a .tflite given: packaged as is
+    as_is: bool  # a .tflite given and packaged as it is (quantized already, or `quantize=` none)
+    info: TfliteInfo | None  # what the given .tflite is (None: converted here)
     import_notes: list[str]
     fp32: TFLiteResult
     ref_session: LiteRTSession
@@ -160,25 +167,33 @@ class TfliteBackend:
         profile, mode, batch = plan.profile, plan.mode, plan.data.batch
         integer_only = profile.runtime.integer_only
         sm_dir, given, import_notes = _source(plan, imported, work)
-        as_is = given is not None
-        if not as_is and integer_only and mode != "int8":
+        info = inspect_tflite(given, name=plan.model.name) if given is not None else None
+        quantized = info is not None and info.dtype != "float32"
+        as_is = quantized or (info is not None and mode == "none")
+        if not quantized and integer_only and mode != "int8":
             raise ModelError(f"{profile.name} runs integer-only kernels: `quantize=` {mode} "
                              "cannot run there. Use `quantize=` int8 with `calibration=` data.",
                              target=profile.name, field="quantize")
+        if info is not None and not as_is and mode == "fp16":
+            raise ModelError(f"{plan.model.name} is a float .tflite: edgepack quantizes it to int8 "
+                             "(with `calibration=`) or dynamic, not fp16. Give the source model "
+                             "(Keras, SavedModel or ONNX) for fp16.", target=profile.name,
+                             field="quantize")
         if not as_is and mode == "int8" and not plan.data.calibration:
             raise DataError("full-int8 TFLite needs calibration data: pass `calibration=` "
                             "data.npz (a few hundred representative inputs keyed by input name)"
                             + ("" if integer_only else ", or use `quantize=` dynamic or fp16"),
                             target=profile.name, field="calibration")
         threads = plan.threads
-        with progress.stage("fp32 TFLite"):
+        with progress.stage("fp32 TFLite" if info is None else f"{info.dtype} TFLite as given"):
             fp32 = (TFLiteResult(given, "none", ("packaged as given",), tool="as given")
                     if given is not None else to_tflite(sm_dir, "none", batch=batch))
-            ref_sess = LiteRTSession(fp32.model_bytes, threads)
+            ref_sess = self.reference_session(fp32.model_bytes, plan, info)
         inputs = ref_sess.tensor_specs("inputs", by_signature=True)
         outputs = ref_sess.tensor_specs("outputs")
         gate.check_fp32_budget(len(fp32.model_bytes), "as given" if as_is else mode, profile,
-                               what="as fp32 TFLite", digits=2)
+                               what=f"as {info.dtype} TFLite" if info else "as fp32 TFLite",
+                               digits=2)
         with progress.stage("loading data"):
             cap = plan.quantize.calibration_samples or profile.quantization.calibration_samples
             data = load_gate_data(inputs, calibration=plan.data.calibration, eval=plan.data.eval,
@@ -189,8 +204,22 @@ class TfliteBackend:
             fp32_lat = measure_latency(ref_sess, feed)
         return _TfliteBaseline(imported=imported, work=work, inputs=inputs, outputs=outputs,
                                data=data, reference=ref, threads=threads, sm_dir=sm_dir,
-                               as_is=as_is, import_notes=import_notes, fp32=fp32,
+                               as_is=as_is, info=info, import_notes=import_notes, fp32=fp32,
                                ref_session=ref_sess, feed=feed, fp32_latency=fp32_lat)
+
+    def reference_session(self, model_bytes: bytes, plan: BuildPlan,
+                          info: TfliteInfo | None) -> Any:
+        """The session the reference outputs come from: LiteRT, the interpreter the target runs
+        (the TFLM backend runs a given .tflite in TFLite Micro)."""
+        try:
+            return LiteRTSession(model_bytes, plan.threads)
+        except ModelError as exc:
+            if info is None:
+                raise
+            raise ModelError(f"{plan.model.name}: {exc.message}. {plan.profile.name} runs LiteRT, "
+                             "which refuses this model: convert it again from the float source, "
+                             "or build it for a microcontroller target if TFLite Micro runs it.",
+                             target=plan.profile.name, stage="validate") from None
 
     def device_candidates(self, plan: BuildPlan) -> list[tuple[str, BuildPlan]]:
         return []  # device-in-the-loop choice builds ONNX candidates only
@@ -201,8 +230,8 @@ class TfliteBackend:
         if base.as_is:
             best = self._fp32(base)
             fp32 = base.fp32.model_bytes
-            mode = "int8" if any(not o.float_io for o in layer_ops(fp32)) else "none"
-            if profile.runtime.integer_only:
+            mode = _MODE_OF.get(base.info.dtype if base.info else "", "none")
+            if profile.runtime.integer_only and self.format != "tflm":  # TFLM ran it already
                 _check_integer_only(fp32, profile)
             if _is_edgetpu(profile):
                 io = "float32" if base.ref_session.quantization()[0] is None else "int8"
@@ -212,7 +241,7 @@ class TfliteBackend:
             opt = self._int8(base, plan, progress)
         elif mode in ("dynamic", "fp16"):
             with progress.stage(f"{mode} TFLite"):
-                res = to_tflite(base.sm_dir, mode, batch=plan.data.batch)
+                res = _convert(base, mode, batch=plan.data.batch)
                 opt = _Optimized(_measure(res, base, plan.data.batch), mode)
         else:
             opt = _Optimized(self._fp32(base), mode)
@@ -234,12 +263,12 @@ class TfliteBackend:
         calib, evalset = base.data.calib, base.data.evalset
         assert calib is not None  # checked in prepare
         with progress.stage(f"int8 TFLite calibration ({len(calib)} samples)", total=len(calib)):
-            res = to_tflite(base.sm_dir, "int8", calib=calib, io_type=io_type,
-                            integer_only=integer_only, batch=batch)
+            res = _convert(base, "int8", calib=calib, io_type=io_type,
+                           integer_only=integer_only, batch=batch)
         if integer_only:
             _check_integer_only(res.model_bytes, profile)
         if _is_edgetpu(profile):
-            _check_edgetpu(res.model_bytes, profile, io_type)
+            _check_edgetpu(res.model_bytes, profile, res.io_type)
         with progress.stage("int8 TFLite validation"):
             cand = _measure(res, base, batch)
         tried = [cand]
@@ -268,10 +297,10 @@ class TfliteBackend:
                 return _Optimized(c, "int8", _variants(tried, c, max_drop))
             k *= 2
         with progress.stage("dynamic-range fallback"):
-            dyn = to_tflite(base.sm_dir, "dynamic", batch=batch)
+            dyn = _convert(base, "dynamic", batch=batch)
             dyn = TFLiteResult(dyn.model_bytes, dyn.mode, dyn.notes + (
                 "full int8 failed the gate; dynamic range (float activations) is the fallback",),
-                io_type="float32")
+                io_type="float32", tool=dyn.tool)
             c = _measure(dyn, base, batch)
         tried.append(c)
         if c.metrics.drop_points <= max_drop:
@@ -340,7 +369,7 @@ class TfliteBackend:
                      "delegates": list(profile.runtime.delegates)},
             optimization=optimization, metrics=measured.manifest_metrics(profile),
             health=health,
-            budgets={"arena_kb": profile.budgets.arena_kb} if self.format == "tflm" else None,
+            budgets={"arena_kb": sections["tflm"]["arena_kb"]} if "tflm" in sections else None,
             toolchain=package.toolchain("tensorflow-cpu", "tensorflow", "ai-edge-litert",
                                         "ai-edge-quantizer", "tflite-micro"))
         ref_sess = base.ref_session
@@ -362,25 +391,28 @@ class TfliteBackend:
         res = best.result
         int_io = _int_io(best.session)
         effective = res.mode
-        summary = {"none": "fp32 TFLite (no quantization)" if not as_is else "TFLite as given",
+        info = base.info if as_is else inspect_tflite(res.model_bytes)
+        summary = {"none": "fp32 TFLite (no quantization)",
                    "fp16": "fp16 weights, float32 compute on CPUs",
                    "dynamic": "dynamic-range int8 (int8 weights, float activations)",
-                   "int8": f"full int8, {res.io_type} I/O" if not as_is
-                   else "int8 TFLite as given"}[effective if not (as_is and mode == "int8")
-                                                 else "int8"]
+                   "int8": f"full int8, {res.io_type} I/O"}[effective]
+        if as_is:
+            summary = f"{info.dtype} TFLite as given (not re-quantized)"
         if res.float_layers:
             summary = f"int8 with {len(res.float_layers)} layer(s) in float, float32 I/O"
         calib = base.data.calib
         quant = effective in ("int8", "dynamic")
         return {
             "mode": mode if as_is else effective,
+            "dtype": info.dtype,  # what the shipped model really is: int8, 16x8, float16, …
             "requested": "as-is" if as_is else (
                 plan.quantize.mode if plan.quantize.mode != "auto" else mode),
             "summary": summary, "format": "TFLite", "tool": res.tool,
-            "activation_type": "int8" if effective == "int8" else None,
-            "weight_type": "int8" if quant else None,
-            "per_channel": True if quant else None,
-            "reduce_range": False if quant else None,
+            "activation_type": _ACTIVATIONS.get(info.dtype),
+            "weight_type": ("uint8" if info.dtype == "uint8" else "int8") if
+            info.weights_quantized else ("float16" if info.dtype == "float16" else None),
+            "per_channel": True if quant and not as_is else None,
+            "reduce_range": False if quant and not as_is else None,
             "io_type": res.io_type if not as_is else ("quantized" if int_io else "float32"),
             "calibration_method": "minmax" if effective == "int8" and not as_is else None,
             "calibration_samples": len(calib) if calib is not None and effective == "int8"
@@ -401,7 +433,7 @@ class TfliteBackend:
             golden, n = _raw_golden(best.session, base, base.data.evalset, batch)
         else:
             golden, n = package.golden(base.inputs, base.data.evalset, best.outputs, batch)
-        effective = best.result.mode
+        effective = mode if base.as_is else best.result.mode
         health = {"golden": "golden.npz", "samples": n,
                   **package.health("int8" if effective in ("int8", "dynamic") else effective,
                                    base.reference)}
@@ -410,6 +442,14 @@ class TfliteBackend:
             # with model.outputs[j].quantization before applying atol/rtol/min_cosine.
             health["quantized_io"] = True
         return golden, health
+
+
+def _convert(base: _TfliteBaseline, mode: str, **kw: Any) -> TFLiteResult:
+    """The float model in ``mode``: TFLiteConverter from the SavedModel, or ai-edge-quantizer
+    when a float .tflite was given (no SavedModel behind it)."""
+    if base.sm_dir is not None:
+        return to_tflite(base.sm_dir, mode, **kw)
+    return quantize_tflite(base.fp32.model_bytes, mode, calib=kw.get("calib"))
 
 
 def _int_io(sess: LiteRTSession) -> bool:
