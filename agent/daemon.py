@@ -108,7 +108,8 @@ class Agent:
         # because only this loop writes the outbox.
         self.profiler = Profiler(cfg, self.topics, link=self.net, keys=self.keys,
                                  emit=lambda topic, body: self.inbox.put(("emit", 0, topic, body)),
-                                 busy=lambda: self.job is not None)
+                                 busy=lambda: self.job is not None, gate=self.gate,
+                                 refused=self._control_refused)
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
