@@ -11,9 +11,11 @@ what to do (``docs/drift.md`` § Sampled capture):
   the records left are deleted ``keep_s`` after that (default 7 days);
 * ``stop``: capturing stops at once; with ``purge`` every record is deleted;
 * ``pull``: the device sends the ring to the host over MQTT, as a chunk table
-  (``devices/{id}/capture/table``: sizes and sha256 per chunk, signed by the device identity key
-  when it has one) followed by its chunks (``devices/{id}/capture/chunks/{i}``), QoS 1 and
-  not retained, so nothing captured stays on the broker. The capture state does not change.
+  (``capture/{id}/table``: sizes and sha256 per chunk, signed by the device identity key when
+  it has one) followed by its chunks (``capture/{id}/chunks/{i}``), QoS 1 and not retained, so
+  nothing captured stays on the broker. They are outside ``devices/{id}/#`` so that what
+  watches a device's reports never receives its captured data. The capture state does not
+  change.
 
 A newer message replaces the older one; a replayed, forged, expired or unsigned one is refused by
 the gate (an event) and changes nothing. :meth:`Capture.observe` is called by
@@ -50,7 +52,9 @@ __all__ = [
     "CaptureRing",
     "Capture",
     "PullMessages",
+    "data_topic",
     "parse_request",
+    "record_npz",
 ]
 
 log = logging.getLogger("edgepack.agent.capture")
@@ -107,6 +111,13 @@ def parse_request(verified: Any) -> CaptureRequest:
         raise ProtocolError("a capture pull names its 'pull_id' (1 to 64 characters)")
     return CaptureRequest(**base, pull_id=pull_id,
                           chunk_size=_int(d, "chunk_size", 4096, 4 * 1024 * 1024, DEFAULT_CHUNK))
+
+
+def data_topic(topics: Any, device_id: str) -> str:
+    """Where a device sends a pull: ``{prefix}capture/{id}`` (``/table``, ``/chunks/{i}``)."""
+    from edgepack.agent.protocol import check_id
+
+    return f"{topics.prefix}capture/{check_id(device_id)}"
 
 
 class CaptureRing:
@@ -312,9 +323,10 @@ class Capture:
 
     def send(self, msgs: PullMessages, link: Any, topics: Any) -> None:
         """Publish a pull (QoS 1, not retained): the table, then the chunks."""
-        link.publish(topics.device(self.device_id, "capture/table"), msgs.table, qos=1)
+        base = data_topic(topics, self.device_id)
+        link.publish(f"{base}/table", msgs.table, qos=1)
         for i, c in enumerate(msgs.chunks):
-            link.publish(topics.device(self.device_id, f"capture/chunks/{i}"), c, qos=1)
+            link.publish(f"{base}/chunks/{i}", c, qos=1)
 
     # ---- the serving threads
     def observe(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any],

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgepack.agent.capture import data_topic
 from edgepack.agent.errors import EdgepackError, ProtocolError
 from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import Topics
@@ -171,8 +172,8 @@ def pull(device: str, *, broker: str | BrokerConfig, out: str | os.PathLike,
     ``input:<name>``, ``output:<name>``, ``__meta__``) and ``index.json``."""
     t0 = time.monotonic()
     topics = Topics(fleet)
-    table_topic = topics.device(device, "capture/table")
-    chunk_prefix = topics.device(device, "capture/chunks/")
+    base = data_topic(topics, device)
+    table_topic, chunk_prefix = f"{base}/table", f"{base}/chunks/"
     pull_id = uuid.uuid4().hex[:16]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,151 @@
+"""Sampled capture on a real agent process and Mosquitto: off by default, refused unless
+release-signed, fresh and for this device, records what the agent served, bounded, pulled over
+MQTT, stopped and purged."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_helpers import AgentProcess, Watcher, agent_config, deploy
+from click.testing import CliRunner
+
+from edgepack.agent.capture import CaptureRing
+from edgepack.agent.inference import Client
+from edgepack.agent.protocol import Topics
+from edgepack.host.cli.main import main
+from edgepack.host.fleet import capture
+from edgepack.host.fleet.client import SyncClient
+from edgepack.host.fleet.keyring import load_signer
+from edgepack.host.fleet.trust import sign_capture
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory, mosquitto, keys, bundles):
+    """One agent serving the tiny bundle: ``(fleet, data dir, client, watcher)``."""
+    fleet = f"cap{time.time_ns() % 10**9}"
+    root = tmp_path_factory.mktemp("capture-agent")
+    cfg = agent_config(root, mosquitto.url, fleet, pub=keys.pub)
+    proc = AgentProcess(cfg).start()
+    with Watcher(mosquitto.url, fleet) as w:
+        w.wait_state(lambda s: s.get("online") is True)
+        bid, _ = deploy(mosquitto.url, fleet, bundles.get("1.0.0"), key=keys.key)
+        w.wait_active(bid)
+        yield fleet, root / "data", Client(f"unix:{root / 'data' / 'agent.sock'}"), w
+    proc.stop()
+
+
+def _x(i: int) -> np.ndarray:
+    return np.random.default_rng(100 + i).standard_normal((1, 64)).astype(np.float32)
+
+
+def _ring(data: Path) -> list[Path]:
+    return sorted((data / "capture" / "ring").glob("*.npz"))
+
+
+def _cli(*args: str) -> str:
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _capture_event(w: Watcher, since: int, **match: object) -> dict:
+    def find() -> dict | None:
+        return next((e for e in w.events[since:] if e["kind"] in ("capture", "control_refused")
+                     and all(e.get(k) == v for k, v in match.items())), None)
+    return w.wait(find, 30, f"capture event {match}")
+
+
+def test_capture_is_off_by_default_and_refuses_what_it_must(device, mosquitto, keys) -> None:
+    fleet, data, client, w = device
+    for i in range(5):
+        client.predict({"x": _x(i)})
+    assert not (data / "capture").exists(), "nothing is captured unless a request asks"
+
+    topic = Topics(fleet).device("dev1", "capture")
+    start = {"action": "start", "rate_ppm": 1_000_000, "max_bytes": 1 << 20}
+    forged = sign_capture(load_signer(keys.other_key), fleet, device="dev1", request=start,
+                          lifetime_s=600)
+    expired = sign_capture(load_signer(keys.key), fleet, device="dev1", request=start,
+                           lifetime_s=-600)
+    other = sign_capture(load_signer(keys.key), fleet, device="dev2", request=start,
+                         lifetime_s=600)
+    n = len(w.events)
+    with SyncClient(mosquitto.url) as c:
+        for payload, reason in ((json.dumps(start).encode(), "unsigned"),
+                                (forged, "unknown_key"), (expired, "expired")):
+            c.publish(topic, payload, qos=1, retain=True)
+            ev = _capture_event(w, n, kind="control_refused", reason=reason)
+            assert ev["control"] == "capture" and ev["topic"] == topic
+        c.publish(Topics(fleet).device("dev2", "capture"), other, qos=1, retain=True)
+        c.publish(topic, b"", qos=1, retain=True)
+    for i in range(5):
+        client.predict({"x": _x(i)})
+    assert not _ring(data), "a refused request turns nothing on"
+
+
+def test_start_serve_pull_bound_stop_and_purge(device, mosquitto, keys, tmp_path) -> None:
+    fleet, data, client, w = device
+    common = ["--device", "dev1", "--broker", mosquitto.url, "--key", str(keys.key),
+              "--fleet", fleet]
+    n = len(w.events)
+    out = _cli("capture", "start", *common, "--rate", "1", "--max-mb", "20", "--until", "1h")
+    assert "capture requested on dev1" in out
+    _capture_event(w, n, kind="capture", action="start")
+
+    sent = {i: (_x(i), client.predict({"x": _x(i)})) for i in range(6)}
+    files = _ring(data)
+    assert len(files) == 6
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+
+    pulled = tmp_path / "pulled"
+    out = _cli("capture", "pull", *common, "--out", str(pulled))
+    assert "6 record(s) from dev1" in out
+    index = json.loads((pulled / "index.json").read_text())
+    assert index["device_id"] == "dev1" and index["capturing"] is True
+    assert len(index["records"]) == 6 and "only as honest as the device" in index["note"]
+    for rec, (x, y) in zip(index["records"], sent.values(), strict=True):
+        with np.load(pulled / rec["file"]) as z:
+            np.testing.assert_array_equal(z["input:x"], x)
+            np.testing.assert_array_equal(z["output:logits"], y["logits"])
+            np.testing.assert_array_equal(z["output:label"], y["label"])
+            assert json.loads(str(z["__meta__"]))["device_id"] == "dev1"
+
+    # a newer request with a ring of 3 records: the oldest go first
+    n = len(w.events)
+    capture.start("dev1", broker=mosquitto.url, key=keys.key, fleet=fleet, rate=1.0,
+                  max_mb=20, max_records=3, until="1h")
+    _capture_event(w, n, kind="capture", action="start")
+    for i in range(6, 12):
+        client.predict({"x": _x(i)})
+    r = capture.pull("dev1", broker=mosquitto.url, key=keys.key, fleet=fleet,
+                     out=tmp_path / "bounded")
+    assert r.records == 3 and len(_ring(data)) == 3
+    kept = [np.load(tmp_path / "bounded" / rec["file"])["input:x"]
+            for rec in json.loads(Path(r.index).read_text())["records"]]
+    for got, i in zip(kept, range(9, 12), strict=True):
+        np.testing.assert_array_equal(got, _x(i))
+
+    n = len(w.events)
+    out = _cli("capture", "stop", *common, "--purge")
+    assert "stop and purge" in out
+    _capture_event(w, n, kind="capture", action="stop")
+    assert not _ring(data)
+    client.predict({"x": _x(0)})
+    assert not _ring(data), "capture is off after stop"
+
+
+def test_the_ring_is_bounded_in_bytes_and_records(tmp_path) -> None:
+    ring = CaptureRing(tmp_path / "ring", max_bytes=2500, max_records=100)
+    for i in range(10):
+        assert ring.add(bytes([i]) * 1000)
+    assert len(ring) == 2 and ring.bytes <= 2500 and ring.dropped == 8
+    assert [p.read_bytes()[0] for p in sorted((tmp_path / "ring").glob("*.npz"))] == [8, 9]
+    assert not ring.add(b"x" * 3000)  # alone over the bound: not stored
+    again = CaptureRing(tmp_path / "ring", max_bytes=2500, max_records=1)  # after a restart
+    again.add(b"z" * 10)
+    assert len(again) == 1 and again.names()[0].startswith("000000000010-")
