@@ -179,3 +179,24 @@ def test_the_capture_commands_of_the_docs_run_as_written(device, mosquitto, keys
     assert (tmp_path / "captured" / "index.json").exists()
     _capture_event(w, n, kind="capture", action="stop")
     assert not _ring(data)
+
+
+def test_capture_stops_when_its_request_expires_and_records_go_after_keep(tmp_path) -> None:
+    from edgepack.agent.capture import Capture, CaptureRequest
+
+    now = [1_000_000.0]
+    cap = Capture(tmp_path, device_id=DEV, clock=lambda: now[0])
+    x, y = {"x": np.ones((1, 4), np.float32)}, {"y": np.zeros((1, 2), np.float32)}
+    cap.observe(x, y, "b" * 64)
+    assert not (tmp_path / "capture").exists()  # off by default: no file at all
+    cap.apply(CaptureRequest("start", 1, until=1_000_100, rate_ppm=1_000_000,
+                             max_bytes=1 << 20, max_records=10, keep_s=50), b"start")
+    cap.observe(x, y, "b" * 64)
+    assert len(_ring(tmp_path)) == 1 and cap.active
+    now[0] = 1_000_100.0  # the request expired: capture is off, the record stays a while
+    cap.observe(x, y, "b" * 64)
+    assert not cap.active and len(_ring(tmp_path)) == 1 and not cap.expire()
+    restarted = Capture(tmp_path, device_id=DEV, clock=lambda: now[0])
+    assert restarted.is_last(b"start") and not restarted.active
+    now[0] = 1_000_150.0  # keep_s after the expiry: the records are deleted
+    assert restarted.expire() and not _ring(tmp_path) and restarted.request is None
