@@ -221,6 +221,7 @@ class Capture:
         self.digest = ""  # sha256 of the last capture message acted on
         self.captured = 0
         self._ring: CaptureRing | None = None
+        self._ring_lock = threading.Lock()  # serving threads and the agent loop share the ring
         self._read()
 
     # ---- state
@@ -250,12 +251,14 @@ class Capture:
     def ring(self) -> CaptureRing:
         """The ring with the bounds of the request in force (or of none: nothing is added)."""
         r = self.request
-        if self._ring is None or (r is not None and (self._ring.max_bytes, self._ring.max_records)
-                                  != (r.max_bytes, r.max_records)):
-            self._ring = CaptureRing(self.root / "ring",
-                                     max_bytes=r.max_bytes if r else MAX_RING_BYTES,
-                                     max_records=r.max_records if r else MAX_RING_RECORDS)
-        return self._ring
+        with self._ring_lock:
+            ring = self._ring
+            if ring is None or (r is not None and (ring.max_bytes, ring.max_records)
+                                != (r.max_bytes, r.max_records)):
+                ring = self._ring = CaptureRing(
+                    self.root / "ring", max_bytes=r.max_bytes if r else MAX_RING_BYTES,
+                    max_records=r.max_records if r else MAX_RING_RECORDS)
+            return ring
 
     @property
     def active(self) -> bool:
