@@ -80,14 +80,27 @@ def register(main: click.Group) -> None:
     @click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True)
     @click.option("--max-mb", type=click.FloatRange(0.001), default=1024.0, show_default=True,
                   help="Refuse a capture larger than this.")
+    @click.option("--device-key", type=click.Path(exists=True, dir_okay=False),
+                  help="The device's enrollment JSON ({\"keyid\", \"key\"}): refuse a "
+                       "capture that key did not sign.")
     def pull(device: str, broker_cfg: object, key: str | None, fleet: str, as_json: bool,
-             out: str, timeout: float, max_mb: float) -> None:
+             out: str, timeout: float, max_mb: float, device_key: str | None) -> None:
         """Fetch the records a device captured (they are the device's: only as honest as it)."""
+        import json
+        from pathlib import Path
+
+        from edgepack.agent.errors import EdgepackError
         from edgepack.host.fleet import capture as cap
 
+        try:
+            enrolled = json.loads(Path(device_key).read_text()) if device_key else None
+        except (OSError, ValueError) as exc:
+            raise EdgepackError(f"cannot read the device key {device_key}: {exc}",
+                                field="device_key") from None
         r = cap.pull(device, broker=broker_cfg, out=out, key=key, fleet=fleet,  # type: ignore[arg-type]
-                     timeout=timeout, max_mb=max_mb)
-        signed = f"signed by device key {r.signed_by[:16]}" if r.signed_by else "not signed"
+                     timeout=timeout, max_mb=max_mb, device_key=enrolled)
+        signed = (f"{'verified' if r.verified else 'signed'} by device key {r.signed_by[:16]}"
+                  if r.signed_by else "not signed")
         _say(r.to_json(), as_json, f"{r.records} record(s) from {device} in {r.out} "
              f"({r.bytes} bytes, {signed}; index {r.index})")
 

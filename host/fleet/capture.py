@@ -11,7 +11,8 @@ output directory.
 
 What comes back is the device's: its inputs and outputs are only as honest as the device. The
 table carries the device identity key's signature when the device has one; :func:`pull` reports
-that key id (checking it against the enrolled key is the fleet server's job).
+that key id, and with ``device_key=`` (the device's enrollment ``{"keyid", "key"}``) refuses a
+table that key did not sign (:class:`~edgepack.host.fleet.identity.ReportVerifier`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class PullResult:
     records: int
     bytes: int
     signed_by: str | None
+    verified: bool  # the table's signature verified against ``device_key``
     capturing: bool
     seconds: float
 
@@ -167,9 +169,16 @@ def stop(device: str, *, broker: str | BrokerConfig, key: str | os.PathLike | No
 
 def pull(device: str, *, broker: str | BrokerConfig, out: str | os.PathLike,
          key: str | os.PathLike | None = None, fleet: str = "default", timeout: float = 120.0,
-         max_mb: float = 1024.0, chunk_kb: int = 256) -> PullResult:
+         max_mb: float = 1024.0, chunk_kb: int = 256,
+         device_key: Any = None) -> PullResult:
     """Fetch the records ``device`` captured into ``out``: one ``<record>.npz`` each (arrays
-    ``input:<name>``, ``output:<name>``, ``__meta__``) and ``index.json``."""
+    ``input:<name>``, ``output:<name>``, ``__meta__``) and ``index.json``. ``device_key``
+    (enrollment object or key) makes an unsigned or foreign-signed table an error."""
+    verifier = None
+    if device_key is not None:
+        from edgepack.host.fleet.identity import ReportVerifier
+
+        verifier = ReportVerifier({device: device_key})
     t0 = time.monotonic()
     topics = Topics(fleet)
     base = data_topic(topics, device)
@@ -186,7 +195,7 @@ def pull(device: str, *, broker: str | BrokerConfig, out: str | os.PathLike,
             _send(device, {"action": "pull", "pull_id": pull_id, "chunk_size": chunk_kb * 1024},
                   broker=cfg, key=key, fleet=fleet, lifetime_s=max(600.0, timeout), client=c)
             table = _receive(c, table_topic, chunk_prefix, pull_id, part, device,
-                             int(max_mb * 1024 * 1024), time.monotonic() + timeout)
+                             int(max_mb * 1024 * 1024), time.monotonic() + timeout, verifier)
         index = _unpack(part, out, table)
     finally:
         part.unlink(missing_ok=True)
@@ -194,7 +203,8 @@ def pull(device: str, *, broker: str | BrokerConfig, out: str | os.PathLike,
     doc = json.loads(index.read_text())
     return PullResult(device, pull_id, str(out), str(index), len(doc["records"]),
                       int(table["bytes"]), sig.get("keyid") if sig else None,
-                      bool(doc.get("capturing")), round(time.monotonic() - t0, 3))
+                      verifier is not None, bool(doc.get("capturing")),
+                      round(time.monotonic() - t0, 3))
 
 
 def _check_table(raw: bytes, device: str, pull_id: str, limit: int) -> dict | None:
@@ -216,7 +226,7 @@ def _check_table(raw: bytes, device: str, pull_id: str, limit: int) -> dict | No
 
 
 def _receive(c: SyncClient, table_topic: str, chunk_prefix: str, pull_id: str, part: Path,
-             device: str, limit: int, deadline: float) -> dict:
+             device: str, limit: int, deadline: float, verifier: Any = None) -> dict:
     table: dict | None = None
     early: dict[int, bytes] = {}
     have: set[int] = set()
@@ -236,6 +246,8 @@ def _receive(c: SyncClient, table_topic: str, chunk_prefix: str, pull_id: str, p
             topic, payload, _ = msg
             if topic == table_topic and table is None:
                 table = _check_table(payload, device, pull_id, limit)
+                if table is not None and verifier is not None:
+                    verifier.verify(table, topic_device=device)  # ReportRefused: not its key
                 if table is not None:
                     for i, data in early.items():
                         _write(f, table, i, data, have, device)

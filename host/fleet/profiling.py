@@ -1,8 +1,9 @@
 """Profile bundles on real devices: the host side of the profile-job protocol.
 
 ``docs/protocol.md`` § Profile jobs. :func:`profile` (and :func:`profile_on_devices` under it)
-publishes the bundles (the normal retained chunks), sends each device one signed job
-(``devices/{id}/jobs``, QoS 1, not retained, with a deadline), and collects
+publishes the bundles (the normal retained chunks) and the eval samples (the same way), sends
+each device one signed job (``devices/{id}/jobs``, QoS 1, not retained, with a deadline; a
+protocol v2 control message bound to that device, §8.6), and collects
 ``devices/{id}/results`` until every device said ``done`` or the deadline passed. A device that
 goes silent (its last will says offline, or it just stops) gives a timeout with whatever results
 arrived and a message saying so. Results are cached per board and runtime
@@ -66,8 +67,9 @@ def make_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLike | None
              timeout_s: float, runs: int = 50, warmup: int = 5, threads: int = 0,
              op_profile: bool = True, eval_npz: bytes | None = None,
              max_rss_mb: int | None = None, job_id: str | None = None) -> tuple[str, bytes]:
-    """A signed profile job: ``(job_id, payload)``. Without ``key_path`` it is unsigned (only
-    devices running with ``allow_unsigned`` accept it)."""
+    """A v1 profile job: ``(job_id, payload)``, with a detached signature by ``key_path`` or
+    unsigned. Only devices running with ``allow_unsigned`` accept it; :func:`sign_profile_job`
+    makes the protocol v2 job every other device needs."""
     if eval_npz is not None and len(eval_npz) > MAX_EVAL_BYTES:
         raise DataError(f"eval samples for the device are {len(eval_npz)} bytes, over the "
                         f"{MAX_EVAL_BYTES} byte limit of a profile job; send fewer samples")
@@ -478,8 +480,9 @@ def profile(bundles: str | os.PathLike | Sequence[str | os.PathLike], *,
     """Measure bundle file(s) on device(s): load, first inference, p50/p95/p99, peak RSS, golden
     outputs and the slowest operators, per device and bundle.
 
-    ``key`` (the fleet private key) signs the job and the published chunk tables: devices
-    refuse unsigned jobs unless they allow unsigned bundles. ``cache`` is a
+    ``key`` (the fleet private key) signs the job — a protocol v2 control message for each
+    device — and the published chunk tables: devices refuse unsigned jobs unless they allow
+    unsigned bundles. ``cache`` is a
     :class:`ProfileCache`, a cache file, or None for the default file
     (``~/.cache/edgepack/profiles.json``); pass ``ProfileCache(None)`` to measure again and
     store nothing. ``timeout`` is the job's deadline on the device, in seconds.

@@ -18,6 +18,7 @@ from edgepack.agent.capture import CaptureRing
 from edgepack.agent.identity import DeviceIdentity
 from edgepack.agent.inference import Client
 from edgepack.agent.protocol import Topics
+from edgepack.agent.trust import ReportRefused
 from edgepack.host.cli.main import main
 from edgepack.host.fleet import capture
 from edgepack.host.fleet.client import SyncClient
@@ -129,9 +130,15 @@ def test_start_serve_pull_bound_stop_and_purge(device, mosquitto, keys, tmp_path
     for i in range(6, 12):
         client.predict({"x": _x(i)})
     r = capture.pull(DEV, broker=mosquitto.url, key=keys.key, fleet=fleet,
-                     out=tmp_path / "bounded")
+                     out=tmp_path / "bounded", device_key=DeviceIdentity.load(data).enrollment())
+    assert r.verified
     assert r.records == 3 and len(_ring(data)) == 3
     assert r.signed_by == DeviceIdentity.load(data).key_id
+    stranger = DeviceIdentity.create(tmp_path / "stranger").enrollment()
+    with pytest.raises(ReportRefused) as exc:  # not the key this device enrolled
+        capture.pull(DEV, broker=mosquitto.url, key=keys.key, fleet=fleet,
+                     out=tmp_path / "refused", device_key=stranger)
+    assert exc.value.reason == "unknown_key"
     kept = [np.load(tmp_path / "bounded" / rec["file"])["input:x"]
             for rec in json.loads(Path(r.index).read_text())["records"]]
     for got, i in zip(kept, range(9, 12), strict=True):
