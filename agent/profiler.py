@@ -16,9 +16,10 @@ one job at a time:
 1. admit: refuse duplicates, expired jobs, and jobs that arrive while an install is in progress
    or while free RAM or disk is short (an unverified job is refused before this, and becomes a
    ``control_refused`` event as well);
-2. fetch the eval samples when the job names them (an npz target), then for each bundle: fetch it with the normal :class:`~edgepack.agent.transfer.Transfer` into a
-   scratch directory (``{data_dir}/profiling``, never a slot), verify its signature, unpack it,
-   and measure it in a child process (``python -m edgepack.agent.measure``) at lower priority
+2. fetch the eval samples when the job names them (an npz target), then for each bundle:
+   fetch it with the normal :class:`~edgepack.agent.transfer.Transfer` into a scratch
+   directory (``{data_dir}/profiling``, never a slot), verify its signature, unpack it, and
+   measure it in a child process (``python -m edgepack.agent.measure``) at lower priority
    (``nice`` 10), killed when it outgrows the memory bound, when the job's deadline comes, or
    when an install starts (installs always win);
 3. answer on ``devices/{id}/results`` through the agent's outbox: ``accepted``, ``progress``,

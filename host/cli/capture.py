@@ -3,6 +3,8 @@ and outputs (opt-in; ``docs/drift.md`` § Sampled capture)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from edgepack.host.cli.options import broker_options
@@ -50,13 +52,13 @@ def register(main: click.Group) -> None:
                                   "ISO 8601 time (default 24h, at most 30 days).")
     @click.option("--keep-days", type=click.FloatRange(0, 365), default=7.0, show_default=True,
                   help="Records are deleted this long after --until unless purged sooner.")
-    def start(device: str, broker_cfg: object, key: str | None, fleet: str, as_json: bool,
+    def start(device: str, broker_cfg: Any, key: str | None, fleet: str, as_json: bool,
               rate: float, max_mb: float, max_records: int, until: str | None,
               keep_days: float) -> None:
         """Ask a device to record a sampled fraction of its inferences."""
         from edgepack.host.fleet import capture as cap
 
-        r = cap.start(device, broker=broker_cfg, key=key, fleet=fleet, rate=rate,  # type: ignore[arg-type]
+        r = cap.start(device, broker=broker_cfg, key=key, fleet=fleet, rate=rate,
                       max_mb=max_mb, max_records=max_records, until=until, keep_days=keep_days)
         _say(r.to_json(), as_json, f"capture requested on {device}: {rate:g} of inferences, "
              f"at most {max_mb:g} MB, until {_when(r.expires)} (v{r.version})")
@@ -64,12 +66,12 @@ def register(main: click.Group) -> None:
     @capture.command("stop")
     @_common
     @click.option("--purge", is_flag=True, help="Delete every record the device holds.")
-    def stop(device: str, broker_cfg: object, key: str | None, fleet: str, as_json: bool,
+    def stop(device: str, broker_cfg: Any, key: str | None, fleet: str, as_json: bool,
              purge: bool) -> None:
         """Ask a device to stop capturing (and with --purge to delete its records)."""
         from edgepack.host.fleet import capture as cap
 
-        r = cap.stop(device, broker=broker_cfg, key=key, fleet=fleet, purge=purge)  # type: ignore[arg-type]
+        r = cap.stop(device, broker=broker_cfg, key=key, fleet=fleet, purge=purge)
         _say(r.to_json(), as_json, f"capture stop{' and purge' if purge else ''} requested on "
              f"{device} (v{r.version})")
 
@@ -83,7 +85,7 @@ def register(main: click.Group) -> None:
     @click.option("--device-key", type=click.Path(exists=True, dir_okay=False),
                   help="The device's enrollment JSON ({\"keyid\", \"key\"}): refuse a "
                        "capture that key did not sign.")
-    def pull(device: str, broker_cfg: object, key: str | None, fleet: str, as_json: bool,
+    def pull(device: str, broker_cfg: Any, key: str | None, fleet: str, as_json: bool,
              out: str, timeout: float, max_mb: float, device_key: str | None) -> None:
         """Fetch the records a device captured (they are the device's: only as honest as it)."""
         import json
@@ -97,7 +99,7 @@ def register(main: click.Group) -> None:
         except (OSError, ValueError) as exc:
             raise EdgepackError(f"cannot read the device key {device_key}: {exc}",
                                 field="device_key") from None
-        r = cap.pull(device, broker=broker_cfg, out=out, key=key, fleet=fleet,  # type: ignore[arg-type]
+        r = cap.pull(device, broker=broker_cfg, out=out, key=key, fleet=fleet,
                      timeout=timeout, max_mb=max_mb, device_key=enrolled)
         signed = (f"{'verified' if r.verified else 'signed'} by device key {r.signed_by[:16]}"
                   if r.signed_by else "not signed")
