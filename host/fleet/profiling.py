@@ -14,6 +14,7 @@ arrived and a message saying so. Results are cached per board and runtime
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import uuid
@@ -75,7 +76,8 @@ def make_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLike | None
                         f"{MAX_EVAL_BYTES} byte limit of a profile job; send fewer samples")
     job_id = job_id or _job_id()
     timeout = max(1, int(round(timeout_s)))
-    job = ProfileJob(job_id=job_id, deadline=int(time.time()) + timeout, bundles=tuple(bundles),
+    job = ProfileJob(job_id=job_id, deadline=math.ceil(time.time() + timeout),
+                     bundles=tuple(bundles),
                      runs=runs, warmup=warmup, threads=threads, op_profile=op_profile,
                      timeout_s=timeout, max_rss_mb=max_rss_mb, eval_npz=eval_npz)
     body = job.to_payload()
@@ -95,12 +97,16 @@ def sign_profile_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLik
     """A profile job as a protocol v2 control message (kind ``job``) for ``device``:
     ``(job_id, payload)``. The bundles (``bytes`` required) and the eval samples are its
     targets, named by sha256 and length; the device fetches them with the chunked transfer."""
+    from tuf.api.metadata import Metadata  # noqa: F401 - imported before the deadline starts
+
     from edgepack.host.fleet.keyring import load_signer
     from edgepack.host.fleet.trust import sign_job
 
+    signer = load_signer(key_path)
     job_id = job_id or _job_id()
     timeout = max(1, int(round(timeout_s)))
-    job = ProfileJob(job_id=job_id, deadline=int(time.time()) + timeout, bundles=tuple(bundles),
+    job = ProfileJob(job_id=job_id, deadline=math.ceil(time.time() + timeout),
+                     bundles=tuple(bundles),
                      runs=runs, warmup=warmup, threads=threads, op_profile=op_profile,
                      timeout_s=timeout, max_rss_mb=max_rss_mb).to_payload()
     targets = [Target(b.bundle_id, int(b.bytes or 0)) for b in bundles]
@@ -109,7 +115,7 @@ def sign_profile_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLik
         targets.append(eval_target)
     else:
         job.pop("eval", None)
-    payload = sign_job(load_signer(key_path), fleet, device=device, job=job, targets=targets,
+    payload = sign_job(signer, fleet, device=device, job=job, targets=targets,
                        lifetime_s=timeout)
     return job_id, payload
 
