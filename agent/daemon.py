@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.agent import __version__
+from edgepack.agent.capture import Capture
 from edgepack.agent.compat import DeviceFacts
 from edgepack.agent.config import AgentConfig, load_config
 from edgepack.agent.deployment import Deployment, label
@@ -104,6 +105,8 @@ class Agent:
         self.desired_topic = self.topics.desired(cfg.device_id)
         self.downgrade_topic = self.topics.downgrade(cfg.device_id)
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
+        self.capture = Capture(cfg.data_dir, device_id=cfg.device_id)  # off unless asked
+        self.capture_topic = self.topics.device(cfg.device_id, "capture")
         will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
                                           "reason": "connection lost"}), 1, True)
         b = cfg.broker
@@ -113,7 +116,8 @@ class Agent:
         # because only this loop writes the outbox.
         self.profiler = Profiler(cfg, self.topics, link=self.net, keys=self.keys,
                                  emit=lambda topic, body: self.inbox.put(("emit", 0, topic, body)),
-                                 busy=lambda: self.job is not None)
+                                 busy=lambda: self.job is not None, gate=self.gate,
+                                 refused=self._control_refused)
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -238,7 +242,7 @@ class Agent:
             self.net.subscribe([self.root_prefix + "+", self.downgrade_topic,
                                 self.topics.freshness])
             self.net.subscribe([self.desired_topic, *self.group_topics])
-            self.net.subscribe([self.profiler.jobs_topic])
+            self.net.subscribe([self.profiler.jobs_topic, self.capture_topic])
         except BrokerError as exc:  # the connection dropped again: the next one subscribes
             log.warning("%s", exc)
         self.profiler.on_connected()
@@ -278,6 +282,8 @@ class Agent:
                 self._control_refused(topic, kind, exc)
         elif self.roots is not None and topic.startswith(self.root_prefix):
             self._on_root(topic, payload)
+        elif topic == self.capture_topic:
+            self._on_capture(payload)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
@@ -306,6 +312,18 @@ class Agent:
             self.keys.clear()  # in place: the profiler holds the same dict
         self.keys.update(v.root.v1_keys("release"))
 
+    def _on_capture(self, payload: bytes) -> None:
+        try:
+            req, pull = self.capture.receive(payload, self.gate)
+        except ControlRefused as exc:  # capture stays as it was
+            self._control_refused(self.capture_topic, "capture", exc)
+            return
+        if req is not None:
+            self.event("capture", f"capture {req.action} (v{req.version})", action=req.action,
+                       version=req.version, records=len(self.capture.ring))
+        if pull is not None:
+            self.capture.send(pull, self.net, self.topics)
+
     def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
         """One event per topic and reason a minute (a storm is counted in telemetry)."""
         self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
@@ -327,6 +345,7 @@ class Agent:
             self._forget_finished()
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.cfg.telemetry.interval_s
+            self.capture.expire()
             self._telemetry()
         if self.connected:
             self._flush_outbox()
@@ -482,6 +501,7 @@ class Agent:
         """Load an installed slot for serving, with drift sketches when its bundle has
         drift.json and ``[drift] enabled``."""
         model = Model.open(slot_dir, threads=self.cfg.runtime.threads, stats=self.stats)
+        model.capture = self.capture
         if self.cfg.drift.enabled:
             try:
                 model.drift = load_sketcher(slot_dir, sample_rate=self.cfg.drift.sample_rate)

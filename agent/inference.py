@@ -127,6 +127,7 @@ class Model:
         self._output_names = [s.name for s in self.outputs]
         self._dtypes = {s.name: _np_dtype(s.dtype) for s in self.inputs}
         self.drift: Any = None  # a DriftSketcher when the bundle has drift.json (the daemon's)
+        self.capture: Any = None  # the agent's sampled capture (agent/capture.py), off by default
 
     # ---- construction
     @classmethod
@@ -275,6 +276,8 @@ class Model:
         result = _plain_outputs(dict(zip(self._output_names, outs, strict=False)))
         if self.drift is not None:
             self.drift.observe(feeds, result)
+        if self.capture is not None:
+            self.capture.observe(feeds, result, self.bundle_id)
         if dequantize:
             for s in self.outputs:
                 v = result.get(s.name)

@@ -1,14 +1,25 @@
 """Profile jobs: measure candidate bundles on this device, without touching the active model.
 
 The host publishes a signed job on ``devices/{id}/jobs`` naming published bundles
-(``docs/protocol.md`` § Profile jobs). The agent loop hands every job message to a
-:class:`Profiler`, which works in its own thread, one job at a time:
+(``docs/protocol.md`` § Profile jobs). With protocol v2 a job is a control message of kind
+``job`` for this one device (``docs/protocol.md`` §9): the agent's trust gate checks its
+signature, addressee, expiry and version, and records the version in the trust ledger *before*
+the job runs, so a replayed job — or the same job delivered again after an agent restart — is
+refused instead of run twice. The bundles and the eval samples are the message's targets (sha256
+and length), fetched with the chunked transfer: the samples are not inline, so their size is
+bounded by the transfer limits, not by the job message.
 
-1. admit: parse, check the signature against the trusted keys, refuse duplicates, expired jobs,
-   and jobs that arrive while an install is in progress or while free RAM or disk is short;
-2. for each bundle: fetch it with the normal :class:`~edgepack.agent.transfer.Transfer` into a
-   scratch directory (``{data_dir}/profiling``, never a slot), verify its signature, unpack it,
-   and measure it in a child process (``python -m edgepack.agent.measure``) at lower priority
+The agent loop hands every job message to a :class:`Profiler`: it verifies the job in the
+loop's thread (the gate is not shared across threads), then the profiler's own thread works,
+one job at a time:
+
+1. admit: refuse duplicates, expired jobs, and jobs that arrive while an install is in progress
+   or while free RAM or disk is short (an unverified job is refused before this, and becomes a
+   ``control_refused`` event as well);
+2. fetch the eval samples when the job names them (an npz target), then for each bundle:
+   fetch it with the normal :class:`~edgepack.agent.transfer.Transfer` into a scratch
+   directory (``{data_dir}/profiling``, never a slot), verify its signature, unpack it, and
+   measure it in a child process (``python -m edgepack.agent.measure``) at lower priority
    (``nice`` 10), killed when it outgrows the memory bound, when the job's deadline comes, or
    when an install starts (installs always win);
 3. answer on ``devices/{id}/results`` through the agent's outbox: ``accepted``, ``progress``,
@@ -32,6 +43,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +54,12 @@ from edgepack.agent.protocol import (
     JobBundle,
     ProfileJob,
     Topics,
+    encode,
     job_signed_part,
     parse_profile_job,
 )
 from edgepack.agent.signing import canonical_json, verify_detached
+from edgepack.agent.trust import ControlRefused, Reason, Target
 
 __all__ = ["Profiler", "MeasureOptions", "measure_bundle", "summarize_ort_trace"]
 
@@ -53,6 +67,20 @@ log = logging.getLogger("edgepack.agent.profiler")
 _MB = 1024 * 1024
 RAM_RESERVE_MB = 128  # refuse a job when less than this (plus its max_rss_mb) is available
 _SEEN_JOBS = 256
+
+
+# trust reasons that say "the signature does not hold" to the host (the event keeps the precise one)
+_SIGNATURE_REASONS = (Reason.UNSIGNED, Reason.BAD_SIGNATURE, Reason.UNKNOWN_KEY,
+                      Reason.WRONG_ROLE, Reason.THRESHOLD_NOT_MET, Reason.WRONG_DEVICE,
+                      Reason.WRONG_FLEET)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A job that passed the trust gate (or, in development, the v1 checks)."""
+
+    job: ProfileJob
+    eval_target: Target | None = None  # v2: the eval npz, fetched by hash and length
 
 
 class _Stopped(Exception):
@@ -77,13 +105,17 @@ class Profiler:
     """
 
     def __init__(self, cfg: Any, topics: Topics, *, link: Any, keys: Mapping[str, Any],
-                 emit: Callable[[str, dict], None], busy: Callable[[], bool]) -> None:
+                 emit: Callable[[str, dict], None], busy: Callable[[], bool],
+                 gate: Any = None,
+                 refused: Callable[[str, str, ControlRefused], None] | None = None) -> None:
         self.cfg = cfg
         self.topics = topics
         self.link = link
         self.keys = keys
         self.emit = emit
         self.busy = busy
+        self.gate = gate  # the agent's DesiredGate (None: v1 jobs only, as before v2)
+        self.refused = refused  # the agent's control_refused event (topic, kind, exc)
         self.jobs_topic = topics.jobs(cfg.device_id)
         self.results_topic = topics.results(cfg.device_id)
         self.root = Path(cfg.data_dir) / "profiling"
@@ -100,11 +132,14 @@ class Profiler:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.jobs_topic:
+            job = self._verify(payload)
+            if job is None:
+                return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="edgepack-profiler",
                                                 daemon=True)
                 self._thread.start()
-            self._q.put(("job", payload))
+            self._q.put(("job", job))
         elif self._thread is not None:
             self._q.put(("msg", topic, payload))
 
@@ -153,17 +188,14 @@ class Profiler:
         log.warning("profile job %s refused (%s): %s", job_id, reason, detail)
         self._send(job_id, "refused", reason=reason, detail=detail)
 
-    def _admit(self, payload: bytes, running: str | None = None) -> ProfileJob | None:
-        """Parse and check a job; refuse it (and return None) unless it may run now."""
+    def _verify(self, payload: bytes) -> _Job | None:
+        """Check a job's signature (in the agent loop's thread); refuse it (None) otherwise."""
+        if self.gate is not None and (self.gate.enforcing or _looks_v2(payload)):
+            return self._verify_v2(payload)
         try:
             job = parse_profile_job(payload)
         except ProtocolError as exc:
-            job_id = "unknown"
-            with contextlib.suppress(Exception):
-                raw = json.loads(payload[:MAX_JSON_BYTES])
-                if isinstance(raw, dict) and isinstance(raw.get("job_id"), str):
-                    job_id = raw["job_id"][:128]
-            self._refuse(job_id, "malformed", str(exc))
+            self._refuse(_raw_job_id(payload), "malformed", str(exc))
             return None
         if job.sig is not None and (self.keys or not self.cfg.allow_unsigned):
             try:
@@ -175,8 +207,69 @@ class Profiler:
                 return None
         elif job.sig is None and not self.cfg.allow_unsigned:
             self._refuse(job.job_id, "signature", "the profile job is not signed; sign it with "
-                         "the fleet key (edgepack profile --key)")
+                         "the fleet key (`key=`)")
             return None
+        return _Job(job)
+
+    def _verify_v2(self, payload: bytes) -> _Job | None:
+        """A v2 job: the gate verifies and records it; its targets bind bundles and samples."""
+        job_id = _raw_job_id(payload)
+        if not _looks_v2(payload):
+            exc = ControlRefused("the profile job is not signed as a protocol v2 control "
+                                 "message (a v1 detached signature binds no device and no "
+                                 "version): sign it with the fleet key (`key=`)",
+                                 reason=Reason.UNSIGNED, kind="job")
+            return self._refuse_control(job_id, exc)
+        try:
+            v = self.gate.job(payload)
+        except ControlRefused as exc:
+            return self._refuse_control(job_id, exc)
+        if not v.new:
+            self._refuse(job_id, "duplicate", f"job v{v.version} was already received (a "
+                         "redelivery or a replay); it does not run again")
+            return None
+        doc = v.fields.get("job")
+        if not isinstance(doc, Mapping):
+            return self._refuse_control(job_id, ControlRefused(
+                "the job message lacks its 'job' object", reason=Reason.MALFORMED, kind="job"))
+        doc = dict(doc)
+        eval_ref = doc.pop("eval", None)
+        try:
+            job = parse_profile_job(encode({k: v for k, v in doc.items() if k != "sig"}))
+        except ProtocolError as exc:
+            self._refuse(job_id, "malformed", str(exc))
+            return None
+        targets = {t.bundle_id: t for t in v.targets}
+        bundles = []
+        for b in job.bundles:
+            t = targets.get(b.bundle_id)
+            if t is None:
+                self._refuse(job.job_id, "malformed", f"bundle {b.bundle_id[:12]} is not among "
+                             "the job's signed targets")
+                return None
+            bundles.append(replace(b, bytes=t.length))
+        eval_target = None
+        if eval_ref is not None:
+            digest = eval_ref.get("sha256") if isinstance(eval_ref, Mapping) else None
+            eval_target = targets.get(digest) if isinstance(digest, str) else None
+            if eval_target is None:
+                self._refuse(job.job_id, "malformed", "the job's eval samples are not among its "
+                             "signed targets")
+                return None
+        return _Job(replace(job, bundles=tuple(bundles)), eval_target)
+
+    def _refuse_control(self, job_id: str, exc: ControlRefused) -> None:
+        reason = "signature" if exc.reason in _SIGNATURE_REASONS else exc.reason
+        hint = (": that key is not trusted by this device" if exc.reason == Reason.UNKNOWN_KEY
+                else "")
+        self._refuse(job_id, reason, f"{exc}{hint}")
+        if self.refused is not None:
+            self.refused(self.jobs_topic, "job", exc)
+        return None
+
+    def _admit(self, item: _Job, running: str | None = None) -> _Job | None:
+        """Check a verified job; refuse it (and return None) unless it may run now."""
+        job = item.job
         if job.job_id in self._seen:
             self._refuse(job.job_id, "duplicate", "this job id was already received")
             return None
@@ -207,12 +300,13 @@ class Profiler:
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free / _MB
         biggest = max((b.bytes or 0 for b in job.bundles), default=0) / _MB
-        need_disk = self.cfg.transfer.min_free_mb + 2 * biggest
+        samples = (item.eval_target.length if item.eval_target else 0) / _MB
+        need_disk = self.cfg.transfer.min_free_mb + 2 * biggest + samples
         if free < need_disk:
             self._refuse(job.job_id, "disk", f"{free:.0f} MB of disk free, {need_disk:.0f} MB "
-                         "needed (download + unpack + transfer.min_free_mb)")
+                         "needed (download + unpack + eval samples + transfer.min_free_mb)")
             return None
-        return job
+        return item
 
     def _pump(self, timeout: float, job_id: str) -> None:
         """Handle what the agent loop handed over while a job runs."""
@@ -239,9 +333,10 @@ class Profiler:
             except queue.Empty:
                 return
 
-    def _run_job(self, job: ProfileJob) -> None:
+    def _run_job(self, item: _Job) -> None:
         from edgepack.agent.runtimes import available_runtimes, runtime_version
 
+        job = item.job
         started = time.monotonic()
         allowed = max(0.0, min(float(job.timeout_s), job.deadline - time.time()))
         # Leave time to send the answers before the host stops listening.
@@ -257,12 +352,22 @@ class Profiler:
                    cpu=_cpu_model(), cores=os.cpu_count(), deadline=job.deadline,
                    bundles=[b.bundle_id for b in job.bundles])
         log.info("profile job %s: %d bundle(s), %d runs", job.job_id, len(job.bundles), job.runs)
+        eval_failed = None
+        if item.eval_target is not None:
+            self._send(job.job_id, "progress", stage="downloading eval samples")
+            try:
+                eval_path = self._fetch_eval(job, item.eval_target, end, work)
+            except _Failed as f:
+                eval_failed = {"status": "failed", "reason": f.reason,
+                               "detail": f"the eval samples could not be fetched: {f.detail}"}
         summary = []
         for i, b in enumerate(job.bundles):
             left = end - time.monotonic()
             base = {"index": i, "bundle_id": b.bundle_id, "label": b.label,
                     "board": self.cfg.board, "target": self.cfg.target}
-            if left <= 0:
+            if eval_failed is not None:
+                res = {**base, **eval_failed}
+            elif left <= 0:
                 res = {**base, "status": "skipped", "reason": "deadline",
                        "detail": "the job's deadline came before this bundle's turn"}
             elif self.busy():
@@ -321,12 +426,29 @@ class Profiler:
                           f"this device does not have (available: "
                           f"{', '.join(available_runtimes()) or 'none'})")
 
-    def _download(self, job: ProfileJob, bundle_id: str, end: float) -> Any:
+    def _fetch_eval(self, job: ProfileJob, target: Target, end: float, work: Path) -> Path:
+        """Fetch the job's eval npz (a target: sha256 and length signed in the job)."""
+        from edgepack.agent.transfer import Rejected
+
+        def precheck(table: Any) -> None:
+            if table.bytes != target.length:
+                raise Rejected(f"the published eval samples are {table.bytes} bytes, the job "
+                               f"names {target.length}", reason="length",
+                               bundle_id=target.bundle_id)
+
+        tr = self._download(job, target.bundle_id, end, precheck)
+        path = work / "eval.npz"
+        os.replace(tr.result_path, path)
+        tr.cleanup()
+        return path
+
+    def _download(self, job: ProfileJob, bundle_id: str, end: float,
+                  precheck: Callable[[Any], None] | None = None) -> Any:
         from edgepack.agent.transfer import Rejected, Transfer
 
         t = self.cfg.transfer
 
-        def precheck(table: Any) -> None:
+        def runtime_check(table: Any) -> None:
             try:
                 self._check_runtime(table.manifest)
             except _Failed as f:
@@ -336,7 +458,7 @@ class Profiler:
                       link=self.link, keys=self.keys, allow_unsigned=self.cfg.allow_unsigned,
                       window=t.window, chunk_timeout_s=t.chunk_timeout_s,
                       manifest_timeout_s=t.manifest_timeout_s, max_bundle_mb=t.max_bundle_mb,
-                      min_free_mb=t.min_free_mb, precheck=precheck)
+                      min_free_mb=t.min_free_mb, precheck=precheck or runtime_check)
         self._transfer = tr
         tr.start(self._connected)
         while not tr.done:
@@ -431,6 +553,22 @@ class Profiler:
         measured = stage not in ("none", "start")
         return {"status": "partial" if measured else "failed", "reason": reason,
                 "detail": detail, **figures}
+
+
+def _looks_v2(payload: bytes) -> bool:
+    """A v2 control message (signed metadata) rather than a v1 job object."""
+    return payload.lstrip()[:1] == b"{" and b'"signed"' in payload[:MAX_JSON_BYTES]
+
+
+def _raw_job_id(payload: bytes) -> str:
+    """The job id of a message that failed its checks (for the refusal), or ``unknown``."""
+    with contextlib.suppress(Exception):
+        raw = json.loads(payload[:MAX_JSON_BYTES])
+        if isinstance(raw, dict) and isinstance(raw.get("signed"), dict):
+            raw = ((raw["signed"].get("edgepack") or {}).get("job")) or {}
+        if isinstance(raw, dict) and isinstance(raw.get("job_id"), str):
+            return raw["job_id"][:128]
+    return "unknown"
 
 
 def _cpu_model() -> str:

@@ -14,7 +14,9 @@ verified here before the agent acts on them, and bundles pass the rollback floor
   ``allow_unsigned`` (development), a v1 unsigned one. Any refusal raises
   :class:`ControlRefused` and the caller keeps its previous desired state;
 * **downgrades and the floor** (:meth:`downgrade`, :meth:`check_floor`,
-  :meth:`record_install`).
+  :meth:`record_install`);
+* **profile jobs and capture requests** (:meth:`job`, :meth:`capture`): verified like the
+  rest; the ledger's version per device makes a replayed or redelivered one recognisable.
 """
 
 from __future__ import annotations
@@ -158,6 +160,22 @@ class DesiredGate:
         if v.new:
             write_private(self._downgrade_path, payload)
         return v
+
+    def job(self, payload: bytes) -> Verified:
+        """Verify a profile job (kind ``job``) for this device; ``Verified.new`` is False for
+        the very message already accepted (a redelivery or a replay: never run it again)."""
+        return self._for_device(payload, "job")
+
+    def capture(self, payload: bytes) -> Verified:
+        """Verify a capture request (kind ``capture``, release key) for this device."""
+        return self._for_device(payload, "capture")
+
+    def _for_device(self, payload: bytes, kind: str) -> Verified:
+        if self.verifier is None:
+            raise ControlRefused(f"no trusted root to verify a {kind} message with: name "
+                                 "`trusted_keys=` or `trust_root=` in agent.toml",
+                                 reason=Reason.UNSIGNED, kind=kind)
+        return self.verifier.verify(payload, kind=kind)
 
     def freshness(self, payload: bytes) -> Verified | None:
         """Accept the fleet server's freshness signature (online key)."""

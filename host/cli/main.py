@@ -53,9 +53,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from edgepack.host.cli import agent, build, distill, fleet, profile, serve
+    from edgepack.host.cli import agent, build, capture, distill, fleet, profile, serve
 
-    for mod in (build, fleet, serve, agent, distill, profile):
+    for mod in (build, fleet, serve, agent, distill, profile, capture):
         mod.register(main)
 
 

@@ -146,7 +146,7 @@ def register(main: click.Group) -> None:
                 return
             kind = msg["kind"]
             what = {"accepted": "accepted the job", "refused": f"refused: {msg.get('detail')}",
-                    "progress": f"{msg.get('stage')} {str(msg.get('bundle_id'))[:12]}",
+                    "progress": f"{msg.get('stage')} {str(msg.get('bundle_id') or '')[:12]}",
                     "result": f"{str(msg.get('bundle_id'))[:12]}: {msg.get('status')}",
                     "done": f"done ({msg.get('status')})"}[kind]
             click.echo(f"{dev}: {what}", err=True)

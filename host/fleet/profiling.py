@@ -1,8 +1,9 @@
 """Profile bundles on real devices: the host side of the profile-job protocol.
 
 ``docs/protocol.md`` § Profile jobs. :func:`profile` (and :func:`profile_on_devices` under it)
-publishes the bundles (the normal retained chunks), sends each device one signed job
-(``devices/{id}/jobs``, QoS 1, not retained, with a deadline), and collects
+publishes the bundles (the normal retained chunks) and the eval samples (the same way), sends
+each device one signed job (``devices/{id}/jobs``, QoS 1, not retained, with a deadline; a
+protocol v2 control message bound to that device, §8.6), and collects
 ``devices/{id}/results`` until every device said ``done`` or the deadline passed. A device that
 goes silent (its last will says offline, or it just stops) gives a timeout with whatever results
 arrived and a message saying so. Results are cached per board and runtime
@@ -13,6 +14,7 @@ arrived and a message saying so. Results are cached per board and runtime
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import uuid
@@ -29,15 +31,18 @@ from edgepack.agent.protocol import (
     JobBundle,
     ProfileJob,
     Topics,
+    chunk_table_payload,
     decode,
     encode,
     parse_result,
 )
 from edgepack.agent.runtimes import FORMAT_RUNTIME
+from edgepack.agent.trust import Target
 from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.profiling_cache import ProfileCache, cache_key, default_cache_path
 
 __all__ = [
+    "MAX_EVAL_TARGET_BYTES",
     "DeviceRun",
     "ProfileCache",
     "ProfileReport",
@@ -45,10 +50,16 @@ __all__ = [
     "cache_key",
     "default_cache_path",
     "make_job",
+    "publish_data",
+    "sign_profile_job",
     "profile",
     "profile_on_devices",
 ]
 
+#: eval samples of a signed (v2) job travel as a target through the chunked transfer: up to this
+MAX_EVAL_TARGET_BYTES = 32 * 1024 * 1024
+_DATA_CHUNK = 256 * 1024
+_BATCH = 64  # publishes awaiting PUBACK at a time
 _GRACE_S = 5.0  # after the deadline, for answers already on their way
 _STATE_WAIT_S = 1.0  # retained device states arrive right after SUBACK; wait at most this
 
@@ -57,15 +68,16 @@ def make_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLike | None
              timeout_s: float, runs: int = 50, warmup: int = 5, threads: int = 0,
              op_profile: bool = True, eval_npz: bytes | None = None,
              max_rss_mb: int | None = None, job_id: str | None = None) -> tuple[str, bytes]:
-    """A signed profile job: ``(job_id, payload)``. Without ``key_path`` it is unsigned (only
-    devices running with ``allow_unsigned`` accept it)."""
+    """A v1 profile job: ``(job_id, payload)``, with a detached signature by ``key_path`` or
+    unsigned. Only devices running with ``allow_unsigned`` accept it; :func:`sign_profile_job`
+    makes the protocol v2 job every other device needs."""
     if eval_npz is not None and len(eval_npz) > MAX_EVAL_BYTES:
         raise DataError(f"eval samples for the device are {len(eval_npz)} bytes, over the "
                         f"{MAX_EVAL_BYTES} byte limit of a profile job; send fewer samples")
-    job_id = job_id or f"prof-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-" \
-                       f"{uuid.uuid4().hex[:8]}"
+    job_id = job_id or _job_id()
     timeout = max(1, int(round(timeout_s)))
-    job = ProfileJob(job_id=job_id, deadline=int(time.time()) + timeout, bundles=tuple(bundles),
+    job = ProfileJob(job_id=job_id, deadline=math.ceil(time.time() + timeout),
+                     bundles=tuple(bundles),
                      runs=runs, warmup=warmup, threads=threads, op_profile=op_profile,
                      timeout_s=timeout, max_rss_mb=max_rss_mb, eval_npz=eval_npz)
     body = job.to_payload()
@@ -75,6 +87,77 @@ def make_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLike | None
 
         body["sig"] = sign_bytes(canonical_json(body), load_private_key(key_path))
     return job_id, encode(body)
+
+
+def sign_profile_job(bundles: Sequence[JobBundle], *, key_path: str | os.PathLike,
+                     device: str, fleet: str, timeout_s: float, runs: int = 50,
+                     warmup: int = 5, threads: int = 0, op_profile: bool = True,
+                     eval_target: Target | None = None, max_rss_mb: int | None = None,
+                     job_id: str | None = None) -> tuple[str, bytes]:
+    """A profile job as a protocol v2 control message (kind ``job``) for ``device``:
+    ``(job_id, payload)``. The bundles (``bytes`` required) and the eval samples are its
+    targets, named by sha256 and length; the device fetches them with the chunked transfer."""
+    from tuf.api.metadata import Metadata  # noqa: F401 - imported before the deadline starts
+
+    from edgepack.host.fleet.keyring import load_signer
+    from edgepack.host.fleet.trust import sign_job
+
+    signer = load_signer(key_path)
+    job_id = job_id or _job_id()
+    timeout = max(1, int(round(timeout_s)))
+    job = ProfileJob(job_id=job_id, deadline=math.ceil(time.time() + timeout),
+                     bundles=tuple(bundles),
+                     runs=runs, warmup=warmup, threads=threads, op_profile=op_profile,
+                     timeout_s=timeout, max_rss_mb=max_rss_mb).to_payload()
+    targets = [Target(b.bundle_id, int(b.bytes or 0)) for b in bundles]
+    if eval_target is not None:
+        job["eval"] = {"sha256": eval_target.bundle_id, "bytes": eval_target.length}
+        targets.append(eval_target)
+    else:
+        job.pop("eval", None)
+    payload = sign_job(signer, fleet, device=device, job=job, targets=targets,
+                       lifetime_s=timeout)
+    return job_id, payload
+
+
+def _job_id() -> str:
+    return f"prof-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def publish_data(client: SyncClient, data: bytes, *, fleet: str,
+                 key_path: str | os.PathLike | None, kind: str = "eval",
+                 chunk_size: int = _DATA_CHUNK) -> Target:
+    """Put ``data`` (eval samples) on the broker like a bundle — retained chunks, then a signed
+    chunk table on ``bundles/{sha256}/manifest`` — and return it as a job target."""
+    from edgepack.agent.signing import canonical_json
+    from edgepack.host.keys import signer
+
+    sign, _ = signer(key_path)
+    topics = Topics(fleet)
+    digest = hashlib.sha256(data).hexdigest()
+    chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
+    table = chunk_table_payload(digest, len(data), chunk_size,
+                                [hashlib.sha256(c).hexdigest() for c in chunks])
+    for start in range(0, len(chunks), _BATCH):
+        client.wait_published([client.publish(topics.bundle_chunk(digest, i), chunks[i], qos=1,
+                                               retain=True, wait=False)
+                               for i in range(start, min(start + _BATCH, len(chunks)))])
+    msg = {**table, "manifest": {"kind": kind, "format": "npz"}, "signature": None,
+           "table_sig": sign(canonical_json(table)) if sign is not None else None}
+    client.publish(topics.bundle_manifest(digest), encode(msg), qos=1, retain=True)
+    return Target(digest, len(data), kind)
+
+
+def unpublish_data(client: SyncClient, target: Target, *, fleet: str,
+                   chunk_size: int = _DATA_CHUNK) -> None:
+    """Clear the retained messages :func:`publish_data` left (the table first)."""
+    topics = Topics(fleet)
+    client.publish(topics.bundle_manifest(target.bundle_id), b"", qos=1, retain=True)
+    n = -(-target.length // chunk_size)
+    for start in range(0, n, _BATCH):
+        client.wait_published([client.publish(topics.bundle_chunk(target.bundle_id, i), b"",
+                                              qos=1, retain=True, wait=False)
+                               for i in range(start, min(start + _BATCH, n))])
 
 
 @dataclass
@@ -215,15 +298,29 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
 
             for info in {i["bundle_id"]: i for todo in plans.values() for i in todo}.values():
                 publish_bundle(info["path"], cfg, key_path=key_path, fleet=fleet)
+        eval_target = None
+        if plans and eval_npz is not None and key_path is not None:
+            if len(eval_npz) > MAX_EVAL_TARGET_BYTES:
+                raise DataError(f"eval samples for the device are {len(eval_npz)} bytes, over "
+                                f"the {MAX_EVAL_TARGET_BYTES} byte limit; send fewer samples")
+            eval_target = publish_data(client, eval_npz, fleet=fleet, key_path=key_path)
         jobs = {}
         for d, todo in plans.items():
             jb = [JobBundle(i["bundle_id"], bytes=i["bytes"], label=i["label"][:64]) for i in todo]
-            jobs[d] = make_job(jb, key_path=key_path, timeout_s=timeout, runs=runs,
-                               warmup=warmup, threads=threads, op_profile=op_profile,
-                               eval_npz=eval_npz, max_rss_mb=max_rss_mb)
-        if jobs:
-            _run_jobs(client, topics, jobs, {d: runs_by_dev[d] for d in jobs}, timeout,
-                      {d: [i["bundle_id"] for i in plans[d]] for d in jobs}, on_message)
+            opts = dict(timeout_s=timeout, runs=runs, warmup=warmup, threads=threads,
+                        op_profile=op_profile, max_rss_mb=max_rss_mb)
+            if key_path is not None:  # protocol v2: bound to the device, versioned
+                jobs[d] = sign_profile_job(jb, key_path=key_path, device=d, fleet=fleet,
+                                           eval_target=eval_target, **opts)
+            else:  # unsigned (v1): only devices with allow_unsigned run it
+                jobs[d] = make_job(jb, key_path=None, eval_npz=eval_npz, **opts)
+        try:
+            if jobs:
+                _run_jobs(client, topics, jobs, {d: runs_by_dev[d] for d in jobs}, timeout,
+                          {d: [i["bundle_id"] for i in plans[d]] for d in jobs}, on_message)
+        finally:
+            if eval_target is not None:
+                unpublish_data(client, eval_target, fleet=fleet)
 
     by_id = {i["bundle_id"]: i for i in infos}
     for d, r in runs_by_dev.items():
@@ -389,8 +486,9 @@ def profile(bundles: str | os.PathLike | Sequence[str | os.PathLike], *,
     """Measure bundle file(s) on device(s): load, first inference, p50/p95/p99, peak RSS, golden
     outputs and the slowest operators, per device and bundle.
 
-    ``key`` (the fleet private key) signs the job and the published chunk tables: devices
-    refuse unsigned jobs unless they allow unsigned bundles. ``cache`` is a
+    ``key`` (the fleet private key) signs the job — a protocol v2 control message for each
+    device — and the published chunk tables: devices refuse unsigned jobs unless they allow
+    unsigned bundles. ``cache`` is a
     :class:`ProfileCache`, a cache file, or None for the default file
     (``~/.cache/edgepack/profiles.json``); pass ``ProfileCache(None)`` to measure again and
     store nothing. ``timeout`` is the job's deadline on the device, in seconds.

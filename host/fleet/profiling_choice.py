@@ -27,6 +27,10 @@ from edgepack.agent.mqtt import BrokerConfig
 from edgepack.agent.protocol import MAX_EVAL_BYTES
 from edgepack.host.fleet.profiling import DeviceRun, ProfileCache, bundle_info, profile_on_devices
 
+#: eval samples a signed job sends to devices: at least _MIN_FEEDS feeds, within this many bytes
+EVAL_SEND_BYTES = 8 * 1024 * 1024
+_MIN_FEEDS = 8
+
 __all__ = ["Candidate", "CandidateReport", "DeviceChoice", "choose_on_devices", "stamp_bundle"]
 
 
@@ -98,16 +102,25 @@ class DeviceChoice:
                 "messages": list(self.messages)}
 
 
+def _names(evalset: Any, input_specs: Sequence[Any] | None) -> list[str]:
+    return list(evalset.inputs) if input_specs is None else [s.name for s in input_specs]
+
+
+def _feed_bytes(evalset: Any, batch: int, input_specs: Sequence[Any] | None) -> int:
+    """Bytes of one feed (one batch of every input) of the eval samples."""
+    return sum(evalset.inputs[n][:batch].nbytes for n in _names(evalset, input_specs))
+
+
 def _eval_payload(evalset: Any, batch: int, input_specs: Sequence[Any] | None,
                   limit: int) -> tuple[bytes, int]:
     """The eval samples as model-shaped feeds (``input_{i}``: (n, *input shape)), at most
     ``limit`` bytes: ``(npz bytes, n feeds)``."""
-    names = list(evalset.inputs) if input_specs is None else [s.name for s in input_specs]
+    names = _names(evalset, input_specs)
     n_total = len(evalset) // batch
     if n_total == 0:
         raise DataError(f"the eval set holds {len(evalset)} samples, fewer than one batch of "
                         f"{batch}")
-    per_feed = sum(evalset.inputs[n][:batch].nbytes for n in names)
+    per_feed = _feed_bytes(evalset, batch, input_specs)
     n = min(n_total, max(0, (limit - 4096 - 512 * len(names)) // max(1, per_feed)))
     if n == 0:
         raise DataError(f"one eval sample is {per_feed} bytes: more than a profile job carries "
@@ -176,7 +189,13 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
 
     if not candidates:
         raise EdgepackError("no candidate bundles to profile")
-    eval_npz, n_feeds = _eval_payload(evalset, batch, input_specs, MAX_EVAL_BYTES)
+    # A signed (v2) job names the samples as a target fetched in chunks; an unsigned (v1) one
+    # carries them inline, within MAX_EVAL_BYTES.
+    limit = MAX_EVAL_BYTES
+    if key_path is not None:  # as many samples as before, but at least _MIN_FEEDS of any size
+        need = _MIN_FEEDS * _feed_bytes(evalset, batch, input_specs) + 65536
+        limit = max(MAX_EVAL_BYTES, min(EVAL_SEND_BYTES, need))
+    eval_npz, n_feeds = _eval_payload(evalset, batch, input_specs, limit)
     rep = profile_on_devices([(c.label, str(c.bundle)) for c in candidates], devices,
                              broker=broker, key_path=key_path, fleet=fleet, runs=runs,
                              warmup=warmup, threads=threads, timeout=timeout, cache=cache,

@@ -32,8 +32,10 @@ __all__ = [
     "FreshnessBeacon",
     "release_key_path",
     "release_signer",
+    "sign_capture",
     "sign_desired",
     "sign_downgrade",
+    "sign_job",
     "signed_version",
 ]
 
@@ -202,6 +204,25 @@ def sign_downgrade(signer: Any | Sequence[Any], fleet: str, *, device: str, targ
     cs = ControlSigner(fleet, _signers(signer))
     return cs.downgrade(device=device, target=target,
                         version=_next(cs, f"downgrade/device/{device}", previous))
+
+
+def sign_job(signer: Any | Sequence[Any], fleet: str, *, device: str, job: Mapping[str, Any],
+             targets: Sequence[Target], lifetime_s: float = JOB_LIFETIME_S) -> bytes:
+    """A profile job for ``device`` naming its bundles (and eval samples) as targets; its
+    version is above every job this process signed for that device and the current second."""
+    cs = ControlSigner(fleet, _signers(signer))
+    return cs.job(device=device, job=job, targets=targets, lifetime_s=lifetime_s,
+                  version=_next(cs, f"job/device/{device}", None))
+
+
+def sign_capture(signer: Any | Sequence[Any], fleet: str, *, device: str,
+                 request: Mapping[str, Any], lifetime_s: float,
+                 previous: bytes | None = None) -> bytes:
+    """A release-signed capture request (start, stop or pull) for ``device``, newer than
+    ``previous`` (the retained request it replaces)."""
+    cs = ControlSigner(fleet, _signers(signer))
+    return cs.capture(device=device, request=request, lifetime_s=lifetime_s,
+                      version=_next(cs, f"capture/device/{device}", previous))
 
 
 def _signers(signer: Any) -> list[Any]:

@@ -46,3 +46,27 @@ def test_profile_on_without_broker_is_a_usage_error(built, keys, tmp_path: Path)
     assert r.exit_code == 1
     assert "--broker" in r.output
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_profile_on_a_224x224x3_float_model(devices, keys, tmp_path: Path) -> None:
+    """Eval samples of 602 KB each (over the 512 KB a job once carried inline) travel as a
+    signed target through the chunked transfer; the device gates on its own outputs."""
+    from profiling_models import convnet, write_data
+
+    devices.start("pi-big")
+    model = tmp_path / "big.onnx"
+    model.write_bytes(convnet(channels=4, hw=224, layers=1))
+    _, evalp = write_data(model.read_bytes(), tmp_path / "data", n_calib=1, n_eval=8, hw=224)
+    out = tmp_path / "dist"
+    r = CliRunner().invoke(main, [
+        "build", str(model), "--target", "x86-64-vnni", "--quantize", "none",
+        "--eval", str(evalp), "--key", str(keys.key), "--out", str(out), "--name", "big",
+        "--profile-on", "pi-big", "--broker", devices.broker_url, "--fleet", devices.fleet,
+        "--profile-runs", "5", "--profile-timeout", "180",
+        "--profile-cache", str(tmp_path / "cache.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    choice = json.loads(r.output)["device_profile"]
+    fp32 = next(c for c in choice["candidates"] if c["label"] == "fp32")
+    assert fp32["passed"], fp32
+    assert fp32["devices"]["pi-big"]["eval_samples"] >= 2, fp32
+    assert read_bundle(out / "big-1.0.0-x86-64-vnni.edgepack").manifest["device_profile"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,9 +17,12 @@ from click.testing import CliRunner
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.protocol import JobBundle, ProfileJob, Topics, encode, parse_result
 from edgepack.agent.signing import canonical_json
+from edgepack.agent.trust import Target
 from edgepack.host.cli.profile import register
 from edgepack.host.fleet.client import SyncClient
+from edgepack.host.fleet.keyring import load_signer
 from edgepack.host.fleet.profiling import ProfileCache, profile_on_devices
+from edgepack.host.fleet.trust import sign_job
 from edgepack.host.keys import load_private_key, sign_bytes
 
 TARGET = "x86-64-vnni"
@@ -37,24 +41,35 @@ def _profile(devices, bundle: Path, device: str, **kw):
                               cache=ProfileCache(None), **kw)
 
 
-def _send_raw(devices, device: str, body: dict, timeout: float = 15.0) -> dict:
-    """Publish a hand-made job; return the device's first answer to it."""
+def _send_raw(devices, device: str, body: dict | bytes, job_id: str | None = None,
+              timeout: float = 15.0, kinds: tuple[str, ...] = ()) -> dict:
+    """Publish a hand-made job; return the device's first answer to it (of ``kinds``)."""
     topics = Topics(devices.fleet)
+    job_id = job_id or body["job_id"]
     with SyncClient(devices.broker_url) as c:
         c.subscribe(topics.results(device))
-        c.publish(topics.jobs(device), encode(body), qos=1)
+        c.publish(topics.jobs(device), body if isinstance(body, bytes) else encode(body), qos=1)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             msg = c.get(left)
             if msg and msg[1]:
                 m = parse_result(msg[1])
-                if m["job_id"] == body["job_id"]:
+                if m["job_id"] == job_id and (not kinds or m["kind"] in kinds):
                     return m
-    raise AssertionError(f"no answer to job {body['job_id']}")
+    raise AssertionError(f"no answer to job {job_id}")
 
 
 def _signed(body: dict, key: Path) -> dict:
     return {**body, "sig": sign_bytes(canonical_json(body), load_private_key(key))}
+
+
+def _v2(devices, device: str, job: ProfileJob, key: Path, bundle: Path,
+        lifetime_s: float = 60) -> bytes:
+    """The job as a protocol v2 control message (kind ``job``) signed with ``key``."""
+    body = {k: v for k, v in job.to_payload().items() if k != "eval"}
+    return sign_job(load_signer(key), devices.fleet, device=device, job=body,
+                    targets=[Target(read_bundle(bundle).bundle_id, read_bundle(bundle).size)],
+                    lifetime_s=lifetime_s)
 
 
 def test_unsigned_foreign_tampered_and_expired_jobs_are_refused(tiny, devices, keys) -> None:
@@ -69,20 +84,31 @@ def test_unsigned_foreign_tampered_and_expired_jobs_are_refused(tiny, devices, k
     bid = read_bundle(tiny).bundle_id
     job = ProfileJob(job_id=f"j-{uuid.uuid4().hex[:8]}", deadline=int(time.time()) + 60,
                      bundles=(JobBundle(bid),), runs=5)
-    tampered = _signed(job.to_payload(), keys.key)
-    tampered["runs"] = 50_000  # changed after signing
-    m = _send_raw(devices, "gw-r", tampered)
+    # a v1 job with a valid detached signature binds no device and no version: refused
+    m = _send_raw(devices, "gw-r", _signed(job.to_payload(), keys.key))
+    assert (m["kind"], m["reason"]) == ("refused", "signature")
+    assert "not signed as a protocol v2" in m["detail"]
+
+    tampered = json.loads(_v2(devices, "gw-r", job, keys.key, tiny))
+    tampered["signed"]["edgepack"]["job"]["runs"] = 50_000  # changed after signing
+    m = _send_raw(devices, "gw-r", json.dumps(tampered).encode(), job.job_id)
     assert (m["kind"], m["reason"]) == ("refused", "signature")
     assert "does not verify" in m["detail"]
 
+    other = _v2(devices, "gw-other", job, keys.key, tiny)  # for another device
+    m = _send_raw(devices, "gw-r", other, job.job_id)
+    assert (m["kind"], m["reason"]) == ("refused", "signature")
+    assert "gw-other" in m["detail"]
+
     late = ProfileJob(job_id=f"j-{uuid.uuid4().hex[:8]}", deadline=int(time.time()) - 5,
                       bundles=(JobBundle(bid),))
-    m = _send_raw(devices, "gw-r", _signed(late.to_payload(), keys.key))
+    m = _send_raw(devices, "gw-r", _v2(devices, "gw-r", late, keys.key, tiny, lifetime_s=-600),
+                  late.job_id)
     assert (m["kind"], m["reason"]) == ("refused", "expired")
 
-    floats = _signed({**job.to_payload(), "job_id": "j-float"}, keys.key)
-    floats["runs"] = 5.0
-    m = _send_raw(devices, "gw-r", floats)
+    floats = json.loads(_v2(devices, "gw-r", replace(job, job_id="j-float"), keys.key, tiny))
+    floats["signed"]["edgepack"]["job"]["runs"] = 5.0
+    m = _send_raw(devices, "gw-r", json.dumps(floats).encode(), "j-float")
     assert (m["kind"], m["reason"]) == ("refused", "malformed")
     assert "float" in m["detail"]
 
@@ -168,3 +194,32 @@ def test_edgepack_profile_cli_table_json_and_cache(tiny, devices, keys, tmp_path
     assert doc["devices"]["gw-c"]["status"] == "complete"
     assert doc["devices"]["nobody"]["status"] == "timeout"
     assert "never acknowledged" in doc["devices"]["nobody"]["message"]
+
+
+def test_a_replayed_job_does_not_run_again_after_an_agent_restart(tiny, devices, keys) -> None:
+    from edgepack.host.fleet.publish import publish_bundle
+
+    proc = devices.start("gw-p")
+    bid = read_bundle(tiny).bundle_id
+    job = ProfileJob(job_id=f"j-{uuid.uuid4().hex[:8]}", deadline=int(time.time()) + 120,
+                     bundles=(JobBundle(bid),), runs=3, op_profile=False)
+    older = _v2(devices, "gw-p", replace(job, job_id="j-older"), keys.key, tiny, lifetime_s=120)
+    payload = _v2(devices, "gw-p", job, keys.key, tiny, lifetime_s=120)
+    assert json.loads(older)["signed"]["version"] < json.loads(payload)["signed"]["version"]
+    publish_bundle(tiny, devices.broker_url, key_path=keys.key, fleet=devices.fleet)
+    m = _send_raw(devices, "gw-p", payload, job.job_id, timeout=60, kinds=("done", "refused"))
+    assert m["kind"] == "done", m
+
+    proc.stop()  # the device forgets its in-memory job ids; the trust ledger remains
+    with Watcher(devices.broker_url, devices.fleet, "gw-p") as w:
+        proc.start()
+        w.wait_state(lambda s: s.get("online") is True, timeout=30)
+        time.sleep(0.3)
+        m = _send_raw(devices, "gw-p", payload, job.job_id, kinds=("accepted", "refused"))
+        assert (m["kind"], m["reason"]) == ("refused", "duplicate"), m
+        assert "does not run again" in m["detail"]
+        m = _send_raw(devices, "gw-p", older, "j-older", kinds=("accepted", "refused"))
+        assert (m["kind"], m["reason"]) == ("refused", "replayed"), m
+        ev = w.wait_event("control_refused")
+        assert (ev["control"], ev["reason"]) == ("job", "replayed")
+    assert proc.log_text().count(f"profile job {job.job_id}: 1 bundle") == 1

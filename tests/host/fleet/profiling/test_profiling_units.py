@@ -166,3 +166,28 @@ def test_litert_bundle_is_measured_and_says_it_has_no_op_profiler(tmp_path) -> N
     assert out["latency_ms"]["runs"] == 20 and out["eval"]["samples"] == 3
     assert out["ops"]["available"] is False and "benchmark_model" in out["ops"]["reason"]
     assert out["ops"]["op_counts"], "the op list is still reported"
+
+
+def test_a_v2_job_is_bound_to_its_device_and_names_bundles_and_samples_as_targets(
+        keys, tmp_path) -> None:
+    from edgepack.agent.trust import DesiredGate, Target
+    from edgepack.agent.trust.errors import ControlRefused
+    from edgepack.host.fleet.profiling import sign_profile_job
+
+    ev = Target("cd" * 32, 700_000, "eval")
+    job_id, payload = sign_profile_job([JobBundle(BID, bytes=1234, label="fp32")],
+                                       key_path=keys.key, device="pi-1", fleet="f",
+                                       timeout_s=60, runs=7, eval_target=ev)
+    gate = DesiredGate(tmp_path / "pi-1", device_id="pi-1", fleet="f", trusted_keys=[keys.pub])
+    v = gate.job(payload)
+    assert v.new and v.kind == "job" and v.fields["job"]["job_id"] == job_id
+    assert {(t.bundle_id, t.length) for t in v.targets} == {(BID, 1234), (ev.bundle_id, 700_000)}
+    assert v.fields["job"]["eval"] == {"sha256": ev.bundle_id, "bytes": 700_000}
+    assert not gate.job(payload).new  # the same message again: recognised, not new
+    again = DesiredGate(tmp_path / "pi-1", device_id="pi-1", fleet="f",
+                        trusted_keys=[keys.pub])
+    assert not again.job(payload).new  # after a restart too (the ledger is on disk)
+    other = DesiredGate(tmp_path / "pi-2", device_id="pi-2", fleet="f", trusted_keys=[keys.pub])
+    with pytest.raises(ControlRefused, match="pi-1") as exc:
+        other.job(payload)
+    assert exc.value.reason == "wrong_device"
