@@ -36,12 +36,12 @@ _WHERE = {"previous": "on the previous bundle", "baseline": "in the baseline"}
 
 @dataclass(frozen=True)
 class MetricCheck:
-    """One metric of a stage comparison: the stage's value, the references', the threshold and
+    """One metric of a stage comparison: the stage's ``value``, the references', the threshold and
     the verdict (``ok``, ``halt`` or ``insufficient``); ``devices`` are the stage's devices
     beyond the threshold on their own (against their previous bundle, else the baseline)."""
 
     metric: str
-    stage: float | None
+    value: float | None
     previous: float | None
     baseline: float | None
     threshold: float
