@@ -219,7 +219,7 @@ def _render_status(s: dict) -> None:
         click.echo(f"halt reason (stage {halt.get('stage')}, {halt.get('metric')}): "
                    f"{halt.get('message')}")
     elif s.get("comparison"):
-        click.echo(f"stage {s['comparison']['stage']} vs {s['comparison']['baseline']} and "
+        click.echo(f"stage {s['comparison']['stage']} vs {s['comparison']['compared_with']} and "
                    "the previous bundle:")
         for c in s["comparison"]["checks"]:
             click.echo(f"  {c['verdict']:<12} {c['message']}")

@@ -58,11 +58,12 @@ class MetricCheck:
 
 @dataclass(frozen=True)
 class StageComparison:
-    """A stage's comparison at one moment (``stage`` counts from 1)."""
+    """A stage's comparison at one moment (``stage`` counts from 1; ``compared_with`` names
+    the baseline devices)."""
 
     stage: int
     at: float
-    baseline: str
+    compared_with: str
     checks: tuple[MetricCheck, ...]
 
     @property
@@ -74,7 +75,7 @@ class StageComparison:
         return "; ".join(c.message for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "at": self.at, "baseline": self.baseline,
+        return {"stage": self.stage, "at": self.at, "compared_with": self.compared_with,
                 "checks": [c.to_json() for c in self.checks]}
 
 
@@ -222,7 +223,7 @@ def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> St
                     sides["baseline"].drift[dev] = s  # type: ignore[index]
     checks_out = (_latency(sides, checks), _errors(sides, checks), _drift_check(sides, checks),
                   _confidence_check(sides, checks))
-    return StageComparison(stage=k + 1, at=now, baseline=label, checks=checks_out)
+    return StageComparison(stage=k + 1, at=now, compared_with=label, checks=checks_out)
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -231,7 +231,7 @@ class RolloutEngine:
         halt = comparison.halt
         self.store.rollouts.set_comparison(
             r.id, comparison.to_json(), halt={**halt.to_json(), "stage": k + 1,
-                                              "baseline": comparison.baseline,
+                                              "compared_with": comparison.compared_with,
                                               "at": tick.now} if halt else None)
         return comparison
 

@@ -287,7 +287,7 @@ pages.rollout = {
       r.halt ? h("div", { cls: "panel", id: "halt-reason", "data-metric": r.halt.metric },
         h("strong", {}, `Halted at stage ${r.halt.stage}: `), r.halt.message) : null,
       stageTable(r),
-      r.comparison && r.comparison.checks ? [h("h2", {}, `Stage ${r.comparison.stage} vs its previous bundle and ${r.comparison.baseline}`),
+      r.comparison && r.comparison.checks ? [h("h2", {}, `Stage ${r.comparison.stage} vs its previous bundle and ${r.comparison.compared_with}`),
         table(["metric", { t: "stage", cls: "num" }, { t: "previous", cls: "num" }, { t: "baseline", cls: "num" }, "verdict", "detail"],
           r.comparison.checks.map((c) => h("tr", { "data-metric": c.metric },
             h("td", {}, c.metric.replace("_", " ")), ...[c.value, c.previous, c.baseline].map((v) =>
