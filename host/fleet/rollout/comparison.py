@@ -15,6 +15,7 @@ devices that were different to begin with.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -25,12 +26,14 @@ from edgepack.host.fleet.rollout.actions import Tick
 from edgepack.host.fleet.rollout.checks import RolloutChecks
 from edgepack.host.fleet.storage import Store
 
-__all__ = ["MetricCheck", "StageComparison", "compare_stage", "HISTORY_S", "MAX_BASELINE"]
+__all__ = ["MetricCheck", "StageComparison", "compare_stage", "baseline_devices", "HISTORY_S",
+           "MAX_BASELINE", "MAX_BASELINE_DRIFT"]
 
-# how far back a device's previous bundle is read (before its switch), and how many baseline
-# devices have their drift judged (telemetry counts every baseline device)
+# how far back a device's previous bundle is read (before its switch); how many baseline
+# devices are read (an even sample, by the hash of their id) and have their drift judged
 HISTORY_S = 3600.0
-MAX_BASELINE = 25
+MAX_BASELINE = 200
+MAX_BASELINE_DRIFT = 25
 _WHERE = {"previous": "on the previous bundle", "baseline": "in the baseline"}
 
 
@@ -164,9 +167,14 @@ def baseline_devices(store: Store, tick: Tick, checks: RolloutChecks) -> tuple[s
         reached = {d.device_id for d in tick.devices if d.status != "waiting"}
         ids = [d.device_id for d in store.devices.list(r.fleet)
                if checks.baseline_group in d.groups and d.device_id not in reached]
-        return f"group {checks.baseline_group}", ids
-    ids = [d.device_id for d in tick.devices if d.status == "waiting"]
-    return f"the {len(ids)} device(s) of group {r.group_name} not yet in the rollout", ids
+        label = f"group {checks.baseline_group}"
+    else:
+        ids = [d.device_id for d in tick.devices if d.status == "waiting"]
+        label = f"the {len(ids)} device(s) of group {r.group_name} not yet in the rollout"
+    if len(ids) > MAX_BASELINE:
+        ids = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).digest())[:MAX_BASELINE]
+        label += f" (a sample of {MAX_BASELINE})"
+    return label, ids
 
 
 def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> StageComparison:
@@ -216,7 +224,7 @@ def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> St
                 sides["previous"].drift[d.device_id] = s  # type: ignore[index]
         if sides["stage"].drift:
             running = {x.device_id: x.bundle_id for x in store.devices.list(
-                r.fleet, ids=base_ids[:MAX_BASELINE])}
+                r.fleet, ids=base_ids[:MAX_BASELINE_DRIFT])}
             for dev, bundle in running.items():
                 s = _drift(store, r.fleet, dev, bundle, start, now + 1)
                 if s is not None and bundle != r.bundle_id:

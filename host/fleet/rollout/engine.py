@@ -200,12 +200,13 @@ class RolloutEngine:
                             log=f"stage {k + 1}: {ok}/{len(stage_devs)} installed; soaking for "
                                 f"{r.soak_s:g}s")
             return
+        checks = RolloutChecks.from_json(rollouts.checks(r.id).checks)
         self._check_budgets(tick, k)
-        check_drift(self.store, tick, k)
+        check_drift(self.store, tick, k, checks.max_drift_score)
         if self._over_limit(tick):
             return
         soaked = tick.now - r.soak_started >= r.soak_s
-        comparison = self._compare(tick, k, force=soaked)
+        comparison = self._compare(tick, k, checks, force=soaked)
         if comparison is not None and comparison.halt is not None:
             self._halt(tick, comparison.halt.message, stored=True)
             return
@@ -219,14 +220,15 @@ class RolloutEngine:
         rollouts.add_log(r.id, passed)
         actions.complete(self.store, self.cfg, tick)
 
-    def _compare(self, tick: Tick, k: int, *, force: bool) -> StageComparison | None:
-        """Compare stage ``k`` with its references (at most every few seconds, and at the
-        end of the soak); stored for the status. None when not compared this tick."""
+    def _compare(self, tick: Tick, k: int, checks: RolloutChecks, *,
+                 force: bool) -> StageComparison | None:
+        """Compare stage ``k`` with its references (every twentieth of the soak, 2 to 30 s,
+        and at the end of the soak); stored for the status. None when not compared now."""
         r = tick.rollout
-        if not force and tick.now - self._compared.get(r.id, 0.0) < self.compare_s:
+        every = min(max(self.compare_s, r.soak_s / 20), 30.0)
+        if not force and tick.now - self._compared.get(r.id, 0.0) < every:
             return None
         self._compared[r.id] = tick.now
-        checks = RolloutChecks.from_json(self.store.rollouts.checks(r.id).checks)
         comparison = compare_stage(self.store, tick, k, checks)
         halt = comparison.halt
         self.store.rollouts.set_comparison(
@@ -248,20 +250,20 @@ class RolloutEngine:
                 "metric": "failures", "verdict": "halt", "stage": k + 1, "message": why,
                 "devices": [d.device_id for d in tick.devices if d.status == "failed"],
                 "at": tick.now})
-        record_halt(self.store, tick, k, why)
-        if not checks.rollback_on_halt:
-            self.store.rollouts.update(
-                r.id, expect_state="running", state="halted", finished=tick.now,
-                detail=f"halted at stage {k + 1}: {why}",
-                log=f"halted at stage {k + 1}: {why}; the stage keeps the new bundle "
-                    "(no rollback asked)")
-            tick.set_state("halted")
+        if checks.rollback_on_halt:
+            state, changes = "halting", {}
+            log = f"halting at stage {k + 1}: {why}; rolling back the stage"
+        else:
+            state, changes = "halted", {"finished": tick.now}
+            log = (f"halted at stage {k + 1}: {why}; the stage keeps the new bundle (no "
+                   "rollback asked)")
+        if not self.store.rollouts.update(r.id, expect_state="running", state=state,
+                                          detail=f"halted at stage {k + 1}: {why}", log=log,
+                                          **changes):
             return
-        if self.store.rollouts.update(r.id, expect_state="running", state="halting",
-                                      detail=f"halted at stage {k + 1}: {why}",
-                                      log=f"halting at stage {k + 1}: {why}; rolling back "
-                                          "the stage"):
-            tick.set_state("halting")
+        record_halt(self.store, tick, k, why)
+        tick.set_state(state)
+        if checks.rollback_on_halt:
             actions.start_rollback(self.store, self.cfg, tick, tick.stage_devices(k),
                                    then="rolling_back")
 
