@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from edgepack.agent.errors import EdgepackError
@@ -229,8 +229,12 @@ def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> St
                 s = _drift(store, r.fleet, dev, bundle, start, now + 1)
                 if s is not None and bundle != r.bundle_id:
                     sides["baseline"].drift[dev] = s  # type: ignore[index]
-    checks_out = (_latency(sides, checks), _errors(sides, checks), _drift_check(sides, checks),
-                  _confidence_check(sides, checks))
+    drift, confidence = _drift_check(sides, checks), _confidence_check(sides, checks)
+    if ref is None or ref.reference is None:
+        why = "the new bundle has no drift reference (drift.json)"
+        drift = replace(drift, message=f"drift score: {why}")
+        confidence = replace(confidence, message=f"confidence: {why}")
+    checks_out = (_latency(sides, checks), _errors(sides, checks), drift, confidence)
     return StageComparison(stage=k + 1, at=now, compared_with=label, checks=checks_out)
 
 
