@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgepack.agent.errors import EdgepackError
@@ -86,21 +86,19 @@ class StageComparison:
 
 @dataclass
 class _Side:
-    """Per-device figures of one side: p95s (median of windows), inferences, errors,
-    confidence sums and rows, drift scores."""
+    """Per-device figures of one side: window p95s, ``[errors, inferences]``,
+    ``[confidence sum, rows]`` and drift scores."""
 
-    p95: dict[str, list[float]]
-    inferences: int = 0
-    errors: int = 0
-    per_errors: dict[str, list[int]] | None = None
-    conf_sum: float = 0.0
-    conf_rows: int = 0
-    per_conf: dict[str, list[float]] | None = None
-    drift: dict[str, float] | None = None
+    p95: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    conf: dict[str, list[float]] = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)
 
-    @classmethod
-    def empty(cls) -> _Side:
-        return cls(p95={}, per_errors={}, per_conf={}, drift={})
+
+def _add(into: dict[str, list[float]], device: str, part: float, whole: float) -> None:
+    pair = into.setdefault(device, [0.0, 0.0])
+    pair[0] += part
+    pair[1] += whole
 
 
 def _median(xs: Sequence[float]) -> float | None:
@@ -109,17 +107,13 @@ def _median(xs: Sequence[float]) -> float | None:
 
 def _telemetry(store: Store, fleet: str, ids: Sequence[str], since: float, until: float,
                keep: Callable[[str, str | None, float], bool]) -> _Side:
-    side = _Side.empty()
+    side = _Side()
     for t in store.telemetry.samples(fleet, ids, since=since, until=until):
         if not keep(t.device_id, t.bundle_id, t.ts) or not t.inferences:
             continue
         if t.p95 is not None and t.p95 > 0:
             side.p95.setdefault(t.device_id, []).append(t.p95)
-        side.inferences += t.inferences
-        side.errors += t.errors or 0
-        e = side.per_errors.setdefault(t.device_id, [0, 0])  # type: ignore[union-attr]
-        e[0] += t.errors or 0
-        e[1] += t.inferences
+        _add(side.errors, t.device_id, t.errors or 0, t.inferences)
     return side
 
 
@@ -137,12 +131,7 @@ def _confidence(store: Store, fleet: str, ids: Sequence[str], since: float, unti
         keys = sorted(k for k in win.sums if k.endswith(".conf") and k in win.counts)
         if not keys:
             continue
-        rows, total = sum(win.counts[keys[0]]), win.sums[keys[0]]
-        side.conf_sum += total
-        side.conf_rows += rows
-        c = side.per_conf.setdefault(w.device_id, [0.0, 0])  # type: ignore[union-attr]
-        c[0] += total
-        c[1] += rows
+        _add(side.conf, w.device_id, win.sums[keys[0]], sum(win.counts[keys[0]]))
 
 
 def _drift(store: Store, fleet: str, device: str, bundle_id: str | None, since: float,
@@ -207,7 +196,7 @@ def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> St
                                     last_deploy, before),
              "baseline": _telemetry(store, r.fleet, base_ids, start, now + 1, other)}
     _confidence(store, r.fleet, ids, start, now + 1, on_new, sides["stage"])
-    if sides["stage"].conf_rows:
+    if sides["stage"].conf:
         _confidence(store, r.fleet, ids, first_deploy - HISTORY_S, last_deploy, before,
                     sides["previous"])
         _confidence(store, r.fleet, base_ids, start, now + 1, other, sides["baseline"])
@@ -216,19 +205,19 @@ def compare_stage(store: Store, tick: Tick, k: int, checks: RolloutChecks) -> St
         for d in stage:
             s = _drift(store, r.fleet, d.device_id, r.bundle_id, d.installed_at or start, now + 1)
             if s is not None:
-                sides["stage"].drift[d.device_id] = s  # type: ignore[index]
+                sides["stage"].drift[d.device_id] = s
             prev = (d.previous or {}).get("bundle_id")
             at = d.deployed_at or start
             s = _drift(store, r.fleet, d.device_id, prev, at - HISTORY_S, at)
             if s is not None:
-                sides["previous"].drift[d.device_id] = s  # type: ignore[index]
+                sides["previous"].drift[d.device_id] = s
         if sides["stage"].drift:
             running = {x.device_id: x.bundle_id for x in store.devices.list(
                 r.fleet, ids=base_ids[:MAX_BASELINE_DRIFT])}
             for dev, bundle in running.items():
                 s = _drift(store, r.fleet, dev, bundle, start, now + 1)
                 if s is not None and bundle != r.bundle_id:
-                    sides["baseline"].drift[dev] = s  # type: ignore[index]
+                    sides["baseline"].drift[dev] = s
     drift, confidence = _drift_check(sides, checks), _confidence_check(sides, checks)
     if ref is None or ref.reference is None:
         why = "the new bundle has no drift reference (drift.json)"
@@ -285,43 +274,40 @@ def _latency(sides: dict[str, _Side], c: RolloutChecks) -> MetricCheck:
                    {k: sum(len(xs) for xs in s.p95.values()) for k, s in sides.items()})
 
 
+def _ratio(metric: str, sides: dict[str, _Side], pick: Callable[[_Side], dict[str, list[float]]],
+           minimum: int, worse: Callable[[float, float], bool], threshold: float,
+           fmt: Callable[[float], str], allowed: str) -> MetricCheck:
+    """A pooled ratio (errors / inferences, confidence sum / rows): a side counts with at
+    least ``minimum`` in the denominator."""
+    totals = {k: (sum(p for p, _ in pick(s).values()), sum(w for _, w in pick(s).values()))
+              for k, s in sides.items()}
+    values = {k: (p / w if w else None) for k, (p, w) in totals.items()}
+
+    def per(k: str) -> dict[str, float]:
+        return {dev: p / w for dev, (p, w) in pick(sides[k]).items() if w}
+
+    return _decide(metric, values, {k: w >= minimum for k, (_, w) in totals.items()}, worse,
+                   threshold, _per_device(per("stage"), per("previous"), values["baseline"]),
+                   fmt, allowed, {k: int(w) for k, (_, w) in totals.items()})
+
+
 def _errors(sides: dict[str, _Side], c: RolloutChecks) -> MetricCheck:
-    values = {k: (s.errors / s.inferences if s.inferences else None) for k, s in sides.items()}
-    enough = {k: s.inferences >= c.min_inferences for k, s in sides.items()}
-
-    def rates(s: _Side) -> dict[str, float]:
-        return {dev: e / n for dev, (e, n) in (s.per_errors or {}).items() if n}
-
-    return _decide("error_rate", values, enough,
-                   lambda new, ref: new - ref > c.max_error_rate_rise, c.max_error_rate_rise,
-                   _per_device(rates(sides["stage"]), rates(sides["previous"]),
-                               values["baseline"]),
-                   lambda v: f"{v:.2%}", f"+{c.max_error_rate_rise * 100:g}pt",
-                   {k: s.inferences for k, s in sides.items()})
+    return _ratio("error_rate", sides, lambda s: s.errors, c.min_inferences,
+                  lambda new, ref: new - ref > c.max_error_rate_rise, c.max_error_rate_rise,
+                  lambda v: f"{v:.2%}", f"+{c.max_error_rate_rise * 100:g}pt")
 
 
 def _drift_check(sides: dict[str, _Side], c: RolloutChecks) -> MetricCheck:
-    values = {k: _median(list((s.drift or {}).values())) for k, s in sides.items()}
-    enough = {k: v is not None for k, v in values.items()}
+    values = {k: _median(list(s.drift.values())) for k, s in sides.items()}
     t = c.max_drift_score
-    return _decide("drift_score", values, enough,
+    return _decide("drift_score", values, {k: v is not None for k, v in values.items()},
                    lambda new, ref: new >= t and ref < t, t,
-                   _per_device(sides["stage"].drift or {}, sides["previous"].drift or {}, 0.0),
+                   _per_device(sides["stage"].drift, sides["previous"].drift, 0.0),
                    lambda v: f"{v:.2f}", f"score below {t:g}",
-                   {k: len(s.drift or {}) for k, s in sides.items()})
+                   {k: len(s.drift) for k, s in sides.items()})
 
 
 def _confidence_check(sides: dict[str, _Side], c: RolloutChecks) -> MetricCheck:
-    values = {k: (s.conf_sum / s.conf_rows if s.conf_rows else None) for k, s in sides.items()}
-    enough = {k: s.conf_rows >= c.min_rows for k, s in sides.items()}
-
-    def means(s: _Side) -> dict[str, float]:
-        return {dev: t / n for dev, (t, n) in (s.per_conf or {}).items() if n}
-
-    return _decide("confidence", values, enough,
-                   lambda new, ref: ref - new > c.max_confidence_drop, c.max_confidence_drop,
-                   _per_device(means(sides["stage"]), means(sides["previous"]),
-                               values["baseline"]),
-                   lambda v: f"{v:.3f}", f"-{c.max_confidence_drop * 100:g}pt",
-                   {k: s.conf_rows for k, s in sides.items()})
-
+    return _ratio("confidence", sides, lambda s: s.conf, c.min_rows,
+                  lambda new, ref: ref - new > c.max_confidence_drop, c.max_confidence_drop,
+                  lambda v: f"{v:.3f}", f"-{c.max_confidence_drop * 100:g}pt")
