@@ -35,7 +35,7 @@ class RolloutChecks:
     max_error_rate_rise: float = 0.01
     max_drift_score: float = 1.0
     max_confidence_drop: float = 0.05
-    min_reports: int = 3
+    min_reports: int = 5
     min_inferences: int = 1000
     min_rows: int = 300
     baseline_group: str | None = None

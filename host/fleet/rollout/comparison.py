@@ -7,10 +7,11 @@ counts only with ``min_reports`` windows; a side's latency is the median across 
 error rates pool errors / inferences and need ``min_inferences``; confidence pools the
 sketched top probabilities and needs ``min_rows``; drift is the median of per-device scores
 (each judged with the drift judge's own 300-row minimum). A metric whose stage side lacks
-samples, or whose references all do, is ``insufficient`` and decides nothing. A metric halts
-when the stage is beyond the threshold against *every* reference that has enough samples: the
-baseline rules out a fleet-wide change (load, weather), the device's own history rules out
-devices that were different to begin with.
+samples, or whose references all do, is ``insufficient`` and decides nothing. A metric is
+beyond its threshold when the stage is beyond it against *every* reference that has enough
+samples (the baseline rules out a fleet-wide change — load, weather —, the device's own history
+rules out devices that were different to begin with), and halts the rollout when two
+comparisons in a row find it so (:meth:`StageComparison.confirmed`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ _WHERE = {"previous": "on the previous bundle", "baseline": "in the baseline"}
 @dataclass(frozen=True)
 class MetricCheck:
     """One metric of a stage comparison: the stage's ``value``, the references', the threshold and
-    the verdict (``ok``, ``halt`` or ``insufficient``); ``devices`` are the stage's devices
+    the verdict (``ok``; ``beyond`` the threshold once, ``halt`` when the comparison before
+    found it beyond too; ``insufficient``); ``devices`` are the stage's devices
     beyond the threshold on their own (against their previous bundle, else the baseline)."""
 
     metric: str
@@ -73,6 +75,23 @@ class StageComparison:
     def halt(self) -> MetricCheck | None:
         """The first metric that halts the rollout, if any."""
         return next((c for c in self.checks if c.verdict == "halt"), None)
+
+    @property
+    def unconfirmed(self) -> bool:
+        """Some metric is beyond its threshold for the first time: the next comparison
+        decides (the stage does not pass meanwhile)."""
+        return any(c.verdict == "beyond" for c in self.checks)
+
+    def confirmed(self, before: dict[str, Any] | None) -> StageComparison:
+        """This comparison with ``beyond`` turned into ``halt`` where the comparison
+        ``before`` (its JSON) of the same stage found the metric beyond the threshold too."""
+        seen = set()
+        if before and before.get("stage") == self.stage:
+            seen = {c["metric"] for c in before.get("checks", ())
+                    if c.get("verdict") in ("beyond", "halt")}
+        return replace(self, checks=tuple(
+            replace(c, verdict="halt") if c.verdict == "beyond" and c.metric in seen else c
+            for c in self.checks))
 
     def summary(self) -> str:
         return "; ".join(c.message for c in self.checks)
@@ -247,7 +266,7 @@ def _decide(metric: str, values: dict[str, float | None], enough: dict[str, bool
     devices = tuple(sorted(dev for dev, (mine, against) in per_device.items()
                            if against is not None and worse(mine, against)))
     against = ", ".join(f"{fmt(v)} {_WHERE[k]}" for k, v in refs.items()) or "no reference"
-    verdict = "halt" if bad else "ok"
+    verdict = "beyond" if bad else "ok"
     message = (f"{name} {fmt(stage)} on the new bundle vs {against}: "
                + (f"beyond the {allowed} allowed" if bad else f"within the {allowed} allowed"))
     if bad and devices:

@@ -205,14 +205,18 @@ class RolloutEngine:
         check_drift(self.store, tick, k, checks.max_drift_score)
         if self._over_limit(tick):
             return
-        soaked = tick.now - r.soak_started >= r.soak_s
-        comparison = self._compare(tick, k, checks, force=soaked)
+        soak_end = r.soak_started + r.soak_s
+        soaked = tick.now >= soak_end
+        # at the end of the soak, one comparison at once; after an unconfirmed excess, the
+        # next one (a comparison interval later) decides
+        comparison = self._compare(tick, k, checks, force=soaked and self._compared.get(
+            r.id, 0.0) < soak_end)
         if comparison is not None and comparison.halt is not None:
             self._halt(tick, comparison.halt.message, stored=True)
             return
-        if not soaked:
+        if not soaked or comparison is None or comparison.unconfirmed:
             return
-        passed = f"stage {k + 1} passed" + (f" ({comparison.summary()})" if comparison else "")
+        passed = f"stage {k + 1} passed ({comparison.summary()})"
         if k + 1 < len(r.stages):
             rollouts.update(r.id, expect_state="running", stage=k + 1, stage_started=None,
                             soak_started=None, log=passed)
@@ -229,7 +233,8 @@ class RolloutEngine:
         if not force and tick.now - self._compared.get(r.id, 0.0) < every:
             return None
         self._compared[r.id] = tick.now
-        comparison = compare_stage(self.store, tick, k, checks)
+        before = self.store.rollouts.checks(r.id).comparison
+        comparison = compare_stage(self.store, tick, k, checks).confirmed(before)
         halt = comparison.halt
         self.store.rollouts.set_comparison(
             r.id, comparison.to_json(), halt={**halt.to_json(), "stage": k + 1,
