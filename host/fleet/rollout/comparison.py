@@ -169,16 +169,17 @@ def _drift(store: Store, fleet: str, device: str, bundle_id: str | None, since: 
 
 def baseline_devices(store: Store, tick: Tick, checks: RolloutChecks) -> tuple[str, list[str]]:
     """Who the stage is compared with: the baseline group's devices, or the rollout group's
-    devices the rollout has not reached (its ``waiting`` devices)."""
+    devices the rollout has not reached (its later stages', and members beyond its last
+    stage), never a device the rollout reached."""
     r = tick.rollout
-    if checks.baseline_group:
-        reached = {d.device_id for d in tick.devices if d.status != "waiting"}
-        ids = [d.device_id for d in store.devices.list(r.fleet)
-               if checks.baseline_group in d.groups and d.device_id not in reached]
-        label = f"group {checks.baseline_group}"
-    else:
-        ids = [d.device_id for d in tick.devices if d.status == "waiting"]
-        label = f"the {len(ids)} device(s) of group {r.group_name} not yet in the rollout"
+    reached = {d.device_id for d in tick.devices if d.status != "waiting"}
+    group = checks.baseline_group or r.group_name
+    ids = [] if checks.baseline_group else \
+        [d.device_id for d in tick.devices if d.status == "waiting"]
+    ids += [d.device_id for d in store.devices.list(r.fleet)
+            if group in d.groups and d.device_id not in reached and d.device_id not in ids]
+    label = f"group {group}" if checks.baseline_group else \
+        f"the {len(ids)} device(s) of group {group} the rollout has not reached"
     if len(ids) > MAX_BASELINE:
         ids = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).digest())[:MAX_BASELINE]
         label += f" (a sample of {MAX_BASELINE})"

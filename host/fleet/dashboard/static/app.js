@@ -292,7 +292,7 @@ pages.rollout = {
           r.comparison.checks.map((c) => h("tr", { "data-metric": c.metric },
             h("td", {}, c.metric.replace("_", " ")), ...[c.value, c.previous, c.baseline].map((v) =>
               h("td", { cls: "num" }, v === null || v === undefined ? "–" : Number(v).toPrecision(3))),
-            h("td", {}, badge(c.verdict === "halt" ? "failed" : c.verdict === "ok" ? "installed" : "waiting", c.verdict)),
+            h("td", {}, badge({ halt: "failed", beyond: "degraded", ok: "installed" }[c.verdict] || "waiting", c.verdict)),
             h("td", { cls: "wrap" }, c.message))))] : null,
       h("h2", {}, `Devices (${r.devices.length})`),
       r.devices.length > MAX_ROWS ? h("p", { cls: "muted" }, `showing the ${MAX_ROWS} deployed last`) : null,

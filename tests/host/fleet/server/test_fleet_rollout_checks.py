@@ -84,7 +84,7 @@ def test_the_stage_is_judged_against_every_reference_with_enough_samples(db_url,
         lat, err = by["p95_latency"], by["error_rate"]
         assert by["drift_score"].verdict == "insufficient"  # no drift windows at all
         assert by["confidence"].verdict == "insufficient"
-        assert "not yet in the rollout" in got.compared_with
+        assert got.compared_with.startswith("the 2 device(s) of group g the rollout has not")
         if case in ("slower", "errors"):
             # beyond once decides nothing; the next comparison finding it again halts
             assert got.halt is None and got.unconfirmed
