@@ -95,24 +95,28 @@ def _bundle(out: Path, version: str, layers: int, seed: int, key: Path) -> Path:
 
 
 class _Traffic:
-    """Inference calls to every agent's local endpoint, round-robin, until stopped."""
+    """Inference calls to each agent's local endpoint (a thread per agent) until stopped."""
 
     def __init__(self, sockets: list[Path]) -> None:
+        self.sockets = sockets
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(s,), daemon=True)
+                        for s in sockets]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def _run(self, socket: Path) -> None:
         from edgepack.agent.inference import Client
 
-        self.clients = [Client(f"unix:{s}") for s in sockets]
-        self.stop = threading.Event()
-        self.errors: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
+        client = Client(f"unix:{socket}")
         x = {"x": np.zeros((1, 64), np.float32)}
-        while not self.stop.wait(0.004):
-            for c in self.clients:
-                try:
-                    c.predict(x)
-                except Exception as exc:  # noqa: BLE001 - a restart mid-install: try again
-                    self.errors.append(str(exc))
+        while not self.stop.wait(0.001):
+            try:
+                client.predict(x)
+            except Exception:  # noqa: BLE001, S112 - a restart mid-install: try again
+                continue
 
 
 def _p95s(store, fleet: str) -> dict[str, list]:
@@ -141,7 +145,7 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
     shutil.copy(key, tmp_path / "fleet.key")
     server = serve(sqlite_url, fleet)
     cfgs = [agent_config(tmp_path / d, mosquitto.url, fleet, device_id=d, pub=pub,
-                         groups=["cams"], telemetry={"interval_s": 0.5}) for d in DEVICES]
+                         groups=["cams"], telemetry={"interval_s": 1.0}) for d in DEVICES]
     agents = [AgentProcess(c).start() for c in cfgs]
     traffic = _Traffic([c.parent / "data" / "agent.sock" for c in cfgs])
     store = server.store
@@ -151,7 +155,7 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
         first = deploy(v1, broker=mosquitto.url, group="cams", fleet=fleet, key=key)
         wait_for(lambda: all(store.devices.get(fleet, x).bundle_id == first.bundle_id
                              for x in DEVICES), 60, what="v1 on both devices")
-        traffic.thread.start()
+        traffic.start()
         wait_for(lambda: all(sum(t.bundle_id == first.bundle_id and (t.inferences or 0) > 0
                                  for t in store.telemetry.series(fleet, x)) >= 6
                              for x in DEVICES), 30, what="v1 telemetry with inferences")
@@ -159,7 +163,7 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
         # ---- a same-speed bundle passes its (canary) stage, its latency judged against the
         # canary's v1 and the other device at the same time (not insufficient)
         r = rollout_start(same, group="cams", broker=mosquitto.url, db=store, fleet=fleet,
-                          stages="50", max_failures="0", soak="5s", key=key)
+                          stages="50", max_failures="0", soak="6s", key=key)
         done = wait_for(lambda: (s := rollout_status(r.id, db=store)).state
                         in ("completed", "halted") and s, 60, what="the same-speed rollout")
         assert done.state == "completed", (done.halt, _p95s(store, fleet))
@@ -169,7 +173,7 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
         on_same = [d.device_id for d in done.devices if d.stage == 0]
         wait_for(lambda: store.devices.get(fleet, on_same[0]).bundle_id
                  == done.rollout.bundle_id, 30, what="v2 on the canary")
-        time.sleep(3)  # windows of v2 on the canary: the next rollout's references
+        time.sleep(1)  # one more window of v2 on the canary (it soaked on v2 already)
 
         # ---- the slower bundle, started with the commands of docs/rollouts.md
         monkeypatch.chdir(tmp_path)
