@@ -214,6 +214,15 @@ def _render_status(s: dict) -> None:
     for st in s["stages"]:
         click.echo(f"  {st['stage']:>5} {st['percent']:>5g} {st['devices']:>7}  "
                    f"{st['phase']:<13}" + "".join(f"{st['counts'].get(c, 0):>12}" for c in cols))
+    halt = s.get("halt")
+    if halt:
+        click.echo(f"halt reason (stage {halt.get('stage')}, {halt.get('metric')}): "
+                   f"{halt.get('message')}")
+    elif s.get("comparison"):
+        click.echo(f"stage {s['comparison']['stage']} vs {s['comparison']['compared_with']} and "
+                   "the previous bundle:")
+        for c in s["comparison"]["checks"]:
+            click.echo(f"  {c['verdict']:<12} {c['message']}")
     for line in s["log"][-8:]:
         click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(line['ts']))} "
                    f"{line['message']}")
@@ -221,7 +230,8 @@ def _render_status(s: dict) -> None:
 
 def _start(db_url: str, broker_cfg: Any, bundle: str, *, group: str, fleet_name: str,
            stages: str, max_failures: str, soak: str, stage_timeout: str, key_path: str | None,
-           allow_downgrade: bool, devices: str | None, as_json: bool) -> None:
+           allow_downgrade: bool, devices: str | None, as_json: bool,
+           **checks: Any) -> None:
     from edgepack.host.cli.main import emit
     from edgepack.host.fleet import api
     from edgepack.host.fleet.storage import open_store
@@ -231,7 +241,8 @@ def _start(db_url: str, broker_cfg: Any, bundle: str, *, group: str, fleet_name:
             bundle, group=group, broker=broker_cfg, db=store, fleet=fleet_name, stages=stages,
             max_failures=max_failures, soak=soak, stage_timeout=stage_timeout, key=key_path,
             allow_downgrade=allow_downgrade,
-            devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None)
+            devices=[d.strip() for d in devices.split(",") if d.strip()] if devices else None,
+            **checks)
         running = api.collectors_alive(db=store) > 0
         where = store.safe_url
     s = status.to_json()
@@ -254,6 +265,38 @@ def rollout() -> None:
     """Staged rollouts: start, watch, pause, resume, abort (state in the fleet database)."""
 
 
+_CHECKS = ("max_latency_regression", "max_error_rate_rise", "max_drift_score",
+           "max_confidence_drop", "baseline_group", "rollback_on_halt")
+
+
+def _check_options() -> list[click.Option]:
+    """The options of what a stage is compared on (``rollout start`` and ``deploy --stages``)."""
+    return [
+        click.Option(["--max-latency-regression"], default="20%", show_default=True,
+                     help="Halt when the stage's median p95 latency rises more than this over "
+                     "its previous bundle and the baseline."),
+        click.Option(["--max-error-rate-rise"], default="1pt", show_default=True,
+                     help="Halt when the error rate (failed / all inferences) rises more than "
+                     "this many percentage points."),
+        click.Option(["--max-drift-score"], default="1.0", show_default=True,
+                     help="Halt when the stage's median drift score reaches this (1.0 = the "
+                     "drift alert threshold) while the references stay below."),
+        click.Option(["--max-confidence-drop"], default="5pt", show_default=True,
+                     help="Halt when the mean top probability falls more than this."),
+        click.Option(["--baseline-group"], default=None,
+                     help="Compare with this group [default: the group's devices the rollout "
+                     "has not reached]."),
+        click.Option(["--rollback-on-halt/--no-rollback-on-halt"], default=True,
+                     show_default=True, help="Send a halted stage back to its previous bundle."),
+    ]
+
+
+def _with_checks(cmd: click.Command) -> click.Command:
+    cmd.params.extend(_check_options())
+    return cmd
+
+
+@_with_checks
 @rollout.command("start")
 @click.argument("bundle")
 @click.option("--group", required=True, help="The group to roll out to.")
@@ -267,6 +310,8 @@ def rollout() -> None:
 @click.option("--stage-timeout", default="30m", show_default=True,
               help="A device without an outcome this long after its stage started fails.")
 @click.option("--devices", help="Comma-separated device ids instead of the group's members.")
+@click.option("--id", "rollout_id", default=None,
+              help="The rollout's id [default: ro-<time>-<random>].")
 @broker_options
 @_db_option
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
@@ -277,12 +322,15 @@ def rollout() -> None:
 def rollout_start_cmd(bundle: str, group: str, stages: str, max_failures: str, soak: str,
                       stage_timeout: str, devices: str | None, broker_cfg: Any, db_url: str,
                       key_path: str | None, fleet_name: str, allow_downgrade: bool,
-                      as_json: bool) -> None:
-    """Plan a staged rollout of BUNDLE (a .edgepack file or a published bundle id)."""
+                      as_json: bool, rollout_id: str | None, **checks: Any) -> None:
+    """Plan a staged rollout of BUNDLE (a .edgepack file or a published bundle id).
+
+    Each stage soaks, then is compared with its devices' previous bundle and a baseline
+    group; it halts past the thresholds below (docs/rollouts.md)."""
     _start(db_url, broker_cfg, bundle, group=group, fleet_name=fleet_name, stages=stages,
            max_failures=max_failures, soak=soak, stage_timeout=stage_timeout,
            key_path=key_path, allow_downgrade=allow_downgrade, devices=devices,
-           as_json=as_json)
+           as_json=as_json, rollout_id=rollout_id, **checks)
 
 
 @rollout.command("status")
@@ -379,11 +427,13 @@ def _extend_deploy(deploy: click.Command) -> None:
                      help="With --stages: a device without an outcome this long fails."),
         click.Option(list(_DB_DECLS), **{**_DB_ATTRS, "help": "With --stages: "
                                          + _DB_ATTRS["help"]}),
+        *_check_options(),
     ])
     original = deploy.callback
 
     def callback(**kw: Any) -> Any:
         staged = {k: kw.pop(k) for k in _STAGED}
+        checks = {k: kw.pop(k) for k in _CHECKS}
         if staged["stages"] is None:
             return original(**kw)
         if kw.get("group") is None or kw.get("device") is not None:
@@ -398,7 +448,8 @@ def _extend_deploy(deploy: click.Command) -> None:
                fleet_name=kw["fleet_name"], stages=staged["stages"],
                max_failures=staged["max_failures"], soak=staged["soak"],
                stage_timeout=staged["stage_timeout"], key_path=kw["key_path"],
-               allow_downgrade=kw["allow_downgrade"], devices=None, as_json=kw["as_json"])
+               allow_downgrade=kw["allow_downgrade"], devices=None, as_json=kw["as_json"],
+               **checks)
         return None
 
     deploy.callback = callback

@@ -81,7 +81,13 @@ def rollout_start(bundle: str | os.PathLike, *, group: str, broker: str | Broker
                   soak: str | float = "10m", stage_timeout: str | float = "30m",
                   key: str | os.PathLike | None = None, allow_downgrade: bool = False,
                   devices: Sequence[str] | None = None,
-                  rollout_id: str | None = None) -> RolloutStatus:
+                  rollout_id: str | None = None,
+                  max_latency_regression: str | float | None = None,
+                  max_error_rate_rise: str | float | None = None,
+                  max_drift_score: str | float | None = None,
+                  max_confidence_drop: str | float | None = None,
+                  baseline_group: str | None = None,
+                  rollback_on_halt: bool = True) -> RolloutStatus:
     """Plan a staged rollout of ``bundle`` to ``group`` into the database ``db``.
 
     ``bundle`` is a ``.edgepack`` file (published first, its chunk table signed with ``key``)
@@ -90,12 +96,22 @@ def rollout_start(bundle: str | os.PathLike, *, group: str, broker: str | Broker
     (``"5%"``); ``soak`` and ``stage_timeout`` durations (``"10m"``, ``"30s"``, seconds).
     ``devices`` replaces the group's membership as the devices report it. A ``fleet serve``
     running on the same database advances the rollout.
+
+    Each stage is compared with its devices' previous bundle and a baseline group
+    (``baseline_group``, default the group's devices not yet reached) and halts beyond
+    ``max_latency_regression`` (p95, default ``"20%"``), ``max_error_rate_rise`` (``"1pt"``),
+    ``max_drift_score`` (1.0) or ``max_confidence_drop`` (``"5pt"``); ``rollback_on_halt``
+    (default True) sends the halted stage back to its previous bundle (docs/rollouts.md).
     """
     with _store(db) as store:
         return _rollout.start_rollout(
             store, broker, bundle, group=group, fleet=fleet, stages=stages,
             max_failures=max_failures, soak=soak, stage_timeout=stage_timeout, key_path=key,
-            allow_downgrade=allow_downgrade, devices=devices, rollout_id=rollout_id)
+            allow_downgrade=allow_downgrade, devices=devices, rollout_id=rollout_id,
+            max_latency_regression=max_latency_regression,
+            max_error_rate_rise=max_error_rate_rise, max_drift_score=max_drift_score,
+            max_confidence_drop=max_confidence_drop, baseline_group=baseline_group,
+            rollback_on_halt=rollback_on_halt)
 
 
 def rollout_status(rollout_id: str, *, db: str | Store) -> RolloutStatus:

@@ -19,8 +19,13 @@ after a restart, and pause / resume / abort work from any process that reaches t
    ``soak`` seconds; a device whose telemetry on the new bundle goes over the bundle's budgets
    (p95 latency, peak RSS) in more than a quarter of its reports fails, and so does a device
    whose drift on the new bundle alerts while its previous bundle's did not (:mod:`.drift_gate`).
+   Every few seconds the stage is also compared (:mod:`.comparison`, thresholds in
+   :class:`RolloutChecks`) with its devices' previous bundle and a baseline group: p95 latency
+   regression, error-rate rise, drift score, confidence drop. Beyond a threshold against every
+   reference with enough samples, the rollout halts with that reason (``docs/rollouts.md``).
 5. **Halt** when the failures among all devices deployed so far exceed ``max_failures`` (an
-   absolute count, or a percentage of the devices deployed so far): the stage's devices get a
+   absolute count, or a percentage of the devices deployed so far) or a comparison says so;
+   with ``rollback_on_halt`` (the default) the stage's devices get a
    device-level desired state naming their previous bundle (with ``allow_downgrade``), and the
    rollout ends ``halted`` once they report it active again. ``abort`` does the same for every
    stage deployed so far. A device that ran nothing before goes back to the bundle its group
@@ -38,6 +43,8 @@ rollout) replaces the pin.
 
 from __future__ import annotations
 
+from edgepack.host.fleet.rollout.checks import RolloutChecks
+from edgepack.host.fleet.rollout.comparison import MetricCheck, StageComparison
 from edgepack.host.fleet.rollout.control import (
     abort_rollout,
     pause_rollout,
@@ -64,6 +71,9 @@ __all__ = [
     "RolloutEngine",
     "RolloutStatus",
     "StageStatus",
+    "RolloutChecks",
+    "StageComparison",
+    "MetricCheck",
     "start_rollout",
     "rollout_status",
     "pause_rollout",

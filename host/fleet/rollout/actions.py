@@ -24,7 +24,7 @@ from edgepack.host.fleet.client import SyncClient
 from edgepack.host.fleet.storage import RolloutDeviceRecord, RolloutRecord, Store
 
 __all__ = ["Tick", "deploy_stage", "complete", "start_rollback", "finish_rollback",
-           "remember_release_key"]
+           "remember_release_key", "record_halt"]
 
 
 @dataclass
@@ -162,6 +162,22 @@ def complete(store: Store, cfg: BrokerConfig, tick: Tick) -> None:
         log=f"completed: {ok} device(s) run {r.bundle_name} {r.bundle_version}, "
             f"{failed} failed" + (f"; group {r.group_name} now names the bundle"
                                   if full else ""))
+
+
+def record_halt(store: Store, tick: Tick, k: int, why: str) -> None:
+    """A ``rollout_halted`` event (in the fleet's event table) for each device of stage ``k``
+    the rollout reached, naming the stage's deployment and the reason."""
+    from edgepack.host.fleet.storage import event_row
+
+    r = tick.rollout
+    now = time.time()
+    rows = [event_row(r.fleet, d.device_id, now, {
+        "kind": "rollout_halted", "ts": now, "deployment_id": d.deployment_id,
+        "bundle_id": r.bundle_id, "detail": f"rollout {r.id} halted at stage {k + 1}: {why}",
+        "rollout_id": r.id}) for d in tick.stage_devices(k) if d.status != "waiting"]
+    if rows:
+        with store.db.transaction() as cur:
+            store.events.write(cur, rows)
 
 
 def start_rollback(store: Store, cfg: BrokerConfig, tick: Tick,

@@ -16,6 +16,7 @@ from edgepack.agent.errors import EdgepackError
 from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.agent.protocol import Topics, check_id, decode
 from edgepack.host.fleet.client import SyncClient
+from edgepack.host.fleet.rollout.checks import RolloutChecks
 from edgepack.host.fleet.rollout.plan import (
     FINAL_STATES,
     RolloutError,
@@ -78,12 +79,16 @@ def start_rollout(store: Store, broker: BrokerConfig | str, bundle: str | os.Pat
                   max_failures: str = "5%", soak: str | float = "10m",
                   stage_timeout: str | float = "30m", key_path: str | os.PathLike | None = None,
                   allow_downgrade: bool = False, devices: Sequence[str] | None = None,
-                  rollout_id: str | None = None) -> RolloutStatus:
+                  rollout_id: str | None = None, checks: RolloutChecks | None = None,
+                  **thresholds: Any) -> RolloutStatus:
     """Plan a staged rollout of ``bundle`` to ``group`` and store it; ``fleet serve`` runs it.
 
     ``bundle`` is a ``.edgepack`` file (published first, signed with ``key_path``) or the id
     (or unique prefix) of a published bundle. ``devices`` overrides the group's membership as
-    reported by the devices.
+    reported by the devices. ``checks`` (or its fields as keywords, in the operator's spelling:
+    ``max_latency_regression="20%"``, ``max_error_rate_rise="1pt"``, ``max_drift_score=1``,
+    ``max_confidence_drop="5pt"``, ``baseline_group=``, ``rollback_on_halt=``) sets what each
+    stage is compared on (:class:`RolloutChecks`, defaults in ``docs/rollouts.md``).
     """
     cfg = parse_broker_url(broker) if isinstance(broker, str) else broker
     check_id(group, "group name")
@@ -92,6 +97,9 @@ def start_rollout(store: Store, broker: BrokerConfig | str, bundle: str | os.Pat
     mf = parse_max_failures(max_failures)
     soak_s = parse_duration(soak, name="soak")
     timeout_s = parse_duration(stage_timeout, name="stage_timeout")
+    checks = checks or RolloutChecks.parse(**thresholds)
+    if checks.baseline_group:
+        check_id(checks.baseline_group, "baseline group")
     rid = rollout_id or _new_id()
     check_id(rid, "rollout id")
     if store.rollouts.get(rid) is not None:
@@ -127,7 +135,15 @@ def start_rollout(store: Store, broker: BrokerConfig | str, bundle: str | os.Pat
     store.rollouts.insert(rollout, plan, f"planned {manifest.get('name')} "
                           f"{manifest.get('version')} ({rollout.bundle_id[:12]}) for "
                           f"{len(members)} devices of group {group}: stages {counts}; max "
-                          f"failures {mf}; soak {soak_s:g}s")
+                          f"failures {mf}; soak {soak_s:g}s; halts past p95 latency "
+                          f"+{checks.max_latency_regression:.0%}, error rate "
+                          f"+{checks.max_error_rate_rise * 100:g}pt, drift score "
+                          f"{checks.max_drift_score:g}, confidence "
+                          f"-{checks.max_confidence_drop * 100:g}pt vs the previous bundle and "
+                          + (f"group {checks.baseline_group}" if checks.baseline_group
+                             else "the devices not yet reached")
+                          + ("" if checks.rollback_on_halt else " (no rollback on halt)"),
+                          checks.to_json())
     return rollout_status(store, rid)
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from edgepack.agent.errors import BrokerError, ProtocolError
 from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
 from edgepack.host.fleet.rollout import actions
-from edgepack.host.fleet.rollout.actions import Tick
+from edgepack.host.fleet.rollout.actions import Tick, record_halt
+from edgepack.host.fleet.rollout.checks import RolloutChecks
+from edgepack.host.fleet.rollout.comparison import StageComparison, compare_stage
 from edgepack.host.fleet.rollout.drift_gate import check_drift
 from edgepack.host.fleet.rollout.plan import ACTIVE_STATES, EVENT_STATUS, allowed_failures
 from edgepack.host.fleet.storage import (
@@ -86,6 +88,8 @@ class RolloutEngine:
         self.owner = owner or f"engine-{uuid.uuid4().hex[:8]}"
         self.errors = 0
         self.last_error: str | None = None
+        self.compare_s = max(tick_s, 2.0)
+        self._compared: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -196,17 +200,77 @@ class RolloutEngine:
                             log=f"stage {k + 1}: {ok}/{len(stage_devs)} installed; soaking for "
                                 f"{r.soak_s:g}s")
             return
+        checks = RolloutChecks.from_json(rollouts.checks(r.id).checks)
         self._check_budgets(tick, k)
-        check_drift(self.store, tick, k)
+        check_drift(self.store, tick, k, checks.max_drift_score)
         if self._over_limit(tick):
             return
-        if tick.now - r.soak_started < r.soak_s:
+        soak_end = r.soak_started + r.soak_s
+        soaked = tick.now >= soak_end
+        # at the end of the soak, one comparison at once; after an unconfirmed excess, the
+        # next one (a comparison interval later) decides
+        comparison = self._compare(tick, k, checks, force=soaked and self._compared.get(
+            r.id, 0.0) < soak_end)
+        if comparison is not None and comparison.halt is not None:
+            self._halt(tick, comparison.halt.message, stored=True)
             return
+        if not soaked or comparison is None or comparison.unconfirmed:
+            return
+        passed = f"stage {k + 1} passed ({comparison.summary()})"
         if k + 1 < len(r.stages):
             rollouts.update(r.id, expect_state="running", stage=k + 1, stage_started=None,
-                            soak_started=None, log=f"stage {k + 1} passed")
+                            soak_started=None, log=passed)
             return
+        rollouts.add_log(r.id, passed)
         actions.complete(self.store, self.cfg, tick)
+
+    def _compare(self, tick: Tick, k: int, checks: RolloutChecks, *,
+                 force: bool) -> StageComparison | None:
+        """Compare stage ``k`` with its references (every twentieth of the soak, 2 to 30 s,
+        and at the end of the soak); stored for the status. None when not compared now."""
+        r = tick.rollout
+        every = min(max(self.compare_s, r.soak_s / 20), 30.0)
+        if not force and tick.now - self._compared.get(r.id, 0.0) < every:
+            return None
+        self._compared[r.id] = tick.now
+        before = self.store.rollouts.checks(r.id).comparison
+        comparison = compare_stage(self.store, tick, k, checks).confirmed(before)
+        halt = comparison.halt
+        self.store.rollouts.set_comparison(
+            r.id, comparison.to_json(), halt={**halt.to_json(), "stage": k + 1,
+                                              "compared_with": comparison.compared_with,
+                                              "at": tick.now} if halt else None)
+        return comparison
+
+    def _halt(self, tick: Tick, why: str, *, stored: bool = False) -> None:
+        """Halt at the current stage: roll its devices back (``rollback_on_halt``, the
+        default) or leave them on the new bundle; a ``rollout_halted`` event per device.
+        ``stored``: the comparison stored the halt reason already (else: failed devices)."""
+        r = tick.rollout
+        k = r.stage
+        record = self.store.rollouts.checks(r.id)
+        checks = RolloutChecks.from_json(record.checks)
+        if not stored:
+            self.store.rollouts.set_comparison(r.id, record.comparison or {}, halt={
+                "metric": "failures", "verdict": "halt", "stage": k + 1, "message": why,
+                "devices": [d.device_id for d in tick.devices if d.status == "failed"],
+                "at": tick.now})
+        if checks.rollback_on_halt:
+            state, changes = "halting", {}
+            log = f"halting at stage {k + 1}: {why}; rolling back the stage"
+        else:
+            state, changes = "halted", {"finished": tick.now}
+            log = (f"halted at stage {k + 1}: {why}; the stage keeps the new bundle (no "
+                   "rollback asked)")
+        if not self.store.rollouts.update(r.id, expect_state="running", state=state,
+                                          detail=f"halted at stage {k + 1}: {why}", log=log,
+                                          **changes):
+            return
+        record_halt(self.store, tick, k, why)
+        tick.set_state(state)
+        if checks.rollback_on_halt:
+            actions.start_rollback(self.store, self.cfg, tick, tick.stage_devices(k),
+                                   then="rolling_back")
 
     def _over_limit(self, tick: Tick) -> bool:
         r = tick.rollout
@@ -215,16 +279,9 @@ class RolloutEngine:
         allowed = allowed_failures(r.max_failures, len(deployed))
         if len(failed) <= allowed:
             return False
-        k = r.stage
         why = (f"{len(failed)} failed device(s) among {len(deployed)} deployed, over the "
                f"limit of {r.max_failures} ({allowed} allowed)")
-        if self.store.rollouts.update(r.id, expect_state="running", state="halting",
-                                      detail=f"halted at stage {k + 1}: {why}",
-                                      log=f"halting at stage {k + 1}: {why}; rolling back "
-                                          "the stage"):
-            tick.set_state("halting")
-            actions.start_rollback(self.store, self.cfg, tick, tick.stage_devices(k),
-                                   then="rolling_back")
+        self._halt(tick, why)
         return True
 
     def _check_budgets(self, tick: Tick, k: int) -> None:

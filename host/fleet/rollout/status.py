@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgepack.host.fleet.rollout.checks import RolloutChecks
 from edgepack.host.fleet.rollout.plan import DEVICE_STATUSES, RolloutError, allowed_failures
 from edgepack.host.fleet.storage import (
     RolloutDeviceRecord,
@@ -39,7 +40,9 @@ class StageStatus:
 @dataclass(frozen=True)
 class RolloutStatus:
     """A rollout with its stages, devices and log (``rollout.stage`` counts from 0,
-    :attr:`stage` from 1)."""
+    :attr:`stage` from 1); ``checks`` are its comparison thresholds, ``comparison`` the current
+    stage's last comparison with its references and ``halt`` the reason it halted (metric,
+    measured vs previous vs baseline, threshold, devices), all JSON."""
 
     rollout: RolloutRecord
     stages: tuple[StageStatus, ...]
@@ -49,6 +52,9 @@ class RolloutStatus:
     deployed: int
     allowed_failures: int
     soak_left_s: float | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
+    comparison: dict[str, Any] | None = None
+    halt: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -75,6 +81,7 @@ class RolloutStatus:
             out["devices"] = [d.to_json() for d in self.devices]
         if self.soak_left_s is not None:
             out["soak_left_s"] = self.soak_left_s
+        out.update(checks=self.checks, comparison=self.comparison, halt=self.halt)
         return out
 
 
@@ -118,8 +125,11 @@ def rollout_status(store: Store, rollout_id: str) -> RolloutStatus:
     soak_left = None
     if r.soak_started and r.state == "running":
         soak_left = max(0.0, r.soak_s - (time.time() - r.soak_started))
+    checks = store.rollouts.checks(r.id)
     return RolloutStatus(
         rollout=r, stages=tuple(stages), devices=tuple(devs),
         log=tuple(store.rollouts.log(r.id)), failures=sum(d.status == "failed" for d in devs),
         deployed=deployed, allowed_failures=allowed_failures(r.max_failures, deployed),
-        soak_left_s=soak_left)
+        soak_left_s=soak_left,
+        checks=RolloutChecks.from_json(checks.checks).to_json(),
+        comparison=checks.comparison or None, halt=checks.halt)

@@ -89,6 +89,9 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
 CREATE TABLE IF NOT EXISTS rollout_log (
     id {autoid}, rollout_id TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, message TEXT);
 CREATE INDEX IF NOT EXISTS rollout_log_rollout ON rollout_log (rollout_id, id);
+CREATE TABLE IF NOT EXISTS rollout_checks (
+    rollout_id TEXT PRIMARY KEY, checks TEXT, comparison TEXT, halt TEXT,
+    updated DOUBLE PRECISION);
 CREATE TABLE IF NOT EXISTS drift_windows (
     fleet TEXT NOT NULL, device_id TEXT NOT NULL,
     ts DOUBLE PRECISION NOT NULL, received DOUBLE PRECISION NOT NULL, bundle_id TEXT,

@@ -1,5 +1,6 @@
-"""The ``rollouts``, ``rollout_devices`` and ``rollout_log`` tables: staged rollouts, their
-devices and what happened; the rollout engine resumes from these after a restart."""
+"""The ``rollouts``, ``rollout_devices``, ``rollout_log`` and ``rollout_checks`` tables: staged
+rollouts, their devices, what happened, and what their stages are compared on (thresholds, the
+last comparison, the halt reason); the rollout engine resumes from these after a restart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 from edgepack.host.fleet.storage.db import Database, dumps, filters, loads, placeholders
 
-__all__ = ["RolloutRecord", "RolloutDeviceRecord", "RolloutLogEntry", "Rollouts"]
+__all__ = ["RolloutRecord", "RolloutDeviceRecord", "RolloutLogEntry", "RolloutChecksRecord",
+           "Rollouts"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,18 @@ class RolloutLogEntry:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RolloutChecksRecord:
+    """A rollout's comparison thresholds (JSON of ``RolloutChecks``), its stage's last
+    comparison and, once halted by one, the halt reason (JSON documents)."""
+
+    rollout_id: str
+    checks: dict[str, Any] = field(default_factory=dict)
+    comparison: dict[str, Any] | None = None
+    halt: dict[str, Any] | None = None
+    updated: float | None = None
+
+
 def _columns(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
@@ -111,8 +125,9 @@ class Rollouts:
         self._db = db
 
     def insert(self, rollout: RolloutRecord, devices: Sequence[RolloutDeviceRecord],
-               message: str) -> None:
-        """Store a planned rollout with its devices and a first log line, in one transaction."""
+               message: str, checks: dict[str, Any] | None = None) -> None:
+        """Store a planned rollout with its devices, its comparison thresholds and a first log
+        line, in one transaction."""
         row = rollout.to_row()
         cols = list(row)
         dcols = _columns(RolloutDeviceRecord)
@@ -124,6 +139,33 @@ class Rollouts:
                             [[_encode(asdict(d))[c] for c in dcols] for d in devices])
             cur.execute("INSERT INTO rollout_log (rollout_id, ts, message) VALUES (?, ?, ?)",
                         (rollout.id, time.time(), message))
+            cur.execute("INSERT INTO rollout_checks (rollout_id, checks, updated) VALUES "
+                        "(?, ?, ?)", (rollout.id, dumps(checks or {}), time.time()))
+
+    def checks(self, rollout_id: str) -> RolloutChecksRecord:
+        """The rollout's thresholds, last comparison and halt reason (empty for a rollout
+        planned before they existed)."""
+        row = self._db.query_one("SELECT * FROM rollout_checks WHERE rollout_id = ?",
+                                 (rollout_id,))
+        if row is None:
+            return RolloutChecksRecord(rollout_id)
+        return RolloutChecksRecord(rollout_id, loads(row["checks"]) or {},
+                                   loads(row["comparison"]), loads(row["halt"]), row["updated"])
+
+    def set_comparison(self, rollout_id: str, comparison: dict[str, Any],
+                       halt: dict[str, Any] | None = None) -> None:
+        """Store the stage's last comparison (and the halt reason it gave, if any)."""
+        now = time.time()
+        with self._db.transaction() as cur:
+            cur.execute("UPDATE rollout_checks SET comparison = ?, updated = ?"
+                        + (", halt = ?" if halt is not None else "") + " WHERE rollout_id = ?",
+                        [dumps(comparison), now, *([dumps(halt)] if halt is not None else []),
+                         rollout_id])
+            if cur.rowcount == 0:
+                cur.execute("INSERT INTO rollout_checks (rollout_id, checks, comparison, halt, "
+                            "updated) VALUES (?, ?, ?, ?, ?)",
+                            (rollout_id, dumps({}), dumps(comparison),
+                             dumps(halt) if halt is not None else None, now))
 
     def update(self, rollout_id: str, *, expect_state: str | None = None,
                log: str | None = None, **changes: Any) -> bool:

@@ -9,7 +9,8 @@ from typing import Any
 
 from edgepack.host.fleet.storage.db import Cursor, Database, filters, integer, num, text
 
-__all__ = ["TelemetryRecord", "TelemetryStats", "BudgetTally", "Telemetry", "TELEMETRY_COLUMNS"]
+__all__ = ["TelemetryRecord", "TelemetryStats", "BudgetTally", "TelemetrySample", "Telemetry",
+           "TELEMETRY_COLUMNS"]
 
 TELEMETRY_COLUMNS = (
     "ts", "received", "bundle_id", "window_s", "inferences", "errors", "p50", "p95", "p99",
@@ -66,6 +67,19 @@ class BudgetTally:
     bad: int
     p95: float | None
     rss: float | None
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """One telemetry window as a rollout compares it: who, on which bundle, when, how many
+    inferences and errors, and the window's p95 latency (ms)."""
+
+    device_id: str
+    bundle_id: str | None
+    ts: float
+    inferences: int | None
+    errors: int | None
+    p95: float | None
 
 
 def telemetry_row(fleet: str, device_id: str, received: float, t: dict) -> tuple:
@@ -140,6 +154,21 @@ class Telemetry:
             "FROM telemetry WHERE fleet = ? AND bundle_id = ? AND ts >= ? AND device_id IN "
             "{ids} GROUP BY device_id", device_ids,
             (p95_ms, peak_rss_mb, fleet, bundle_id, since))]
+
+    def samples(self, fleet: str, device_ids: Sequence[str], *, since: float,
+                until: float | None = None) -> list[TelemetrySample]:
+        """The windows of ``device_ids`` within ``since <= ts < until``, oldest first (what a
+        rollout's stage comparison reads)."""
+        if not device_ids:
+            return []
+        sql = ("SELECT device_id, bundle_id, ts, inferences, errors, p95 FROM telemetry "
+               "WHERE fleet = ? AND ts >= ? AND device_id IN {ids}")
+        after: list[Any] = []
+        if until is not None:
+            sql += " AND ts < ?"
+            after.append(until)
+        rows = self._db.query_in(sql, device_ids, (fleet, since), after)
+        return sorted((TelemetrySample(**r) for r in rows), key=lambda t: t.ts)
 
     def count(self, fleet: str | None = None) -> int:
         if fleet is None:

@@ -225,7 +225,8 @@ function rolloutCards(list) {
   return list.map((r) => h("div", { cls: "panel", "data-rollout": r.id },
     h("div", { cls: "toolbar" }, a(`/rollouts/${r.id}`, r.id, { cls: "mono" }), badge(r.state),
       h("span", {}, `${r.bundle_name} ${r.bundle_version} → group ${r.group_name}`),
-      h("span", { cls: "muted" }, `stage ${r.stage}/${r.stage_count} · failures ${r.failures}/${r.allowed_failures} allowed (${r.max_failures}) · soak ${r.soak_s}s`)),
+      h("span", { cls: "muted" }, `stage ${r.stage}/${r.stage_count} · failures ${r.failures}/${r.allowed_failures} allowed (${r.max_failures}) · soak ${r.soak_s}s`),
+      r.halt ? h("span", { cls: "halt-reason" }, `halted: ${r.halt.message}`) : null),
     stageTable(r)));
 }
 
@@ -283,7 +284,16 @@ pages.rollout = {
         ["started", when(r.created)], r.finished ? ["finished", when(r.finished)] : null,
         r.detail ? ["detail", r.detail] : null,
       ]), h("div", { cls: "toolbar" }, controls)),
+      r.halt ? h("div", { cls: "panel", id: "halt-reason", "data-metric": r.halt.metric },
+        h("strong", {}, `Halted at stage ${r.halt.stage}: `), r.halt.message) : null,
       stageTable(r),
+      r.comparison && r.comparison.checks ? [h("h2", {}, `Stage ${r.comparison.stage} vs its previous bundle and ${r.comparison.compared_with}`),
+        table(["metric", { t: "stage", cls: "num" }, { t: "previous", cls: "num" }, { t: "baseline", cls: "num" }, "verdict", "detail"],
+          r.comparison.checks.map((c) => h("tr", { "data-metric": c.metric },
+            h("td", {}, c.metric.replace("_", " ")), ...[c.value, c.previous, c.baseline].map((v) =>
+              h("td", { cls: "num" }, v === null || v === undefined ? "–" : Number(v).toPrecision(3))),
+            h("td", {}, badge({ halt: "failed", beyond: "degraded", ok: "installed" }[c.verdict] || "waiting", c.verdict)),
+            h("td", { cls: "wrap" }, c.message))))] : null,
       h("h2", {}, `Devices (${r.devices.length})`),
       r.devices.length > MAX_ROWS ? h("p", { cls: "muted" }, `showing the ${MAX_ROWS} deployed last`) : null,
       table(["device", "stage", "status", "previous", "detail", "updated"], (r.devices.length > MAX_ROWS
