@@ -24,7 +24,9 @@ __all__ = ["Database", "StorageError", "Cursor", "open_database", "SCHEMA_VERSIO
 
 # 2: drift_windows and drift_references (added by the CREATE … IF NOT EXISTS below; a version 1
 # database gains them when opened and is marked 2).
-SCHEMA_VERSION = 2
+# 3: enrollments (the device inventory) and the devices columns key_id, claimed_groups,
+# unauthenticated and auth_error (added to an older database by _ADDED_COLUMNS).
+SCHEMA_VERSION = 3
 
 
 class StorageError(EdgepackError):
@@ -42,6 +44,12 @@ CREATE TABLE IF NOT EXISTS devices (
     state TEXT, state_ts DOUBLE PRECISION,
     first_seen DOUBLE PRECISION, last_seen DOUBLE PRECISION,
     telemetry TEXT, telemetry_ts DOUBLE PRECISION,
+    key_id TEXT, claimed_groups TEXT, unauthenticated BIGINT, auth_error TEXT,
+    PRIMARY KEY (fleet, device_id));
+CREATE TABLE IF NOT EXISTS enrollments (
+    fleet TEXT NOT NULL, device_id TEXT NOT NULL, key_id TEXT NOT NULL, key TEXT NOT NULL,
+    groups_json TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION, updated DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (fleet, device_id));
 CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device_id TEXT NOT NULL,
@@ -100,6 +108,13 @@ CREATE TABLE IF NOT EXISTS drift_references (
     fleet TEXT NOT NULL, bundle_id TEXT NOT NULL, ref TEXT, reference TEXT, error TEXT,
     PRIMARY KEY (fleet, bundle_id));
 """
+
+
+# columns later schema versions added to tables an older database has: (table, column, type)
+_ADDED_COLUMNS = (
+    ("devices", "key_id", "TEXT"), ("devices", "claimed_groups", "TEXT"),
+    ("devices", "unauthenticated", "BIGINT"), ("devices", "auth_error", "TEXT"),
+)
 
 
 # ------------------------------------------------------------------------------ column values
@@ -278,6 +293,13 @@ class Cursor:
     def fetchone(self) -> Any:
         return self._cur.fetchone()
 
+    def columns(self, table: str) -> set[str]:
+        """The column names of ``table``."""
+        self._cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        names = {d[0] for d in self._cur.description or ()}
+        self._cur.fetchall()
+        return names
+
     @property
     def rowcount(self) -> int:
         return self._cur.rowcount
@@ -394,6 +416,9 @@ class Database:
                     f"the fleet database {self.safe_url} has schema version {row[0]}, newer than "
                     f"this edgepack understands ({SCHEMA_VERSION}): upgrade edgepack")
             elif int(row[0]) < SCHEMA_VERSION:  # the tables it lacked were created above
+                for table, column, kind in _ADDED_COLUMNS:
+                    if column not in cur.columns(table):
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 cur.execute("UPDATE meta SET value = ?, updated = ? WHERE key = ?",
                             (str(SCHEMA_VERSION), time.time(), "schema_version"))
 
