@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgepack.agent.identity import SIG_FIELD, report_payload
 from edgepack.agent.trust.errors import Reason, ReportRefused
 
 __all__ = ["VerifiedReport", "ReportVerifier", "public_key_from_enrollment", "enroll",
-           "revoke", "read_enrollment"]
+           "revoke", "read_enrollment", "enrollment_of_key"]
 
 
 @dataclass(frozen=True)
@@ -116,21 +116,21 @@ def read_enrollment(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def enroll(store: Any, enrollment: Mapping[str, Any], *, fleet: str = "default",
-           device_id: str | None = None, groups: Sequence[str] | None = None) -> Any:
+           device: str | None = None, groups: Sequence[str] | None = None) -> Any:
     """Enroll a device's key in ``store``'s inventory; returns its EnrollmentRecord.
 
     ``enrollment`` is ``{"device_id", "keyid", "key"[, "groups"]}`` (``agent init`` writes
-    it); ``device_id`` and ``groups`` given here win over the file's. A device enrolled again
+    it); ``device`` and ``groups`` given here win over the file's. A device enrolled again
     gets the new key and groups. Its last state, if it verifies with the key, makes it a
     member of its groups at once; otherwise its next signed state does.
     """
     from edgepack.agent.protocol import check_id
     from edgepack.host.fleet.storage import ReportTrust
 
-    dev = device_id or enrollment.get("device_id")
+    dev = device or enrollment.get("device_id")
     if not isinstance(dev, str):
-        raise ReportRefused("the enrollment names no device: pass `device_id=`",
-                            reason=Reason.MALFORMED, field="device_id")
+        raise ReportRefused("the enrollment names no device: pass `device=`",
+                            reason=Reason.MALFORMED, field="device")
     check_id(dev)
     key = public_key_from_enrollment(enrollment)
     if _computed_keyid(key) != key.keyid:
@@ -152,19 +152,32 @@ def enroll(store: Any, enrollment: Mapping[str, Any], *, fleet: str = "default",
     return rec
 
 
-def revoke(store: Any, device_id: str, *, fleet: str = "default") -> Any:
+def revoke(store: Any, device: str, *, fleet: str = "default") -> Any:
     """Stop believing a device: its reports count for nothing and it leaves its groups."""
     from edgepack.host.fleet.storage import ReportTrust
 
-    rec = store.inventory.revoke(fleet, device_id)
-    store.devices.set_trust(fleet, device_id, ReportTrust(None))
+    rec = store.inventory.revoke(fleet, device)
+    store.devices.set_trust(fleet, device, ReportTrust(None))
     return rec
 
 
 def _computed_keyid(key: Any) -> str:
     """The TUF key id of ``key``: sha256 of the canonical JSON of its public key object."""
+    return _keyid_of(key.to_dict())
+
+
+def _keyid_of(key: Mapping[str, Any]) -> str:
     import hashlib
 
     from securesystemslib.formats import encode_canonical
 
-    return hashlib.sha256(encode_canonical(key.to_dict()).encode()).hexdigest()
+    try:
+        return hashlib.sha256(encode_canonical(dict(key)).encode()).hexdigest()
+    except Exception as exc:  # noqa: BLE001 - securesystemslib's FormatError and friends
+        raise ReportRefused(f"not a public key object ({exc})", reason=Reason.MALFORMED,
+                            field="key") from None
+
+
+def enrollment_of_key(key: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{"keyid", "key"}`` enrollment object of a bare TUF public key object."""
+    return {"keyid": _keyid_of(key), "key": dict(key)}
