@@ -93,6 +93,13 @@ class DeviceIdentity:
         return cls(path, signer)
 
     @classmethod
+    def ephemeral(cls) -> DeviceIdentity:
+        """A key that lives in memory only (simulated devices)."""
+        from securesystemslib.signer import CryptoSigner
+
+        return cls(Path("<memory>"), CryptoSigner.generate_ed25519())
+
+    @classmethod
     def load(cls, data_dir: str | os.PathLike) -> DeviceIdentity:
         """Read the device key (must be 0600)."""
         path = Path(data_dir) / IDENTITY_FILE

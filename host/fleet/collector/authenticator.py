@@ -53,6 +53,11 @@ class Authenticator:
         self._groups = {k: rec.groups for k, rec in active.items()}
         self._version = version
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the inventory was read at least once."""
+        return self._version is not None
+
     def enrolled(self, fleet: str, device: str) -> bool:
         return (fleet, device) in self._groups
 

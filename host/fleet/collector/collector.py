@@ -149,14 +149,15 @@ class Collector:
 
     # ------------------------------------------------------------------ writer
     def _parse(self, items: list[tuple]) -> Parsed:
-        for _ in range(50):  # reports are judged against the current inventory
+        while True:  # reports are judged against the current inventory
             try:
                 self._auth.refresh()
                 break
-            except Exception as exc:  # noqa: BLE001 - the database decides what is fatal
-                if not self.store.is_transient(exc):
-                    raise
-                time.sleep(0.1)
+            except Exception as exc:  # noqa: BLE001 - the database is away: judge with the
+                if self._auth.loaded or self._stop.is_set():  # inventory read last
+                    log.debug("inventory not reloaded: %s", exc)
+                    break
+                time.sleep(0.2)
         return parse_messages(items, set(self.opts.fleets), received=self.received,
                               dropped=self.dropped, on_bundle=self._on_bundle,
                               auth=self._auth, refused=self.unauthenticated)

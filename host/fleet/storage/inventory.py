@@ -60,18 +60,25 @@ class Inventory:
     def enroll(self, fleet: str, device_id: str, key_id: str, key: Mapping[str, Any],
                groups: Sequence[str]) -> EnrollmentRecord:
         """Enroll (or enroll again, with a new key or groups, un-revoking) a device."""
-        now = time.time()
-        self._db.execute(
-            "INSERT INTO enrollments (fleet, device_id, key_id, key, groups_json, enrolled_at, "
-            "revoked_at, updated) VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (fleet, "
-            "device_id) DO UPDATE SET key_id = excluded.key_id, key = excluded.key, "
-            "groups_json = excluded.groups_json, enrolled_at = excluded.enrolled_at, "
-            "revoked_at = NULL, updated = excluded.updated",
-            (fleet, device_id, key_id, json.dumps(dict(key), sort_keys=True),
-             dumps(list(groups)), now, now))
+        self.enroll_many(fleet, [(device_id, key_id, key, groups)])
         rec = self.get(fleet, device_id)
         assert rec is not None
         return rec
+
+    def enroll_many(self, fleet: str,
+                    devices: Sequence[tuple[str, str, Mapping[str, Any], Sequence[str]]]) -> None:
+        """:meth:`enroll` ``(device_id, key_id, key, groups)`` for many, in one transaction."""
+        now = time.time()
+        with self._db.transaction() as cur:
+            cur.executemany(
+                "INSERT INTO enrollments (fleet, device_id, key_id, key, groups_json, "
+                "enrolled_at, revoked_at, updated) VALUES (?, ?, ?, ?, ?, ?, NULL, ?) "
+                "ON CONFLICT (fleet, device_id) DO UPDATE SET key_id = excluded.key_id, "
+                "key = excluded.key, groups_json = excluded.groups_json, "
+                "enrolled_at = excluded.enrolled_at, revoked_at = NULL, "
+                "updated = excluded.updated",
+                [(fleet, dev, key_id, json.dumps(dict(key), sort_keys=True),
+                  dumps(list(groups)), now, now) for dev, key_id, key, groups in devices])
 
     def revoke(self, fleet: str, device_id: str) -> EnrollmentRecord:
         """Stop believing a device's key; StorageError when it is not enrolled."""
