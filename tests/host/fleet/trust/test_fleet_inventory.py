@@ -1,0 +1,105 @@
+"""The fleet's inventory: ``agent init`` makes the device key and its enrollment, ``fleet
+enroll`` / ``revoke`` / ``devices`` keep it; an older database gains the inventory when opened;
+the agent's outbox signs what it serialises."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from edgepack.agent.identity import IDENTITY_FILE, DeviceIdentity
+from edgepack.agent.outbox import Outbox
+from edgepack.agent.trust import ReportRefused
+from edgepack.host.cli.main import main
+from edgepack.host.fleet.identity import ReportVerifier, enroll
+from edgepack.host.fleet.storage import SCHEMA_VERSION, open_store
+
+
+def _run(args: list[str], code: int = 0) -> str:
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == code, res.output
+    return res.output
+
+
+def test_agent_init_enroll_devices_revoke(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = _run(["agent", "init", "--board", "rpi4", "--device-id", "pi-kitchen",
+                "--broker", "mqtt://broker.local:1883", "--allow-unsigned",
+                "--data-dir", "var", "--out", "etc/agent.toml", "--group", "kitchen"])
+    assert "edgepack fleet enroll etc/enrollment.json" in out
+    key = tmp_path / "var" / IDENTITY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    doc = json.loads((tmp_path / "etc" / "enrollment.json").read_text())
+    assert doc["device_id"] == "pi-kitchen" and doc["groups"] == ["kitchen"]
+    assert doc["keyid"] == DeviceIdentity.load(tmp_path / "var").key_id
+    # init again (--force) keeps the device's key: it stays enrolled
+    _run(["agent", "init", "--board", "rpi4", "--device-id", "pi-kitchen", "--broker",
+          "mqtt://b", "--allow-unsigned", "--data-dir", "var", "--out", "etc/agent.toml",
+          "--force"])
+    assert json.loads((tmp_path / "etc" / "enrollment.json").read_text())["keyid"] == \
+        doc["keyid"]
+
+    out = _run(["fleet", "enroll", "etc/enrollment.json", "--group", "kitchen"])
+    assert f"enrolled pi-kitchen in fleet default with key {doc['keyid'][:16]}" in out
+    _run(["fleet", "enroll", "--device", "pi-hall", "--key", json.dumps(doc["key"]),
+          "--group", "hall", "--group", "all"])
+    rows = json.loads(_run(["fleet", "devices", "--json"]))
+    assert [(r["device_id"], r["key_id"], r["groups"], r["enrolled"]) for r in rows] == [
+        ("pi-hall", doc["keyid"], ["hall", "all"], True),
+        ("pi-kitchen", doc["keyid"], ["kitchen"], True)]
+    out = _run(["fleet", "revoke", "--device", "pi-hall"])
+    assert f"revoked pi-hall (key {doc['keyid'][:16]})" in out
+    rows = json.loads(_run(["fleet", "devices", "--json"]))
+    assert [(r["device_id"], r["revoked"]) for r in rows] == [("pi-hall", True),
+                                                              ("pi-kitchen", False)]
+    out = _run(["fleet", "revoke", "--device", "nobody"], code=1)
+    assert "not enrolled" in out
+    out = _run(["fleet", "enroll", "--device", "x", "--key", "{not json"], code=2)
+    assert "--key" in out
+
+
+def test_enrollment_with_a_wrong_key_id_is_refused(tmp_path):
+    ident = DeviceIdentity.create(tmp_path / "dev")
+    doc = {**ident.enrollment("dev"), "keyid": "0" * 64}
+    with open_store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
+        with pytest.raises(ReportRefused, match="not the id of its key"):
+            enroll(store, doc)
+        assert store.inventory.list("default") == []
+
+
+def test_schema_2_database_gains_the_inventory(tmp_path):
+    path = tmp_path / "fleet.db"
+    open_store(f"sqlite:///{path}").close()
+    conn = sqlite3.connect(path)  # make it look like a database of schema version 2
+    for col in ("key_id", "claimed_groups", "unauthenticated", "auth_error"):
+        conn.execute(f"ALTER TABLE devices DROP COLUMN {col}")
+    conn.execute("DROP TABLE enrollments")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with open_store(f"sqlite:///{path}") as store:
+        assert store.db.query_one("SELECT value FROM meta WHERE key = 'schema_version'")[
+            "value"] == str(SCHEMA_VERSION) == "3"
+        ident = DeviceIdentity.create(tmp_path / "dev")
+        enroll(store, ident.enrollment("dev"), groups=["g"])
+        assert store.inventory.get("default", "dev").groups == ("g",)
+
+
+def test_outbox_signs_what_it_serialises(tmp_path):
+    ident = DeviceIdentity.create(tmp_path / "dev")
+    box = Outbox(tmp_path / "outbox.sqlite", encode=ident.encode)
+    box.put("t/events", {"kind": "installed", "device_id": "dev", "temperature_c": float("nan"),
+                         "path": tmp_path})
+    row = box.peek(1)[0]
+    report = json.loads(row.payload)
+    assert report["seq"] == 1 and report["temperature_c"] is None
+    assert report["path"] == str(tmp_path)
+    v = ReportVerifier({"dev": ident.enrollment()}).verify(row.payload, topic_device="dev")
+    assert v.key_id == ident.key_id
+    box.close()
+    assert os.path.exists(tmp_path / "outbox.sqlite")
