@@ -27,9 +27,13 @@ def _run(args: list[str], code: int = 0) -> str:
 
 
 def test_agent_init_enroll_devices_revoke(tmp_path, monkeypatch):
+    from edgepack.host.keys import generate_keys
+
     monkeypatch.chdir(tmp_path)
+    generate_keys(tmp_path / "keys", "fleet")
+    # the commands of the README's "Device identity" section, as written there
     out = _run(["agent", "init", "--board", "rpi4", "--device-id", "pi-kitchen",
-                "--broker", "mqtt://broker.local:1883", "--allow-unsigned",
+                "--broker", "mqtt://localhost:1883", "--pub", "keys/fleet.pub",
                 "--data-dir", "var", "--out", "etc/agent.toml", "--group", "kitchen"])
     assert "edgepack fleet enroll etc/enrollment.json" in out
     key = tmp_path / "var" / IDENTITY_FILE
@@ -39,20 +43,21 @@ def test_agent_init_enroll_devices_revoke(tmp_path, monkeypatch):
     assert doc["keyid"] == DeviceIdentity.load(tmp_path / "var").key_id
     # init again (--force) keeps the device's key: it stays enrolled
     _run(["agent", "init", "--board", "rpi4", "--device-id", "pi-kitchen", "--broker",
-          "mqtt://b", "--allow-unsigned", "--data-dir", "var", "--out", "etc/agent.toml",
-          "--force"])
+          "mqtt://b", "--pub", "keys/fleet.pub", "--data-dir", "var", "--out",
+          "etc/agent.toml", "--force"])
     assert json.loads((tmp_path / "etc" / "enrollment.json").read_text())["keyid"] == \
         doc["keyid"]
 
-    out = _run(["fleet", "enroll", "etc/enrollment.json", "--group", "kitchen"])
+    out = _run(["fleet", "enroll", "etc/enrollment.json", "--group", "kitchen",
+                "--db", "sqlite:///fleet.db"])
     assert f"enrolled pi-kitchen in fleet default with key {doc['keyid'][:16]}" in out
     _run(["fleet", "enroll", "--device", "pi-hall", "--key", json.dumps(doc["key"]),
           "--group", "hall", "--group", "all"])
-    rows = json.loads(_run(["fleet", "devices", "--json"]))
+    rows = json.loads(_run(["fleet", "devices", "--db", "sqlite:///fleet.db", "--json"]))
     assert [(r["device_id"], r["key_id"], r["groups"], r["enrolled"]) for r in rows] == [
         ("pi-hall", doc["keyid"], ["hall", "all"], True),
         ("pi-kitchen", doc["keyid"], ["kitchen"], True)]
-    out = _run(["fleet", "revoke", "--device", "pi-hall"])
+    out = _run(["fleet", "revoke", "--device", "pi-hall", "--db", "sqlite:///fleet.db"])
     assert f"revoked pi-hall (key {doc['keyid'][:16]})" in out
     rows = json.loads(_run(["fleet", "devices", "--json"]))
     assert [(r["device_id"], r["revoked"]) for r in rows] == [("pi-hall", True),
@@ -103,3 +108,14 @@ def test_outbox_signs_what_it_serialises(tmp_path):
     assert v.key_id == ident.key_id
     box.close()
     assert os.path.exists(tmp_path / "outbox.sqlite")
+
+
+@pytest.mark.broker
+def test_fleet_simulate_enrolls_its_devices(tmp_path, monkeypatch, mosquitto, fleet):
+    monkeypatch.chdir(tmp_path)
+    out = _run(["fleet", "simulate", "--devices", "2", "--broker", mosquitto.url, "--fleet",
+                fleet, "--db", "sqlite:///fleet.db", "--duration", "1", "--json"])
+    assert json.loads(out)["devices"] == 2
+    with open_store("sqlite:///fleet.db") as store:
+        assert [(r.device_id, r.groups) for r in store.inventory.list(fleet)] == [
+            ("sim-0001", ("sim",)), ("sim-0002", ("sim",))]
