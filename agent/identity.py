@@ -114,11 +114,12 @@ class DeviceIdentity:
 
     def sign(self, report: Mapping[str, Any]) -> dict[str, Any]:
         """``report`` with its ``sig`` member (an existing ``sig`` is replaced)."""
-        body = plain_report({k: v for k, v in report.items() if k != SIG_FIELD})
-        sig = self.signer.sign(report_payload(body))
-        return {**body, SIG_FIELD: {"keyid": sig.keyid, "sig": sig.signature}}
+        sig = self.signer.sign(report_payload(report))
+        return {**{k: v for k, v in report.items() if k != SIG_FIELD},
+                SIG_FIELD: {"keyid": sig.keyid, "sig": sig.signature}}
 
     def encode(self, report: Mapping[str, Any]) -> bytes:
-        """The signed report as the bytes a device publishes (compact JSON, keys sorted)."""
-        return json.dumps(self.sign(report), separators=(",", ":"), sort_keys=True,
-                          allow_nan=False).encode()
+        """The report as the bytes a device publishes: made plain (:func:`plain_report`),
+        signed, compact JSON with keys sorted."""
+        return json.dumps(self.sign(plain_report(report)), separators=(",", ":"),
+                          sort_keys=True, allow_nan=False).encode()
