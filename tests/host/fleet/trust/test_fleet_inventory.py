@@ -119,3 +119,25 @@ def test_fleet_simulate_enrolls_its_devices(tmp_path, monkeypatch, mosquitto, fl
     with open_store("sqlite:///fleet.db") as store:
         assert [(r.device_id, r.groups) for r in store.inventory.list(fleet)] == [
             ("sim-0001", ("sim",)), ("sim-0002", ("sim",))]
+
+
+def test_enrolling_a_device_already_seen_checks_its_last_state(tmp_path):
+    """A device that reported before it was enrolled joins its groups at enrollment when its
+    last state verifies with the enrolled key; a forged one keeps it out."""
+    from edgepack.host.fleet.storage import UNAUTHENTICATED, Batch
+
+    real, forger = DeviceIdentity.create(tmp_path / "a"), DeviceIdentity.create(tmp_path / "b")
+    state = {"online": True, "device_id": "pi-1", "target": "rpi4", "groups": ["g"], "ts": 1.0}
+    with open_store(f"sqlite:///{tmp_path / 'fleet.db'}") as store:
+        for dev, who in (("pi-1", real), ("pi-2", forger)):
+            b = Batch()
+            b.states.append(("default", dev, 2.0, who.sign({**state, "device_id": dev}),
+                             UNAUTHENTICATED))
+            store.write_batch(b)
+            assert store.devices.get("default", dev).groups == ()
+        enroll(store, real.enrollment("pi-1"), groups=["ops"])
+        enroll(store, real.enrollment("pi-2"), groups=["ops"])  # pi-2's state: another key
+        one, two = store.devices.get("default", "pi-1"), store.devices.get("default", "pi-2")
+        assert one.groups == ("ops",) and one.key_id == real.key_id
+        assert one.claimed_groups == ("g",)
+        assert two.groups == () and not two.authenticated
