@@ -24,9 +24,9 @@ __all__ = ["Database", "StorageError", "Cursor", "open_database", "SCHEMA_VERSIO
 
 # 2: drift_windows and drift_references (added by the CREATE … IF NOT EXISTS below; a version 1
 # database gains them when opened and is marked 2).
-# 3: enrollments (the device inventory) and the devices columns key_id, claimed_groups,
-# unauthenticated and auth_error (added to an older database by _ADDED_COLUMNS).
-SCHEMA_VERSION = 3
+# Additions an older edgepack can ignore keep the version: the enrollments table (created
+# above) and the devices columns of _ADDED_COLUMNS, added to any database that lacks them.
+SCHEMA_VERSION = 2
 
 
 class StorageError(EdgepackError):
@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS drift_references (
 """
 
 
-# columns later schema versions added to tables an older database has: (table, column, type)
+# columns added to tables an older database has: (table, column, type)
 _ADDED_COLUMNS = (
     ("devices", "key_id", "TEXT"), ("devices", "claimed_groups", "TEXT"),
     ("devices", "unauthenticated", "BIGINT"), ("devices", "auth_error", "TEXT"),
@@ -406,6 +406,9 @@ class Database:
             for stmt in (s.strip() for s in ddl.split(";")):
                 if stmt:
                     cur.execute(stmt)
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in cur.columns(table):
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             cur.execute("SELECT value FROM meta WHERE key = ?", ("schema_version",))
             row = cur.fetchone()
             if row is None:
@@ -416,9 +419,6 @@ class Database:
                     f"the fleet database {self.safe_url} has schema version {row[0]}, newer than "
                     f"this edgepack understands ({SCHEMA_VERSION}): upgrade edgepack")
             elif int(row[0]) < SCHEMA_VERSION:  # the tables it lacked were created above
-                for table, column, kind in _ADDED_COLUMNS:
-                    if column not in cur.columns(table):
-                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 cur.execute("UPDATE meta SET value = ?, updated = ? WHERE key = ?",
                             (str(SCHEMA_VERSION), time.time(), "schema_version"))
 
