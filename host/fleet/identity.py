@@ -115,18 +115,26 @@ def read_enrollment(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def enroll(store: Any, enrollment: Mapping[str, Any], *, fleet: str = "default",
-           device: str | None = None, groups: Sequence[str] | None = None) -> Any:
-    """Enroll a device's key in ``store``'s inventory; returns its EnrollmentRecord.
+def enroll(store: Any, enrollment: Mapping[str, Any] | str | os.PathLike, *,
+           fleet: str = "default", device: str | None = None,
+           groups: Sequence[str] | None = None) -> Any:
+    """Enroll a device's key in ``store`` (a Store or a database URL); returns its
+    EnrollmentRecord.
 
-    ``enrollment`` is ``{"device_id", "keyid", "key"[, "groups"]}`` (``agent init`` writes
-    it); ``device`` and ``groups`` given here win over the file's. A device enrolled again
+    ``enrollment`` is ``{"device_id", "keyid", "key"[, "groups"]}`` or the file holding it
+    (``agent init`` writes ``enrollment.json``); ``device`` and ``groups`` given here win over
+    the file's. A device enrolled again
     gets the new key and groups. Its last state, if it verifies with the key, makes it a
     member of its groups at once; otherwise its next signed state does.
     """
     from edgepack.agent.protocol import check_id
-    from edgepack.host.fleet.storage import ReportTrust
+    from edgepack.host.fleet.storage import ReportTrust, open_store
 
+    if isinstance(store, str):
+        with open_store(store) as opened:
+            return enroll(opened, enrollment, fleet=fleet, device=device, groups=groups)
+    if not isinstance(enrollment, Mapping):
+        enrollment = read_enrollment(enrollment)
     dev = device or enrollment.get("device_id")
     if not isinstance(dev, str):
         raise ReportRefused("the enrollment names no device: pass `device=`",
@@ -153,9 +161,13 @@ def enroll(store: Any, enrollment: Mapping[str, Any], *, fleet: str = "default",
 
 
 def revoke(store: Any, device: str, *, fleet: str = "default") -> Any:
-    """Stop believing a device: its reports count for nothing and it leaves its groups."""
-    from edgepack.host.fleet.storage import ReportTrust
+    """Stop believing a device: its reports count for nothing and it leaves its groups.
+    ``store`` is a Store or a database URL."""
+    from edgepack.host.fleet.storage import ReportTrust, open_store
 
+    if isinstance(store, str):
+        with open_store(store) as opened:
+            return revoke(opened, device, fleet=fleet)
     rec = store.inventory.revoke(fleet, device)
     store.devices.set_trust(fleet, device, ReportTrust(None))
     return rec
