@@ -38,12 +38,13 @@ from edgepack.agent.deployment import Deployment, label
 from edgepack.agent.drift import load_sketcher
 from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
 from edgepack.agent.health import HealthOptions, run_health_check
+from edgepack.agent.identity import DeviceIdentity
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
 from edgepack.agent.installer import Installer
 from edgepack.agent.mqtt import Connection
 from edgepack.agent.outbox import Outbox
 from edgepack.agent.profiler import Profiler
-from edgepack.agent.protocol import DesiredState, Topics, encode
+from edgepack.agent.protocol import DesiredState, Topics
 from edgepack.agent.reconcile import Action, decide, effective_desired
 from edgepack.agent.runtimes import available_runtimes, runtime_version
 from edgepack.agent.signing import load_public_keys
@@ -79,8 +80,10 @@ class Agent:
         self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
         self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
+        # the device key (made by ``agent init``, or here on first start) signs every report
+        self.identity = DeviceIdentity.load_or_create(cfg.data_dir)
         self.outbox = Outbox(Path(cfg.data_dir) / "outbox.sqlite",
-                             cfg.telemetry.outbox_max_bytes)
+                             cfg.telemetry.outbox_max_bytes, encode=self.identity.encode)
         self.stats = LatencyStats()
         self.service = InferenceService(self.stats)
         self.sampler = SystemSampler(cfg.data_dir)
@@ -107,8 +110,8 @@ class Agent:
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
         self.capture = Capture(cfg.data_dir, device_id=cfg.device_id)  # off unless asked
         self.capture_topic = self.topics.device(cfg.device_id, "capture")
-        will = (self.state_topic, encode({"online": False, "device_id": cfg.device_id,
-                                          "reason": "connection lost"}), 1, True)
+        will = (self.state_topic, self.signed({"online": False, "device_id": cfg.device_id,
+                                               "reason": "connection lost"}), 1, True)
         b = cfg.broker
         self.net = Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
                                will, self.inbox, b.reconnect_min_s, b.reconnect_max_s)
@@ -198,7 +201,7 @@ class Agent:
         if self.job is not None:
             self.job.stop()
         self.profiler.close()
-        self.net.close((self.state_topic, encode(self._state_payload(online=False))),
+        self.net.close((self.state_topic, self.signed(self._state_payload(online=False))),
                        self.connected)
         if self.server is not None:
             self.server.close()
@@ -475,10 +478,15 @@ class Agent:
                          "http": cfg.serve.http or None},
         }
 
+    def signed(self, report: dict[str, Any]) -> bytes:
+        """A state message as published: ``ts`` added when missing, signed by the device key
+        (events, telemetry and profile results are signed by the outbox, with their ``seq``)."""
+        return self.identity.encode({"ts": time.time(), **report})
+
     def publish_state(self) -> None:
         if self.connected:
             with contextlib.suppress(BrokerError):  # sent again on the next connection
-                self.net.publish(self.state_topic, encode(self._state_payload()), qos=1,
+                self.net.publish(self.state_topic, self.signed(self._state_payload()), qos=1,
                                  retain=True)
 
     def event(self, kind: str, detail: str, *, desired: DesiredState | None = None,

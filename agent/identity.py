@@ -28,7 +28,7 @@ from typing import Any
 from edgepack.agent.trust.errors import KeyFileError
 from edgepack.agent.trust.privatefile import read_signer, write_private
 
-__all__ = ["IDENTITY_FILE", "SIG_FIELD", "DeviceIdentity", "report_payload"]
+__all__ = ["IDENTITY_FILE", "SIG_FIELD", "DeviceIdentity", "report_payload", "plain_report"]
 
 IDENTITY_FILE = "identity.key"
 SIG_FIELD = "sig"
@@ -44,6 +44,22 @@ def report_payload(report: Mapping[str, Any]) -> bytes:
         raise ValueError(f"a signed report cannot carry NaN or infinity ({exc})") from None
 
 
+def plain_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """``report`` as the JSON it will be read back as: values JSON cannot carry become strings
+    (paths) or ``null`` (NaN and infinities), so the signature covers exactly what is sent."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if v - v == 0.0 else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return v
+
+    return finite(json.loads(json.dumps(dict(report), default=str)))
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
     """A device's Ed25519 key (a securesystemslib CryptoSigner) and where it lives."""
@@ -56,9 +72,11 @@ class DeviceIdentity:
         """The TUF key id (sha256 of the canonical JSON of the public key object)."""
         return self.signer.public_key.keyid
 
-    def enrollment(self) -> dict[str, Any]:
-        """What the fleet server enrolls: ``{"keyid": …, "key": <TUF public key object>}``."""
-        return {"keyid": self.key_id, "key": self.signer.public_key.to_dict()}
+    def enrollment(self, device_id: str | None = None) -> dict[str, Any]:
+        """What the fleet server enrolls: ``{"device_id": …, "keyid": …, "key": <TUF public
+        key object>}`` (``device_id`` only when given)."""
+        out = {"device_id": device_id} if device_id is not None else {}
+        return {**out, "keyid": self.key_id, "key": self.signer.public_key.to_dict()}
 
     @classmethod
     def create(cls, data_dir: str | os.PathLike, *, overwrite: bool = False) -> DeviceIdentity:
@@ -73,6 +91,13 @@ class DeviceIdentity:
         signer = CryptoSigner.generate_ed25519()
         write_private(path, signer.private_bytes)
         return cls(path, signer)
+
+    @classmethod
+    def ephemeral(cls) -> DeviceIdentity:
+        """A key that lives in memory only (simulated devices)."""
+        from securesystemslib.signer import CryptoSigner
+
+        return cls(Path("<memory>"), CryptoSigner.generate_ed25519())
 
     @classmethod
     def load(cls, data_dir: str | os.PathLike) -> DeviceIdentity:
@@ -92,3 +117,9 @@ class DeviceIdentity:
         sig = self.signer.sign(report_payload(report))
         return {**{k: v for k, v in report.items() if k != SIG_FIELD},
                 SIG_FIELD: {"keyid": sig.keyid, "sig": sig.signature}}
+
+    def encode(self, report: Mapping[str, Any]) -> bytes:
+        """The report as the bytes a device publishes: made plain (:func:`plain_report`),
+        signed, compact JSON with keys sorted."""
+        return json.dumps(self.sign(plain_report(report)), separators=(",", ":"),
+                          sort_keys=True, allow_nan=False).encode()

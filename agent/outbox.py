@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +46,10 @@ def _disk_full(exc: sqlite3.OperationalError) -> bool:
     return "full" in str(exc) or "disk I/O" in str(exc)
 
 
-def _encode(body: Mapping[str, Any], seq: int) -> bytes:
-    doc = dict(body)
-    doc["seq"] = seq
-    doc.setdefault("ts", time.time())
+Encoder = Callable[[Mapping[str, Any]], bytes]
+
+
+def _plain_encode(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=str).encode()
 
 
@@ -67,8 +67,12 @@ class OutboxRow:
 class Outbox:
     """A bounded FIFO of MQTT messages in a SQLite file."""
 
-    def __init__(self, path: str | os.PathLike, max_bytes: int = 8 * 1024**2) -> None:
+    def __init__(self, path: str | os.PathLike, max_bytes: int = 8 * 1024**2, *,
+                 encode: Encoder | None = None) -> None:
         self.path = Path(path)
+        #: serialises a mapping message (with ``seq`` and ``ts``); the agent passes its device
+        #: identity's ``encode`` so every report is signed where it is serialised
+        self.encode = encode or _plain_encode
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         #: why the database was found damaged and recreated at open (None: it was fine)
@@ -174,7 +178,7 @@ class Outbox:
             if not _disk_full(exc):
                 raise
         seq = self._seq + 1
-        payload = _encode(body, seq) if isinstance(body, Mapping) else bytes(body)
+        payload = self._encode(body, seq) if isinstance(body, Mapping) else bytes(body)
         self._last_id += 1
         self._spill.append(OutboxRow(self._last_id, topic, payload, qos, retain))
         self._seq = seq
@@ -183,6 +187,12 @@ class Outbox:
             self._spill.pop(0)
             self._spill_dropped += 1
         return seq
+
+    def _encode(self, body: Mapping[str, Any], seq: int) -> bytes:
+        doc = dict(body)
+        doc["seq"] = seq
+        doc.setdefault("ts", time.time())
+        return self.encode(doc)
 
     def _flush_spill(self) -> None:
         """Write what the full disk kept in memory (same ids, in order), and the acks that
@@ -215,7 +225,7 @@ class Outbox:
         try:
             seq = max(self._meta("seq"), self._seq) + 1
             self._set_meta("seq", seq)
-            payload = _encode(body, seq) if isinstance(body, Mapping) else bytes(body)
+            payload = self._encode(body, seq) if isinstance(body, Mapping) else bytes(body)
             size = len(payload) + len(topic) + 32
             # explicit ids: a message kept in memory while the disk was full and acked before
             # it reached the database still used its id, which must not be handed out again

@@ -74,7 +74,7 @@ def sim_worker(args: argparse.Namespace) -> int:
 
     sim = Simulator(args.broker, SimOptions(
         devices=args.devices, fleet=args.fleet, interval_s=1.0, connect_rate=1500.0,
-        prefix=args.prefix, keepalive=120)).start()
+        prefix=args.prefix, keepalive=120, enroll_db=args.enroll_db)).start()
     if not sim.wait_online(timeout=120):
         print(json.dumps({"error": f"only {sim.online_count()} of {args.devices} online"}),
               flush=True)
@@ -97,7 +97,8 @@ def sim_worker(args: argparse.Namespace) -> int:
 class _Sims:
     """The simulated devices, split over ``procs`` processes (``b0-…``, ``b1-…``)."""
 
-    def __init__(self, broker: str, fleet: str, n: int, duration: float, procs: int) -> None:
+    def __init__(self, broker: str, fleet: str, n: int, duration: float, procs: int,
+                 db_url: str | None) -> None:
         self.procs: list[subprocess.Popen] = []
         self.lines: list[queue.Queue] = []
         self._got: list[dict | None] = [None] * procs
@@ -105,7 +106,8 @@ class _Sims:
             share = n // procs + (1 if k < n % procs else 0)
             proc = subprocess.Popen(
                 [sys.executable, __file__, "--sim-worker", "--broker", broker, "--fleet", fleet,
-                 "--devices", str(share), "--duration", str(duration), "--prefix", f"b{k}"],
+                 "--devices", str(share), "--duration", str(duration), "--prefix", f"b{k}",
+                 *(["--enroll-db", db_url] if db_url else [])],  # enrolled: their reports count
                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
@@ -169,7 +171,7 @@ def trial(broker: str, db_url: str, n: int, duration: float, procs: int = 1) -> 
     collector.start()
     if not collector.wait_connected(10):
         raise RuntimeError("the collector did not connect")
-    sims = _Sims(broker, fleet, n, duration, procs)
+    sims = _Sims(broker, fleet, n, duration, procs, db_url)
     try:
         ready = sims.wait_all(180)
         if ready is None:
@@ -242,7 +244,7 @@ def baseline(broker: str, n: int, duration: float, procs: int = 1) -> dict[str, 
     c.connect(cfg.host, cfg.port)
     c.subscribe(f"edgepack/v1/{fleet}/devices/+/telemetry", 1)
     c.loop_start()
-    sims = _Sims(broker, fleet, n, duration, procs)
+    sims = _Sims(broker, fleet, n, duration, procs, None)
     try:
         sims.wait_all(180)
         lags.clear()
@@ -291,6 +293,7 @@ def main() -> int:
     p.add_argument("--fleet", help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, help=argparse.SUPPRESS)
     p.add_argument("--prefix", default="b", help=argparse.SUPPRESS)
+    p.add_argument("--enroll-db", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.sim_worker:
         return sim_worker(args)

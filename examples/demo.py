@@ -2,7 +2,8 @@
 
 1. trains a small CNN on scikit-learn's digits data and exports it to ONNX;
 2. generates a fleet signing key and builds a signed int8 bundle for a Raspberry Pi 4;
-3. starts the embedded MQTT broker, the fleet server and a local agent standing in for the Pi;
+3. starts the embedded MQTT broker, the fleet server and a local agent standing in for the Pi
+   (its device key enrolled with the fleet server, so its signed reports count);
 4. deploys the bundle, waits until the agent has verified, health-checked and committed it;
 5. runs inferences through the agent's local endpoint and prints the telemetry it reports;
 6. shuts everything down cleanly.
@@ -153,10 +154,13 @@ def show_dashboard(base: str) -> None:
           f"busiest window p50 {t.get('p50')} ms / p95 {t.get('p95')} ms, "
           f"RSS {t.get('rss_mb')} MB")
     print(f"  install events the collector stored: {' → '.join(k for k in kinds if k)}")
+    print(f"  reports signed by its enrolled key {str(dev.get('key_id'))[:16]}: "
+          f"authenticated {dev.get('authenticated')}, refused {dev.get('unauthenticated')}")
 
 
 def run_fleet(bundle: Path) -> None:
     import edgepack.host as ep
+    from edgepack.host.fleet.identity import enroll
 
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
@@ -175,8 +179,13 @@ def run_fleet(bundle: Path) -> None:
             data_dir = WORK / "device"
             say(f'ep.init_agent("rpi4", "{DEVICE}", broker="{url}", pub=["keys/fleet.pub"], '
                 'out="device.toml")')
-            ep.init_agent("rpi4", DEVICE, broker=url, pub=[WORK / "keys" / "fleet.pub"],
-                          data_dir=data_dir, out=WORK / "device.toml", force=True)
+            setup = ep.init_agent("rpi4", DEVICE, broker=url,
+                                  pub=[WORK / "keys" / "fleet.pub"], data_dir=data_dir,
+                                  out=WORK / "device.toml", force=True)
+            # the fleet server believes only reports signed by enrolled device keys
+            say('enroll(fleet.store, "enrollment.json")   # edgepack fleet enroll')
+            enroll(fleet.store, setup.enrollment, groups=["demo"])
+            print(f"  {DEVICE} enrolled with key {setup.enrollment['keyid'][:16]}")
             conf = WORK / "device.toml"
             # Report every 2 s instead of 30 s so the demo shows telemetry quickly.
             text = conf.read_text()

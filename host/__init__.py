@@ -57,6 +57,8 @@ _EXPORTS = {
     "FleetServer": "edgepack.host.fleet.server:FleetServer",
     "ServeConfig": "edgepack.host.fleet.server:ServeConfig",
     "init_agent": "edgepack.host.fleet.provision:init_agent",
+    "enroll": "edgepack.host.fleet.identity:enroll",
+    "revoke": "edgepack.host.fleet.identity:revoke",
     "profile": "edgepack.host.fleet.profiling:profile",
     "ProfileReport": "edgepack.host.fleet.profiling:ProfileReport",
     # errors

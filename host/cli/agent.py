@@ -47,7 +47,9 @@ def register(main: click.Group) -> None:
              pubs: tuple[str, ...], data_dir: str, out: str, target: str | None,
              groups: tuple[str, ...], fleet: str, allow_unsigned: bool, root: str | None,
              force: bool, as_json: bool) -> None:
-        """Write agent.toml for a device (start it with: edgepack-agent --config OUT)."""
+        """Write agent.toml for a device and make its key (start it with: edgepack-agent
+        --config OUT; enroll the enrollment.json written next to it with edgepack fleet
+        enroll)."""
         from edgepack.host.cli.main import emit
         from edgepack.host.cli.options import broker_config
         from edgepack.host.fleet.provision import init_agent
@@ -63,6 +65,9 @@ def register(main: click.Group) -> None:
                        f"{r['target']}, fleet {r['fleet']})")
             click.echo(f"trusts {r['trust_root'] or 'a root derived from its trusted keys'} "
                        "for signed desired states (protocol v2)")
+            click.echo(f"device key {r['enrollment']['keyid'][:16]} in {r['data_dir']}; "
+                       f"enroll it on the fleet server: edgepack fleet enroll "
+                       f"{r['enrollment_file']}")
             click.echo(f"start it with: edgepack-agent --config {r['config']}")
 
         emit(result, as_json, render)

@@ -194,6 +194,116 @@ def fleet_status_cmd(broker_cfg: Any, fleet_name: str, as_json: bool) -> None:
     emit(rows, as_json, render)
 
 
+# -- inventory: enroll, revoke, devices ----------------------------------------------------
+
+_db_option = click.option("--db", "db_url", default="sqlite:///fleet.db", show_default=True,
+                          envvar="EDGEPACK_DB", help="Fleet database (the one 'fleet serve' "
+                          "uses; env EDGEPACK_DB).")
+
+
+def _enrollment_doc(file: str | None, key: str | None) -> dict[str, Any]:
+    """The enrollment object of FILE, or of ``--key`` (a key file, or its JSON inline)."""
+    import json
+    from pathlib import Path
+
+    from edgepack.host.fleet.identity import enrollment_of_key, read_enrollment
+
+    if (file is None) == (key is None):
+        raise click.UsageError("give an enrollment file (agent init wrote it) or --device and "
+                               "--key")
+    if file is not None:
+        return read_enrollment(file)
+    assert key is not None
+    try:
+        doc = read_enrollment(key) if Path(key).is_file() else json.loads(key)
+    except ValueError:
+        raise click.BadParameter("neither a file nor a JSON key object", param_hint="--key") \
+            from None
+    if isinstance(doc, dict) and "key" not in doc:  # a bare public key object
+        doc = enrollment_of_key(doc)
+    return doc
+
+
+@fleet.command("enroll")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", callback=check_id("device id"),
+              help="Device id (default: the enrollment file's).")
+@click.option("--key", help="The device's public key: its enrollment.json, or the JSON inline.")
+@click.option("--group", "groups", multiple=True,
+              help="Group the device belongs to; repeatable (default: the file's groups).")
+@fleet_option
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def enroll_cmd(file: str | None, device: str | None, key: str | None, groups: tuple[str, ...],
+               fleet_name: str, db_url: str, as_json: bool) -> None:
+    """Enroll a device's key: only its signed reports count, in the groups given here."""
+    from edgepack.host.cli.main import emit
+    from edgepack.host.fleet.identity import enroll
+    from edgepack.host.fleet.storage import open_store
+
+    doc = _enrollment_doc(file, key)
+    with open_store(db_url) as store:
+        rec = enroll(store, doc, fleet=fleet_name, device=device,
+                     groups=list(groups) if groups else None)
+    emit(rec.to_json(), as_json, lambda r: click.echo(
+        f"enrolled {r['device_id']} in fleet {r['fleet']} with key {r['key_id'][:16]} "
+        f"(groups: {', '.join(r['groups']) or 'none'})"))
+
+
+@fleet.command("revoke")
+@click.option("--device", required=True, callback=check_id("device id"),
+              help="The device whose key is no longer believed.")
+@fleet_option
+@_db_option
+def revoke_cmd(device: str, fleet_name: str, db_url: str) -> None:
+    """Revoke a device: its reports count for nothing and it leaves its groups."""
+    from edgepack.host.fleet.identity import revoke
+    from edgepack.host.fleet.storage import open_store
+
+    with open_store(db_url) as store:
+        rec = revoke(store, device, fleet=fleet_name)
+    click.echo(f"revoked {rec.device_id} (key {rec.key_id[:16]}) in fleet {rec.fleet}")
+
+
+@fleet.command("devices")
+@fleet_option
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def devices_cmd(fleet_name: str, db_url: str, as_json: bool) -> None:
+    """The inventory: enrolled devices, their key ids and groups, and devices seen but not
+    enrolled (their reports count for nothing)."""
+    from edgepack.host.cli.main import emit
+    from edgepack.host.fleet.storage import open_store
+
+    with open_store(db_url) as store:
+        enrolled = {r.device_id: r for r in store.inventory.list(fleet_name)}
+        seen = {d.device_id: d for d in store.devices.list(fleet_name)}
+    rows = []
+    for dev in sorted(set(enrolled) | set(seen)):
+        e, d = enrolled.get(dev), seen.get(dev)
+        rows.append({
+            "device_id": dev, "enrolled": e is not None and not e.revoked,
+            "revoked": bool(e and e.revoked), "key_id": e.key_id if e else None,
+            "groups": list(e.groups) if e else [],
+            "claimed_groups": list(d.claimed_groups) if d else [],
+            "authenticated": bool(d and d.authenticated),
+            "unauthenticated": d.unauthenticated if d else 0,
+            "enrolled_at": e.enrolled_at if e else None})
+
+    def render(rows: list[dict]) -> None:
+        if not rows:
+            click.echo(f"no device enrolled or seen in fleet {fleet_name}")
+            return
+        for r in rows:
+            status = "revoked" if r["revoked"] else "enrolled" if r["enrolled"] else \
+                "NOT ENROLLED"
+            click.echo(f"{r['device_id']}  {status}  key {(r['key_id'] or '-')[:16]}  groups "
+                       f"{','.join(r['groups']) or '-'}  unauthenticated reports "
+                       f"{r['unauthenticated']}")
+
+    emit(rows, as_json, render)
+
+
 # -- broker ---------------------------------------------------------------------------------
 
 @click.command("broker")

@@ -148,12 +148,14 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
               "(default: until Ctrl-C).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Which devices misbehave, and the noise in their figures.")
+@click.option("--db", "enroll_db", help="Enroll the devices' keys in this fleet database (the "
+              "one 'fleet serve' uses), so their signed reports count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final counters as JSON.")
 def simulate_cmd(n: int, broker_cfg: Any, fleet_name: str, target: str, board: str | None,
                  groups: tuple[str, ...], prefix: str, fail_rate: float,
                  over_budget_rate: float, interval: float, install_time: float,
                  pubs: tuple[str, ...], duration: float | None, seed: int,
-                 as_json: bool) -> None:
+                 enroll_db: str | None, as_json: bool) -> None:
     """Run many simulated devices, each a real MQTT connection speaking the agent protocol.
 
     They announce themselves (retained state, LWT), follow deployments with the real chunk
@@ -168,7 +170,8 @@ def simulate_cmd(n: int, broker_cfg: Any, fleet_name: str, target: str, board: s
         opts = SimOptions(devices=n, fleet=fleet_name, target=target, board=board,
                           groups=tuple(groups), prefix=prefix, fail_rate=fail_rate,
                           over_budget_rate=over_budget_rate, interval_s=interval,
-                          install_s=install_time, trusted_keys=tuple(pubs), seed=seed)
+                          install_s=install_time, trusted_keys=tuple(pubs), seed=seed,
+                          enroll_db=enroll_db)
     except (ValueError, ProtocolError) as exc:
         raise click.UsageError(str(exc)) from None
     with until_signal() as stop:

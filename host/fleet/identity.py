@@ -5,19 +5,25 @@ The inventory is a plain mapping ``device_id → public key`` (a securesystemsli
 ``device_id`` is enrolled, the topic it came on names the same device, its ``sig`` is by that
 device's key, and the signature verifies over the report's canonical JSON
 (``edgepack.agent.identity.report_payload``). Rollouts count authentic reports only.
+
+:func:`enroll` and :func:`revoke` keep the fleet server's inventory (``store.inventory``):
+the operator, not the device, says which groups an enrolled device is in.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgepack.agent.identity import SIG_FIELD, report_payload
 from edgepack.agent.trust.errors import Reason, ReportRefused
 
-__all__ = ["VerifiedReport", "ReportVerifier", "public_key_from_enrollment"]
+__all__ = ["VerifiedReport", "ReportVerifier", "public_key_from_enrollment", "enroll",
+           "revoke", "read_enrollment", "enrollment_of_key"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,99 @@ class ReportVerifier:
                                 device_id=dev) from None
         body = {k: v for k, v in report.items() if k != SIG_FIELD}
         return VerifiedReport(dev, key.keyid, body)
+
+
+def read_enrollment(path: str | os.PathLike) -> dict[str, Any]:
+    """The enrollment object a device wrote at ``agent init`` (``enrollment.json``)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReportRefused(f"cannot read the enrollment file {path}: {exc.strerror}",
+                            reason=Reason.MALFORMED, path=str(path)) from None
+    except ValueError as exc:
+        raise ReportRefused(f"the enrollment file {path} is not JSON ({exc})",
+                            reason=Reason.MALFORMED, path=str(path)) from None
+    if not isinstance(doc, dict):
+        raise ReportRefused(f"the enrollment file {path} is not a JSON object",
+                            reason=Reason.MALFORMED, path=str(path))
+    return doc
+
+
+def enroll(store: Any, enrollment: Mapping[str, Any] | str | os.PathLike, *,
+           fleet: str = "default", device: str | None = None,
+           groups: Sequence[str] | None = None) -> Any:
+    """Enroll a device's key in ``store`` (a Store or a database URL); returns its
+    EnrollmentRecord.
+
+    ``enrollment`` is ``{"device_id", "keyid", "key"[, "groups"]}`` or the file holding it
+    (``agent init`` writes ``enrollment.json``); ``device`` and ``groups`` given here win over
+    the file's. A device enrolled again
+    gets the new key and groups. Its last state, if it verifies with the key, makes it a
+    member of its groups at once; otherwise its next signed state does.
+    """
+    from edgepack.agent.protocol import check_id
+    from edgepack.host.fleet.storage import ReportTrust, open_store
+
+    if isinstance(store, str):
+        with open_store(store) as opened:
+            return enroll(opened, enrollment, fleet=fleet, device=device, groups=groups)
+    if not isinstance(enrollment, Mapping):
+        enrollment = read_enrollment(enrollment)
+    dev = device or enrollment.get("device_id")
+    if not isinstance(dev, str):
+        raise ReportRefused("the enrollment names no device: pass `device=`",
+                            reason=Reason.MALFORMED, field="device")
+    check_id(dev)
+    key = public_key_from_enrollment(enrollment)
+    if _computed_keyid(key) != key.keyid:
+        raise ReportRefused(f"the enrollment of {dev!r} names key id {key.keyid[:16]}, which "
+                            "is not the id of its key", reason=Reason.MALFORMED, field="key")
+    if groups is None:
+        claimed = enrollment.get("groups") or []
+        groups = [g for g in claimed if isinstance(g, str)] if isinstance(claimed, list) else []
+    for g in groups:
+        check_id(g, "group name")
+    rec = store.inventory.enroll(fleet, dev, key.keyid, key.to_dict(), list(groups))
+    known = store.devices.get(fleet, dev)
+    if known is not None:
+        try:
+            ok = ReportVerifier({dev: key}).verify(known.state, topic_device=dev)
+            store.devices.set_trust(fleet, dev, ReportTrust(ok.key_id, rec.groups))
+        except ReportRefused:
+            store.devices.set_trust(fleet, dev, ReportTrust(None))
+    return rec
+
+
+def revoke(store: Any, device: str, *, fleet: str = "default") -> Any:
+    """Stop believing a device: its reports count for nothing and it leaves its groups.
+    ``store`` is a Store or a database URL."""
+    from edgepack.host.fleet.storage import ReportTrust, open_store
+
+    if isinstance(store, str):
+        with open_store(store) as opened:
+            return revoke(opened, device, fleet=fleet)
+    rec = store.inventory.revoke(fleet, device)
+    store.devices.set_trust(fleet, device, ReportTrust(None))
+    return rec
+
+
+def _computed_keyid(key: Any) -> str:
+    """The TUF key id of ``key``: sha256 of the canonical JSON of its public key object."""
+    return _keyid_of(key.to_dict())
+
+
+def _keyid_of(key: Mapping[str, Any]) -> str:
+    import hashlib
+
+    from securesystemslib.formats import encode_canonical
+
+    try:
+        return hashlib.sha256(encode_canonical(dict(key)).encode()).hexdigest()
+    except Exception as exc:  # noqa: BLE001 - securesystemslib's FormatError and friends
+        raise ReportRefused(f"not a public key object ({exc})", reason=Reason.MALFORMED,
+                            field="key") from None
+
+
+def enrollment_of_key(key: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{"keyid", "key"}`` enrollment object of a bare TUF public key object."""
+    return {"keyid": _keyid_of(key), "key": dict(key)}

@@ -1,6 +1,8 @@
 """Provisioning a device: write the ``agent.toml`` ``edgepack-agent`` runs with, from the
 shipped per-board defaults (``firmware_configs/agents/<board>.toml``), the broker it reaches,
-the keys it trusts and the fleet and groups it belongs to."""
+the keys it trusts and the fleet and groups it belongs to; make the device's own identity key
+(``identity.key``, 0600, in its data directory) and write its public enrollment
+(``enrollment.json`` next to the config) for ``edgepack fleet enroll``."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from edgepack.agent.mqtt import BrokerConfig
 
-__all__ = ["init_agent", "AgentSetup", "BOARDS", "board_template"]
+__all__ = ["init_agent", "AgentSetup", "BOARDS", "board_template", "write_enrollment"]
 
 BOARDS = ("rpi4", "rpi5", "rpi-zero-2w", "jetson-orin-nano", "x86-gateway")
 _BROKER_KEYS = ("url", "ca", "cert", "key", "username", "password")
@@ -44,6 +46,8 @@ class AgentSetup:
     trusted_keys: tuple[str, ...]
     data_dir: str
     trust_root: str = ""
+    enrollment_file: str = ""
+    enrollment: dict[str, Any] | None = None  # {"device_id", "keyid", "key", "groups"}
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -78,7 +82,7 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
     sign bundles and desired states. Raises ConfigError for an existing ``out`` (unless
     ``force``), a device that would trust no key (unless ``allow_unsigned``), or a bad value,
     RootRefused for a ``root`` that does not verify, and ProfileError for an unknown
-    ``target``.
+    ``target``. The device key in ``data_dir`` is made once and kept across ``force``.
     """
     from edgepack.agent.config import ConfigError, load_config, write_config
     from edgepack.agent.profiles import load_profile
@@ -123,7 +127,26 @@ def init_agent(board: str, device_id: str, *, broker: str | BrokerConfig,
         data["groups"] = list(groups)
     path = write_config(out_path, **data)
     cfg = load_config(path)
+    enrollment, enrollment_file = write_enrollment(cfg.data_dir, cfg.device_id, cfg.groups,
+                                                   out_path.parent / "enrollment.json")
     return AgentSetup(config=str(path), device_id=cfg.device_id, board=cfg.board,
                       target=cfg.target, fleet=cfg.fleet, groups=tuple(cfg.groups),
                       broker=cfg.broker.url, trusted_keys=tuple(cfg.trusted_keys),
-                      data_dir=cfg.data_dir, trust_root=cfg.trust_root)
+                      data_dir=cfg.data_dir, trust_root=cfg.trust_root,
+                      enrollment_file=str(enrollment_file), enrollment=enrollment)
+
+
+def write_enrollment(data_dir: str | Path, device_id: str, groups: Sequence[str],
+                     out: str | Path) -> tuple[dict[str, Any], Path]:
+    """Make (or keep) the device key in ``data_dir`` and write its public enrollment to
+    ``out``: ``{"device_id", "keyid", "key", "groups"}`` (the groups are a proposal; the
+    operator decides them at ``edgepack fleet enroll``)."""
+    import json
+
+    from edgepack.agent.identity import DeviceIdentity
+
+    identity = DeviceIdentity.load_or_create(data_dir)
+    doc = {**identity.enrollment(device_id), "groups": list(groups)}
+    out = Path(out)
+    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return doc, out

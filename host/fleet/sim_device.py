@@ -1,12 +1,11 @@
-"""One simulated device of ``edgepack fleet simulate``: protocol v1 as ``edgepack-agent`` speaks
-it, with the agent's own reconcile, compatibility checks and chunk transfer (chunks hashed in
+"""One simulated device of ``edgepack fleet simulate``: the protocol as ``edgepack-agent`` speaks
+it (every report signed by the device's own, in-memory key), with the agent's own reconcile, compatibility checks and chunk transfer (chunks hashed in
 memory, never written); the health check, the model and the telemetry figures are simulated.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -17,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from edgepack.agent.chunkstore import MemoryChunks
 from edgepack.agent.compat import DeviceFacts, check_compat
 from edgepack.agent.errors import BrokerError, BundleError, EdgepackError
+from edgepack.agent.identity import DeviceIdentity
 from edgepack.agent.mqtt import MqttClient, MqttError
-from edgepack.agent.protocol import ChunkTable, DesiredState, encode, parse_desired
+from edgepack.agent.protocol import ChunkTable, DesiredState, parse_desired
 from edgepack.agent.reconcile import Action, decide, effective_desired
 from edgepack.agent.states import Phase
 from edgepack.agent.transfer import Rejected, Transfer
@@ -83,12 +83,13 @@ class SimDevice:
         self.base_rss = 48.0 + rng.uniform(0, 12)
         self.disk_free = 20000.0 + rng.uniform(-3000, 3000)
         self.telemetry_sent = 0
+        self.identity = DeviceIdentity.ephemeral()  # enrolled by Simulator.enroll
 
     # ---- MQTT plumbing
     def make_client(self) -> MqttClient:
         o = self.sim.opts
-        will = (self.state_topic, encode({"online": False, "device_id": self.id,
-                                          "reason": "connection lost"}), 1, True)
+        will = (self.state_topic, self.encode({"online": False, "device_id": self.id,
+                                               "reason": "connection lost"}), 1, True)
         self.client = MqttClient(self.sim.cfg, f"edgepack-{o.fleet}-{self.id}",
                                  handler=lambda event: self.sim.post(self._on_event, event),
                                  clean_session=o.clean_session, will=will,
@@ -155,12 +156,16 @@ class SimDevice:
     def publish(self, topic: str, body: dict, *, qos: int = 1, retain: bool = False) -> None:
         if self.client is None or not self.connected:
             return
-        payload = json.dumps(body, separators=(",", ":")).encode() if "ts" in body \
-            else encode(body)
+        payload = self.encode(body)
         try:
             self.client.publish(topic, payload, qos=qos, retain=retain)
         except BrokerError:
             self.sim.counters["publish_failed"] += 1
+
+    def encode(self, body: dict) -> bytes:
+        """A report as the agent publishes it: ``ts`` added when missing, signed by the
+        device key."""
+        return self.identity.encode(body if "ts" in body else {**body, "ts": time.time()})
 
     # ---- protocol
     def state_payload(self, online: bool = True) -> dict:

@@ -71,6 +71,7 @@ class SimOptions:
     trusted_keys: tuple[str, ...] = ()  # public keys to check table_sig (none: not checked)
     seed: int = 0
     clean_session: bool = True
+    enroll_db: str | None = None  # fleet database to enroll the devices' keys in at start
 
     def __post_init__(self) -> None:
         check_id(self.fleet, "fleet name")
@@ -140,8 +141,24 @@ class Simulator:
 
     # ---- public API (any thread)
     def start(self) -> Simulator:
+        if self.opts.enroll_db:
+            from edgepack.host.fleet.storage import open_store
+
+            with open_store(self.opts.enroll_db) as store:
+                self.enroll(store)
         self._thread.start()
         return self
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        """Each device's enrollment object (``{"device_id", "keyid", "key", "groups"}``)."""
+        return [{**d.identity.enrollment(d.id), "groups": list(self.opts.groups)}
+                for d in self.devices]
+
+    def enroll(self, store: Any) -> None:
+        """Enroll every device's key, in the simulated groups, in ``store``'s inventory (call
+        before :meth:`start`, so the first reports count)."""
+        store.inventory.enroll_many(self.opts.fleet, [
+            (e["device_id"], e["keyid"], e["key"], e["groups"]) for e in self.enrollments()])
 
     def stop(self, graceful: bool = True, timeout: float = 15.0) -> None:
         """Disconnect every device: ``graceful`` publishes an offline state first (as a stopping

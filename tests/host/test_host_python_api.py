@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / "tests" / "agent"))
 from agent_helpers import AgentProcess, agent_config  # noqa: E402
 from brokers import start_mosquitto  # noqa: E402
 
+from edgepack.host.fleet.provision import write_enrollment  # noqa: E402
+
 pytestmark = pytest.mark.broker
 
 DOC = ROOT / "docs" / "python-api.md"
@@ -48,6 +50,8 @@ def test_python_api_page_runs_as_written(tmp_path, monkeypatch, capsys):
                 cfg = agent_config(tmp_path / "pi-kitchen", broker.url, "default",
                                    device_id="pi-kitchen", pub=tmp_path / "keys" / "fleet.pub",
                                    target="rpi4", groups=["kitchen"])
+                write_enrollment(cfg.parent / "data", "pi-kitchen", ["kitchen"],
+                                 cfg.parent / "enrollment.json")  # what `agent init` does
                 agent = AgentProcess(cfg, tmp_path / "agent.log").start()
             exec(compile(block, f"{DOC.name} block {i + 1}", "exec"), namespace)
     finally:

@@ -14,7 +14,9 @@ import pytest
 from agent_helpers import agent_config, publish_desired
 from reliability_helpers import CrashableAgent, FaultProxy, Recorder
 
+from edgepack.agent.identity import DeviceIdentity
 from edgepack.host.fleet.collector import Collector, CollectorOptions
+from edgepack.host.fleet.identity import enroll
 from edgepack.host.fleet.publish import publish_bundle
 from edgepack.host.fleet.storage import open_store
 
@@ -54,8 +56,11 @@ def test_delay_stalls_and_resets_during_transfer(tmp_path, mosquitto, fleet, rel
                        telemetry={"interval_s": 0.2},
                        transfer={"window": 4, "chunk_timeout_s": 5.0},
                        broker={"keepalive": 10, "connect_timeout_s": 3.0})
+    store = open_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    enroll(store, DeviceIdentity.load_or_create(cfg.parent / "data").enrollment("dev1"),
+           fleet=fleet)
     agent = CrashableAgent(cfg).start()
-    collector = Collector(url, open_store(f"sqlite:///{tmp_path / 'fleet.db'}"),
+    collector = Collector(url, store,
                           CollectorOptions(fleets=(fleet,), client_id=f"{fleet}-collector",
                                            fetch_reports=False)).start()
     try:

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Any
 
 from edgepack.agent.mqtt import BrokerConfig, parse_broker_url
+from edgepack.host.fleet.collector.authenticator import Authenticator
 from edgepack.host.fleet.collector.inbox import Inbox
 from edgepack.host.fleet.collector.lag import LagStats
 from edgepack.host.fleet.collector.messages import Parsed, parse_messages
@@ -50,6 +51,8 @@ class Collector:
         self.received: Counter[str] = Counter()
         self.stored: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.unauthenticated: Counter[str] = Counter()  # refused device reports, by reason
+        self._auth = Authenticator(store, self.opts.fleets)
         self.db_errors = 0
         self.db_retries = 0
         self.last_commit: float | None = None
@@ -136,7 +139,8 @@ class Collector:
             "connected": self.connected, "protocol": self.protocol,
             "shared_subscription": self.shared_active, "connects": self.connects,
             "received": dict(self.received), "stored": dict(self.stored),
-            "dropped": dict(self.dropped), "queue_depth": self._inbox.depth,
+            "dropped": dict(self.dropped), "unauthenticated": dict(self.unauthenticated),
+            "queue_depth": self._inbox.depth,
             "db_errors": self.db_errors, "db_retries": self.db_retries,
             "last_db_error": self.last_db_error, "last_commit": self.last_commit,
             "lag_s": self.lag.quantiles(), "ingest_lag_s": self.ingest_lag.quantiles(),
@@ -145,8 +149,18 @@ class Collector:
 
     # ------------------------------------------------------------------ writer
     def _parse(self, items: list[tuple]) -> Parsed:
+        while True:  # reports are judged against the current inventory
+            try:
+                self._auth.refresh()
+                break
+            except Exception as exc:  # noqa: BLE001 - the database is away: judge with the
+                if self._auth.loaded or self._stop.is_set():  # inventory read last
+                    log.debug("inventory not reloaded: %s", exc)
+                    break
+                time.sleep(0.2)
         return parse_messages(items, set(self.opts.fleets), received=self.received,
-                              dropped=self.dropped, on_bundle=self._on_bundle)
+                              dropped=self.dropped, on_bundle=self._on_bundle,
+                              auth=self._auth, refused=self.unauthenticated)
 
     def _on_bundle(self, fleet: str, table: dict) -> None:
         if self._reports is not None:
@@ -190,7 +204,7 @@ class Collector:
             self.lag.add_many([now - t for t in pending.device_ts])
             self.ingest_lag.add_many([now - t for t in pending.received_ts])
             self.last_commit = now
-            for name in Batch.KINDS:
+            for name in Batch.KINDS[:-1]:  # not "refused": counted when parsed
                 n = len(getattr(batch, name))
                 if n:
                     self.stored[name] += n

@@ -12,9 +12,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from edgepack.agent.errors import ProtocolError
+from edgepack.agent.identity import SIG_FIELD
 from edgepack.agent.protocol import VERSION, check_id, decode, parse_desired
+from edgepack.host.fleet.collector.authenticator import Authenticator
 from edgepack.host.fleet.drift import decode_window
-from edgepack.host.fleet.storage import Batch
+from edgepack.host.fleet.storage import UNAUTHENTICATED, Batch
 
 __all__ = ["Parsed", "parse_messages"]
 
@@ -36,9 +38,16 @@ class Parsed:
 
 
 def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Counter,
-                   dropped: Counter, on_bundle: Callable[[str, dict], None]) -> Parsed:
+                   dropped: Counter, on_bundle: Callable[[str, dict], None],
+                   auth: Authenticator | None = None,
+                   refused: Counter | None = None) -> Parsed:
     """Decode messages into a batch, counting them by kind in ``received`` and the garbage in
-    ``dropped["bad_message"]``; ``on_bundle(fleet, table)`` hears of every manifest message."""
+    ``dropped["bad_message"]``; ``on_bundle(fleet, table)`` hears of every manifest message.
+
+    With ``auth``, device reports are authenticated: an unauthenticated one is counted in
+    ``dropped["unauthenticated"]``, in ``refused`` by reason and on its device's row; it is
+    never stored as a report — except the state of a device that is not enrolled, stored with
+    no groups so the dashboard shows it (a v1 device, say) as unauthenticated."""
     out = Parsed()
     batch = out.batch
     base = f"edgepack/{VERSION}/"
@@ -61,13 +70,24 @@ def parse_messages(items: Iterable[Message], fleets: set[str], *, received: Coun
                 if not payload or leaf not in ("telemetry", "events", "state"):
                     continue  # a cleared state: nothing to record
                 body = decode(bytes(payload), f"{leaf} of {device}")
+                trust = auth.check(fleet, device, body) if auth is not None else None
+                if isinstance(trust, str):
+                    dropped["unauthenticated"] += 1
+                    if refused is not None:
+                        refused[trust] += 1
+                    batch.refused.append((fleet, device, rcv, trust))
+                    if leaf != "state" or auth.enrolled(fleet, device):
+                        continue
+                    trust = UNAUTHENTICATED
                 if leaf == "state":
                     seen = rcv
                     ts = body.get("ts")
                     if retained and type(ts) in (int, float) and 0 < ts < rcv:
                         seen = float(ts)  # a retained state is as old as it says, not new
-                    batch.states.append((fleet, device, seen, body))
+                    batch.states.append((fleet, device, seen, body) if trust is None
+                                        else (fleet, device, seen, body, trust))
                     continue
+                body.pop(SIG_FIELD, None)
                 (batch.telemetry if leaf == "telemetry" else batch.events).append(
                     (fleet, device, rcv, body))
                 if leaf == "telemetry" and body.get("drift") is not None:

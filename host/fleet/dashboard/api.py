@@ -153,6 +153,7 @@ class FleetAPI:
                 "temperature_c": t.get("temperature_c"),
                 "drift_score": dr.score if dr else None, "drift_alert": bool(dr and dr.alert),
                 "drift_note": dr.note if dr else "no drift windows",
+                **_identity(d),
             })
         return rows
 
@@ -204,7 +205,7 @@ class FleetAPI:
                 "desired": effective.to_json() if effective else None,
                 "in_sync": None if effective is None else effective.bundle_id == d.bundle_id,
                 "events": [e.to_json() for e in self.store.events.list(
-                    fleet, device_id=device_id, limit=50)]}
+                    fleet, device_id=device_id, limit=50)], **_identity(d)}
 
     def telemetry(self, fleet: str | None, device_id: str, *, since: float | None = None,
                   until: float | None = None, points: int = 1500) -> dict[str, Any]:
@@ -403,3 +404,11 @@ class FleetAPI:
                  "last_error": self.engine.last_error}
         return {"ok": bool(c is None or c["connected"]), "collector": c, "rollouts": e,
                 "database": self.store.kind, "fleets": self.fleets, "time": time.time()}
+
+
+def _identity(d: Any) -> dict[str, Any]:
+    """Whether a device's reports are authentic (signed by its enrolled key) and how many
+    were refused; ``claimed_groups`` is what it says, ``groups`` what the inventory says."""
+    return {"authenticated": d.authenticated, "key_id": d.key_id,
+            "claimed_groups": list(d.claimed_groups), "unauthenticated": d.unauthenticated,
+            "auth_error": d.auth_error}

@@ -116,8 +116,10 @@ def start_rollout(store: Store, broker: BrokerConfig | str, bundle: str | os.Pat
     if not members:
         raise RolloutError(
             f"no device of group {group!r} in fleet {fleet!r} is known to the fleet database "
-            f"{store.safe_url}. Devices list their groups in their state; is 'edgepack fleet "
-            "serve' collecting this fleet into this database?", field="group")
+            f"{store.safe_url}. Groups come from the fleet's inventory: a device is a member "
+            "once enrolled in the group ('edgepack fleet enroll') and its signed state has "
+            "arrived; is 'edgepack fleet serve' collecting this fleet into this database?",
+            field="group")
     plan, sizes = plan_devices(rid, members, stage_list)
     group_desired = store.desired.group(fleet, group)
     now = time.time()

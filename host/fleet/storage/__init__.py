@@ -19,6 +19,7 @@ One repository per table, each returning frozen records (SQL lives only in this 
 ``store.desired``       :class:`DesiredRecord`          retained desired states (device, group)
 ``store.rollouts``      :class:`RolloutRecord`, …       staged rollouts, their devices and log
 ``store.drift``         :class:`DriftWindowRecord`, …   devices' drift windows, bundles' drift.json
+``store.inventory``     :class:`EnrollmentRecord`       enrolled devices: key, groups, revocation
 ``store.meta``          —                               schema version, leases, heartbeats
 ======================  ==============================  ==========================================
 
@@ -41,7 +42,12 @@ from edgepack.host.fleet.storage.db import (
     open_database,
 )
 from edgepack.host.fleet.storage.desired import Desired, DesiredRecord
-from edgepack.host.fleet.storage.devices import DeviceRecord, Devices
+from edgepack.host.fleet.storage.devices import (
+    UNAUTHENTICATED,
+    DeviceRecord,
+    Devices,
+    ReportTrust,
+)
 from edgepack.host.fleet.storage.drift import (
     DriftReferenceRecord,
     DriftWindowRecord,
@@ -55,6 +61,7 @@ from edgepack.host.fleet.storage.events import (
     EventTally,
     event_row,
 )
+from edgepack.host.fleet.storage.inventory import EnrollmentRecord, Inventory
 from edgepack.host.fleet.storage.meta import Meta
 from edgepack.host.fleet.storage.rollouts import (
     RolloutDeviceRecord,
@@ -80,6 +87,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "TELEMETRY_COLUMNS",
     "DeviceRecord",
+    "ReportTrust",
+    "UNAUTHENTICATED",
+    "EnrollmentRecord",
     "TelemetryRecord",
     "TelemetryStats",
     "BudgetTally",
@@ -108,6 +118,10 @@ class Batch:
     window passed validation. ``bundles``: ``(fleet, received, table)`` where
     table is the decoded retained manifest message. ``desired``: ``(fleet, scope, name,
     received, payload or None)``; None clears it.
+
+    The collector appends a :class:`ReportTrust` to each state, ``(…, payload, trust)``, and
+    lists the reports it could not authenticate in ``refused``: ``(fleet, device_id,
+    received, reason)`` (counted on the device's row, never stored as reports).
     """
 
     states: list[tuple[str, str, float, dict]] = field(default_factory=list)
@@ -117,8 +131,9 @@ class Batch:
     desired: list[tuple[str, str, str, float, dict | None]] = field(default_factory=list)
     drift: list[tuple[str, str, float, dict, str, tuple[int, int, int], str]] = field(
         default_factory=list)
+    refused: list[tuple[str, str, float, str]] = field(default_factory=list)
 
-    KINDS = ("states", "telemetry", "events", "bundles", "desired", "drift")
+    KINDS = ("states", "telemetry", "events", "bundles", "desired", "drift", "refused")
 
     def __len__(self) -> int:
         return sum(len(getattr(self, name)) for name in self.KINDS)
@@ -144,6 +159,7 @@ class Store:
         self.desired = Desired(db)
         self.rollouts = Rollouts(db)
         self.drift = DriftWindows(db)
+        self.inventory = Inventory(db)
         self.meta = Meta(db)
 
     @property
@@ -192,8 +208,8 @@ class Store:
                         latest[key] = r
                 self.devices.write_last_telemetry(cur, [(r[0], r[1], r[3], r[3], summary(r),
                                                          r[2]) for r in latest.values()])
-            for fleet, device, received, state in batch.states:
-                self.devices.write_state(cur, fleet, device, received, state)
+            for fleet, device, received, state, *trust in batch.states:
+                self.devices.write_state(cur, fleet, device, received, state, *trust)
             if batch.events:
                 self.events.write(cur, [event_row(f, dev, rcv, e)
                                         for f, dev, rcv, e in batch.events])
@@ -204,6 +220,8 @@ class Store:
                 self.desired.write(cur, fleet, scope, name, received, payload)
             if batch.drift:
                 self.drift.write(cur, [drift_row(*item) for item in batch.drift])
+            if batch.refused:
+                self.devices.count_refused(cur, batch.refused)
 
     def prune(self, *, telemetry_before: float | None = None,
               events_before: float | None = None) -> dict[str, int]:

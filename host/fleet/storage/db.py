@@ -24,6 +24,8 @@ __all__ = ["Database", "StorageError", "Cursor", "open_database", "SCHEMA_VERSIO
 
 # 2: drift_windows and drift_references (added by the CREATE … IF NOT EXISTS below; a version 1
 # database gains them when opened and is marked 2).
+# Additions an older edgepack can ignore keep the version: the enrollments table (created
+# above) and the devices columns of _ADDED_COLUMNS, added to any database that lacks them.
 SCHEMA_VERSION = 2
 
 
@@ -42,6 +44,12 @@ CREATE TABLE IF NOT EXISTS devices (
     state TEXT, state_ts DOUBLE PRECISION,
     first_seen DOUBLE PRECISION, last_seen DOUBLE PRECISION,
     telemetry TEXT, telemetry_ts DOUBLE PRECISION,
+    key_id TEXT, claimed_groups TEXT, unauthenticated BIGINT, auth_error TEXT,
+    PRIMARY KEY (fleet, device_id));
+CREATE TABLE IF NOT EXISTS enrollments (
+    fleet TEXT NOT NULL, device_id TEXT NOT NULL, key_id TEXT NOT NULL, key TEXT NOT NULL,
+    groups_json TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION, updated DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (fleet, device_id));
 CREATE TABLE IF NOT EXISTS telemetry (
     fleet TEXT NOT NULL, device_id TEXT NOT NULL,
@@ -103,6 +111,13 @@ CREATE TABLE IF NOT EXISTS drift_references (
     fleet TEXT NOT NULL, bundle_id TEXT NOT NULL, ref TEXT, reference TEXT, error TEXT,
     PRIMARY KEY (fleet, bundle_id));
 """
+
+
+# columns added to tables an older database has: (table, column, type)
+_ADDED_COLUMNS = (
+    ("devices", "key_id", "TEXT"), ("devices", "claimed_groups", "TEXT"),
+    ("devices", "unauthenticated", "BIGINT"), ("devices", "auth_error", "TEXT"),
+)
 
 
 # ------------------------------------------------------------------------------ column values
@@ -281,6 +296,13 @@ class Cursor:
     def fetchone(self) -> Any:
         return self._cur.fetchone()
 
+    def columns(self, table: str) -> set[str]:
+        """The column names of ``table``."""
+        self._cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        names = {d[0] for d in self._cur.description or ()}
+        self._cur.fetchall()
+        return names
+
     @property
     def rowcount(self) -> int:
         return self._cur.rowcount
@@ -387,6 +409,9 @@ class Database:
             for stmt in (s.strip() for s in ddl.split(";")):
                 if stmt:
                     cur.execute(stmt)
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in cur.columns(table):
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             cur.execute("SELECT value FROM meta WHERE key = ?", ("schema_version",))
             row = cur.fetchone()
             if row is None:

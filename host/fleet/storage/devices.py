@@ -1,5 +1,9 @@
 """The ``devices`` table: one row per device — presence (retained state + LWT), what it is and
-runs, its last state and its last telemetry message."""
+runs, its last state and its last telemetry message, and whether its reports are authentic.
+
+``groups`` is what rollouts read. A state the collector authenticated (:class:`ReportTrust`
+with a key id) sets it to the groups the inventory gives the device; an unauthenticated one
+sets it to none; what the device itself claims is kept in ``claimed_groups`` for display."""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ from typing import Any
 
 from edgepack.host.fleet.storage.db import Cursor, Database, dumps, loads, num, text
 
-__all__ = ["DeviceRecord", "Devices"]
+__all__ = ["DeviceRecord", "Devices", "ReportTrust", "UNAUTHENTICATED"]
 
 _COLUMNS = ("fleet", "device_id", "online", "online_changed", "offline_reason", "board",
             "target", "agent_version", "groups_json", "bundle_id", "bundle_name",
-            "bundle_version", "slot", "phase", "state", "state_ts", "first_seen", "last_seen")
+            "bundle_version", "slot", "phase", "state", "state_ts", "first_seen", "last_seen",
+            "key_id", "claimed_groups")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,15 @@ class DeviceRecord:
     last_seen: float | None = None
     telemetry: dict[str, Any] | None = None
     telemetry_ts: float | None = None
+    key_id: str | None = None  # the enrolled key its last state was signed with
+    claimed_groups: tuple[str, ...] = ()  # what the device says (shown, never trusted)
+    unauthenticated: int = 0  # reports refused: unsigned, forged, not enrolled
+    auth_error: str | None = None  # why the last one was refused
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the collector verified this device's state against its enrolled key."""
+        return self.key_id is not None
 
     @classmethod
     def from_row(cls, r: dict[str, Any]) -> DeviceRecord:
@@ -48,12 +62,27 @@ class DeviceRecord:
         groups = loads(r.pop("groups_json", None)) or []
         return cls(**{**r, "groups": tuple(groups), "state": loads(r.get("state")) or {},
                       "telemetry": loads(r.get("telemetry")),
+                      "claimed_groups": tuple(loads(r.get("claimed_groups")) or ()),
+                      "unauthenticated": int(r.get("unauthenticated") or 0),
                       "online": None if r.get("online") is None else bool(r["online"])})
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["groups"] = list(self.groups)
+        out.update(groups=list(self.groups), claimed_groups=list(self.claimed_groups),
+                   authenticated=self.authenticated)
         return out
+
+
+@dataclass(frozen=True)
+class ReportTrust:
+    """What the collector established about a state message: the enrolled key that signed it
+    (None: unauthenticated) and the groups the inventory puts the device in."""
+
+    key_id: str | None
+    groups: tuple[str, ...] = ()
+
+
+UNAUTHENTICATED = ReportTrust(None)
 
 
 def _active(state: dict) -> dict:
@@ -91,8 +120,11 @@ class Devices:
 
     # -- writes, inside the collector's batch transaction
     def write_state(self, cur: Cursor, fleet: str, device: str, received: float,
-                    state: dict) -> None:
-        """Store a state message; a presence-only one (the LWT) keeps the rest of the row."""
+                    state: dict, trust: ReportTrust | None = None) -> None:
+        """Store a state message; a presence-only one (the LWT) keeps the rest of the row.
+
+        With ``trust`` (the collector's verdict) the row's groups are the inventory's (none
+        when unauthenticated); without it (tools writing the store directly) the state's."""
         d = cur.dialect
         online = state.get("online")
         online_i = int(online) if isinstance(online, bool) else None
@@ -114,14 +146,18 @@ class Devices:
         active = _active(state)
         groups = state.get("groups")
         groups = [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else None
+        claimed = dumps(groups) if groups is not None else None
+        if trust is not None:
+            groups = list(trust.groups) if trust.key_id is not None else []
         slot = state.get("slot", active.get("slot"))
         row = (fleet, device, online_i, received, reason, text(state.get("board")),
                text(state.get("target")), text(state.get("agent_version")),
                dumps(groups) if groups is not None else None,
                text(active.get("bundle_id", active.get("id")), 64), text(active.get("name")),
                text(active.get("version")), text(slot) if slot is not None else None,
-               text(state.get("phase")), dumps(state), ts, received, received)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[5:16])
+               text(state.get("phase")), dumps(state), ts, received, received,
+               trust.key_id if trust is not None else None, claimed)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in (*_COLUMNS[5:16], *_COLUMNS[18:]))
         cur.execute(
             f"INSERT INTO devices ({', '.join(_COLUMNS)}) VALUES "
             f"({', '.join('?' * len(_COLUMNS))}) "
@@ -151,6 +187,21 @@ class Devices:
             cur.execute(f"INSERT INTO devices ({dcols}) SELECT {dcols} FROM devices_in" + update)
         else:
             cur.values_many(f"INSERT INTO devices ({dcols}) VALUES ", rows, update)
+
+    def count_refused(self, cur: Cursor, refused: Sequence[tuple[str, str, float, str]]) -> None:
+        """Add ``(fleet, device, received, reason)`` refused reports to the ``unauthenticated``
+        counter of devices the table has (an unknown id creates no row)."""
+        cur.executemany(
+            "UPDATE devices SET unauthenticated = COALESCE(unauthenticated, 0) + 1, "
+            "auth_error = ? WHERE fleet = ? AND device_id = ?",
+            [(reason, f, dev) for f, dev, _, reason in refused])
+
+    def set_trust(self, fleet: str, device: str, trust: ReportTrust) -> None:
+        """Set a device's key id and trusted groups (enrollment, re-enrollment, revocation)."""
+        self._db.execute("UPDATE devices SET key_id = ?, groups_json = ? WHERE fleet = ? AND "
+                         "device_id = ?", (trust.key_id, dumps(list(trust.groups)
+                                                                if trust.key_id else []),
+                                           fleet, device))
 
     def touch(self, cur: Cursor, seen: dict[tuple[str, str], float]) -> None:
         """Move ``last_seen`` forward for ``{(fleet, device): received}``."""

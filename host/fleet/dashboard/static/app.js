@@ -111,7 +111,8 @@ pages.overview = {
         { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }, { t: "drift", cls: "num" }],
       rows.slice(0, MAX_ROWS).map((r) => h("tr", { "data-device": r.device },
         h("td", {}, a(`/devices/${encodeURIComponent(r.device)}`, r.device)),
-        h("td", {}, badge(r.status)), h("td", {}, r.board || "–"), h("td", {}, r.target || "–"),
+        h("td", {}, badge(r.status), r.authenticated === false ? [" ", authBadge(r)] : null),
+        h("td", {}, r.board || "–"), h("td", {}, r.target || "–"),
         h("td", {}, r.bundle_id ? a(`/bundles/${r.bundle_id}`, `${r.bundle_name || "?"} ${r.bundle_version || ""}`) : "–"),
         h("td", { title: when(r.last_seen) }, ago(r.last_seen)),
         h("td", { title: r.health_detail || "" }, badge(r.health), r.health_detail ? h("span", { cls: "muted" }, " ", r.health_detail) : null),
@@ -121,6 +122,12 @@ pages.overview = {
     ];
   },
 };
+
+// A device whose reports are not signed by an enrolled key: shown, counted for nothing.
+function authBadge(r) {
+  const title = `${r.unauthenticated || 0} report(s) refused${r.auth_error ? ` (last: ${r.auth_error})` : ""}`;
+  return h("span", { title, "data-auth": "unauthenticated" }, badge("unauthenticated"));
+}
 
 // Drift score of the device's last hour (1.0 = the alert threshold): red when a figure alerts.
 function driftCell(r) {
@@ -148,6 +155,8 @@ pages.device = {
       h("div", { cls: "panel" }, kv([
         ["board", d.board || "–"], ["target", d.target || "–"], ["agent", d.agent_version || "–"],
         ["groups", (d.groups || []).join(", ") || "–"],
+        ["identity", d.authenticated ? `signed by enrolled key ${short(d.key_id)}` : authBadge(d)],
+        ["claims groups", (d.claimed_groups || []).join(", ") || "–"],
         ["bundle", d.bundle_id ? a(`/bundles/${d.bundle_id}`, `${d.bundle_name} ${d.bundle_version} (${short(d.bundle_id)})`) : "none"],
         ["slot", d.slot || "–"], ["phase", d.phase || "–"],
         ["desired", d.desired ? h("span", {}, `${d.desired.bundle_name || ""} ${d.desired.version || ""} (${d.desired.scope} ${d.desired.name}, ${d.desired.deployment_id}) `,

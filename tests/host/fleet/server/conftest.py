@@ -132,14 +132,16 @@ def serve(mosquitto: Any) -> Iterator[Callable[..., Any]]:
         assert server.collector.wait_connected(10), "collector did not connect"
         return server
 
+    make.started = started  # type: ignore[attr-defined]
     yield make
     for s in started:
         s.stop()
 
 
 @pytest.fixture
-def simulate(mosquitto: Any) -> Iterator[Callable[..., Any]]:
-    """``simulate(fleet, devices=, **options)`` -> a started Simulator, all devices online."""
+def simulate(mosquitto: Any, serve: Any) -> Iterator[Callable[..., Any]]:
+    """``simulate(fleet, devices=, **options)`` -> a started Simulator, all devices online,
+    their keys enrolled with every fleet server of ``fleet`` started so far."""
     from edgepack.host.fleet.simulator import SimOptions, Simulator
 
     started: list[Any] = []
@@ -149,7 +151,11 @@ def simulate(mosquitto: Any) -> Iterator[Callable[..., Any]]:
         opts.setdefault("interval_s", 0.5)
         opts.setdefault("install_s", 0.3)
         sim = Simulator(broker or mosquitto.url, SimOptions(devices=devices, fleet=fleet,
-                                                            **opts)).start()
+                                                            **opts))
+        for server in serve.started:
+            if fleet in server.collector.opts.fleets:
+                sim.enroll(server.store)
+        sim.start()
         started.append(sim)
         if wait:
             assert sim.wait_online(timeout=20), f"only {sim.online_count()} devices online"

@@ -88,7 +88,7 @@ def test_two_collectors_share_one_fleet(sqlite_url, mosquitto, fleet, simulate):
     b = Collector(mosquitto.url, storage, CollectorOptions(client_id=f"{fleet}-b", **opts))
     with a, b:
         assert a.wait_connected() and b.wait_connected()
-        sim = simulate(fleet, 10, interval_s=0.1)
+        sim = simulate(fleet, 10, interval_s=0.1, enroll_db=sqlite_url)
         time.sleep(2.0)
         _all_stored(sim, storage, fleet, [a, b])
         assert a.stored["telemetry"] > 0 and b.stored["telemetry"] > 0
@@ -125,7 +125,7 @@ def test_persistent_session_queues_while_the_collector_is_away(sqlite_url, mosqu
     opts = CollectorOptions(fleets=(fleet,), client_id=f"{fleet}-persist", fetch_reports=False)
     first = Collector(mosquitto.url, storage, opts).start()
     assert first.wait_connected()
-    sim = simulate(fleet, 5, interval_s=0.2)
+    sim = simulate(fleet, 5, interval_s=0.2, enroll_db=sqlite_url)
     time.sleep(0.5)
     first.stop()  # a clean DISCONNECT: the session (and its subscriptions) stays
     time.sleep(2.0)  # devices keep sending
@@ -184,7 +184,7 @@ def test_memory_bound_sheds_telemetry_and_counts_it(sqlite_url, mosquitto, fleet
         fleets=(fleet,), client_id=f"{fleet}-bound", fetch_reports=False, queue_max=30))
     with c:
         assert c.wait_connected()
-        sim = simulate(fleet, 10, interval_s=0.1)
+        sim = simulate(fleet, 10, interval_s=0.1, enroll_db=sqlite_url)
         wait_for(lambda: storage.telemetry.count(fleet) > 0, 10, what="telemetry")
         conn = sqlite3.connect(path, timeout=10, isolation_level=None)
         conn.execute("BEGIN EXCLUSIVE")

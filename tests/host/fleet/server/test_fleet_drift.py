@@ -14,7 +14,9 @@ import pytest
 from fleet_helpers import get_json, wait_for
 
 from edgepack.agent.errors import DataError
+from edgepack.agent.identity import DeviceIdentity
 from edgepack.host.fleet.deploy import deploy
+from edgepack.host.fleet.identity import enroll
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent" / "drift"))
@@ -63,6 +65,8 @@ def test_drift_in_distribution_stays_quiet_and_inverted_images_alert(
     server = serve(sqlite_url, fleet)
     cfg = agent_config(tmp_path / "dev", mosquitto.url, fleet, device_id=DEVICE, pub=pub,
                        drift={"sample_rate": 1.0})
+    enroll(server.store, DeviceIdentity.load_or_create(cfg.parent / "data").enrollment(DEVICE),
+           fleet=fleet)
     agent = AgentProcess(cfg).start()
     try:
         api = f"{server.url}api/"
@@ -149,6 +153,8 @@ def test_a_rollout_halts_when_the_new_bundle_drifts(tmp_path, sqlite_url, mosqui
     server = serve(sqlite_url, fleet)
     cfg = agent_config(tmp_path / "dev", mosquitto.url, fleet, device_id=DEVICE, pub=pub,
                        groups=["cams"], drift={"sample_rate": 1.0})
+    enroll(server.store, DeviceIdentity.load_or_create(cfg.parent / "data").enrollment(DEVICE),
+           fleet=fleet, groups=["cams"])
     agent = AgentProcess(cfg).start()
     try:
         wait_for(lambda: (d := server.store.devices.get(fleet, DEVICE)) and d.online, 30,

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from fleet_helpers import get_json, wait_for
 
+from edgepack.agent.identity import DeviceIdentity
 from edgepack.host.fleet.api import rollout_start, rollout_status
 from edgepack.host.fleet.deploy import deploy
+from edgepack.host.fleet.identity import enroll
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent"))
 from agent_helpers import TARGET, AgentProcess, agent_config, build_bundle  # noqa: E402
@@ -31,6 +33,8 @@ def test_real_agent_on_the_dashboard(tmp_path, sqlite_url, mosquitto, fleet, ser
     server = serve(sqlite_url, fleet)
     cfg = agent_config(tmp_path / "dev", mosquitto.url, fleet, device_id="gw-1", pub=pub,
                        groups=["gateways"])
+    identity = DeviceIdentity.load_or_create(cfg.parent / "data")  # what `agent init` makes
+    enroll(server.store, identity.enrollment("gw-1"), fleet=fleet, groups=["gateways"])
     agent = AgentProcess(cfg).start()
     try:
         api = f"{server.url}api/"
