@@ -171,7 +171,7 @@ def test_inbox_keeps_the_latest_desired_state_and_sheds_the_rest() -> None:
     inbox.put(("connected", 1, False))
     for i in range(20_000):
         inbox.put(("message", 1, "d", b"v%d" % i, True))
-    for i in range(20):
+    for _ in range(20):
         inbox.put(("message", 1, "chunk", b"c" * 100, False))
     for i in range(50):
         inbox.put(("puback", 1, i))  # events are never shed
