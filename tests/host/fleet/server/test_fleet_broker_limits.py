@@ -1,0 +1,35 @@
+"""Broker limits for MQTT 3.1.1 clients: the embedded broker passes nothing over its message
+size limit on (a 3.1.1 client cannot ask for a Maximum Packet Size)."""
+
+from __future__ import annotations
+
+import queue
+
+from edgepack.agent.mqtt import MqttClient, parse_broker_url
+from edgepack.host.fleet.broker import MAX_MESSAGE_BYTES, EmbeddedBroker
+from edgepack.host.fleet.collector.subscription import MAXIMUM_PACKET_SIZE
+
+
+def test_embedded_broker_drops_oversized_messages() -> None:
+    assert MAX_MESSAGE_BYTES >= MAXIMUM_PACKET_SIZE >= 1 << 20  # 1 MiB chunks always pass
+    with EmbeddedBroker(port=0, max_message_bytes=10_000) as broker:
+        got: queue.Queue = queue.Queue()
+        cfg = parse_broker_url(broker.url)
+        sub = MqttClient(cfg, "limits-sub", handler=got.put)
+        pub = MqttClient(cfg, "limits-pub")
+        for c in (sub, pub):
+            c.connect()
+            c.loop_start()
+            c.wait_connected()
+        try:
+            sub.subscribe("limits/#")
+            while got.get(timeout=10)[0] != "suback":
+                pass
+            pub.publish("limits/a", b"x" * 20_000, retain=True, wait=10)
+            pub.publish("limits/a", b"small", wait=10)
+            while (e := got.get(timeout=10))[0] != "message":
+                pass
+            assert e[1:3] == ("limits/a", b"small")
+        finally:
+            sub.close()
+            pub.close()
