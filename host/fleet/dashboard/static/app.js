@@ -292,7 +292,10 @@ pages.rollout = {
       if (what === "abort" && !confirm(`Abort rollout ${r.id} and roll back every device it reached?`)) return;
       try {
         await api(`/api/rollouts/${encodeURIComponent(r.id)}/${what}`, { method: "POST", headers: { "Content-Type": "application/json", Accept: "application/json" }, body: "{}" });
-      } catch (e) { if (e.status === 401) setLive(false, "log in to change rollouts"); else alert(e.message); }
+      } catch (e) {
+        if (e.status !== 401) alert(e.message);
+        else { const f = document.getElementById("login"); f.dataset.needed = what; f.hidden = false; document.getElementById("login-token").focus(); return; }
+      }
       refresh(true);
     } }, what);
     const controls = [];

@@ -4,9 +4,12 @@ cross-site requests refused, the dashboard's login in a real Chromium, verified 
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from fleet_helpers import get_json, wait_for
@@ -135,6 +138,13 @@ def test_private_reads(sqlite_url, fleet, serve):
         assert b"login-token" in r.read()
 
 
+def _doc_block(after: str) -> str:
+    """The first ```sh block after the line starting with ``after`` in docs/fleet-api.md."""
+    text = (Path(__file__).parents[4] / "docs" / "fleet-api.md").read_text()
+    rest = text[text.index(after):]
+    return rest.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
 def _attack_page(target: str) -> str:
     """A page on another site that posts to the dashboard with the victim's cookies."""
     return ("<html><body><form id=f method=POST enctype=text/plain action='" + target
@@ -162,7 +172,7 @@ def test_dashboard_login_buttons_and_cross_site_in_chromium(page, sqlite_url, mo
     assert page.locator("#login").is_visible()
     # not logged in: the button's POST gets 401 and nothing changes
     page.click("button[data-action=pause]")
-    wait_for(lambda: "log in" in page.locator("#live").inner_text(), 10, what="the 401")
+    page.wait_for_selector("#login[data-needed=pause]")  # the 401 asks for the login
     assert get_json(f"{base}api/rollouts/{r.id}")["state"] == "running"
     # a wrong token is refused
     page.fill("#login-token", "not-the-token")
@@ -190,5 +200,15 @@ def test_dashboard_login_buttons_and_cross_site_in_chromium(page, sqlite_url, mo
         page.wait_for_url(target)
         assert "cross-site request refused" in page.inner_text("body")
     assert get_json(f"{base}api/rollouts/{r.id}")["state"] == "running"
+
+    # docs/fleet-api.md's shell example, verbatim, in the directory of fleet-token
+    out = subprocess.run(["bash", "-euc", _doc_block("Calling the API from a shell")],
+                         cwd=server.token_file.parent, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "FLEET": base.rstrip("/"),
+                                          "ROLLOUT": r.id})
+    assert out.returncode == 0, out.stderr
+    states = [json.loads(line)["state"] for line in out.stdout.replace("}{", "}\n{")
+              .splitlines() if line.strip()]
+    assert states == ["running", "paused", "running"]
     assert not [e for e in page.js_errors if "favicon" not in e and "401" not in e
                 and "403" not in e], page.js_errors
