@@ -187,3 +187,15 @@ def test_inbox_keeps_the_latest_desired_state_and_sheds_the_rest() -> None:
     assert rest[50][3] == b"c" * 900 and rest[51][3] == b"again"
     with pytest.raises(queue.Empty):
         inbox.get(timeout=0.01)
+
+
+def test_broker_limits_in_the_config() -> None:
+    from edgepack.agent.config import ConfigError, parse_config
+
+    base = {"device_id": "d1", "data_dir": "/tmp/x", "target": "rpi4", "allow_unsigned": True}
+    cfg = parse_config(base)
+    assert (cfg.broker.protocol, cfg.broker.max_packet_kb) == ("auto", 1088)
+    assert cfg.broker.max_packet_kb * 1024 > (1 << 20) + 65_535  # a 1 MiB chunk + topic fits
+    for key, value in (("protocol", "4"), ("max_packet_kb", 8), ("inbox_max_mb", 0)):
+        with pytest.raises(ConfigError, match=r"broker"):
+            parse_config({**base, "broker": {key: value}})

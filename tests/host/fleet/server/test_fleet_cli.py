@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -57,6 +58,10 @@ def test_fleet_serve_process(tmp_path, mosquitto, fleet, simulate):
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, out
         assert "stopped" in out
+        # authentication is on from the first start: the token file's path is printed
+        token_file = tmp_path / "fleet-token"
+        assert f"API token: in {token_file}" in "".join(lines) + out
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     finally:
         if proc.poll() is None:
             proc.kill()
