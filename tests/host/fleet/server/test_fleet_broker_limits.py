@@ -33,3 +33,27 @@ def test_embedded_broker_drops_oversized_messages() -> None:
         finally:
             sub.close()
             pub.close()
+
+
+def test_collector_never_receives_an_oversized_message(sqlite_url, mosquitto, fleet, serve):
+    """The collector connects with MQTT 5 and a Maximum Packet Size: Mosquitto (which accepts
+    any size here) drops a 4 MB message for it; the next small one arrives."""
+    from fleet_helpers import wait_for
+
+    from edgepack.agent.protocol import Topics
+
+    server = serve(sqlite_url, fleet)
+    assert server.collector.stats()["protocol"] == "5"
+    pub = MqttClient(parse_broker_url(mosquitto.url), f"{fleet}-big")
+    pub.connect()
+    pub.loop_start()
+    pub.wait_connected()
+    try:
+        topic = Topics(fleet).telemetry("dev-big")
+        pub.publish(topic, b'{"junk": "' + b"a" * 4_000_000 + b'"}', wait=30)
+        pub.publish(topic, b'{"device_id": "dev-big", "ts": 1}', wait=10)
+        wait_for(lambda: server.collector.stats()["received"].get("telemetry", 0) >= 1, 15,
+                 what="the small message")
+        assert server.collector.stats()["received"]["telemetry"] == 1
+    finally:
+        pub.close()
