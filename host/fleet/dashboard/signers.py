@@ -69,9 +69,9 @@ class SignerCheck:
         self._worker.start()
         try:
             self._client.connect()
-            self._client.loop_start()
-        except BrokerError as exc:  # paho reconnects by itself once the loop runs
+        except BrokerError as exc:  # paho's loop retries the first connection by itself
             log.warning("signer check: %s", exc)
+        self._client.loop_start()
         return self
 
     def close(self) -> None:
