@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from edgepack.agent.errors import EdgepackError
 
-__all__ = ["TOKEN_FILE", "SESSION_COOKIE", "AccessPolicy", "Sessions", "load_token",
+__all__ = ["TOKEN_FILE", "SESSION_COOKIE", "AccessPolicy", "AccessError", "Sessions", "load_token",
            "default_hosts", "host_name", "cross_site"]
 
 TOKEN_FILE = "fleet-token"
