@@ -4,9 +4,10 @@
 :class:`EmbeddedBroker` as a context manager. It speaks MQTT 3.1.1 (all edgepack's core protocol
 needs), keeps retained messages in memory (bundle chunks and manifests of tens of MB included),
 allows anonymous clients and listens on loopback unless told otherwise: it is for trials and
-development. It speaks MQTT 3.1.1 only, so clients cannot ask it for a Maximum Packet Size:
-instead it drops every message over ``max_message_bytes`` (4 MiB, like the shipped Mosquitto
-configuration's ``max_packet_size``) instead of passing it on. Production fleets use Mosquitto with TLS client certificates and the ACL in
+development. It speaks MQTT 3.1.1 only, so clients cannot ask it for a Maximum Packet Size;
+``max_message_bytes=`` (e.g. :data:`MAX_MESSAGE_BYTES`, 4 MiB like the shipped Mosquitto
+configuration's ``max_packet_size``) makes it drop every bigger message instead of passing it on.
+By default it sets no limit (a trial may publish a bundle as one chunk of tens of MB). Production fleets use Mosquitto with TLS client certificates and the ACL in
 ``firmware_configs/mosquitto/``.
 """
 
@@ -25,7 +26,7 @@ from edgepack.agent.errors import BrokerError
 __all__ = ["EmbeddedBroker", "is_loopback", "MAX_MESSAGE_BYTES"]
 
 _log = logging.getLogger(__name__)
-#: the largest message the embedded broker passes on (1 MiB chunks and control messages fit)
+#: a message size limit for the embedded broker (1 MiB chunks and control messages fit)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -45,7 +46,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _broker_class(max_message_bytes: int = MAX_MESSAGE_BYTES) -> type:
+def _broker_class(max_message_bytes: int | None = None) -> type:
     """amqtt's Broker, mended where it breaks edgepack's protocol, with a message size limit.
 
     amqtt 0.12 sends, to every client that connects, the retained messages of every topic filter
@@ -60,7 +61,8 @@ def _broker_class(max_message_bytes: int = MAX_MESSAGE_BYTES) -> type:
                                            wait_deliver: Any) -> bool:
             message = wait_deliver.result()
             data = getattr(message, "data", None)
-            if data is not None and len(data) > max_message_bytes:
+            if max_message_bytes is not None and data is not None and \
+                    len(data) > max_message_bytes:
                 _log.warning("dropped a message of %d bytes on %s from %s (over %d)", len(data),
                              message.topic, client_session.client_id, max_message_bytes)
                 return True  # not passed on, not retained; the client stays connected
@@ -85,7 +87,7 @@ class EmbeddedBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
                  start_timeout: float = 10.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int | None = None) -> None:
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes

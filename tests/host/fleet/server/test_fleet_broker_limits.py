@@ -1,5 +1,5 @@
-"""Broker limits for MQTT 3.1.1 clients: the embedded broker passes nothing over its message
-size limit on (a 3.1.1 client cannot ask for a Maximum Packet Size)."""
+"""Broker limits: the embedded broker, given a message size limit, passes nothing bigger on (a
+3.1.1 client cannot ask for a Maximum Packet Size); the collector's MQTT 5 limit."""
 
 from __future__ import annotations
 
