@@ -74,6 +74,13 @@ class BrokerSection:
     connect_timeout_s: float = 10.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    # "auto": MQTT 5, or 3.1.1 when the broker refuses 5; or "5", "3.1.1"
+    protocol: str = "auto"
+    # MQTT 5 Maximum Packet Size: the broker drops anything bigger before it reaches the device
+    # (1 MiB chunks or control messages, plus topic and headers)
+    max_packet_kb: int = 1088
+    session_expiry_s: int = 7 * 86400  # MQTT 5: how long the broker keeps our session offline
+    inbox_max_mb: float = 32.0  # received messages waiting for the agent loop; beyond: shed
 
 
 @dataclass(frozen=True)
@@ -297,6 +304,14 @@ def _check(cfg: AgentConfig, source: str) -> None:
         cfg.broker_config()
     except EdgepackError as exc:
         raise bad("broker.url", f"is invalid: {exc}") from None
+    b = cfg.broker
+    if b.protocol not in ("auto", "5", "3.1.1"):
+        raise bad("broker.protocol", "must be auto, 5 or 3.1.1")
+    if b.max_packet_kb < 64:
+        raise bad("broker.max_packet_kb", "must be at least 64 (a chunk or control message "
+                  "must fit)")
+    if b.session_expiry_s < 0 or b.inbox_max_mb <= 0:
+        raise bad("broker", "session_expiry_s must be 0 or more and inbox_max_mb positive")
     t = cfg.transfer
     if t.window < 1 or t.window > 256:
         raise bad("transfer.window", "must be between 1 and 256")

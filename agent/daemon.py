@@ -39,6 +39,7 @@ from edgepack.agent.drift import load_sketcher
 from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
 from edgepack.agent.health import HealthOptions, run_health_check
 from edgepack.agent.identity import DeviceIdentity
+from edgepack.agent.inbox import Inbox
 from edgepack.agent.inference import InferenceServer, InferenceService, Model
 from edgepack.agent.installer import Installer
 from edgepack.agent.mqtt import Connection
@@ -59,6 +60,8 @@ __all__ = ["Agent", "main"]
 log = logging.getLogger("edgepack.agent")
 _MB = 1024 * 1024
 _MAX_INFLIGHT = 32
+#: profile job refusals anyone can provoke without a key: one answer per reason a minute
+_STORM_REFUSALS = ("malformed", "signature", "duplicate", "expired")
 
 
 class Agent:
@@ -77,6 +80,7 @@ class Agent:
         self.root_prefix = self.topics.prefix + ROOT_TOPIC.format(version="")
         self._trust_root_keys()
         self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
+        self.errors: dict[str, int] = {}  # messages that failed to be handled, by error
         self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
         self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
@@ -87,7 +91,7 @@ class Agent:
         self.stats = LatencyStats()
         self.service = InferenceService(self.stats)
         self.sampler = SystemSampler(cfg.data_dir)
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox(max_bytes=int(cfg.broker.inbox_max_mb * _MB))
         self.runtimes = {name: runtime_version(name) for name in available_runtimes()}
         self.facts = DeviceFacts(cfg.target, tuple(cfg.compatible_targets), self.runtimes,
                                  ram_mb())
@@ -110,11 +114,16 @@ class Agent:
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
         self.capture = Capture(cfg.data_dir, device_id=cfg.device_id)  # off unless asked
         self.capture_topic = self.topics.device(cfg.device_id, "capture")
+        # a burst on these keeps only the newest message per topic (one verification)
+        self.inbox.keep_latest([self.desired_topic, *self.group_topics, self.downgrade_topic,
+                                self.topics.freshness, self.capture_topic])
         will = (self.state_topic, self.signed({"online": False, "device_id": cfg.device_id,
                                                "reason": "connection lost"}), 1, True)
         b = cfg.broker
         self.net = Connection(cfg.broker_config(), f"edgepack-{cfg.fleet}-{cfg.device_id}",
-                               will, self.inbox, b.reconnect_min_s, b.reconnect_max_s)
+                              will, self.inbox, b.reconnect_min_s, b.reconnect_max_s,
+                              protocol=b.protocol, max_packet_size=b.max_packet_kb * 1024,
+                              session_expiry_s=b.session_expiry_s)
         # Profile jobs run in the profiler's thread; its answers come back through the inbox
         # because only this loop writes the outbox.
         self.profiler = Profiler(cfg, self.topics, link=self.net, keys=self.keys,
@@ -186,7 +195,9 @@ class Agent:
                     self._handle(item)
                 except EdgepackError as exc:  # a bad message must not stop the agent
                     log.warning("%s", exc)
-                    self.event("error", str(exc))
+                    if not self._quiet((item[0], type(exc).__name__), self.errors,
+                                       type(exc).__name__):
+                        self.event("error", str(exc))
                 handled += 1
                 if handled >= 256 or self._stop.is_set():
                     break
@@ -229,6 +240,10 @@ class Agent:
             self._on_disconnected()
             log.warning("cannot connect to %s: %s", self.net.cfg.url, item[2])
         elif kind == "emit":  # a profile job's answer, from the profiler thread
+            reason = item[3].get("reason") if item[3].get("kind") == "refused" else None
+            if reason in _STORM_REFUSALS and self._quiet(("job", reason), self.refused,
+                                                         f"job_{reason}"):
+                return  # a storm of junk jobs: counted, not answered one by one
             try:
                 self.outbox.put(item[2], item[3], qos=1)
             except sqlite3.Error as exc:
@@ -327,14 +342,23 @@ class Agent:
         if pull is not None:
             self.capture.send(pull, self.net, self.topics)
 
+    def _quiet(self, key: tuple, counts: dict[str, int], name: str) -> bool:
+        """Count ``name``; True when an event for ``key`` was already written in the last
+        minute, so a storm of bad messages is counted in telemetry, not one event each."""
+        counts[name] = counts.get(name, 0) + 1
+        now = time.monotonic()
+        last = self._refused_at.get(key)
+        if last is not None and now - last < 60.0:
+            return True
+        if len(self._refused_at) > 1000:
+            self._refused_at.clear()
+        self._refused_at[key] = now
+        return False
+
     def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
         """One event per topic and reason a minute (a storm is counted in telemetry)."""
-        self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-        now = time.monotonic()
-        last = self._refused_at.get((topic, exc.reason))
-        if last is not None and now - last < 60.0:
+        if self._quiet((topic, exc.reason), self.refused, exc.reason):
             return
-        self._refused_at[(topic, exc.reason)] = now
         self.event("control_refused", f"{kind} message on {topic} refused: {exc}; the device "
                    "keeps its verified desired state and its bundle", control=kind,
                    reason=exc.reason, key_ids=list(exc.key_ids),
@@ -545,7 +569,9 @@ class Agent:
                 "bundle": {"name": active.name, "version": active.version} if active else None,
                 "phase": self.job.phase.value if self.job else "idle",
                 "outbox_dropped": self.outbox.dropped, "outbox_pending": len(self.outbox),
-                "control_refused": dict(self.refused), "freshness": freshness}
+                "control_refused": dict(self.refused), "freshness": freshness,
+                "inbox": {"dropped": self.inbox.dropped, "replaced": self.inbox.replaced,
+                          "errors": dict(self.errors)}}
         model = self.service.model
         if model is not None and model.drift is not None:
             body["drift"] = model.drift.take_window()

@@ -1,6 +1,6 @@
 """Broker connections: URL parsing, TLS/credentials, and the one MQTT client wrapper.
 
-:class:`MqttClient` owns one paho client (``CallbackAPIVersion.VERSION2``, MQTT 3.1.1,
+:class:`MqttClient` owns one paho client (``CallbackAPIVersion.VERSION2``, MQTT 5 or 3.1.1,
 TCP_NODELAY, TLS and credentials from :class:`BrokerConfig`, an optional LWT). Its paho
 callbacks only hand events over to a ``handler`` (a ``queue.put``, usually); every paho call
 checks its return code and raises at once::
@@ -21,13 +21,14 @@ a filter was refused, e.g. a shared subscription); empty for UNSUBSCRIBE.
 :class:`Connection` keeps the agent connected: a connector thread builds a fresh client per
 attempt (a new *generation*: every event carries it, so late events of an old connection are
 told apart), reconnects with exponential backoff and jitter, and hands events to the agent's
-inbox. The blocking client of host commands is ``edgepack.host.fleet.client.SyncClient``.
+inbox. It speaks MQTT 5 with a Maximum Packet Size (the broker drops bigger messages before they
+reach the device) and a session expiry, and falls back to MQTT 3.1.1 for a broker that refuses
+5 (then only the broker's own ``message_size_limit`` bounds what arrives). The blocking client of host commands is ``edgepack.host.fleet.client.SyncClient``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import random
 import socket
 import ssl
@@ -42,10 +43,18 @@ from edgepack.agent.errors import BrokerError
 
 __all__ = ["BrokerConfig", "parse_broker_url", "make_client", "no_delay", "backoff_delay",
            "Will", "MqttError", "NotConnected", "ConnectionRefused", "SocketHooks",
-           "MqttClient", "Connection"]
+           "MqttClient", "Connection", "unsupported_protocol"]
 
 #: topic, payload, qos, retain
 Will = tuple[str, bytes, int, bool]
+#: CONNACK codes of a broker that does not speak the requested protocol version (3.1.1's 1,
+#: MQTT 5's 0x84)
+_UNSUPPORTED_PROTOCOL = (1, 0x84)
+
+
+def unsupported_protocol(rc: Any) -> bool:
+    """Whether a CONNACK refusal code says "unsupported protocol version"."""
+    return int(getattr(rc, "value", rc or 0)) in _UNSUPPORTED_PROTOCOL
 Handler = Callable[[tuple], None]
 
 
@@ -179,7 +188,8 @@ class MqttClient:
     (threaded mode: :meth:`loop_start`) or from the caller's loop (external mode: ``sockets``
     given, the caller drives :meth:`loop_read`, :meth:`loop_write` and :meth:`loop_misc`).
     It must only hand them over. With ``mqtt5``, ``clean_session`` is CONNECT's Clean Start,
-    ``session_expiry_s`` and ``receive_maximum`` go in its properties, and
+    ``session_expiry_s``, ``receive_maximum`` and ``maximum_packet_size`` (bytes: the broker
+    sends nothing bigger) go in its properties, and
     :attr:`shared_subscriptions` tells, once connected, whether the broker offers ``$share/…``.
     """
 
@@ -188,7 +198,8 @@ class MqttClient:
                  keepalive: int | None = None, reconnect_on_failure: bool = True,
                  sockets: SocketHooks | None = None, mqtt5: bool = False,
                  session_expiry_s: float | None = None,
-                 receive_maximum: int | None = None) -> None:
+                 receive_maximum: int | None = None,
+                 maximum_packet_size: int | None = None) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.keepalive = cfg.keepalive if keepalive is None else keepalive
@@ -197,6 +208,7 @@ class MqttClient:
         self._clean = clean_session
         self._session_expiry_s = session_expiry_s
         self._receive_maximum = receive_maximum
+        self._maximum_packet_size = maximum_packet_size
         #: whether the broker's CONNACK offers MQTT 5 shared subscriptions (``$share/…``)
         self.shared_subscriptions = False
         self._paho = make_client(cfg, client_id, clean_session=clean_session, will=will,
@@ -206,6 +218,7 @@ class MqttClient:
         self._connack = threading.Event()
         self._refusal: str | None = None
         self._refusal_rc: Any = None
+        self._refused_by_connack = False
         self._started = False
         self._bind(sockets)
 
@@ -216,6 +229,7 @@ class MqttClient:
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
             if rc.is_failure:
                 self._refusal_rc = rc
+                self._refused_by_connack = True
                 self._refusal = (f"refused the connection: {rc}. Check username/password or "
                                  "certificates.")
                 self.handler(("refused", str(rc)))
@@ -261,6 +275,7 @@ class MqttClient:
         :class:`MqttError` when the broker cannot be reached. A second call reconnects."""
         self._connack.clear()
         self._refusal = self._refusal_rc = None
+        self._refused_by_connack = False
         try:
             if self._started:
                 rc = self._paho.reconnect()
@@ -277,8 +292,14 @@ class MqttClient:
                             op="connect") from None
         _check(rc, "connect", self.cfg, f"connecting to {self.cfg.url}")
 
+    @property
+    def refusal_code(self) -> Any:
+        """The broker's CONNACK refusal code (None: not refused, or closed before CONNACK)."""
+        return self._refusal_rc if self._refused_by_connack else None
+
     def _connect_properties(self) -> Any:
-        if self._session_expiry_s is None and self._receive_maximum is None:
+        if self._session_expiry_s is None and self._receive_maximum is None and \
+                self._maximum_packet_size is None:
             return None
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -288,6 +309,8 @@ class MqttClient:
             props.SessionExpiryInterval = int(self._session_expiry_s)
         if self._receive_maximum is not None:  # unacknowledged QoS 1 deliveries we accept
             props.ReceiveMaximum = int(self._receive_maximum)
+        if self._maximum_packet_size is not None:  # the broker drops bigger messages for us
+            props.MaximumPacketSize = int(self._maximum_packet_size)
         return props
 
     def wait_connected(self, timeout: float | None = None) -> None:
@@ -381,14 +404,24 @@ class Connection:
     :meth:`unsubscribe` are thread-safe and raise :class:`NotConnected` between connections.
     """
 
-    def __init__(self, cfg: BrokerConfig, client_id: str, will: Will, inbox: queue.Queue,
-                 reconnect_min: float, reconnect_max: float) -> None:
+    def __init__(self, cfg: BrokerConfig, client_id: str, will: Will, inbox: Any,
+                 reconnect_min: float, reconnect_max: float, *, protocol: str = "auto",
+                 max_packet_size: int | None = None,
+                 session_expiry_s: float = 7 * 86400) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.will = will
         self.inbox = inbox
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        #: "auto" (5, else 3.1.1), "5" or "3.1.1"
+        self.protocol = protocol
+        self.max_packet_size = max_packet_size
+        self.session_expiry_s = session_expiry_s
+        #: the protocol of the last accepted connection ("5", "3.1.1"; None before)
+        self.speaking: str | None = None
+        self._v311 = protocol == "3.1.1"
+        self._v5_worked = False
         self.gen = 0
         self._client: MqttClient | None = None
         self._lock = threading.Lock()
@@ -408,8 +441,12 @@ class Connection:
             ended = threading.Event()
             accepted = threading.Event()
 
+            v5 = not self._v311
+
             def hand_over(event: tuple, gen: int = gen, ended: threading.Event = ended,
-                          accepted: threading.Event = accepted) -> None:
+                          accepted: threading.Event = accepted, v5: bool = v5) -> None:
+                if event[0] == "connected":
+                    self.speaking = "5" if v5 else "3.1.1"
                 self.inbox.put((event[0], gen, *event[1:]))
                 if event[0] == "connected":
                     accepted.set()
@@ -417,7 +454,9 @@ class Connection:
                     ended.set()
 
             client = MqttClient(self.cfg, self.client_id, handler=hand_over,
-                                clean_session=False, will=self.will, reconnect_on_failure=False)
+                                clean_session=False, will=self.will, reconnect_on_failure=False,
+                                mqtt5=v5, session_expiry_s=self.session_expiry_s if v5 else None,
+                                maximum_packet_size=self.max_packet_size if v5 else None)
             try:
                 client.connect()
             except MqttError as exc:
@@ -428,17 +467,25 @@ class Connection:
             with self._lock:
                 self._client = client
             client.loop_start()
-            deadline = time.monotonic() + self.cfg.connect_timeout
+            # a broker that does not speak MQTT 5 may refuse it, hang up or say nothing
+            wait = self.cfg.connect_timeout if self._v5_worked or not v5 else \
+                min(self.cfg.connect_timeout, 3.0)
+            deadline = time.monotonic() + wait
             while not (ended.is_set() or self._stop.is_set() or accepted.is_set()):
                 if time.monotonic() > deadline:
-                    self.inbox.put(("connect_failed", gen, "no CONNACK within "
-                                    f"{self.cfg.connect_timeout:g}s"))
+                    self.inbox.put(("connect_failed", gen, f"no CONNACK within {wait:g}s"))
                     break
                 ended.wait(0.05)
             if accepted.is_set():
                 attempt = 0
+                self._v5_worked = self._v5_worked or v5
                 while not (ended.is_set() or self._stop.is_set()):
                     ended.wait(0.2)
+            elif self._fall_back(v5, client):
+                with self._lock:
+                    self._client = None
+                client.close()
+                continue
             if self._stop.is_set():
                 return  # close() disconnects gracefully
             with self._lock:
@@ -446,6 +493,22 @@ class Connection:
             client.close()
             self._stop.wait(backoff_delay(attempt, self.reconnect_min, self.reconnect_max))
             attempt += 1
+
+    def _fall_back(self, v5: bool, client: MqttClient) -> bool:
+        """After a failed attempt: switch to 3.1.1 at once (True) when MQTT 5 looks
+        unsupported (refused as such; or, until 5 worked once, no CONNACK at all); a 3.1.1
+        attempt without CONNACK makes the next one try 5 again (it was something else)."""
+        if self.protocol != "auto" or self._stop.is_set():
+            return False
+        refused = client.refusal_code
+        if v5 and (unsupported_protocol(refused) or (refused is None and not self._v5_worked)):
+            self._v311 = True
+            self.inbox.put(("connect_failed", self.gen, "the broker does not accept MQTT 5: "
+                            "trying MQTT 3.1.1 (only its message_size_limit bounds messages)"))
+            return True
+        if not v5 and refused is None:
+            self._v311 = False
+        return False
 
     # ---- any thread
     def _current(self, what: str) -> tuple[MqttClient, int]:

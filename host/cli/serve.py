@@ -73,14 +73,28 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
 @click.option("--no-rollouts", is_flag=True, help="Do not drive staged rollouts from this "
               "process.")
 @click.option("--token", envvar="EDGEPACK_DASHBOARD_TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' to pause/resume/abort rollouts from "
-              "the API (env EDGEPACK_DASHBOARD_TOKEN).")
+              help="The API token ('Authorization: Bearer TOKEN', and the dashboard's login) "
+              "instead of the one made in --data-dir (env EDGEPACK_DASHBOARD_TOKEN).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the generated API token is kept (fleet-token, 0600; default: next to "
+              "a SQLite database, else ~/.local/state/edgepack).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A host name clients use to reach this server, besides the --http address "
+              "and localhost (repeat for several); other Host headers get 421.")
+@click.option("--public-reads/--private-reads", default=None,
+              help="Whether GETs of the API and /metrics work without the token (default: "
+              "public on a loopback --http, private otherwise).")
+@click.option("--no-auth", is_flag=True, help="No token at all (only with a loopback --http).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Public key (.pub) bundle signatures are verified against before the "
+              "dashboard names their signer (repeat for several).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple[str, ...],
               retention: float, events_retention: float, shared: str, queue_max: int,
-              client_id: str | None,
-              no_rollouts: bool, token: str | None, log_level: str) -> None:
+              client_id: str | None, no_rollouts: bool, token: str | None,
+              data_dir: str | None, allowed_hosts: tuple[str, ...], public_reads: bool | None,
+              no_auth: bool, trusted_keys: tuple[str, ...], log_level: str) -> None:
     """Collect a fleet's telemetry, state and events into a database; serve the dashboard.
 
     Runs until Ctrl-C or SIGTERM. Staged rollouts started with 'edgepack deploy --stages'
@@ -103,7 +117,9 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
     except ProtocolError as exc:
         raise click.BadParameter(str(exc), param_hint="--fleet") from None
     config = ServeConfig(broker=broker_cfg, db=db_url, http=http, collector=opts,
-                         rollouts=not no_rollouts, token=token)
+                         rollouts=not no_rollouts, token=token, data_dir=data_dir,
+                         auth=not no_auth, allowed_hosts=allowed_hosts,
+                         public_reads=public_reads, trusted_keys=trusted_keys)
     with until_signal() as stop:
         server = FleetServer(config).start()
         try:
@@ -112,6 +128,12 @@ def serve_cmd(broker_cfg: Any, db_url: str, http: tuple[str, int], fleets: tuple
             click.echo(f"edgepack fleet serve: collecting fleet(s) {', '.join(opts.fleets)} "
                        f"from {broker_cfg.url} into {server.store.safe_url}")
             click.echo(f"dashboard: {server.url}  (metrics: {server.url}metrics)")
+            if server.token_file is not None:
+                click.echo(f"API token: in {server.token_file} (log in with it on the "
+                           "dashboard; 'Authorization: Bearer …' for the API)")
+            elif server.token is None:
+                click.echo("API token: none (--no-auth): anyone on this machine can change "
+                           "rollouts")
             while not stop.wait(0.5):
                 pass
             click.echo("stopping: storing what is queued…")

@@ -4,7 +4,10 @@
 :class:`EmbeddedBroker` as a context manager. It speaks MQTT 3.1.1 (all edgepack's core protocol
 needs), keeps retained messages in memory (bundle chunks and manifests of tens of MB included),
 allows anonymous clients and listens on loopback unless told otherwise: it is for trials and
-development. Production fleets use Mosquitto with TLS client certificates and the ACL in
+development. It speaks MQTT 3.1.1 only, so clients cannot ask it for a Maximum Packet Size;
+``max_message_bytes=`` (e.g. :data:`MAX_MESSAGE_BYTES`, 4 MiB like the shipped Mosquitto
+configuration's ``max_packet_size``) makes it drop every bigger message instead of passing it on.
+By default it sets no limit (a trial may publish a bundle as one chunk of tens of MB). Production fleets use Mosquitto with TLS client certificates and the ACL in
 ``firmware_configs/mosquitto/``.
 """
 
@@ -20,9 +23,11 @@ from typing import Any
 
 from edgepack.agent.errors import BrokerError
 
-__all__ = ["EmbeddedBroker", "is_loopback"]
+__all__ = ["EmbeddedBroker", "is_loopback", "MAX_MESSAGE_BYTES"]
 
 _log = logging.getLogger(__name__)
+#: a message size limit for the embedded broker (1 MiB chunks and control messages fit)
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> BrokerError:
@@ -41,8 +46,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _broker_class() -> type:
-    """amqtt's Broker, mended where it breaks edgepack's protocol.
+def _broker_class(max_message_bytes: int | None = None) -> type:
+    """amqtt's Broker, mended where it breaks edgepack's protocol, with a message size limit.
 
     amqtt 0.12 sends, to every client that connects, the retained messages of every topic filter
     *any* session has subscribed to (it loops over all subscriptions, not the session's own). A
@@ -52,6 +57,18 @@ def _broker_class() -> type:
     from amqtt.broker import Broker
 
     class _Broker(Broker):
+        async def _handle_message_delivery(self, client_session: Any, handler: Any,
+                                           wait_deliver: Any) -> bool:
+            message = wait_deliver.result()
+            data = getattr(message, "data", None)
+            if max_message_bytes is not None and data is not None and \
+                    len(data) > max_message_bytes:
+                _log.warning("dropped a message of %d bytes on %s from %s (over %d)", len(data),
+                             message.topic, client_session.client_id, max_message_bytes)
+                return True  # not passed on, not retained; the client stays connected
+            return await super()._handle_message_delivery(client_session, handler,
+                                                          wait_deliver)
+
         async def _publish_retained_messages_for_subscription(
                 self, subscription: tuple[str, int], session: Any) -> None:
             holders = self._subscriptions.get(subscription[0], [])
@@ -69,9 +86,11 @@ class EmbeddedBroker:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
-                 start_timeout: float = 10.0) -> None:
+                 start_timeout: float = 10.0,
+                 max_message_bytes: int | None = None) -> None:
         self.host = host
         self.port = port
+        self.max_message_bytes = max_message_bytes
         self.start_timeout = start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -153,7 +172,7 @@ class EmbeddedBroker:
             loop.close()
 
     async def _serve(self, started: Future) -> None:
-        Broker = _broker_class()  # noqa: N806 - a class
+        Broker = _broker_class(self.max_message_bytes)  # noqa: N806 - a class
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}",
                                       "max_connections": -1}},

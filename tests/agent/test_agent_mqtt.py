@@ -110,3 +110,92 @@ def test_mqtt5_session_and_suback_codes(mosquitto: Mosquitto, fleet: str) -> Non
         assert e[1] == mid and len(e[2]) == 2 and not any(c.is_failure for c in e[2])
     finally:
         client.close()
+
+
+def test_connection_speaks_mqtt5_with_a_maximum_packet_size(mosquitto: Mosquitto,
+                                                             fleet: str) -> None:
+    """The broker drops what is bigger than the agent's Maximum Packet Size: it never reaches
+    the device's memory; smaller messages still arrive, retained ones included."""
+    inbox: queue.Queue = queue.Queue()
+    conn = Connection(parse_broker_url(mosquitto.url, connect_timeout=5), f"{fleet}-max",
+                      (f"{fleet}/state", b"{}", 1, True), inbox, 0.05, 0.2,
+                      max_packet_size=64 * 1024)
+    sender = MqttClient(parse_broker_url(mosquitto.url), f"{fleet}-sender")
+    sender.connect()
+    sender.loop_start()
+    conn.start()
+    try:
+        sender.wait_connected()
+        sender.publish(f"{fleet}/big/retained", b"r" * 200_000, retain=True, wait=5)
+        assert inbox.get(timeout=10)[0] == "connected" and conn.speaking == "5"
+        conn.subscribe([f"{fleet}/big/#"])
+        sender.publish(f"{fleet}/big/x", b"x" * 100_000, wait=5)
+        sender.publish(f"{fleet}/big/x", b"small", wait=5)
+        got = []
+        while not got or got[-1] != b"small":
+            item = inbox.get(timeout=10)
+            if item[0] == "message":
+                got.append(item[3])
+        assert got == [b"small"]  # neither the 200 kB retained nor the 100 kB message
+    finally:
+        sender.publish(f"{fleet}/big/retained", b"", retain=True, wait=5)
+        sender.close()
+        conn.close(None, connected=True)
+
+
+def test_connection_falls_back_to_mqtt311(amqtt_broker, fleet: str) -> None:
+    """The embedded broker speaks MQTT 3.1.1 only: the agent connects anyway."""
+    inbox: queue.Queue = queue.Queue()
+    conn = Connection(parse_broker_url(amqtt_broker.url, connect_timeout=5), f"{fleet}-old",
+                      (f"{fleet}/state", b"{}", 1, True), inbox, 0.05, 0.2,
+                      max_packet_size=64 * 1024)
+    conn.start()
+    try:
+        while (item := inbox.get(timeout=15))[0] != "connected":
+            assert item[0] in ("connect_failed", "refused", "disconnected"), item
+        assert conn.speaking == "3.1.1"
+        conn.subscribe([f"{fleet}/x"])
+        conn.publish(f"{fleet}/x", b"hello")
+        while (item := inbox.get(timeout=10))[0] != "message":
+            pass
+        assert item[3] == b"hello"
+    finally:
+        conn.close(None, connected=True)
+
+
+def test_inbox_keeps_the_latest_desired_state_and_sheds_the_rest() -> None:
+    from edgepack.agent.inbox import Inbox
+
+    inbox = Inbox(max_bytes=1000, max_messages=5)
+    inbox.keep_latest(["d"])
+    inbox.put(("connected", 1, False))
+    for i in range(20_000):
+        inbox.put(("message", 1, "d", b"v%d" % i, True))
+    for _ in range(20):
+        inbox.put(("message", 1, "chunk", b"c" * 100, False))
+    for i in range(50):
+        inbox.put(("puback", 1, i))  # events are never shed
+    assert len(inbox) == 1 + 1 + 5 + 50
+    assert inbox.get_nowait()[0] == "connected"
+    assert inbox.get_nowait() == ("message", 1, "d", b"v19999", True)  # the newest, in place
+    assert inbox.replaced == 19_999 and inbox.dropped == 15
+    assert [inbox.get_nowait()[2] for _ in range(5)] == ["chunk"] * 5
+    inbox.put(("message", 1, "chunk", b"c" * 900, False))  # room again
+    inbox.put(("message", 1, "d", b"again", True))  # a new wait for "d" after it was taken
+    rest = [inbox.get_nowait() for _ in range(52)]
+    assert [r[0] for r in rest[:50]] == ["puback"] * 50
+    assert rest[50][3] == b"c" * 900 and rest[51][3] == b"again"
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.01)
+
+
+def test_broker_limits_in_the_config() -> None:
+    from edgepack.agent.config import ConfigError, parse_config
+
+    base = {"device_id": "d1", "data_dir": "/tmp/x", "target": "rpi4", "allow_unsigned": True}
+    cfg = parse_config(base)
+    assert (cfg.broker.protocol, cfg.broker.max_packet_kb) == ("auto", 1088)
+    assert cfg.broker.max_packet_kb * 1024 > (1 << 20) + 65_535  # a 1 MiB chunk + topic fits
+    for key, value in (("protocol", "4"), ("max_packet_kb", 8), ("inbox_max_mb", 0)):
+        with pytest.raises(ConfigError, match=r"broker"):
+            parse_config({**base, "broker": {key: value}})

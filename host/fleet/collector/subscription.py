@@ -31,12 +31,15 @@ from edgepack.agent.protocol import Topics
 from edgepack.host.fleet.collector.inbox import Inbox
 from edgepack.host.fleet.collector.options import CollectorOptions
 
-__all__ = ["Subscriber"]
+__all__ = ["Subscriber", "MAXIMUM_PACKET_SIZE"]
 
 log = logging.getLogger("edgepack.collector")
 
 #: unacknowledged QoS 1 deliveries the collector accepts at once (MQTT 5 Receive Maximum)
 _RECEIVE_MAXIMUM = 65535
+#: MQTT 5 Maximum Packet Size: every message the collector reads is at most 1 MiB (protocol.md);
+#: the broker drops bigger ones before they reach this process's memory
+MAXIMUM_PACKET_SIZE = 1088 * 1024
 
 
 class Subscriber:
@@ -123,7 +126,9 @@ class Subscriber:
         events: queue.SimpleQueue = queue.SimpleQueue()
         client = MqttClient(self.cfg, self.client_id, handler=self._hand_over(events), mqtt5=v5,
                             clean_session=False, session_expiry_s=self.opts.session_expiry_s,
-                            receive_maximum=_RECEIVE_MAXIMUM, reconnect_on_failure=False)
+                            receive_maximum=_RECEIVE_MAXIMUM,
+                            maximum_packet_size=MAXIMUM_PACKET_SIZE if v5 else None,
+                            reconnect_on_failure=False)
         try:
             client.connect()
         except MqttError as exc:

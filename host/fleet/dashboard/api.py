@@ -106,8 +106,11 @@ class FleetAPI:
     """Answers for ``/api/…``; every method returns JSON-ready dicts."""
 
     def __init__(self, store: Store, fleets: list[str], *, collector: Any = None,
-                 engine: Any = None, stale_after_s: float = 180.0) -> None:
+                 engine: Any = None, stale_after_s: float = 180.0,
+                 signers: Any = None) -> None:
         self.store = store
+        #: verified bundle signers (``SignerCheck``); None: every signer is "unverified"
+        self.signers = signers
         self.fleets = list(fleets)
         self.collector = collector
         self.engine = engine
@@ -351,7 +354,7 @@ class FleetAPI:
         out = []
         for b in self.store.bundles.list(fleet):
             m = b.manifest
-            out.append({**{k: getattr(b, k) for k in _BUNDLE_LIST},
+            out.append({**{k: getattr(b, k) for k in _BUNDLE_LIST}, **self._signer(fleet, b),
                         "devices": running.get(b.bundle_id, 0), "budgets": bundle_budgets(m),
                         "metrics": m.get("metrics") or {},
                         "optimization": (m.get("optimization") or {}).get("mode")})
@@ -368,7 +371,8 @@ class FleetAPI:
             b = self.store.bundles.get(fleet, matches[0].bundle_id)
         devices = [d.device_id for d in self.store.devices.list(fleet)
                    if d.bundle_id == b.bundle_id]
-        return {**b.to_json(), "fleet": fleet, "budgets": bundle_budgets(b.manifest),
+        return {**b.to_json(), **self._signer(fleet, b), "fleet": fleet,
+                "budgets": bundle_budgets(b.manifest),
                 "metrics": b.manifest.get("metrics") or {}, "devices": devices,
                 "report_status": "ready" if b.report is not None else
                 ("unavailable" if b.report_error else "fetching"),
@@ -376,6 +380,15 @@ class FleetAPI:
                               "created": r.created}
                              for r in self.store.rollouts.list(fleet)
                              if r.bundle_id == b.bundle_id]}
+
+    def _signer(self, fleet: str, b: Any) -> dict[str, Any]:
+        """``signed_by`` only when this server verified the chunk table signature itself;
+        ``signature``: verified, unverified or unsigned."""
+        key_id, status = self.signers.status(fleet, b.bundle_id) if self.signers else \
+            (None, "unverified")
+        if status != "verified" and not b.signed_by:
+            status = "unsigned"
+        return {"signed_by": key_id, "signature": status}
 
     # -- drift
     def drift(self, fleet: str | None, *, device: str | None = None, bundle: str | None = None,

@@ -5,25 +5,34 @@ vendored uPlot chart library — nothing is fetched from the internet) over a JS
 (``/api/…``, documented in ``docs/fleet-api.md``) and ``/metrics`` for Prometheus. The pages poll
 the API every two seconds. Served by the standard library's threading HTTP server.
 
-POST endpoints (pause/resume/abort a rollout) accept only ``Content-Type: application/json`` —
-a browser cannot send that cross-origin without a CORS preflight this server never grants — and,
-when a token is configured, ``Authorization: Bearer <token>``.
+Every request must name an allowed host (``access.AccessPolicy``: 421 otherwise). POST
+endpoints (pause/resume/abort a rollout) need the token — ``Authorization: Bearer <token>``, or
+the session cookie the dashboard's login (``POST /api/login``) sets — must not come from another
+site (``Origin``, ``Sec-Fetch-Site``: 403) and accept only ``Content-Type: application/json``
+(a browser cannot send that cross-origin without a CORS preflight this server never grants).
+GETs of the API and ``/metrics`` need the token too unless the policy has ``public_reads``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import mimetypes
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edgepack.agent.errors import EdgepackError
+from edgepack.host.fleet.dashboard.access import (
+    SESSION_COOKIE,
+    AccessPolicy,
+    Sessions,
+    cross_site,
+)
 from edgepack.host.fleet.dashboard.api import FleetAPI, NotFound
 from edgepack.host.fleet.rollout import abort_rollout, pause_rollout, resume_rollout
 
@@ -37,43 +46,134 @@ _PAGES = ("", "devices", "deployments", "rollouts", "bundles")
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgepack-fleet"
     api: FleetAPI
-    token: str | None
+    policy: AccessPolicy
+    sessions: Sessions
     metrics: Any
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
 
     # -- responses
-    def _send(self, status: int, body: bytes, ctype: str, *, cache: bool = False) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, *, cache: bool = False,
+              cookie: str | None = None) -> None:
         self.send_response(status)
+        if cookie is not None:
+            self.send_header("Set-Cookie", cookie)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Content-Security-Policy",
                          "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' "
-                         "data:; connect-src 'self'")
+                         "data:; connect-src 'self'; frame-ancestors 'none'")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, obj: Any, status: int = 200) -> None:
+    def _json(self, obj: Any, status: int = 200, cookie: str | None = None) -> None:
         self._send(status, json.dumps(obj, default=str, allow_nan=False).encode(),
-                   "application/json; charset=utf-8")
+                   "application/json; charset=utf-8", cookie=cookie)
 
     def _error(self, status: int, message: str) -> None:
         self._json({"error": HTTPStatus(status).phrase, "message": message}, status)
+
+    # -- access
+    def _session_id(self) -> str | None:
+        try:
+            morsel = SimpleCookie(self.headers.get("Cookie", "")).get(SESSION_COOKIE)
+        except CookieError:
+            return None
+        return morsel.value if morsel is not None else None
+
+    def _authenticated(self) -> bool:
+        """The token as a bearer credential, or a live login session."""
+        p = self.policy
+        if p.token is None:
+            return True
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return p.token_ok(auth[len("Bearer "):].strip())
+        return self.sessions.valid(self._session_id())
+
+    def _host_refused(self) -> bool:
+        """421 for a Host header that is not an allowed name (DNS rebinding)."""
+        if self.policy.host_ok(self.headers.get("Host")):
+            return False
+        self._error(421, f"this server does not answer for host {self.headers.get('Host')!r}; "
+                    "add it with `allowed_hosts=` if it is a name of this server")
+        return True
+
+    def _refused_for_change(self) -> bool:
+        """403 from another site, 415 without a JSON body type, 401 without the token."""
+        why = cross_site(self.headers, self.headers.get("Host"))
+        if why is not None:
+            self._error(403, f"cross-site request refused ({why})")
+            return True
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            self._error(415, "POST needs Content-Type: application/json")
+            return True
+        if not self._authenticated():
+            self._error(401, "changing the fleet needs the API token: 'Authorization: Bearer "
+                        "<token>' (or log in on the dashboard)")
+            return True
+        return False
+
+    def _read_body(self) -> bytes | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > 65536:
+            self._error(413, "request body too large")
+            return None
+        return self.rfile.read(length)
+
+    def _login(self) -> None:
+        """``POST /api/login`` with ``{"token": …}``: a session cookie for the dashboard."""
+        why = cross_site(self.headers, self.headers.get("Host"))
+        if why is not None:
+            self._error(403, f"cross-site login refused ({why})")
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            token = json.loads(body or b"{}").get("token")
+        except (ValueError, AttributeError):
+            token = None
+        if self.policy.token is None:
+            self._json({"authenticated": True, "auth": False})
+        elif not isinstance(token, str) or not self.policy.token_ok(token):
+            self._error(401, "wrong token: it is in the server's fleet-token file (its path is "
+                        "printed when the server starts)")
+        else:
+            sid = self.sessions.open()
+            self._json({"authenticated": True, "auth": True},
+                       cookie=f"{SESSION_COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; "
+                       f"Max-Age={int(self.sessions.lifetime_s)}")
+
+    def _logout(self) -> None:
+        self.sessions.close(self._session_id())
+        self._json({"authenticated": False, "auth": self.policy.token is not None},
+                   cookie=f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
 
     # -- routing
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
         self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        if self._host_refused():
+            return
         url = urlsplit(self.path)
         path = unquote(url.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
-            if path.startswith("/api/"):
+            if path == "/api/session":
+                self._json({"authenticated": self._authenticated(),
+                            "auth": self.policy.token is not None,
+                            "public_reads": self.policy.public_reads})
+            elif (path.startswith("/api/") or path == "/metrics") and not \
+                    self.policy.public_reads and not self._authenticated():
+                self._error(401, "this server needs the API token to read the fleet: "
+                            "'Authorization: Bearer <token>' (or log in on the dashboard)")
+            elif path.startswith("/api/"):
                 self._json(self._get_api(path[len("/api/"):].strip("/").split("/"), q))
             elif path == "/metrics":
                 from edgepack.host.fleet.metrics import CONTENT_TYPE
@@ -97,21 +197,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(500, f"{type(exc).__name__}: {exc}")
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        if self._host_refused():
+            return
         path = unquote(urlsplit(self.path).path).strip("/").split("/")
-        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-            self._error(415, "POST needs Content-Type: application/json")
+        if path == ["api", "login"]:
+            self._login()
             return
-        if self.token is not None:
-            auth = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(auth, f"Bearer {self.token}"):
-                self._error(401, "this dashboard needs 'Authorization: Bearer <token>' to change "
-                                 "rollouts")
-                return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 65536:
-            self._error(413, "request body too large")
+        if path == ["api", "logout"]:
+            self._logout()
             return
-        self.rfile.read(length)
+        if self._refused_for_change() or self._read_body() is None:
+            return
         try:
             if len(path) == 4 and path[:2] == ["api", "rollouts"] and \
                     path[3] in ("pause", "resume", "abort"):
@@ -191,15 +287,18 @@ def _float(v: str | None) -> float | None:
 
 
 def make_http_server(api: FleetAPI, host: str = "127.0.0.1", port: int = 8080, *,
-                     token: str | None = None, collector: Any = None,
+                     policy: AccessPolicy | None = None, collector: Any = None,
                      engine: Any = None) -> ThreadingHTTPServer:
-    """A threading HTTP server answering the dashboard, the API and ``/metrics``."""
+    """A threading HTTP server answering the dashboard, the API and ``/metrics``. Without a
+    ``policy``: no token, loopback host names only, reads open."""
     from edgepack.host.fleet.metrics import render_metrics
 
     def metrics() -> bytes:
         return render_metrics(api.store, api.fleets, collector=collector, engine=engine)
 
-    handler = type("FleetHandler", (_Handler,), {"api": api, "token": token,
+    policy = policy or AccessPolicy.build(None, host, (), public_reads=True)
+    handler = type("FleetHandler", (_Handler,), {"api": api, "policy": policy,
+                                                 "sessions": Sessions(),
                                                  "metrics": staticmethod(metrics)})
     mimetypes.add_type("application/javascript", ".js")
     mimetypes.add_type("image/svg+xml", ".svg")

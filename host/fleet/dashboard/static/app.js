@@ -44,8 +44,34 @@ async function api(path, opts) {
   const url = state.fleet ? `${path}${sep}fleet=${encodeURIComponent(state.fleet)}` : path;
   const r = await fetch(url, { headers: { Accept: "application/json" }, ...(opts || {}) });
   const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.message || `${r.status} ${r.statusText}`);
+  if (r.status === 401) session();
+  if (!r.ok) throw Object.assign(new Error(body.message || `${r.status} ${r.statusText}`), { status: r.status });
   return body;
+}
+// Login: the API token (in the server's fleet-token file) traded for a SameSite=Strict session
+// cookie; changing calls work once logged in, reads too when the server keeps them private.
+async function session() {
+  const s = await fetch("/api/session", { headers: { Accept: "application/json" } }).then((x) => x.json()).catch(() => ({}));
+  document.getElementById("login").hidden = !s.auth || s.authenticated;
+  document.getElementById("logout").hidden = !s.auth || !s.authenticated;
+  return s;
+}
+async function postJSON(path, body) {
+  const r = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json", Accept: "application/json" }, body: JSON.stringify(body || {}) });
+  return [r, await r.json().catch(() => ({}))];
+}
+function setupLogin() {
+  const form = document.getElementById("login");
+  const input = document.getElementById("login-token");
+  form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    const [r, body] = await postJSON("/api/login", { token: input.value });
+    input.value = "";
+    if (!r.ok) { form.dataset.error = body.message || r.statusText; setLive(false, `login failed: ${form.dataset.error}`); return; }
+    delete form.dataset.error;
+    location.reload();
+  };
+  document.getElementById("logout").onclick = async () => { await postJSON("/api/logout"); location.reload(); };
 }
 function setLive(ok, text) {
   const el = document.getElementById("live");
@@ -276,7 +302,10 @@ pages.rollout = {
       if (what === "abort" && !confirm(`Abort rollout ${r.id} and roll back every device it reached?`)) return;
       try {
         await api(`/api/rollouts/${encodeURIComponent(r.id)}/${what}`, { method: "POST", headers: { "Content-Type": "application/json", Accept: "application/json" }, body: "{}" });
-      } catch (e) { alert(e.message); }
+      } catch (e) {
+        if (e.status !== 401) alert(e.message);
+        else { const f = document.getElementById("login"); f.dataset.needed = what; f.hidden = false; document.getElementById("login-token").focus(); return; }
+      }
       refresh(true);
     } }, what);
     const controls = [];
@@ -324,7 +353,7 @@ pages.bundles = {
     d.bundles.map((b) => h("tr", { "data-bundle": b.bundle_id },
       h("td", {}, a(`/bundles/${b.bundle_id}`, `${b.name} ${b.version}`)), h("td", {}, b.target || "–"),
       h("td", { cls: "mono" }, short(b.bundle_id)), h("td", { cls: "num" }, fmt((b.bytes || 0) / 1048576, 2)),
-      h("td", {}, b.optimization || "–"), h("td", { cls: "mono" }, b.signed_by || "unsigned"),
+      h("td", {}, b.optimization || "–"), h("td", { cls: "mono", "data-signature": b.signature }, b.signed_by || b.signature),
       h("td", { cls: "num" }, b.devices), h("td", {}, ago(b.published || b.first_seen))))) : h("p", { cls: "muted" }, "No bundle published in this fleet yet.")];
   },
 };
@@ -348,7 +377,7 @@ pages.bundle = {
         h("div", { cls: "panel", id: "manifest" }, h("h3", {}, "Manifest"), kv([
           ["bundle id", h("span", { cls: "mono" }, b.bundle_id)], ["target", b.target || m.target],
           ["created", m.created || "–"], ["size", `${fmt((b.bytes || 0) / 1048576, 2)} MB in ${b.chunks} chunks`],
-          ["signed by", b.signed_by || "unsigned"],
+          ["signed by", h("span", { "data-signature": b.signature }, b.signed_by ? `${b.signed_by} (verified)` : b.signature)],
           ["model", `${model.file || "?"} (${model.format || "?"}, ${fmt((model.bytes || 0) / 1048576, 2)} MB)`],
           ["inputs", (model.inputs || []).map((i) => `${i.name} ${i.dtype} [${i.shape}]`).join(", ")],
           ["outputs", (model.outputs || []).map((i) => `${i.name} ${i.dtype} [${i.shape}]`).join(", ")],
@@ -420,8 +449,10 @@ async function init() {
   const params = new URLSearchParams(location.search);
   const r = route();
   for (const el of document.querySelectorAll("[data-nav]")) el.classList.toggle("active", el.dataset.nav === r.nav);
+  setupLogin();
+  await session();
   try {
-    const f = await fetch("/api/fleets").then((x) => x.json());
+    const f = await api("/api/fleets");
     state.fleet = params.get("fleet") || f.default;
     const sel = document.getElementById("fleet");
     sel.replaceChildren(...f.fleets.map((x) => h("option", { value: x, selected: x === state.fleet }, x)));

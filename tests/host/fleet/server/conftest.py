@@ -114,20 +114,25 @@ def sim_bundle(tmp_path_factory: pytest.TempPathFactory,
 # ------------------------------------------------------------------------------ services
 
 @pytest.fixture
-def serve(mosquitto: Any) -> Iterator[Callable[..., Any]]:
-    """``serve(db_url, fleet, **collector_options)`` -> a started FleetServer on a free port."""
+def serve(mosquitto: Any, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Callable[..., Any]]:
+    """``serve(db_url, fleet, **collector_options)`` -> a started FleetServer on a free port
+    (its generated API token: ``server.token``)."""
     from edgepack.host.fleet.collector import CollectorOptions
     from edgepack.host.fleet.server import FleetServer, ServeConfig
 
     started: list[Any] = []
 
     def make(db: str, fleet: str, *, broker: str | None = None, rollout_tick_s: float = 0.2,
-             token: str | None = None, **opts: Any) -> Any:
+             token: str | None = None, serve_options: dict | None = None,
+             **opts: Any) -> Any:
         opts.setdefault("client_id", f"collector-{uuid.uuid4().hex[:8]}")
+        so = {"data_dir": str(tmp_path_factory.mktemp("fleetserver")), **(serve_options or {})}
         server = FleetServer(ServeConfig(broker=broker or mosquitto.url, db=db,
                                          http=("127.0.0.1", 0),
                                          collector=CollectorOptions(fleets=(fleet,), **opts),
-                                         rollout_tick_s=rollout_tick_s, token=token)).start()
+                                         rollout_tick_s=rollout_tick_s, token=token,
+                                         **so)).start()
         started.append(server)
         assert server.collector.wait_connected(10), "collector did not connect"
         return server

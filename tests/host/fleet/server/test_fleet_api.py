@@ -74,6 +74,8 @@ def test_api_and_metrics(db_url, mosquitto, fleet, serve, simulate, sim_bundle, 
 
     bundles = get_json(f"{base}bundles?fleet={fleet}")["bundles"]
     assert [b["bundle_id"] for b in bundles] == [bid] and bundles[0]["devices"] == N - 1
+    # this server trusts no key: the claimed signer is not shown
+    assert bundles[0]["signed_by"] is None and bundles[0]["signature"] == "unverified"
     b = wait_for(lambda: (x := get_json(f"{base}bundles/{bid[:10]}?fleet={fleet}"))
                  ["report_status"] == "ready" and x, 20, what="the build report")
     assert b["report"]["latency"]["speedup"] == 2.6 and b["metrics"]["size_ratio"] == 4.0

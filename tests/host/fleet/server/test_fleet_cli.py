@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -44,11 +45,11 @@ def test_fleet_serve_process(tmp_path, mosquitto, fleet, simulate):
         url = None
         deadline = time.monotonic() + 30
         lines = []
-        while time.monotonic() < deadline and url is None:
+        while time.monotonic() < deadline and not (url and "API token" in lines[-1]):
             line = proc.stdout.readline()
             lines.append(line)
             m = re.search(r"dashboard: (http://\S+)", line)
-            url = m.group(1) if m else None
+            url = url or (m.group(1) if m else None)
         assert url, "".join(lines)
         simulate(fleet, 3)
         wait_for(lambda: get_json(f"{url}api/overview")["counts"]["online"] == 3, 15,
@@ -57,6 +58,10 @@ def test_fleet_serve_process(tmp_path, mosquitto, fleet, simulate):
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, out
         assert "stopped" in out
+        # authentication is on from the first start: the token file's path is printed
+        token_file = tmp_path / "fleet-token"
+        assert lines[-1].startswith(f"API token: in {token_file} ")
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     finally:
         if proc.poll() is None:
             proc.kill()

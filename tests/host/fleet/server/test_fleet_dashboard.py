@@ -95,6 +95,11 @@ def test_dashboard_pages_in_chromium(page, sqlite_url, mosquitto, fleet, serve, 
     stage1 = page.locator("tr[data-stage='1'] [data-count=installed]")
     wait_for(lambda: int(stage1.inner_text()) >= N // 2 - 1, 30, what="stage 1 installed")
     assert page.locator("button[data-action=pause]").count() == 1
+    # changing a rollout needs the API token: log in on the dashboard first
+    page.fill("#login-token", server.token)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("#logout:not([hidden])")
+    page.wait_for_selector("button[data-action=pause]")
     page.click("button[data-action=pause]")
     page.wait_for_selector("button[data-action=resume]", timeout=10_000)
     assert "paused" in page.locator("h1").inner_text()

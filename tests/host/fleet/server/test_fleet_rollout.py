@@ -206,7 +206,8 @@ def test_pause_resume_abort_and_restart(sqlite_url, mosquitto, fleet, serve, sim
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 415
     req = urllib.request.Request(f"{server.url}api/rollouts/{rid}/abort", data=b"{}",
-                                 method="POST", headers={"Content-Type": "application/json"})
+                                 method="POST", headers={"Content-Type": "application/json",
+                                                         "Authorization": f"Bearer {server.token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert json.loads(resp.read())["state"] == "abort_requested"
     final = wait_for(lambda: (s := rollout_status(rid, db=server.store)).state == "aborted"
