@@ -34,6 +34,7 @@ from edgepack.agent import __version__
 from edgepack.agent.capture import Capture
 from edgepack.agent.compat import DeviceFacts
 from edgepack.agent.config import AgentConfig, load_config
+from edgepack.agent.controls import ControlDesk
 from edgepack.agent.deployment import Deployment, label
 from edgepack.agent.drift import load_sketcher
 from edgepack.agent.errors import BrokerError, EdgepackError, InstallError
@@ -53,7 +54,6 @@ from edgepack.agent.states import Phase
 from edgepack.agent.system import lock_data_dir, ram_mb, return_freed_memory, sd_notify
 from edgepack.agent.telemetry import LatencyStats, SystemSampler
 from edgepack.agent.trust import ControlRefused, DesiredGate
-from edgepack.agent.trust.root import ROOT_TOPIC, RootChain
 
 __all__ = ["Agent", "main"]
 
@@ -75,14 +75,7 @@ class Agent:
         self.gate = DesiredGate(cfg.data_dir, device_id=cfg.device_id, fleet=cfg.fleet,
                                 groups=cfg.groups, trusted_keys=cfg.trusted_keys,
                                 root_file=cfg.trust_root, allow_unsigned=cfg.allow_unsigned)
-        v = self.gate.verifier  # root rotations arrive retained on root/{N} and are walked
-        self.roots = RootChain(v.root, v.update_root) if v is not None else None
-        self.root_prefix = self.topics.prefix + ROOT_TOPIC.format(version="")
-        self._trust_root_keys()
-        self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
-        self.errors: dict[str, int] = {}  # messages that failed to be handled, by error
         self._freshness: tuple[str, tuple[str, ...]] | None = None  # last reported
-        self._refused_at: dict[tuple[str, str], float] = {}
         self.installer = Installer(cfg.data_dir)
         # the device key (made by ``agent init``, or here on first start) signs every report
         self.identity = DeviceIdentity.load_or_create(cfg.data_dir)
@@ -114,6 +107,9 @@ class Agent:
         self.group_topics = {self.topics.group_desired(g): g for g in cfg.groups}
         self.capture = Capture(cfg.data_dir, device_id=cfg.device_id)  # off unless asked
         self.capture_topic = self.topics.device(cfg.device_id, "capture")
+        self.controls = ControlDesk(self.gate, self.keys, self.topics, self.capture,
+                                    self.capture_topic, self.event)
+        self.refused, self.errors = self.controls.refused, self.controls.errors  # telemetry
         # a burst on these keeps only the newest message per topic (one verification)
         self.inbox.keep_latest([self.desired_topic, *self.group_topics, self.downgrade_topic,
                                 self.topics.freshness, self.capture_topic])
@@ -129,7 +125,7 @@ class Agent:
         self.profiler = Profiler(cfg, self.topics, link=self.net, keys=self.keys,
                                  emit=lambda topic, body: self.inbox.put(("emit", 0, topic, body)),
                                  busy=lambda: self.job is not None, gate=self.gate,
-                                 refused=self._control_refused)
+                                 refused=self.controls.control_refused)
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
@@ -195,7 +191,7 @@ class Agent:
                     self._handle(item)
                 except EdgepackError as exc:  # a bad message must not stop the agent
                     log.warning("%s", exc)
-                    if not self._quiet((item[0], type(exc).__name__), self.errors,
+                    if not self.controls.quiet((item[0], type(exc).__name__), self.errors,
                                        type(exc).__name__):
                         self.event("error", str(exc))
                 handled += 1
@@ -241,7 +237,7 @@ class Agent:
             log.warning("cannot connect to %s: %s", self.net.cfg.url, item[2])
         elif kind == "emit":  # a profile job's answer, from the profiler thread
             reason = item[3].get("reason") if item[3].get("kind") == "refused" else None
-            if reason in _STORM_REFUSALS and self._quiet(("job", reason), self.refused,
+            if reason in _STORM_REFUSALS and self.controls.quiet(("job", reason), self.refused,
                                                          f"job_{reason}"):
                 return  # a storm of junk jobs: counted, not answered one by one
             try:
@@ -257,7 +253,7 @@ class Agent:
         self.publish_state()
         try:
             # the downgrade before the desired states it allows
-            self.net.subscribe([self.root_prefix + "+", self.downgrade_topic,
+            self.net.subscribe([self.controls.root_prefix + "+", self.downgrade_topic,
                                 self.topics.freshness])
             self.net.subscribe([self.desired_topic, *self.group_topics])
             self.net.subscribe([self.profiler.jobs_topic, self.capture_topic])
@@ -283,7 +279,7 @@ class Agent:
             try:
                 ds = self.gate.desired(payload)
             except ControlRefused as exc:  # the previous verified desired state stays
-                self._control_refused(topic, "desired", exc)
+                self.controls.control_refused(topic, "desired", exc)
                 return
             if topic == self.desired_topic:
                 self.desired_device = ds
@@ -297,72 +293,14 @@ class Agent:
             try:
                 (self.gate.downgrade if kind == "downgrade" else self.gate.freshness)(payload)
             except ControlRefused as exc:
-                self._control_refused(topic, kind, exc)
-        elif self.roots is not None and topic.startswith(self.root_prefix):
-            self._on_root(topic, payload)
+                self.controls.control_refused(topic, kind, exc)
+        elif self.controls.wants_root(topic):
+            self.controls.on_root(topic, payload)
         elif topic == self.capture_topic:
-            self._on_capture(payload)
+            self.controls.on_capture(payload, self.net)
         elif self.job is not None and self.job.wants(topic):
             self.job.on_message(topic, payload)
             self._forget_finished()
-
-    def _on_root(self, topic: str, payload: bytes) -> None:
-        """Walk the root chain (event ``root_updated`` per version); bundles are then checked
-        against the new root's release keys."""
-        updates, refused = self.roots.offer(payload)
-        for u in updates:
-            self.event("root_updated", f"trusted root v{u.from_version} -> v{u.to_version} "
-                       f"(changed: {', '.join(u.changed_roles) or 'expiry only'})",
-                       from_version=u.from_version, to_version=u.to_version,
-                       changed_roles=list(u.changed_roles), key_ids=list(u.key_ids))
-        if updates:
-            self._trust_root_keys()
-        if refused is not None:
-            self._control_refused(topic, "root", refused)
-
-    def _trust_root_keys(self) -> None:
-        """Bundle and chunk-table keys: the root's release keys, plus ``trusted_keys`` until
-        the first rotation (from then on the root alone says who signs)."""
-        v = self.gate.verifier
-        if v is None:
-            return
-        if v.root.version > 1:
-            self.keys.clear()  # in place: the profiler holds the same dict
-        self.keys.update(v.root.v1_keys("release"))
-
-    def _on_capture(self, payload: bytes) -> None:
-        try:
-            req, pull = self.capture.receive(payload, self.gate)
-        except ControlRefused as exc:  # capture stays as it was
-            self._control_refused(self.capture_topic, "capture", exc)
-            return
-        if req is not None:
-            self.event("capture", f"capture {req.action} (v{req.version})", action=req.action,
-                       version=req.version, records=len(self.capture.ring))
-        if pull is not None:
-            self.capture.send(pull, self.net, self.topics)
-
-    def _quiet(self, key: tuple, counts: dict[str, int], name: str) -> bool:
-        """Count ``name``; True when an event for ``key`` was already written in the last
-        minute, so a storm of bad messages is counted in telemetry, not one event each."""
-        counts[name] = counts.get(name, 0) + 1
-        now = time.monotonic()
-        last = self._refused_at.get(key)
-        if last is not None and now - last < 60.0:
-            return True
-        if len(self._refused_at) > 1000:
-            self._refused_at.clear()
-        self._refused_at[key] = now
-        return False
-
-    def _control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:
-        """One event per topic and reason a minute (a storm is counted in telemetry)."""
-        if self._quiet((topic, exc.reason), self.refused, exc.reason):
-            return
-        self.event("control_refused", f"{kind} message on {topic} refused: {exc}; the device "
-                   "keeps its verified desired state and its bundle", control=kind,
-                   reason=exc.reason, key_ids=list(exc.key_ids),
-                   version=exc.context.get("version"), topic=topic)
 
     # ------------------------------------------------------------------ timers
     def _tick(self) -> None:
