@@ -217,6 +217,9 @@ def package(plan: BuildPlan, manifest: dict[str, Any], model_bytes: bytes,
         report.warnings.append("the bundle is unsigned (no signing key): devices refuse it "
                                "unless allow_unsigned = true")
     out = bundle_path(plan)
+    third_party = progress.third_party_output()
+    if third_party is not None:
+        report = replace(report, third_party_output=third_party)
     files = {**files, "golden.npz": npz_bytes(golden),
              "report.json": report_json(report.to_dict())}
     with progress.stage("packaging"):
