@@ -109,10 +109,10 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack build clf.joblib --target rpi4 --sample-input sample.npz"):
         Failing("issue 14 item 7: a random forest stays float, yet rpi4's int8 default asks for "
                 "calibration data (the tflite helper's branch asks only after import)"),
-    ("README.md", "edgepack build model.pmml --target rpi4 --sample-input rows.csv"):
+    ("README.md", "edgepack build risk.pmml --target rpi4 --sample-input rows.csv"):
         Scenario(README_SCENARIO),
     ("README.md", "edgepack build model.keras --target rpi4 --prune 0.5 --train train.npz "
-                  "--calibration calib.npz"): Scenario(README_TF),
+                  "--calibration calib.npz --name model-pruned"): Scenario(README_TF),
     ("README.md", "edgepack distill teacher.keras --data train.npz --student small --out "
                   "student.keras"): Scenario(README_TF),
     ("README.md", "edgepack inspect dist/model-1.0.0-rpi4.edgepack"): Scenario(README_SCENARIO),
@@ -143,7 +143,7 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack build model.onnx --target rpi4 --calibration calib.npz --eval "
                   "eval.npz --key keys/fleet.key --version 2.0.0"): Scenario(README_SCENARIO),
     ("README.md", "edgepack deploy dist/model-2.0.0-rpi4.edgepack --group rpi4-fleet --stages "
-                  "1,10,50,100 --max-failures 5% --soak 10m --broker $BROKER"):
+                  "1,10,50,100 --max-failures 5% --soak 10m --broker $BROKER --key keys/fleet.key"):
         Scenario(README_SCENARIO),
     ("README.md", "edgepack rollout list"): Scenario(README_SCENARIO),
     ("README.md", "edgepack rollout status ro-"): Scenario(README_SCENARIO),
@@ -153,7 +153,7 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack fleet clear --device pi-kitchen --broker $BROKER"):
         Scenario(README_SCENARIO),
     ("README.md", "edgepack fleet simulate --devices 50 --broker $BROKER --target rpi4 "
-                  "--fail-rate 0.1 --duration 20"): Scenario(README_SCENARIO),
+                  "--fail-rate 0.1 --duration 5"): Scenario(README_SCENARIO),
     ("README.md", "edgepack profile dist/model-1.0.0-rpi4.edgepack --device pi-kitchen --broker "
                   "$BROKER --key keys/fleet.key"): Scenario(README_SCENARIO),
     ("README.md", "edgepack build model.onnx --target rpi4 --calibration calib.npz --eval "

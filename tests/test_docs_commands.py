@@ -3,7 +3,7 @@
 ``test_every_documented_command_is_run`` checks the registry (tests/docs_commands.py) against the
 docs. The scenario tests run README's "Using it" block from the README's own text, in order, in a
 temporary directory holding the files it names (model.onnx, calib.npz, eval.npz, clf.joblib,
-sample.npz, model.pmml, rows.csv, model.keras, saved_model_dir/, teacher.keras, train.npz), with
+sample.npz, risk.pmml, rows.csv, model.keras, saved_model_dir/, teacher.keras, train.npz), with
 ``.venv/bin`` on ``PATH``, ``$BROKER`` pointing at a Mosquitto of their own, and servers (the
 embedded broker, the agent, the fleet server) started in the background and stopped at the end.
 """
@@ -85,7 +85,7 @@ def test_the_registry_reads_continuations_and_comments(tmp_path: Path) -> None:
 
 def _write_inputs(d: Path) -> None:
     """model.onnx (a digits MLP, input (N, 64)), calib/eval/sample/train .npz, clf.joblib,
-    model.pmml + rows.csv."""
+    risk.pmml + rows.csv."""
     import warnings
 
     import joblib
@@ -105,7 +105,7 @@ def _write_inputs(d: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lr = LogisticRegression(max_iter=300).fit(x_tr, y_tr)
-    write_logreg_pmml(d / "model.pmml", lr.coef_, lr.intercept_, lr.classes_)
+    write_logreg_pmml(d / "risk.pmml", lr.coef_, lr.intercept_, lr.classes_)
     header = ",".join(f"x{i}" for i in range(64))
     np.savetxt(d / "rows.csv", x_te[:40], delimiter=",", header=header, comments="")
 
@@ -175,8 +175,11 @@ def _run_in_order(lines: list[tuple[str, Scenario]], cwd: Path, env: dict[str, s
                 continue
             run = subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True,
                                  text=True, timeout=300, check=False)
+            with open(cwd / "session.log", "a") as session:
+                session.write(f"$ {line}\n{run.stdout}{run.stderr}exit {run.returncode}\n")
             if run.returncode != 0:
-                failures.append(f"$ {line}\nexit {run.returncode}\n{run.stderr[-2000:]}")
+                failures.append(f"$ {line}\nexit {run.returncode}\n{run.stdout[-1500:]}"
+                                f"{run.stderr[-2000:]}")
     finally:
         for proc in reversed(servers):
             with contextlib.suppress(ProcessLookupError):
@@ -218,7 +221,8 @@ def test_readme_tensorflow_builds(tmp_path: Path, broker: str) -> None:
 
     built = sorted(p.name for p in (tmp_path / "dist").glob("*.edgepack"))
     assert built == ["model-1.0.0-coral-edgetpu.edgepack", "model-1.0.0-esp32-s3.edgepack",
-                     "model-1.0.0-rpi4.edgepack", "saved_model_dir-1.0.0-android-arm64.edgepack"]
+                     "model-pruned-1.0.0-rpi4.edgepack",
+                     "saved_model_dir-1.0.0-android-arm64.edgepack"]
     assert (tmp_path / "student.keras").exists()
 
 
