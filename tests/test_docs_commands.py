@@ -96,7 +96,7 @@ def _write_inputs(d: Path) -> None:
 
     x_tr, x_te, y_tr, y_te = digits_flat()
     make_mlp(d / "model.onnx", train_mlp_weights(x_tr, y_tr))
-    np.savez(d / "calib.npz", x=x_tr[:200])
+    np.savez(d / "calib.npz", x=x_tr)
     np.savez(d / "eval.npz", x=x_te, labels=y_te)
     np.savez(d / "sample.npz", x=x_te[:40])
     np.savez(d / "train.npz", x=x_tr, y=y_tr)
