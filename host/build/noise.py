@@ -136,8 +136,13 @@ class ThirdPartyOutput:
         self._native.close()  # the lines arrive when the redirect ends
         self._native = None
         live, self.live = self.live, False
+        previous = ""
         for line in self._lines:
-            self.add(_source_of(line), line)
+            source = _source_of(line)
+            if source == "other output" and previous.endswith("C++ log") and line[:1].isupper():
+                source = previous  # a C++ message's second line ("To enable the following…")
+            self.add(source, line)
+            previous = source
         self.live = live
 
     # -- context -------------------------------------------------------------------------------
