@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgepack.agent.bundle import MANIFEST, SCHEMA, SIGNATURE, read_bundle, validate_manifest
-from edgepack.agent.errors import BundleError
+from edgepack.agent.errors import BundleError, ModelError
 
 if TYPE_CHECKING:
     from edgepack.host.build.data import Dataset, TensorSpec
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from edgepack.host.build.result import BuildReport, BuildResult
     from edgepack.host.build.validate import Outputs
 
-__all__ = ["created", "golden", "health", "manifest", "npz_bytes", "package", "toolchain",
-           "write_bundle"]
+__all__ = ["check_outputs", "created", "golden", "health", "manifest", "npz_bytes", "package",
+           "toolchain", "write_bundle"]
 
 GOLDEN_SAMPLES = 8
 
@@ -185,6 +185,29 @@ def manifest(plan: BuildPlan, *, model: dict, runtime: dict, optimization: dict,
     }
 
 
+def _non_tensor(dtype: str) -> bool:
+    return dtype in ("sequence", "map", "unknown") or dtype.endswith("_type")
+
+
+def check_outputs(plan: BuildPlan, outputs: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse outputs that are not tensors (sequences, maps) unless the plan allows them.
+
+    Every runtime reads tensors; sequences of maps (skl2onnx's ZipMap) only full onnxruntime
+    builds do: mobile and web runtimes, LiteRT and most C API callers fail on them.
+    """
+    odd = [f"'{o['name']}' ({o.get('dtype')})" for o in outputs
+           if _non_tensor(str(o.get("dtype")))]
+    if odd and not plan.package.allow_non_tensor_outputs:
+        raise ModelError(
+            f"output{'s' if len(odd) > 1 else ''} {', '.join(odd)} of {plan.model.name} "
+            f"{'are' if len(odd) > 1 else 'is'} not a tensor: mobile and web runtimes, LiteRT "
+            "and most C API callers cannot read sequences or maps, so devices would fail the "
+            "health gate. Export the model with tensor outputs (skl2onnx: "
+            "options={'zipmap': False} gives probabilities as a float tensor), or "
+            "pass `allow_non_tensor_outputs=` to ship them as they are (devices running full "
+            "onnxruntime read them).", stage="package", field="allow_non_tensor_outputs")
+
+
 def _json_default(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else float(v)
 
@@ -212,11 +235,15 @@ def package(plan: BuildPlan, manifest: dict[str, Any], model_bytes: bytes,
     from edgepack.host.build.result import BuildResult
     from edgepack.host.keys import signer
 
+    check_outputs(plan, manifest["model"]["outputs"])
     sign, signed_by = signer(plan.package.key)
     if sign is None:
         report.warnings.append("the bundle is unsigned (no signing key): devices refuse it "
                                "unless allow_unsigned = true")
     out = bundle_path(plan)
+    third_party = progress.third_party_output()
+    if third_party is not None:
+        report = replace(report, third_party_output=third_party)
     files = {**files, "golden.npz": npz_bytes(golden),
              "report.json": report_json(report.to_dict())}
     with progress.stage("packaging"):

@@ -76,6 +76,7 @@ class PackageConfig:
     key: str | None = None
     out_dir: str = "dist"
     format: str | None = None  # onnx | tflite | tflm; default: the target's first format
+    allow_non_tensor_outputs: bool = False  # ship sequence/map outputs (ZipMap) as they are
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
               scheme: QuantScheme | None = None, profile_on: tuple[str, ...] | list[str] = (),
               broker: str | None = None, fleet: str = "default",
               profile_timeout: float = 600.0, profile_runs: int = 50,
-              profile_cache: str | None = None) -> BuildPlan:
+              profile_cache: str | None = None,
+              allow_non_tensor_outputs: bool = False) -> BuildPlan:
     """Check the arguments against the target profile and freeze them into a :class:`BuildPlan`.
 
     Raises :class:`ProfileError`, :class:`ModelError` or :class:`DataError` (with ``field=``
@@ -190,7 +192,8 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
                         sample_input=_opt_str(sample_input), batch=batch, max_drop=max_drop),
         prune=PruneConfig(sparsity=prune, train=_opt_str(train)),
         package=PackageConfig(name=name, version=version, key=_opt_str(key),
-                              out_dir=str(out), format=format),
+                              out_dir=str(out), format=format,
+                              allow_non_tensor_outputs=allow_non_tensor_outputs),
         profile_on=ProfileOnConfig(devices=tuple(profile_on), broker=broker, fleet=fleet,
                                    timeout=profile_timeout, runs=profile_runs,
                                    cache=_opt_str(profile_cache)),

@@ -6,34 +6,53 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgepack.host.build.noise import ThirdPartyOutput
 
 __all__ = ["Progress", "render_build", "render_bundle"]
 
 
 class Progress:
-    """Stage timings always; a rich progress display only when ``enabled`` (a terminal)."""
+    """Stage timings always; a rich progress display only when ``enabled`` (a terminal).
 
-    def __init__(self, enabled: bool = True) -> None:
+    ``third_party`` (entered and left with the progress display) collects what the libraries
+    print while the build runs; the package stage writes :meth:`third_party_output` into the
+    report.
+    """
+
+    def __init__(self, enabled: bool = True, *,
+                 third_party: ThirdPartyOutput | None = None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.timings: dict[str, float] = {}
+        self.third_party = third_party
         self._rich: Any = None
 
     def __enter__(self) -> Progress:
+        if self.third_party is not None:
+            self.third_party.__enter__()
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
 
+            term = self.third_party.terminal if self.third_party is not None else sys.stderr
             self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(),
                                       MofNCompleteColumn(), TimeElapsedColumn(),
-                                      console=Console(stderr=True), transient=True)
+                                      console=Console(file=term), transient=True)
             self._rich.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._rich is not None:
             self._rich.__exit__(*exc)
+        if self.third_party is not None:
+            self.third_party.__exit__(*exc)
+
+    def third_party_output(self) -> dict[str, Any] | None:
+        """What the libraries printed so far (see :class:`ThirdPartyOutput`), if collected."""
+        return self.third_party.summary() if self.third_party is not None else None
 
     @contextmanager
     def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:

@@ -24,6 +24,7 @@ class BuildReport:
     tflm: dict[str, Any] | None = None
     edgetpu: dict[str, Any] | None = None
     device_profile: dict[str, Any] | None = None
+    third_party_output: dict[str, Any] | None = None  # what the libraries printed (noise.py)
     bundle: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

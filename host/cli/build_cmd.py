@@ -58,9 +58,15 @@ __all__ = ["build"]
 @click.option("--profile-runs", type=click.IntRange(5), default=50, show_default=True)
 @click.option("--profile-cache", type=click.Path(dir_okay=False),
               help="Profile cache file (default ~/.cache/edgepack/profiles.json).")
+@click.option("--allow-non-tensor-outputs", is_flag=True,
+              help="Ship sequence/map outputs (skl2onnx's ZipMap) as they are; only full "
+                   "onnxruntime builds read them (default: refuse, outputs are tensors).")
 @click.option("--no-variants", is_flag=True, help="Skip measuring the profile's candidate schemes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show the libraries' own warnings and logs as they come (by default they "
+                   "go into the bundle's report.json, third_party_output).")
 def build(model: str, target: str, quantize: str, calibration: str | None,
           calibration_method: str | None, calibration_samples: int | None,
           eval_data: str | None, sample_input: str | None, max_drop: float | None, batch: int,
@@ -68,10 +74,12 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
           fmt: str | None, tflite_io: str | None,
           prune: float | None, train: str | None, profile_on: tuple[str, ...],
           broker: str | None, fleet: str, profile_timeout: float, profile_runs: int,
-          profile_cache: str | None, no_variants: bool, as_json: bool,
-          quiet: bool) -> None:
+          profile_cache: str | None, allow_non_tensor_outputs: bool, no_variants: bool,
+          as_json: bool,
+          quiet: bool, verbose: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
     from edgepack.host.build.engine import run
+    from edgepack.host.build.noise import ThirdPartyOutput
     from edgepack.host.build.plan import make_plan
     from edgepack.host.build.report import Progress, render_build
     from edgepack.host.cli.main import emit
@@ -84,9 +92,11 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                      keep_io_types=not fp16_io, format=fmt, tflite_io=tflite_io, prune=prune,
                      train=train, profile_on=profile_on, broker=broker, fleet=fleet,
                      profile_timeout=profile_timeout, profile_runs=profile_runs,
-                     profile_cache=profile_cache)
+                     profile_cache=profile_cache,
+                     allow_non_tensor_outputs=allow_non_tensor_outputs)
     # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
-    with Progress(enabled=not (quiet or as_json)) as progress, \
+    with Progress(enabled=not (quiet or as_json),
+                  third_party=ThirdPartyOutput(live=verbose)) as progress, \
             contextlib.redirect_stdout(sys.stderr):
         result = run(plan, progress)
     report = result.report.to_dict()
@@ -97,3 +107,8 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
         from edgepack.host.cli.profile import render_choice
 
         render_choice(result.report.device_profile)
+    third = report.get("third_party_output") or {}
+    if third.get("count") and not third["shown_live"] and not as_json:
+        click.echo(f"{third['count']} message(s) from the libraries edgepack calls are kept in "
+                   "the bundle's report.json (third_party_output); --verbose shows them as "
+                   "they come", err=True)
