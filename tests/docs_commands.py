@@ -9,6 +9,8 @@ how it is covered:
   temporary directory with ``.venv/bin`` on ``PATH`` (``background``: a server, started and left
   running while the lines after it run);
 * :class:`RunBy` — another test runs it: its source holds the command string verbatim;
+* :class:`ReadFrom` — another test reads the commands from a doc page and runs them as written
+  there (the same lines may be shown in the README too);
 * :class:`Failing` — fails as written today; ``test_docs_commands`` runs it as a strict xfail
   naming the issue, so it flips to a failure (to be re-registered) once fixed;
 * :class:`Excluded` — not run, and why.
@@ -24,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ROOT", "REGISTRY", "Excluded", "Failing", "RunBy", "Scenario",
+__all__ = ["ROOT", "REGISTRY", "Excluded", "Failing", "ReadFrom", "RunBy", "Scenario",
            "documented_commands", "normalize"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,15 @@ class RunBy:
     """Run verbatim by ``test`` (``path::name``), whose source holds the command."""
 
     test: str
+
+
+@dataclass(frozen=True)
+class ReadFrom:
+    """Run by ``test`` (``path::name``), which reads the commands from ``doc`` itself (a doc
+    path from the repository root) and runs them as written there."""
+
+    test: str
+    doc: str
 
 
 @dataclass(frozen=True)
@@ -107,8 +118,7 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack build model.keras --target esp32-s3 --calibration calib.npz"):
         Scenario(README_TF),
     ("README.md", "edgepack build clf.joblib --target rpi4 --sample-input sample.npz"):
-        Failing("issue 14 item 7: a random forest stays float, yet rpi4's int8 default asks for "
-                "calibration data (the tflite helper's branch asks only after import)"),
+        Scenario(README_SCENARIO),
     ("README.md", "edgepack build risk.pmml --target rpi4 --sample-input rows.csv"):
         Scenario(README_SCENARIO),
     ("README.md", "edgepack build model.keras --target rpi4 --prune 0.5 --train train.npz "
@@ -159,6 +169,58 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack build model.onnx --target rpi4 --calibration calib.npz --eval "
                   "eval.npz --profile-on pi-kitchen --broker $BROKER --key keys/fleet.key"):
         Scenario(README_SCENARIO),
+    # -- README.md: TFLite, device identity, key rotation, group override ----------------------
+    ("README.md", "edgepack build model.tflite --target esp32-s3"): RunBy("tests/host/build/corpus/test_corpus_tflite_build.py::test_readme_tflite_commands"),
+    ("README.md", "edgepack build model.tflite --target rpi4"): RunBy("tests/host/build/corpus/test_corpus_tflite_build.py::test_readme_tflite_commands"),
+    ("README.md", "edgepack agent init --board rpi4 --device-id pi-kitchen --broker "
+                  "mqtt://localhost:1883 --pub keys/fleet.pub --data-dir var --out etc/agent.toml "
+                  "--group kitchen"): RunBy("tests/host/fleet/trust/test_fleet_inventory.py::test_agent_init_enroll_devices_revoke"),
+    ("README.md", "edgepack fleet enroll etc/enrollment.json --group kitchen --db "
+                  "sqlite:///fleet.db"): RunBy("tests/host/fleet/trust/test_fleet_inventory.py::test_agent_init_enroll_devices_revoke"),
+    ("README.md", "edgepack fleet devices --db sqlite:///fleet.db --json"): RunBy("tests/host/fleet/trust/test_fleet_inventory.py::test_agent_init_enroll_devices_revoke"),
+    ("README.md", "edgepack fleet revoke --device pi-hall --db sqlite:///fleet.db"):
+        RunBy("tests/host/fleet/trust/test_fleet_inventory.py::test_agent_init_enroll_devices_revoke"),
+    ("README.md", "edgepack deploy tiny.edgepack --group lab"): RunBy("tests/host/fleet/deploy/test_deploy_group_override.py::test_group_deploy_names_devices_that_override_it"),
+    ("README.md", "edgepack fleet clear --device dev-a"): RunBy("tests/host/fleet/deploy/test_deploy_group_override.py::test_group_deploy_names_devices_that_override_it"),
+    ("README.md", "edgepack keys init --root-keys 3 --root-threshold 2"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("README.md", "edgepack keys rotate --role release --publish"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("README.md", "edgepack keys show"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("README.md", "edgepack keys rotate --role root --count 3 --threshold 2 --root-key keys/root-1.key --root-key keys/root-3.key --publish"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("README.md", "edgepack keys publish-root"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("docs/security.md", "edgepack keys init --root-keys 3 --root-threshold 2"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("docs/security.md", "edgepack keys rotate --role release --publish"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("docs/security.md", "edgepack keys show"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    ("docs/security.md", "edgepack keys rotate --role root --count 3 --threshold 2 --root-key keys/root-1.key --root-key keys/root-3.key --publish"):
+        RunBy("tests/agent/trust/test_trust_rotation.py::test_rotate_release_then_root_on_a_live_device"),
+    # -- rollouts and capture: the tests read docs/rollouts.md and docs/drift.md ----------
+    ("README.md", "edgepack rollout start slow.edgepack --id ro-slow --group cams --stages 50,100 --soak 30s --max-failures 0 --max-latency-regression 20% --max-error-rate-rise 1pt --max-confidence-drop 5pt --key fleet.key"):
+        ReadFrom("tests/host/fleet/server/test_fleet_rollout_halts.py::test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes", "docs/rollouts.md"),
+    ("README.md", "edgepack rollout status ro-slow"):
+        ReadFrom("tests/host/fleet/server/test_fleet_rollout_halts.py::test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes", "docs/rollouts.md"),
+    ("docs/rollouts.md", "edgepack rollout start slow.edgepack --id ro-slow --group cams --stages 50,100 --soak 30s --max-failures 0 --max-latency-regression 20% --max-error-rate-rise 1pt --max-confidence-drop 5pt --key fleet.key"):
+        ReadFrom("tests/host/fleet/server/test_fleet_rollout_halts.py::test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes", "docs/rollouts.md"),
+    ("docs/rollouts.md", "edgepack rollout status ro-slow"):
+        ReadFrom("tests/host/fleet/server/test_fleet_rollout_halts.py::test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes", "docs/rollouts.md"),
+    ("README.md", "edgepack capture start --device pi-door --rate 0.01 --max-mb 20 --until 12h"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
+    ("README.md", "edgepack capture pull --device pi-door --out captured/"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
+    ("README.md", "edgepack capture stop --device pi-door --purge"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
+    ("docs/drift.md", "edgepack capture start --device pi-door --rate 0.01 --max-mb 20 --until 12h"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
+    ("docs/drift.md", "edgepack capture pull --device pi-door --out captured/"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
+    ("docs/drift.md", "edgepack capture stop --device pi-door --purge"):
+        ReadFrom("tests/agent/test_agent_capture.py::test_the_capture_commands_of_the_docs_run_as_written", "docs/drift.md"),
     # -- docs/fleet-api.md ---------------------------------------------------------------------
     ("docs/fleet-api.md", "edgepack fleet serve --broker mqtt://localhost:1883 --db "
                      "sqlite:///fleet.db --http 127.0.0.1:8080"):
