@@ -94,7 +94,7 @@ def render_build(report: dict) -> None:
     t.add_row("eval samples", "", str(acc["samples"]), acc.get("basis", ""))
     c.print(t)
     if report.get("variants"):
-        v = Table(title="int8 variants measured on this host")
+        v = Table(title="candidates measured on this host")
         for col in ("scheme", "bytes", "p50 ms", "drop pt", "gate", "result"):
             v.add_column(col)
         for row in report["variants"]:
