@@ -79,7 +79,7 @@ def make_encoder(out: Path, *, layers: int, width: int, seq: int, vocab: int,
     np.savez(out / "calib.npz", ids=rng.integers(0, vocab, (n_calib, seq)).astype(np.int32))
     np.savez(out / "eval.npz", ids=rng.integers(0, vocab, (n_eval, seq)).astype(np.int32))
     log(f"encoder: {model.count_params():,} params, {layers} layers, width {width}, seq {seq}")
-    return {"model": imported.onnx_path, "source": src, "calibration": out / "calib.npz",
+    return {"model": imported.onnx_path, "calibration": out / "calib.npz",
             "eval": out / "eval.npz",
             "desc": f"Keras encoder: {layers} layers, width {width}, sequence {seq}, vocab "
                     f"{vocab}, {model.count_params():,} params; {n_calib} calib / {n_eval} "
@@ -90,7 +90,7 @@ def bench_model(label: str, files: dict, work: Path, threads: int, budget: float
                 max_drop: float | None) -> dict:
     from edgepack.host.build import build
 
-    src = Path(files.get("source") or files["model"])
+    src = Path(files["model"])  # the same ONNX file as the bare quantize_static call
     log(f"{label}: bare onnxruntime quantize_static (defaults)")
     t_ort = ort_default_quantize(Path(files["model"]), Path(files["calibration"]),
                                  work / f"{label}.ort.onnx")

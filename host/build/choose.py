@@ -53,7 +53,7 @@ class HostChoice:
 
     winner: int
     why: str
-    results: tuple[str, ...]  # per variant: "chosen: …", "gate: …", "slower: …", "p50 …"
+    results: tuple[str, ...]  # per variant: "chosen", "gate: …", "slower: …", "p50 …"
     slower_than_fp32: bool  # the winner is quantized and measured slower than fp32 (forced)
 
 
@@ -92,7 +92,7 @@ def choose_on_host(variants: Sequence[Variant], *, forced: bool = False) -> Host
     for v in variants:
         ratio = v.p50_ms / winner.p50_ms
         if v is winner:
-            results.append(f"chosen: {why}")
+            results.append("chosen")
         elif not v.passed:
             results.append(f"gate: drop {v.drop_points:.2f} pt, over the allowed")
         elif slower(v) and not forced:

@@ -100,7 +100,8 @@ def render_build(report: dict) -> None:
         for row in report["variants"]:
             v.add_row(row["scheme"], f"{row['bytes']:,}", _fmt(row["latency"]["p50_ms"]),
                       _fmt(row["drop_points"], ".2f"), "pass" if row["passed"] else "FAIL",
-                      row["result"])
+                      f"chosen: {row['why']}" if row["result"] == "chosen" and row.get("why")
+                      else row["result"])
         c.print(v)
     pr = report.get("pruning")
     if pr:

@@ -406,7 +406,7 @@ def _variants(cands: list[_Candidate], choice: HostChoice, max_drop: float) -> l
     return [{"scheme": c.label, "mode": c.result.mode, "bytes": len(c.result.model_bytes),
              "latency": c.latency, "drop_points": c.metrics.drop_points,
              "basis": c.metrics.basis, "passed": c.metrics.drop_points <= max_drop,
-             "result": result}
+             "result": result, "why": choice.why if result == "chosen" else result}
             for c, result in zip(cands, choice.results, strict=False)]
 
 

@@ -167,3 +167,51 @@ def test_gate_failure_keeps_sensitive_nodes_in_float_or_explains(mlp, tmp_path):
         assert set(opt["nodes_in_float"]) <= {"fc1", "act", "fc2"}
         assert result.report.metrics["accuracy"]["drop_points"] <= 0.0
         assert f"{len(opt['nodes_in_float'])} node(s) in float" in opt["summary"]
+
+
+def test_default_build_searches_fp32_dynamic_and_static_and_never_ships_slower_int8(
+        tmp_path):
+    """A regression MLP (one continuous output) with 64 calibration rows and no eval set: the
+    13 held-out rows gate it by relative error and cosine, never by top-1; the search weighs
+    fp32, dynamic and the static schemes and ships no quantized model slower than fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(32, 64)).astype(np.float32), rng.normal(size=(64, 1))
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="act"),
+         helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2")],
+        "reg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(w1, "W1"),
+         numpy_helper.from_array((w2 / 8).astype(np.float32), "W2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "reg.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 32)).astype(np.float32))
+
+    result = build(model=str(tmp_path / "reg.onnx"), target="x86-64-vnni",
+                   calibration=str(tmp_path / "calib.npz"), out=str(tmp_path / "dist"),
+                   max_drop=5.0)
+
+    acc = result.report.metrics["accuracy"]
+    assert acc["basis"] == "relative error and cosine similarity with fp32"
+    assert acc["top1_agreement"] is None and acc["samples"] == 13
+    rows = result.report.variants
+    assert [r["scheme"] for r in rows][:2] == ["fp32", "dynamic-S8-pc"]
+    q = load_profile("x86-64-vnni").quantization
+    assert {s.label for s in (q.scheme, *q.candidates)} <= {r["scheme"] for r in rows}
+    chosen = [r for r in rows if r["result"] == "chosen"]
+    assert len(chosen) == 1
+    fp32 = rows[0]
+    if chosen[0] is not fp32:
+        assert chosen[0]["latency"]["p50_ms"] <= fp32["latency"]["p50_ms"]
+    for r in rows:
+        if r["mode"] != "none" and r["passed"] and r["latency"]["p50_ms"] > \
+                fp32["latency"]["p50_ms"]:
+            assert r["result"].startswith("slower than fp32")
+    opt = _manifest(result.path)["optimization"]
+    assert opt["chosen_by"] == chosen[0]["why"]
+    assert opt["mode"] == chosen[0]["mode"]
+    assert "forced" not in opt
