@@ -142,7 +142,7 @@ def render(results: dict) -> str:
                   f"  build: {r['build_s']['edgepack']:.1f} s vs bare quantize_static "
                   f"{r['build_s']['ort_quantize_static']:.1f} s = {r['build_ratio']:.2f}x"]
         for v in r["variants"]:
-            lines.append(f"    {v['scheme']:<20} {v['bytes']:>11,} B  p50 {v['p50_ms']:8.3f} ms  "
+            lines.append(f"    {v['scheme']:<20} {v['bytes']:>11,} B  p50 {v['p50_ms'] or float('nan'):8.3f} ms  "
                          f"drop {v['drop_points']:6.2f}  {v['result']}")
     for name, why in results["failed"].items():
         lines.append(f"\n{name}: FAILED {why}")

@@ -41,7 +41,7 @@ class Variant:
     label: str  # "fp32", "dynamic S8 pc", "QDQ-U8S8-pc", …
     mode: str  # none | fp16 | dynamic | int8
     bytes: int
-    p50_ms: float
+    p50_ms: float  # math.inf when not timed (failed the gate)
     drop_points: float
     passed: bool
     default: bool = False  # the profile's default scheme (kept among equals)
@@ -90,12 +90,14 @@ def choose_on_host(variants: Sequence[Variant], *, forced: bool = False) -> Host
         why += f"; {fp32.p50_ms / winner.p50_ms:.2f}x fp32 speed"
     results = []
     for v in variants:
-        ratio = v.p50_ms / winner.p50_ms
         if v is winner:
             results.append("chosen")
-        elif not v.passed:
+            continue
+        if not v.passed:
             results.append(f"gate: drop {v.drop_points:.2f} pt, over the allowed")
-        elif slower(v) and not forced:
+            continue
+        ratio = v.p50_ms / winner.p50_ms
+        if slower(v) and not forced:
             results.append(f"slower than fp32 ({fp32.p50_ms / v.p50_ms:.2f}x of its speed): "
                            "never shipped over fp32")
         elif v is fp32 and forced:

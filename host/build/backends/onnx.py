@@ -11,6 +11,7 @@ when none passes, the nodes that hurt most are kept in float until one does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,7 +222,7 @@ class OnnxBackend:
         if not passing:
             best, kept = _int8_with_fallback(base, q.scheme, method, max_drop, batch, progress)
             cands.append(best)
-        fp32_lat = _time(cands, base, progress)
+        fp32_lat = _time(cands, base, progress, max_drop)
         choice = _choose(cands, max_drop, q.scheme, forced=True, fp32_lat=fp32_lat)
         best = cands[choice.winner]
         variants = _variants(cands, choice, max_drop) if len(cands) > 1 else None
@@ -234,7 +235,9 @@ class OnnxBackend:
         q = plan.profile.quantization
         calib, max_drop, method = base.data.calib, plan.max_drop, plan.calibration_method
         batch, model_bytes = plan.data.batch, base.prepared.model_bytes
-        cands = [_measure(QuantResult(model_bytes, "none", None, 0), base, batch)]
+        fp32 = QuantResult(model_bytes, "none", None, 0)
+        cands = [_Candidate(fp32, compare(base.outputs, base.reference, base.reference,
+                                          base.data.evalset.labels), base.reference)]
         notes: list[str] = []
         with progress.stage("dynamic int8 conversion and validation"):
             try:
@@ -262,7 +265,7 @@ class OnnxBackend:
                 cands.append(fallback)
             except GateError as exc:
                 notes.append(f"int8 with nodes kept in float: {exc.message}")
-        fp32_lat = _time(cands, base, progress)
+        fp32_lat = _time(cands, base, progress, max_drop)
         choice = _choose(cands, max_drop, q.scheme, forced=False, fp32_lat=fp32_lat)
         best = cands[choice.winner]
         if best.result.mode != "int8" or not best.result.excluded_nodes:
@@ -372,22 +375,33 @@ def _measure(result: QuantResult, base: _OnnxBaseline, batch: int) -> _Candidate
     return _Candidate(result, metrics, outs)
 
 
-def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress) -> dict:
-    """Time fp32 and ``cands`` interleaved in one run; fills ``latency``, returns fp32's."""
+def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress,
+          max_drop: float | None = None) -> dict:
+    """Time fp32 and ``cands`` interleaved in one run; fills ``latency``, returns fp32's.
+
+    Candidates over ``max_drop`` cannot ship and are not timed; fp32 candidates are the
+    reference session's figures.
+    """
     sessions = {"fp32": base.ref_session}
     for i, c in enumerate(cands):
-        sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
+        if c.result.mode != "none" and (max_drop is None or c.metrics.drop_points <= max_drop):
+            sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
     with progress.stage("timing fp32 and optimized, interleaved"):
-        lat = measure_interleaved(sessions, base.feed, budget_s=0.6 * len(sessions))
+        # A few runs per slot, six rotating rounds: enough to rank candidates whose speeds
+        # differ by more than EQUAL_SPEED, at a cost that stays small beside calibration.
+        lat = measure_interleaved(sessions, base.feed, budget_s=0.6 * len(sessions),
+                                  min_runs=2, warmup=2)
     for i, c in enumerate(cands):
-        c.latency = lat[f"{i}"]
+        c.latency = lat["fp32"] if c.result.mode == "none" else lat.get(
+            f"{i}", {"p50_ms": None, "untimed": "failed the gate"})
     return lat["fp32"]
 
 
 def _choose(cands: list[_Candidate], max_drop: float, default: QuantScheme, *, forced: bool,
             fp32_lat: dict) -> HostChoice:
     """:func:`choose_on_host` over the measured candidates (fp32 timed beside them)."""
-    variants = [Variant(c.label, c.result.mode, len(c.result.model_bytes), c.latency["p50_ms"],
+    variants = [Variant(c.label, c.result.mode, len(c.result.model_bytes),
+                        c.latency["p50_ms"] if c.latency["p50_ms"] is not None else math.inf,
                         c.metrics.drop_points,
                         c.metrics.drop_points <= max_drop and (c.result.mode == "none" or
                                                                c.result.quantized_ops > 0),
