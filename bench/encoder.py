@@ -142,8 +142,10 @@ def render(results: dict) -> str:
                   f"  build: {r['build_s']['edgepack']:.1f} s vs bare quantize_static "
                   f"{r['build_s']['ort_quantize_static']:.1f} s = {r['build_ratio']:.2f}x"]
         for v in r["variants"]:
-            lines.append(f"    {v['scheme']:<20} {v['bytes']:>11,} B  p50 {v['p50_ms'] or float('nan'):8.3f} ms  "
-                         f"drop {v['drop_points']:6.2f}  {v['result']}")
+            p50, drop = v["p50_ms"], v["drop_points"]
+            lines.append(f"    {v['scheme']:<20} {v['bytes']:>11,} B  p50 "
+                         f"{'—' if p50 is None else f'{p50:.3f}':>9} ms  drop "
+                         f"{'—' if drop is None else f'{drop:.2f}':>6}  {v['result']}")
     for name, why in results["failed"].items():
         lines.append(f"\n{name}: FAILED {why}")
     return "\n".join(lines)

@@ -45,6 +45,7 @@ class Variant:
     drop_points: float
     passed: bool
     default: bool = False  # the profile's default scheme (kept among equals)
+    gated: bool = True  # False: timed but not gated (it could not win), never eligible
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,15 @@ def choose_on_host(variants: Sequence[Variant], *, forced: bool = False) -> Host
         if v is winner:
             results.append("chosen")
             continue
-        if not v.passed:
+        if v.gated and not v.passed:
             results.append(f"gate: drop {v.drop_points:.2f} pt, over the allowed")
             continue
         ratio = v.p50_ms / winner.p50_ms
-        if slower(v) and not forced:
+        if not v.gated:
+            why_not = (f"{fp32.p50_ms / v.p50_ms:.2f}x of fp32 speed" if slower(v)
+                       else f"p50 {ratio:.2f}x of chosen")
+            results.append(f"slower: {why_not}; not gated (it could not win)")
+        elif slower(v) and not forced:
             results.append(f"slower than fp32 ({fp32.p50_ms / v.p50_ms:.2f}x of its speed): "
                            "never shipped over fp32")
         elif v is fp32 and forced:

@@ -62,6 +62,7 @@ class _Candidate:
     metrics: GateMetrics
     outputs: Outputs
     latency: dict = field(default_factory=dict)
+    gated: bool = True  # False: timed only, it could not win (its metrics are _UNGATED)
 
     @property
     def label(self) -> str:
@@ -74,6 +75,9 @@ class _Candidate:
             return r.scheme.label + (f" +{len(r.excluded_nodes)} float" if r.excluded_nodes
                                      else "")
         return {"none": "fp32"}.get(r.mode, r.mode)
+
+
+_UNGATED = GateMetrics(samples=0, drop_points=math.nan, basis="not gated: it could not win")
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,9 @@ class OnnxBackend:
 
     def _search(self, base: _OnnxBaseline, plan: BuildPlan, progress: Progress,
                 float_note: str | None) -> _Optimized:
-        """fp32, dynamic int8 and each static scheme through the gate, timed together."""
+        """fp32, dynamic int8 and each static scheme: all timed together, then gated fastest
+        first — only while a candidate can still win (faster than fp32, and within
+        EQUAL_SPEED of the fastest that passed)."""
         q = plan.profile.quantization
         calib, max_drop, method = base.data.calib, plan.max_drop, plan.calibration_method
         batch, model_bytes = plan.data.batch, base.prepared.model_bytes
@@ -239,33 +245,37 @@ class OnnxBackend:
         cands = [_Candidate(fp32, compare(base.outputs, base.reference, base.reference,
                                           base.data.evalset.labels), base.reference)]
         notes: list[str] = []
-        with progress.stage("dynamic int8 conversion and validation"):
+        made: list[QuantResult] = []
+        with progress.stage("dynamic int8 conversion"):
             try:
-                cands.append(_measure(quantize_dynamic(model_bytes, q.scheme), base, batch))
+                made.append(quantize_dynamic(model_bytes, q.scheme))
             except ModelError as exc:
                 notes.append(f"dynamic int8 candidate skipped: {exc.message}")
         for scheme in (dict.fromkeys([q.scheme, *q.candidates]) if calib is not None else ()):
             with progress.stage(f"int8 {scheme.label} calibration ({method})",
                                 total=len(calib)) as tick:
                 try:
-                    res = quantize_static(model_bytes, calib, scheme, method=method, batch=batch,
-                                          tick=tick, cache_dir=base.work)
+                    made.append(quantize_static(model_bytes, calib, scheme, method=method,
+                                                batch=batch, tick=tick, cache_dir=base.work))
                 except ModelError as exc:
                     notes.append(f"int8 {scheme.label} candidate skipped: {exc.message}")
-                    continue
-            with progress.stage(f"int8 {scheme.label} validation"):
-                cands.append(_measure(res, base, batch))
-        quantized = [c for c in cands if c.result.quantized_ops]
+        cands += [_Candidate(r, _UNGATED, Outputs([]), gated=False) for r in made
+                  if r.quantized_ops]
+        fp32_lat = _time(cands, base, progress)
+        self._gate_fastest_first(cands, base, batch, max_drop, fp32_lat, progress)
+        quantized = [c for c in cands if c.result.mode != "none"]
         kept: list[str] = []
         if calib is not None and quantized and not any(
-                c.metrics.drop_points <= max_drop for c in quantized):
-            try:  # no quantized candidate passes: keep the worst nodes in float
+                c.gated and c.metrics.drop_points <= max_drop for c in quantized) and any(
+                c.latency["p50_ms"] < fp32_lat["p50_ms"] for c in quantized
+                if c.result.mode == "int8"):
+            try:  # int8 would be faster but fails the gate: keep the worst nodes in float
                 fallback, kept = _int8_with_fallback(base, q.scheme, method, max_drop, batch,
                                                      progress)
                 cands.append(fallback)
+                _time([fallback], base, progress)
             except GateError as exc:
                 notes.append(f"int8 with nodes kept in float: {exc.message}")
-        fp32_lat = _time(cands, base, progress, max_drop)
         choice = _choose(cands, max_drop, q.scheme, forced=False, fp32_lat=fp32_lat)
         best = cands[choice.winner]
         if best.result.mode != "int8" or not best.result.excluded_nodes:
@@ -276,6 +286,25 @@ class OnnxBackend:
         cands[choice.winner] = best
         return _Optimized(best, kept, fp32_lat, _variants(cands, choice, max_drop),
                           best.result.mode, float_note, chosen_by=choice.why)
+
+    @staticmethod
+    def _gate_fastest_first(cands: list[_Candidate], base: _OnnxBaseline, batch: int,
+                            max_drop: float, fp32_lat: dict, progress: Progress) -> None:
+        """Gate the timed candidates fastest first; stop once none left can win."""
+        passed_p50 = None
+        for i in sorted(range(len(cands)), key=lambda k: cands[k].latency["p50_ms"]):
+            c = cands[i]
+            p50 = c.latency["p50_ms"]
+            if c.gated:
+                continue
+            if p50 > fp32_lat["p50_ms"] or (passed_p50 is not None and
+                                             p50 > passed_p50 * EQUAL_SPEED):
+                continue  # cannot win: slower than fp32, or than a passing one
+            with progress.stage(f"{c.label} validation"):
+                cands[i] = _measure(c.result, base, batch)
+            cands[i].latency = c.latency
+            if cands[i].metrics.drop_points <= max_drop and passed_p50 is None:
+                passed_p50 = p50
 
     # ------------------------------------------------------------------ assemble
     def assemble(self, base: _OnnxBaseline, opt: _Optimized, plan: BuildPlan,
@@ -384,7 +413,8 @@ def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress,
     """
     sessions = {"fp32": base.ref_session}
     for i, c in enumerate(cands):
-        if c.result.mode != "none" and (max_drop is None or c.metrics.drop_points <= max_drop):
+        if c.result.mode != "none" and (max_drop is None or not c.gated
+                                        or c.metrics.drop_points <= max_drop):
             sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
     with progress.stage("timing fp32 and optimized, interleaved"):
         # A few runs per slot, six rotating rounds: enough to rank candidates whose speeds
@@ -403,10 +433,10 @@ def _choose(cands: list[_Candidate], max_drop: float, default: QuantScheme, *, f
     variants = [Variant(c.label, c.result.mode, len(c.result.model_bytes),
                         c.latency["p50_ms"] if c.latency["p50_ms"] is not None else math.inf,
                         c.metrics.drop_points,
-                        c.metrics.drop_points <= max_drop and (c.result.mode == "none" or
-                                                               c.result.quantized_ops > 0),
+                        c.gated and c.metrics.drop_points <= max_drop and (
+                            c.result.mode == "none" or c.result.quantized_ops > 0),
                         default=c.result.mode == "int8" and c.result.scheme == default
-                        and not c.result.excluded_nodes)
+                        and not c.result.excluded_nodes, gated=c.gated)
                 for c in cands]
     if forced:
         variants.append(Variant("fp32", "none", 0, fp32_lat["p50_ms"], 0.0, True))
@@ -418,8 +448,9 @@ def _choose(cands: list[_Candidate], max_drop: float, default: QuantScheme, *, f
 def _variants(cands: list[_Candidate], choice: HostChoice, max_drop: float) -> list[dict]:
     """The report's candidate table: every candidate with size, time, gate result and why."""
     return [{"scheme": c.label, "mode": c.result.mode, "bytes": len(c.result.model_bytes),
-             "latency": c.latency, "drop_points": c.metrics.drop_points,
-             "basis": c.metrics.basis, "passed": c.metrics.drop_points <= max_drop,
+             "latency": c.latency, "drop_points": c.metrics.drop_points if c.gated else None,
+             "basis": c.metrics.basis,
+             "passed": c.metrics.drop_points <= max_drop if c.gated else None,
              "result": result, "why": choice.why if result == "chosen" else result}
             for c, result in zip(cands, choice.results, strict=False)]
 

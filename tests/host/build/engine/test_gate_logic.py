@@ -148,3 +148,14 @@ def test_default_scheme_kept_among_equals() -> None:
 
 def test_nothing_passes() -> None:
     assert choose_on_host([_v("QDQ", "int8", 100, 1.0, passed=False)]) is None
+
+
+def test_ungated_candidates_never_ship_and_say_why() -> None:
+    vs = [_v("fp32", "none", 400, 1.0), _v("QDQ", "int8", 100, 0.5, default=True),
+          Variant("dyn", "dynamic", 90, 0.8, float("nan"), False, gated=False),
+          Variant("QOp", "int8", 100, 1.2, float("nan"), False, gated=False)]
+    c = choose_on_host(vs)
+
+    assert c is not None and c.winner == 1
+    assert c.results[2] == "slower: p50 1.60x of chosen; not gated (it could not win)"
+    assert c.results[3].startswith("slower: 0.83x of fp32 speed; not gated")
