@@ -132,6 +132,14 @@ def bench_model(label: str, files: dict, work: Path, threads: int, budget: float
     }
 
 
+def _made(work: Path, m: str) -> dict | None:
+    d = work / m
+    model = d / ("encoder.onnx" if m == "encoder" else "mobilenetv2.onnx")
+    if not (model.exists() and (d / "calib.npz").exists() and (d / "eval.npz").exists()):
+        return None
+    return {"model": model, "calibration": d / "calib.npz", "eval": d / "eval.npz"}
+
+
 def render(results: dict) -> str:
     lines = [f"edgepack build, default mode on {TARGET} ({results['env']['threads']} thread(s), "
              f"onnxruntime {results['env']['onnxruntime']})"]
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="max drop for MobileNetV2 (default: gate off; its random weights make "
                          "its outputs say nothing about a trained model)")
     ap.add_argument("--json", metavar="PATH")
-    ap.add_argument("--keep", metavar="DIR")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="keep artifacts in DIR; models already there are reused")
     args = ap.parse_args(argv)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
 
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         files = {}
         for m in wanted:
+            if args.keep and _made(work, m):  # models made by an earlier run with --keep
+                files[m] = _made(work, m)
+                files[m]["desc"] = (f"Keras encoder: {args.layers} layers, width {args.width}, "
+                                    f"sequence {args.seq}" if m == "encoder" else
+                                    f"keras.applications.MobileNetV2(weights=None, "
+                                    f"{args.size}x{args.size}x3)") + f", reused from {work}"
+                continue
             log(f"making {m}")
             files[m] = (make_encoder(work / "encoder", layers=args.layers, width=args.width,
                                      seq=args.seq, vocab=8000, n_calib=args.calib,
