@@ -103,6 +103,8 @@ def render_build(report: dict) -> None:
                       f"chosen: {row['why']}" if row["result"] == "chosen" and row.get("why")
                       else row["result"])
         c.print(v)
+        for note in opt.get("search_notes", []):
+            c.print(f"[dim]{note}[/]")
     pr = report.get("pruning")
     if pr:
         rep = pr.get("report", {})

@@ -98,6 +98,7 @@ class _Optimized:
     mode: str  # what was asked of this candidate, after float-only models stayed float
     float_note: str | None
     chosen_by: str | None = None  # why the winner won (variant search)
+    search_notes: tuple[str, ...] = ()  # candidates not tried or skipped, and why
     forced_slower: bool = False  # a forced int8 measured slower than fp32
 
 
@@ -246,11 +247,16 @@ class OnnxBackend:
                                           base.data.evalset.labels), base.reference)]
         notes: list[str] = []
         made: list[QuantResult] = []
-        with progress.stage("dynamic int8 conversion"):
-            try:
-                made.append(quantize_dynamic(model_bytes, q.scheme))
-            except ModelError as exc:
-                notes.append(f"dynamic int8 candidate skipped: {exc.message}")
+        ops = base.prepared.op_counts
+        if ops.get("Conv", 0) > sum(ops.get(o, 0) for o in ("MatMul", "Gemm", "Gather")):
+            notes.append("dynamic int8 not tried: a convolutional model, and onnxruntime's "
+                         "dynamic ConvInteger kernels are slower than fp32 Conv")
+        else:
+            with progress.stage("dynamic int8 conversion"):
+                try:
+                    made.append(quantize_dynamic(model_bytes, q.scheme))
+                except ModelError as exc:
+                    notes.append(f"dynamic int8 candidate skipped: {exc.message}")
         for scheme in (dict.fromkeys([q.scheme, *q.candidates]) if calib is not None else ()):
             with progress.stage(f"int8 {scheme.label} calibration ({method})",
                                 total=len(calib)) as tick:
@@ -282,10 +288,9 @@ class OnnxBackend:
             kept = []
         if not quantized:
             notes.append("no candidate quantized anything (no ops with int8 kernels): fp32 ships")
-        best = replace(best, result=replace(best.result, notes=(*best.result.notes, *notes)))
-        cands[choice.winner] = best
         return _Optimized(best, kept, fp32_lat, _variants(cands, choice, max_drop),
-                          best.result.mode, float_note, chosen_by=choice.why)
+                          best.result.mode, float_note, chosen_by=choice.why,
+                          search_notes=tuple(notes))
 
     @staticmethod
     def _gate_fastest_first(cands: list[_Candidate], base: _OnnxBaseline, batch: int,
@@ -347,6 +352,7 @@ class OnnxBackend:
         }
         if opt.chosen_by:
             optimization["chosen_by"] = opt.chosen_by
+            optimization["search_notes"] = list(opt.search_notes)
         if opt.forced_slower:
             optimization["forced"] = {"mode": plan.mode, "slower_than_fp32": True,
                                       "speedup_p50": measured.speedup}
