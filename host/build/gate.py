@@ -16,7 +16,7 @@ from typing import Any
 
 from edgepack.agent.errors import BudgetError, GateError
 from edgepack.agent.profiles import Profile
-from edgepack.host.build.validate import GateMetrics
+from edgepack.host.build.validate import MIN_TOP1_SAMPLES, GateMetrics
 
 __all__ = ["Measured", "check_budget", "check_drop", "check_fp32_budget", "host_cpu",
            "host_warnings"]
@@ -59,6 +59,7 @@ class Measured:
             "top1_agreement": m.top1_agreement, "accuracy_fp32": m.accuracy_fp32,
             "accuracy_optimized": m.accuracy_optimized, "drop_points": m.drop_points,
             "min_cosine": m.min_cosine, "max_abs_error": m.max_abs_error,
+            "min_sqnr_db": m.min_sqnr_db, "gate_basis": m.basis,
             "eval_samples": m.samples, "eval_source": self.source,
             "host_latency_ms": {"fp32": self.fp32_latency, "optimized": self.latency,
                                 "cpu": host_cpu(), **self._runtime(),
@@ -106,19 +107,29 @@ def check_drop(metrics: GateMetrics, max_drop: float, what: str,
 
 
 def host_warnings(measured: Measured, profile: Profile, *, mode: str, label: str,
-                  where: str = "") -> list[str]:
-    """What the user must know about figures measured on this host (``where``: " in LiteRT")."""
+                  where: str = "", forced: bool = False) -> list[str]:
+    """What the user must know about figures measured on this host (``where``: " in LiteRT";
+    ``forced``: the user forced this mode although it measured slower than fp32)."""
     out = []
     speedup = measured.speedup
     if mode != "none" and speedup < 1.0 and profile.host_can_time:
         detail = "" if where else (f", p50 {measured.latency['p50_ms']:.3f} ms vs "
                                    f"{measured.fp32_latency['p50_ms']:.3f} ms")
+        advice = ("shipped because `quantize=` forced it; leave `quantize=` at auto to ship "
+                  "the fastest variant that passes the gate" if forced else
+                  "consider no quantization or fp16")
         out.append(f"the {label} model is SLOWER than fp32{where} on this host "
-                   f"({speedup:.2f}x of fp32 speed{detail}); consider no quantization or fp16")
+                   f"({speedup:.2f}x of fp32 speed{detail}); {advice}")
     if not profile.host_can_time:
         out.append(f"latency was measured{where} on this host ({platform.machine()}), not on "
                    f"{profile.hardware.cpu}: use it to compare variants, not as the target's "
                    "figure")
+    m = measured.metrics
+    if m.small_eval and mode != "none":
+        out.append(f"only {m.samples} eval samples ({measured.source}): too few to decide by "
+                   f"top-1, so the gate compared outputs by cosine ({m.min_cosine:.5f}) and SQNR "
+                   f"({m.min_sqnr_db:.1f} dB) with fp32; pass `eval=` with at least "
+                   f"{MIN_TOP1_SAMPLES} samples (and a `labels` array to gate by accuracy)")
     if measured.source.startswith("16 random"):
         out.append("no eval or calibration data: the gate compared outputs on random inputs")
     elif "synthesized from" in measured.source:

@@ -94,7 +94,11 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
     excluded = tuple(nodes_to_exclude)
     if cache_dir is not None:
         sym = "sym" if extra["ActivationSymmetric"] else "asym"
-        extra["_cache"] = str(Path(cache_dir) / f"ranges-{method}-{sym}.json")
+        cache = Path(cache_dir) / f"ranges-{method}-{sym}.json"
+        asym = Path(cache_dir) / f"ranges-{method}-asym.json"
+        if method == "minmax" and sym == "sym" and not cache.exists() and asym.exists():
+            _symmetric_ranges(asym, cache)
+        extra["_cache"] = str(cache)
     try:
         return _static(model_bytes, calib, scheme, method, batch, excluded, extra, tick)
     except ModelError as exc:
@@ -106,6 +110,29 @@ def quantize_static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, *,
         res = _static(model_bytes, calib, per_tensor, method, batch, excluded, extra, tick)
         return replace(res, notes=(f"per-channel int8 failed in onnxruntime ({exc.message}); "
                                    f"used per-tensor weights ({per_tensor.label})",))
+
+
+def _symmetric_ranges(asym: Path, sym: Path) -> None:
+    """Symmetric MinMax ranges from the asymmetric ones, without calibrating again.
+
+    onnxruntime's MinMax calibrator makes a range symmetric as ±max(|min|, |max|) of the
+    per-tensor min and max over all samples, which is exactly what is derived here.
+    """
+    import numpy as np
+    from onnxruntime.quantization.calibrate import (
+        TensorData,
+        TensorsData,
+        load_tensors_data,
+        save_tensors_data,
+    )
+
+    ranges = load_tensors_data(asym)
+    out = {}
+    for name, td in ranges.data.items():
+        lo, hi = td.range_value
+        m = np.maximum(np.abs(lo), np.abs(hi)).astype(np.asarray(hi).dtype)
+        out[name] = TensorData(lowest=-m, highest=m)
+    save_tensors_data(TensorsData(ranges.calibration_method, out), sym)
 
 
 def _static(model_bytes: bytes, calib: Dataset, scheme: QuantScheme, method: str, batch: int,

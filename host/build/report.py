@@ -113,14 +113,17 @@ def render_build(report: dict) -> None:
     t.add_row("eval samples", "", str(acc["samples"]), acc.get("basis", ""))
     c.print(t)
     if report.get("variants"):
-        v = Table(title="int8 variants measured on this host")
+        v = Table(title="candidates measured on this host")
         for col in ("scheme", "bytes", "p50 ms", "drop pt", "gate", "result"):
             v.add_column(col)
         for row in report["variants"]:
             v.add_row(row["scheme"], f"{row['bytes']:,}", _fmt(row["latency"]["p50_ms"]),
                       _fmt(row["drop_points"], ".2f"), "pass" if row["passed"] else "FAIL",
-                      row["result"])
+                      f"chosen: {row['why']}" if row["result"] == "chosen" and row.get("why")
+                      else row["result"])
         c.print(v)
+        for note in opt.get("search_notes", []):
+            c.print(f"[dim]{note}[/]")
     pr = report.get("pruning")
     if pr:
         rep = pr.get("report", {})

@@ -20,8 +20,13 @@ import numpy as np
 from edgepack.agent.errors import ModelError
 from edgepack.host.build.data import Dataset, TensorSpec
 
-__all__ = ["Outputs", "GateMetrics", "Session", "run_outputs", "compare", "measure_latency",
-           "measure_interleaved", "rank_sensitive_nodes"]
+__all__ = ["MIN_TOP1_SAMPLES", "Outputs", "GateMetrics", "Session", "run_outputs", "compare", "measure_latency",
+           "measure_interleaved", "rank_sensitive_nodes", "fidelity_points"]
+
+
+# Below this many eval samples one flipped prediction moves top-1 agreement by over 3 points: a
+# classifier is then gated by cosine and SQNR against fp32, which every sample informs.
+MIN_TOP1_SAMPLES = 30
 
 
 class Session:
@@ -83,6 +88,8 @@ class GateMetrics:
     drop_points: float = 0.0
     basis: str = ""
     max_rel_error: float | None = None  # regression: max |error| over the output's largest |value|
+    min_sqnr_db: float | None = None  # signal-to-quantization-noise of the worst float output
+    small_eval: bool = False  # under MIN_TOP1_SAMPLES samples: gated by cosine/SQNR, not top-1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,6 +110,22 @@ def _class_scores(arr: np.ndarray) -> np.ndarray | None:
     if arr.dtype.kind == "f" and arr.ndim == 2 and arr.shape[1] > 1:
         return np.nan_to_num(arr, nan=-np.inf).argmax(axis=1)
     return None
+
+
+def _sqnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """Signal-to-noise of ``b`` against the reference ``a`` in dB (200 when identical)."""
+    fa, fb = np.nan_to_num(a.astype(np.float64)), np.nan_to_num(b.astype(np.float64))
+    noise = float(np.square(fa - fb).sum())
+    signal = float(np.square(fa).sum())
+    if noise == 0.0:
+        return 200.0
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
+
+
+def fidelity_points(min_cosine: float, min_sqnr_db: float) -> float:
+    """Cosine loss or relative noise energy (10^(-SQNR/10)), the larger, in points of 0-100:
+    1 point is a cosine of 0.99 or an SQNR of 20 dB."""
+    return 100.0 * max(0.0, 1.0 - min_cosine, min(1.0, 10.0 ** (-min_sqnr_db / 10.0)))
 
 
 def _float_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -130,11 +153,13 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
 
     A model with a label or class-score output is a classifier, gated by top-1 (label)
     agreement or by accuracy against ``labels``; otherwise by relative error and cosine
-    against fp32 (a regression is never gated by top-1).
+    against fp32 (a regression is never gated by top-1). A classifier with fewer than
+    :data:`MIN_TOP1_SAMPLES` eval samples is gated by cosine and SQNR of its float outputs
+    (:func:`fidelity_points`); top-1 and accuracy are still reported.
     """
     n = next((len(a) for a in ref.arrays if a is not None), 0)
     m = GateMetrics(samples=n)
-    cosines, errors, rel = [], [], []
+    cosines, errors, rel, sqnrs = [], [], [], []
     preds_ref = preds_opt = None
     for spec, a, b in zip(specs, ref.arrays, opt.arrays, strict=True):
         if a is None or b is None:
@@ -146,6 +171,7 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
             cosines.append(cos)
             errors.append(err)
             rel.append(rerr)
+            sqnrs.append(_sqnr_db(a, b))
         if preds_ref is None:
             pr, po = _class_scores(a), _class_scores(b)
             if pr is not None and po is not None:
@@ -153,6 +179,7 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
     if cosines:
         m.min_cosine = min(cosines)
         m.max_abs_error = max(errors)
+        m.min_sqnr_db = min(sqnrs)
     if preds_ref is not None:
         m.top1_agreement = float((preds_ref == preds_opt).mean())
         if labels is not None and len(labels) >= len(preds_ref):
@@ -167,6 +194,12 @@ def compare(specs: Sequence[TensorSpec], ref: Outputs, opt: Outputs,
         else:
             m.drop_points = 100.0 * (1.0 - m.top1_agreement)
             m.basis = "top-1 agreement with fp32"
+        if n < MIN_TOP1_SAMPLES and m.min_cosine is not None:
+            m.small_eval = True
+            m.drop_points = fidelity_points(m.min_cosine, m.min_sqnr_db or 0.0)
+            m.basis = (f"cosine and SQNR with fp32: {n} eval samples are too few for "
+                       f"{'accuracy' if m.accuracy_fp32 is not None else 'top-1'} "
+                       f"(under {MIN_TOP1_SAMPLES})")
     elif m.min_cosine is not None:
         # Regression: the larger of the relative error and the cosine loss, in points of 0-100.
         m.max_rel_error = max(rel)

@@ -2,13 +2,16 @@
 ONNX entries.
 
 Every candidate runs in onnxruntime on the same eval samples through the same gate
-(``validate.compare`` against the fp32 reference). Static int8 tries the profile's candidate
-schemes and keeps the fastest that passes; when none passes, the nodes that hurt most are kept in
-float until one does.
+(``validate.compare`` against the fp32 reference). With the default mode on a target whose CPU
+family this host can time, the candidates are fp32, dynamic int8 and the profile's static int8
+schemes, and :func:`~edgepack.host.build.choose.choose_on_host` picks the one to ship (never a
+quantized model slower than fp32). A forced ``quantize=`` int8 tries the static schemes only;
+when none passes, the nodes that hurt most are kept in float until one does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +20,7 @@ from edgepack.agent.errors import GateError, ModelError
 from edgepack.agent.profiles import QuantScheme
 from edgepack.host.build import gate, package
 from edgepack.host.build.backends.base import Assembly, Baseline
+from edgepack.host.build.choose import EQUAL_SPEED, HostChoice, Variant, choose_on_host
 from edgepack.host.build.convert_onnx import PreparedModel, prepare_onnx
 from edgepack.host.build.data import load_gate_data
 from edgepack.host.build.plan import BuildPlan
@@ -46,7 +50,7 @@ __all__ = ["PREFER_DEFAULT", "OnnxBackend"]
 # A candidate must be this much faster than the profile's default scheme to replace it: closer
 # than that is within timing noise on a shared machine, and flipping between runs would make
 # builds irreproducible for no gain.
-PREFER_DEFAULT = 1.10
+PREFER_DEFAULT = EQUAL_SPEED
 # onnxruntime release that first runs each opset: the device's minimum runtime version.
 _ORT_FOR_OPSET = {13: "1.8", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14",
                   19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
@@ -58,11 +62,22 @@ class _Candidate:
     metrics: GateMetrics
     outputs: Outputs
     latency: dict = field(default_factory=dict)
+    gated: bool = True  # False: timed only, it could not win (its metrics are _UNGATED)
 
     @property
     def label(self) -> str:
         r = self.result
-        return r.scheme.label if r.mode in ("int8", "dynamic") and r.scheme else r.mode
+        if r.mode == "dynamic" and r.scheme:
+            s = r.scheme
+            return (f"dynamic-{'U8' if s.weight_type == 'uint8' else 'S8'}-"
+                    f"{'pc' if s.per_channel else 'pt'}{'-rr' if s.reduce_range else ''}")
+        if r.mode == "int8" and r.scheme:
+            return r.scheme.label + (f" +{len(r.excluded_nodes)} float" if r.excluded_nodes
+                                     else "")
+        return {"none": "fp32"}.get(r.mode, r.mode)
+
+
+_UNGATED = GateMetrics(samples=0, drop_points=math.nan, basis="not gated: it could not win")
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,9 @@ class _Optimized:
     variants: list[dict] | None
     mode: str  # what was asked of this candidate, after float-only models stayed float
     float_note: str | None
+    chosen_by: str | None = None  # why the winner won (variant search)
+    search_notes: tuple[str, ...] = ()  # candidates not tried or skipped, and why
+    forced_slower: bool = False  # a forced int8 measured slower than fp32
 
 
 def _mode(plan: BuildPlan, base: Baseline) -> tuple[str, str | None]:
@@ -91,6 +109,13 @@ def _mode(plan: BuildPlan, base: Baseline) -> tuple[str, str | None]:
         return "none", (f"nothing in this model was quantized: kept float32, not {mode} "
                         f"({why[-1]})")
     return mode, None
+
+
+def _searches(plan: BuildPlan, mode: str) -> bool:
+    """The default mode on a target this host can time: fp32 and dynamic int8 compete too."""
+    return (plan.quantize.mode == "auto" and mode in ("int8", "dynamic")
+            and plan.quantize.variants and plan.quantize.scheme is None
+            and plan.profile.host_can_time)
 
 
 class OnnxBackend:
@@ -153,6 +178,8 @@ class OnnxBackend:
     # ------------------------------------------------------------------ optimize + gate
     def optimize(self, base: _OnnxBaseline, plan: BuildPlan, progress: Progress) -> _Optimized:
         mode, float_note = _mode(plan, base)
+        if _searches(plan, mode):
+            return self._search(base, plan, progress, float_note)
         q = plan.profile.quantization
         max_drop = plan.max_drop
         prepared = base.prepared
@@ -197,19 +224,92 @@ class OnnxBackend:
             return _Optimized(cand, [], _time([cand], base, progress), None, "int8", float_note)
         passing = [c for c in cands if c.metrics.drop_points <= max_drop and c.result.quantized_ops]
         kept: list[str] = []
-        if passing:
-            fp32_lat = _time(cands, base, progress)
-            best = min(passing, key=lambda c: c.latency["p50_ms"])
-            default = cands[0]
-            if default in passing and best.latency["p50_ms"] * PREFER_DEFAULT > \
-                    default.latency["p50_ms"]:
-                best = default  # within timing noise of the profile's scheme: keep the default
-        else:
+        if not passing:
             best, kept = _int8_with_fallback(base, q.scheme, method, max_drop, batch, progress)
             cands.append(best)
-            fp32_lat = _time(cands, base, progress)
-        variants = [_variant(c, best, max_drop) for c in cands] if len(cands) > 1 else None
-        return _Optimized(best, kept, fp32_lat, variants, "int8", float_note)
+        fp32_lat = _time(cands, base, progress, max_drop)
+        choice = _choose(cands, max_drop, q.scheme, forced=True, fp32_lat=fp32_lat)
+        best = cands[choice.winner]
+        variants = _variants(cands, choice, max_drop) if len(cands) > 1 else None
+        return _Optimized(best, kept, fp32_lat, variants, "int8", float_note,
+                          forced_slower=plan.quantize.mode == "int8" and choice.slower_than_fp32)
+
+    def _search(self, base: _OnnxBaseline, plan: BuildPlan, progress: Progress,
+                float_note: str | None) -> _Optimized:
+        """fp32, dynamic int8 and each static scheme: all timed together, then gated fastest
+        first — only while a candidate can still win (faster than fp32, and within
+        EQUAL_SPEED of the fastest that passed)."""
+        q = plan.profile.quantization
+        calib, max_drop, method = base.data.calib, plan.max_drop, plan.calibration_method
+        batch, model_bytes = plan.data.batch, base.prepared.model_bytes
+        fp32 = QuantResult(model_bytes, "none", None, 0)
+        cands = [_Candidate(fp32, compare(base.outputs, base.reference, base.reference,
+                                          base.data.evalset.labels), base.reference)]
+        notes: list[str] = []
+        made: list[QuantResult] = []
+        ops = base.prepared.op_counts
+        if ops.get("Conv", 0) > sum(ops.get(o, 0) for o in ("MatMul", "Gemm", "Gather")):
+            notes.append("dynamic int8 not tried: a convolutional model, and onnxruntime's "
+                         "dynamic ConvInteger kernels are slower than fp32 Conv")
+        else:
+            with progress.stage("dynamic int8 conversion"):
+                try:
+                    made.append(quantize_dynamic(model_bytes, q.scheme))
+                except ModelError as exc:
+                    notes.append(f"dynamic int8 candidate skipped: {exc.message}")
+        for scheme in (dict.fromkeys([q.scheme, *q.candidates]) if calib is not None else ()):
+            with progress.stage(f"int8 {scheme.label} calibration ({method})",
+                                total=len(calib)) as tick:
+                try:
+                    made.append(quantize_static(model_bytes, calib, scheme, method=method,
+                                                batch=batch, tick=tick, cache_dir=base.work))
+                except ModelError as exc:
+                    notes.append(f"int8 {scheme.label} candidate skipped: {exc.message}")
+        cands += [_Candidate(r, _UNGATED, Outputs([]), gated=False) for r in made
+                  if r.quantized_ops]
+        fp32_lat = _time(cands, base, progress)
+        self._gate_fastest_first(cands, base, batch, max_drop, fp32_lat, progress)
+        quantized = [c for c in cands if c.result.mode != "none"]
+        kept: list[str] = []
+        if calib is not None and quantized and not any(
+                c.gated and c.metrics.drop_points <= max_drop for c in quantized) and any(
+                c.latency["p50_ms"] < fp32_lat["p50_ms"] for c in quantized
+                if c.result.mode == "int8"):
+            try:  # int8 would be faster but fails the gate: keep the worst nodes in float
+                fallback, kept = _int8_with_fallback(base, q.scheme, method, max_drop, batch,
+                                                     progress)
+                cands.append(fallback)
+                _time([fallback], base, progress)
+            except GateError as exc:
+                notes.append(f"int8 with nodes kept in float: {exc.message}")
+        choice = _choose(cands, max_drop, q.scheme, forced=False, fp32_lat=fp32_lat)
+        best = cands[choice.winner]
+        if best.result.mode != "int8" or not best.result.excluded_nodes:
+            kept = []
+        if not quantized:
+            notes.append("no candidate quantized anything (no ops with int8 kernels): fp32 ships")
+        return _Optimized(best, kept, fp32_lat, _variants(cands, choice, max_drop),
+                          best.result.mode, float_note, chosen_by=choice.why,
+                          search_notes=tuple(notes))
+
+    @staticmethod
+    def _gate_fastest_first(cands: list[_Candidate], base: _OnnxBaseline, batch: int,
+                            max_drop: float, fp32_lat: dict, progress: Progress) -> None:
+        """Gate the timed candidates fastest first; stop once none left can win."""
+        passed_p50 = None
+        for i in sorted(range(len(cands)), key=lambda k: cands[k].latency["p50_ms"]):
+            c = cands[i]
+            p50 = c.latency["p50_ms"]
+            if c.gated:
+                continue
+            if p50 > fp32_lat["p50_ms"] or (passed_p50 is not None and
+                                             p50 > passed_p50 * EQUAL_SPEED):
+                continue  # cannot win: slower than fp32, or than a passing one
+            with progress.stage(f"{c.label} validation"):
+                cands[i] = _measure(c.result, base, batch)
+            cands[i].latency = c.latency
+            if cands[i].metrics.drop_points <= max_drop and passed_p50 is None:
+                passed_p50 = p50
 
     # ------------------------------------------------------------------ assemble
     def assemble(self, base: _OnnxBaseline, opt: _Optimized, plan: BuildPlan,
@@ -224,7 +324,8 @@ class OnnxBackend:
         if mode in ("int8", "dynamic") and res.quantized_ops == 0:
             warnings.append("nothing in this model was quantized (no ops with int8 kernels): "
                             "the bundle is float32")
-        warnings += gate.host_warnings(measured, profile, mode=mode, label=best.label)
+        warnings += gate.host_warnings(measured, profile, mode=mode, label=best.label,
+                                       forced=opt.forced_slower)
         effective = mode if (mode not in ("int8", "dynamic") or res.quantized_ops) else "none"
         summary = {"none": "fp32 (no quantization)", "fp16": "fp16 weights and compute"
                    + (", float32 I/O" if plan.quantize.keep_io_types else ""),
@@ -249,6 +350,12 @@ class OnnxBackend:
             "preflight": list(prepared.steps),
             "warnings": warnings,
         }
+        if opt.chosen_by:
+            optimization["chosen_by"] = opt.chosen_by
+            optimization["search_notes"] = list(opt.search_notes)
+        if opt.forced_slower:
+            optimization["forced"] = {"mode": plan.mode, "slower_than_fp32": True,
+                                      "speedup_p50": measured.speedup}
         pruning = dict(base.pruning) if base.pruning else None
         if plan.prune.sparsity is not None:
             from edgepack.host.build.prune import sparsity_report
@@ -303,33 +410,55 @@ def _measure(result: QuantResult, base: _OnnxBaseline, batch: int) -> _Candidate
     return _Candidate(result, metrics, outs)
 
 
-def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress) -> dict:
-    """Time fp32 and ``cands`` interleaved in one run; fills ``latency``, returns fp32's."""
+def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress,
+          max_drop: float | None = None) -> dict:
+    """Time fp32 and ``cands`` interleaved in one run; fills ``latency``, returns fp32's.
+
+    Candidates over ``max_drop`` cannot ship and are not timed; fp32 candidates are the
+    reference session's figures.
+    """
     sessions = {"fp32": base.ref_session}
     for i, c in enumerate(cands):
-        sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
+        if c.result.mode != "none" and (max_drop is None or not c.gated
+                                        or c.metrics.drop_points <= max_drop):
+            sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
     with progress.stage("timing fp32 and optimized, interleaved"):
-        lat = measure_interleaved(sessions, base.feed, budget_s=0.6 * len(sessions))
+        # A few runs per slot, six rotating rounds: enough to rank candidates whose speeds
+        # differ by more than EQUAL_SPEED, at a cost that stays small beside calibration.
+        lat = measure_interleaved(sessions, base.feed, budget_s=0.6 * len(sessions),
+                                  min_runs=2, warmup=2)
     for i, c in enumerate(cands):
-        c.latency = lat[f"{i}"]
+        c.latency = lat["fp32"] if c.result.mode == "none" else lat.get(
+            f"{i}", {"p50_ms": None, "untimed": "failed the gate"})
     return lat["fp32"]
 
 
-def _variant(c: _Candidate, best: _Candidate, max_drop: float) -> dict[str, Any]:
-    return {
-        "scheme": c.label + (f" +{len(c.result.excluded_nodes)} float" if
-                             c.result.excluded_nodes else ""),
-        "bytes": len(c.result.model_bytes), "latency": c.latency,
-        "drop_points": c.metrics.drop_points,
-        "passed": c.metrics.drop_points <= max_drop,
-        "result": "chosen" if c is best else (
-            f"gate: drop {c.metrics.drop_points:.2f} > {max_drop:g} pt"
-            if c.metrics.drop_points > max_drop else
-            f"slower: p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of chosen"
-            if c.latency["p50_ms"] >= best.latency["p50_ms"] else
-            f"p50 {c.latency['p50_ms'] / best.latency['p50_ms']:.2f}x of the default: "
-            f"under {PREFER_DEFAULT:.2f}x is noise, default kept"),
-    }
+def _choose(cands: list[_Candidate], max_drop: float, default: QuantScheme, *, forced: bool,
+            fp32_lat: dict) -> HostChoice:
+    """:func:`choose_on_host` over the measured candidates (fp32 timed beside them)."""
+    variants = [Variant(c.label, c.result.mode, len(c.result.model_bytes),
+                        c.latency["p50_ms"] if c.latency["p50_ms"] is not None else math.inf,
+                        c.metrics.drop_points,
+                        c.gated and c.metrics.drop_points <= max_drop and (
+                            c.result.mode == "none" or c.result.quantized_ops > 0),
+                        default=c.result.mode == "int8" and c.result.scheme == default
+                        and not c.result.excluded_nodes, gated=c.gated)
+                for c in cands]
+    if forced:
+        variants.append(Variant("fp32", "none", 0, fp32_lat["p50_ms"], 0.0, True))
+    choice = choose_on_host(variants, forced=forced)
+    assert choice is not None  # forced: a passing candidate exists; else fp32 always passes
+    return choice
+
+
+def _variants(cands: list[_Candidate], choice: HostChoice, max_drop: float) -> list[dict]:
+    """The report's candidate table: every candidate with size, time, gate result and why."""
+    return [{"scheme": c.label, "mode": c.result.mode, "bytes": len(c.result.model_bytes),
+             "latency": c.latency, "drop_points": c.metrics.drop_points if c.gated else None,
+             "basis": c.metrics.basis,
+             "passed": c.metrics.drop_points <= max_drop if c.gated else None,
+             "result": result, "why": choice.why if result == "chosen" else result}
+            for c, result in zip(cands, choice.results, strict=False)]
 
 
 def _int8_with_fallback(base: _OnnxBaseline, scheme: QuantScheme, method: str, max_drop: float,

@@ -69,10 +69,10 @@ def load(src: Path, *, workdir: Path, opset: int, sample_input: str | None) -> I
         raise ModelError(f"Keras could not export {src.name} as a SavedModel: "
                          f"{first_line(exc)}", stage="import") from None
     onnx_path = workdir / f"{src.stem}.onnx"
-    tf2onnx(saved, onnx_path, opset, workdir, src.name)
+    repairs = tf2onnx(saved, onnx_path, opset, workdir, src.name)
 
     notes = [f"Keras {keras.__version__} {type(model).__name__} ({model.count_params():,} "
-             f"parameters) → SavedModel → tf2onnx opset {opset}"]
+             f"parameters) → SavedModel → tf2onnx opset {opset}", *repairs]
     if src.suffix.lower() in (".h5", ".hdf5"):
         notes.append("legacy HDF5 (.h5) file: prefer the .keras format")
     notes.append(verify(onnx_path, _keras_reference(model), random_feeds(onnx_path),

@@ -28,8 +28,12 @@ def _tf_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def tf2onnx(saved_model: Path, out: Path, opset: int, workdir: Path, what: str) -> None:
-    """SavedModel → ONNX in a child process (TensorFlow's graph state stays out of ours)."""
+def tf2onnx(saved_model: Path, out: Path, opset: int, workdir: Path, what: str) -> list[str]:
+    """SavedModel → ONNX in a child process (TensorFlow's graph state stays out of ours), then
+    through the ONNX intake's repairs (tf2onnx writes exact GELU with ``Erfc``, no ONNX op).
+
+    Returns what the intake changed, for the import notes.
+    """
     cmd = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
            "--output", str(out), "--opset", str(opset)]
     try:
@@ -39,7 +43,7 @@ def tf2onnx(saved_model: Path, out: Path, opset: int, workdir: Path, what: str) 
         raise ModelError(f"tf2onnx did not finish converting {what} within "
                          f"{_TF2ONNX_TIMEOUT} s", stage="import") from None
     if r.returncode == 0 and out.is_file():
-        return
+        return _repair(out, what)
     log = workdir / "tf2onnx.log"
     log.write_text(r.stdout + r.stderr)
     lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
@@ -47,6 +51,16 @@ def tf2onnx(saved_model: Path, out: Path, opset: int, workdir: Path, what: str) 
     reason = (errors or lines or ["no output"])[-1]
     raise ModelError(f"tf2onnx could not convert {what} to ONNX opset {opset}: {reason[:400]} "
                      f"(full log: {log})", stage="import")
+
+
+def _repair(path: Path, what: str) -> list[str]:
+    """Run tf2onnx's output through ``onnx_intake`` (repairs, constant folding) in place."""
+    from edgepack.host.build.onnx_intake import prepare_onnx, save_onnx
+
+    taken = prepare_onnx(path)
+    if taken.steps:
+        save_onnx(taken.model, path)
+    return [f"tf2onnx output of {what}: {step}" for step in taken.steps]
 
 
 def import_tf():
@@ -70,8 +84,9 @@ def single_output(out: Any) -> list[Any]:
 def load(src: Path, *, workdir: Path, opset: int, sample_input: str | None) -> Imported:
     """A SavedModel directory (signature ``serving_default``)."""
     onnx_path = workdir / f"{src.resolve().name or 'saved_model'}.onnx"
-    tf2onnx(src, onnx_path, opset, workdir, f"SavedModel {src}")
-    notes = [f"TensorFlow SavedModel → tf2onnx opset {opset} (signature serving_default)"]
+    repairs = tf2onnx(src, onnx_path, opset, workdir, f"SavedModel {src}")
+    notes = [f"TensorFlow SavedModel → tf2onnx opset {opset} (signature serving_default)",
+             *repairs]
     notes.append(verify(onnx_path, _saved_model_reference(src), random_feeds(onnx_path),
                          "the SavedModel"))
     return tf_result("saved_model", src, onnx_path, src, notes)

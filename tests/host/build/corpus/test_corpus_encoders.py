@@ -29,3 +29,42 @@ def test_encoder_ops_survive_intake(encoders: dict) -> None:
     _, onnx_path = encoders["exact"]
     ops = {n.op_type for n in prepare_onnx(onnx_path, target_opset=17).model.graph.node}
     assert {"Gather", "MatMul", "Softmax", "Erf", "ReduceMean"} <= ops
+
+
+def test_encoder_builds_with_the_cli_and_agrees_with_keras(encoders: dict, tmp_path,
+                                                           monkeypatch) -> None:
+    """`edgepack build encoder.keras` (exact GELU, as docs/model-intake.md shows it): the import
+    repairs tf2onnx's graph, the default search ships a variant that passes the gate, and the
+    bundle's model agrees with Keras."""
+    import json
+    import shutil
+    import zipfile
+
+    import keras
+    from click.testing import CliRunner
+
+    from edgepack.host.cli import main
+
+    art, _ = encoders["exact"]
+    shutil.copy(art.path, tmp_path / "encoder.keras")
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 64, (48, 16)).astype(np.int32))
+    monkeypatch.chdir(tmp_path)
+
+    result = CliRunner().invoke(main, ["build", "encoder.keras", "--target", "x86-64-vnni",
+                                       "--calibration", "calib.npz", "--out", "dist",
+                                       "--json"])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert any("Erfc" in n for n in report["model"]["import_notes"])
+    acc = report["metrics"]["accuracy"]
+    assert acc["drop_points"] <= 1.0
+    assert sum(r["result"] == "chosen" for r in report["variants"]) == 1
+    with zipfile.ZipFile(report["bundle"]["path"]) as z:
+        (tmp_path / "shipped.onnx").write_bytes(z.read("model.onnx"))
+    want = np.asarray(keras.saving.load_model(art.path)(art.inputs["ids"]))
+    got = np.concatenate([run_onnx(tmp_path / "shipped.onnx", {"ids": row[None]})[0]
+                          for row in art.inputs["ids"]])
+    diff, cos = agreement(want, got)
+    assert cos > 0.99 and diff < 0.05
