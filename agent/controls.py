@@ -39,7 +39,7 @@ class ControlDesk:
         self.root_prefix = topics.prefix + ROOT_TOPIC.format(version="")
         self.refused: dict[str, int] = {}  # control messages refused, by reason (telemetry)
         self.errors: dict[str, int] = {}  # messages that failed to be handled, by error
-        self._refused_at: dict[tuple, float] = {}
+        self._refused_at: dict[tuple, tuple[float, int]] = {}  # key -> (window start, events)
         self.trust_root_keys()
 
     def wants_root(self, topic: str) -> bool:
@@ -82,17 +82,19 @@ class ControlDesk:
         if pull is not None:
             self.capture.send(pull, net, self.topics)
 
-    def quiet(self, key: tuple, counts: dict[str, int], name: str) -> bool:
-        """Count ``name``; True when an event for ``key`` was already written in the last
-        minute, so a storm of bad messages is counted in telemetry, not one event each."""
+    def quiet(self, key: tuple, counts: dict[str, int], name: str, burst: int = 1) -> bool:
+        """Count ``name``; True when ``burst`` events for ``key`` were already written in the
+        last minute, so a storm of bad messages is counted in telemetry, not one event each."""
         counts[name] = counts.get(name, 0) + 1
         now = time.monotonic()
-        last = self._refused_at.get(key)
-        if last is not None and now - last < QUIET_S:
+        start, n = self._refused_at.get(key, (-QUIET_S, 0))
+        if now - start >= QUIET_S:
+            start, n = now, 0
+        if n >= burst:
             return True
         if len(self._refused_at) > 1000:
             self._refused_at.clear()
-        self._refused_at[key] = now
+        self._refused_at[key] = (start, n + 1)
         return False
 
     def control_refused(self, topic: str, kind: str, exc: ControlRefused) -> None:

@@ -60,8 +60,10 @@ __all__ = ["Agent", "main"]
 log = logging.getLogger("edgepack.agent")
 _MB = 1024 * 1024
 _MAX_INFLIGHT = 32
-#: profile job refusals anyone can provoke without a key: one answer per reason a minute
+#: profile job refusals anyone can provoke without a key: at most _JOB_ANSWERS answers a minute
+#: (an operator's mistakes still get their answers; a storm of junk jobs is counted instead)
 _STORM_REFUSALS = ("malformed", "signature", "duplicate", "expired")
+_JOB_ANSWERS = 8
 
 
 class Agent:
@@ -237,8 +239,8 @@ class Agent:
             log.warning("cannot connect to %s: %s", self.net.cfg.url, item[2])
         elif kind == "emit":  # a profile job's answer, from the profiler thread
             reason = item[3].get("reason") if item[3].get("kind") == "refused" else None
-            if reason in _STORM_REFUSALS and self.controls.quiet(("job", reason), self.refused,
-                                                         f"job_{reason}"):
+            if reason in _STORM_REFUSALS and self.controls.quiet(
+                    ("job",), self.refused, f"job_{reason}", burst=_JOB_ANSWERS):
                 return  # a storm of junk jobs: counted, not answered one by one
             try:
                 self.outbox.put(item[2], item[3], qos=1)

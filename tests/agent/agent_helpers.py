@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -134,6 +135,18 @@ def build_bundle(out: Path, *, name: str = "tiny", version: str = "1.0.0", targe
 
 
 # --------------------------------------------------------------------------- configs, deploys
+def _socket_path(data_dir: Path) -> str:
+    """``agent.sock`` in the data dir, or, when that path is too long for a Unix socket (pytest
+    temp dirs under xdist workers are deep), one in a short directory of its own."""
+    if len(str(data_dir / "agent.sock")) < 100:
+        return "agent.sock"
+    import hashlib
+
+    short = Path(tempfile.gettempdir()) / f"ep-{hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return str(short / "agent.sock")
+
+
 def agent_config(directory: Path, broker_url: str, fleet: str, *, device_id: str = "dev1",
                  pub: Path | None = None, **overrides: Any) -> Path:
     """Write ``directory/agent.toml`` for a test agent (fast timers, small windows)."""
@@ -146,7 +159,7 @@ def agent_config(directory: Path, broker_url: str, fleet: str, *, device_id: str
         "health": {"timeout_s": 60.0, "latency_runs": 20, "warmup_runs": 2},
         "telemetry": {"interval_s": 1.0},
         "runtime": {"threads": 1},
-        "serve": {"socket": "agent.sock"},
+        "serve": {"socket": _socket_path(directory / "data")},
     }
     top: dict[str, Any] = {"device_id": device_id, "board": "x86-gateway", "target": TARGET,
                            "fleet": fleet, "data_dir": str(directory / "data"),
