@@ -95,15 +95,20 @@ class SyncClient:
             return None
 
     def retained(self, topic_filter: str, settle: float = 0.5) -> dict[str, bytes]:
-        """Every retained message under ``topic_filter``: waits until none arrived for ``settle``."""
+        """Every retained message under ``topic_filter``: waits until none arrived for ``settle``
+        (live messages on the same topics are skipped, and do not keep it waiting)."""
         self.subscribe(topic_filter)
         out: dict[str, bytes] = {}
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            m = self.get(settle)
+        quiet_until = time.monotonic() + settle  # pushed back by each retained message
+        while (now := time.monotonic()) < min(deadline, quiet_until):
+            m = self.get(min(deadline, quiet_until) - now)
             if m is None:
                 break
-            topic, payload, _ = m
+            topic, payload, was_retained = m
+            if not was_retained:  # live traffic does not keep the wait going
+                continue
+            quiet_until = time.monotonic() + settle
             if payload:
                 out[topic] = payload
             else:
