@@ -29,6 +29,9 @@ from edgepack.host.fleet.deploy import deploy
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "agent"))
 from agent_helpers import TARGET, AgentProcess, agent_config  # noqa: E402
 
+from edgepack.agent.identity import DeviceIdentity  # noqa: E402
+from edgepack.host.fleet.identity import enroll  # noqa: E402
+
 pytestmark = pytest.mark.broker
 
 DOC = Path(__file__).resolve().parents[4] / "docs" / "rollouts.md"
@@ -146,6 +149,9 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
     server = serve(sqlite_url, fleet)
     cfgs = [agent_config(tmp_path / d, mosquitto.url, fleet, device_id=d, pub=pub,
                          groups=["cams"], telemetry={"interval_s": 1.0}) for d in DEVICES]
+    for c, d in zip(cfgs, DEVICES, strict=True):  # enrolled, so their reports count
+        identity = DeviceIdentity.load_or_create(c.parent / "data")
+        enroll(server.store, identity.enrollment(d), fleet=fleet, groups=["cams"])
     agents = [AgentProcess(c).start() for c in cfgs]
     traffic = _Traffic([c.parent / "data" / "agent.sock" for c in cfgs])
     store = server.store
