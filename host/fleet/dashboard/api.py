@@ -84,6 +84,19 @@ def _outcome(kinds: dict[str, EventTally]) -> dict[str, Any]:
     return {"status": "pending", "detail": None}
 
 
+def _freshness(telemetry: dict[str, Any]) -> dict[str, Any]:
+    """What the device last said about the control plane (protocol v2 §9.5): ``fresh``,
+    ``stale`` (no freshness signature within its bound: withheld or frozen) or ``missing``, its
+    age and the desired states it knows are withheld; None when it does not check."""
+    f = telemetry.get("freshness")
+    if not isinstance(f, dict) or not isinstance(f.get("status"), str):
+        return {"freshness": None, "freshness_age_s": None, "freshness_behind": []}
+    behind = f.get("behind") if isinstance(f.get("behind"), list) else []
+    age = f.get("age_s") if isinstance(f.get("age_s"), int | float) else None
+    return {"freshness": f["status"][:16], "freshness_age_s": age,
+            "freshness_behind": [str(b)[:64] for b in behind[:10]]}
+
+
 def _latency_when_serving(t: dict[str, Any]) -> dict[str, Any]:
     """Latency figures of a window without inferences are not measurements: blank them."""
     if t.get("inferences") == 0:
@@ -156,6 +169,7 @@ class FleetAPI:
                 "temperature_c": t.get("temperature_c"),
                 "drift_score": dr.score if dr else None, "drift_alert": bool(dr and dr.alert),
                 "drift_note": dr.note if dr else "no drift windows",
+                **_freshness(d.telemetry or {}),
                 **_identity(d),
             })
         return rows

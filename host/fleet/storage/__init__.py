@@ -201,13 +201,13 @@ class Store:
             if batch.telemetry:
                 rows = [telemetry_row(f, dev, rcv, t) for f, dev, rcv, t in batch.telemetry]
                 self.telemetry.write(cur, rows)
-                latest: dict[tuple[str, str], tuple] = {}
-                for r in rows:
+                latest: dict[tuple[str, str], tuple[tuple, dict]] = {}
+                for r, (*_, t) in zip(rows, batch.telemetry, strict=True):
                     key = (r[0], r[1])
-                    if key not in latest or r[2] >= latest[key][2]:
-                        latest[key] = r
-                self.devices.write_last_telemetry(cur, [(r[0], r[1], r[3], r[3], summary(r),
-                                                         r[2]) for r in latest.values()])
+                    if key not in latest or r[2] >= latest[key][0][2]:
+                        latest[key] = (r, t)
+                self.devices.write_last_telemetry(cur, [(r[0], r[1], r[3], r[3], summary(r, t),
+                                                         r[2]) for r, t in latest.values()])
             for fleet, device, received, state, *trust in batch.states:
                 self.devices.write_state(cur, fleet, device, received, state, *trust)
             if batch.events:

@@ -94,10 +94,17 @@ def telemetry_row(fleet: str, device_id: str, received: float, t: dict) -> tuple
             integer(t.get("outbox_dropped")))
 
 
-def summary(row: tuple) -> str:
-    """The JSON the ``devices`` row keeps of its newest telemetry row (reported columns only)."""
-    return json.dumps({c: v for c, v in zip(TELEMETRY_COLUMNS, row[2:], strict=True)
-                       if v is not None}, separators=(",", ":"))
+def summary(row: tuple, message: dict | None = None) -> str:
+    """The JSON the ``devices`` row keeps of its newest telemetry row (reported columns only),
+    plus the device's view of the control plane (``freshness``: status, age, withheld states;
+    bounded, since a device's report is only as honest as the device)."""
+    out = {c: v for c, v in zip(TELEMETRY_COLUMNS, row[2:], strict=True) if v is not None}
+    f = (message or {}).get("freshness")
+    if isinstance(f, dict) and isinstance(f.get("status"), str):
+        behind = f.get("behind") if isinstance(f.get("behind"), list) else []
+        out["freshness"] = {"status": f["status"][:16], "age_s": num(f.get("age_s")),
+                            "behind": [text(b, 64) for b in behind[:10]]}
+    return json.dumps(out, separators=(",", ":"))
 
 
 class Telemetry:

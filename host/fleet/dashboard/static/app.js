@@ -134,7 +134,7 @@ pages.overview = {
       h("div", { cls: "toolbar" }, search, rows.length > MAX_ROWS
         ? h("span", { cls: "muted" }, `showing the first ${MAX_ROWS}: filter to narrow`) : null),
       table(["device", "status", "board", "target", "bundle", "last seen", "health",
-        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }, { t: "drift", cls: "num" }],
+        { t: "p95 ms", cls: "num" }, { t: "RSS MB", cls: "num" }, { t: "drift", cls: "num" }, "control plane"],
       rows.slice(0, MAX_ROWS).map((r) => h("tr", { "data-device": r.device },
         h("td", {}, a(`/devices/${encodeURIComponent(r.device)}`, r.device)),
         h("td", {}, badge(r.status), r.authenticated === false ? [" ", authBadge(r)] : null),
@@ -143,11 +143,19 @@ pages.overview = {
         h("td", { title: when(r.last_seen) }, ago(r.last_seen)),
         h("td", { title: r.health_detail || "" }, badge(r.health), r.health_detail ? h("span", { cls: "muted" }, " ", r.health_detail) : null),
         h("td", { cls: "num" }, fmt(r.p95_ms)), h("td", { cls: "num" }, fmt(r.rss_mb, 0)),
-        driftCell(r))),
+        driftCell(r), freshnessCell(r))),
       { id: "devices-table" }),
     ];
   },
 };
+
+// The control plane as the device sees it: fresh, or stale/missing (withheld or frozen).
+function freshnessCell(r) {
+  if (!r.freshness) return h("td", { cls: "freshness", "data-freshness": "none", title: "the device does not check freshness" }, "–");
+  const age = r.freshness_age_s === null || r.freshness_age_s === undefined ? "never received" : `${fmt(r.freshness_age_s, 0)} s old`;
+  const behind = r.freshness_behind && r.freshness_behind.length ? `; withheld: ${r.freshness_behind.join(", ")}` : "";
+  return h("td", { cls: "freshness", "data-freshness": r.freshness, title: `freshness signature ${age}${behind}` }, badge(r.freshness === "fresh" ? "online" : "stale", r.freshness));
+}
 
 // A device whose reports are not signed by an enrolled key: shown, counted for nothing.
 function authBadge(r) {
