@@ -305,16 +305,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def _tflm_run(data: bytes, arena: int, feeds: list[np.ndarray], n_out: int) -> tuple:
-    from tflite_micro.python.tflite_micro import runtime
-
-    it = runtime.Interpreter.from_bytes(data, arena_size=arena)
-    for i, x in enumerate(feeds):
-        it.set_input(x, i)
-    it.invoke()
-    return tuple(np.array(it.get_output(i)) for i in range(n_out))
-
-
 def tflm_available() -> bool:
     """Whether TFLite Micro's Python interpreter (``tflite-micro``) is installed."""
     try:
@@ -342,24 +332,7 @@ def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequenc
     data = _read(path)
     info = inspect_tflite(path)
     feeds = _ordered(inputs, info.inputs)
-    with captured_output() as log:
-        good, bad, outputs, reason = 0, 0, (), ""
-        size = max(4096, _ALIGN * (len(data) // _ALIGN // 4 + 1))
-        while size <= max_arena:  # grow until it runs
-            try:
-                outputs = _tflm_run(data, size, feeds, len(info.outputs))
-                good = size
-                break
-            except (RuntimeError, ValueError) as e:
-                reason, bad = _first_line(e), size
-                size *= 2
-        while good and good - bad > _ALIGN:  # then bisect down to 16 bytes
-            mid = (bad + good) // 2 // _ALIGN * _ALIGN
-            try:
-                outputs = _tflm_run(data, mid, feeds, len(info.outputs))
-                good = mid
-            except (RuntimeError, ValueError):
-                bad = mid
+    good, reason, log, outputs = _search_in_children(data, feeds, len(info.outputs), max_arena)
     if not good:
         # TFLM says "failed to allocate" for any Prepare failure; its log says which op and why.
         why = [ln.strip() for ln in dict.fromkeys(log) if not _MEMORY.search(ln)][:2]
@@ -367,6 +340,52 @@ def check_with_tflm(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequenc
         return TflmCheck(False, reason=f"TFLite Micro cannot run it: {detail}",
                          log=tuple(log[:20]))
     return TflmCheck(True, outputs=outputs, arena_bytes=good, log=tuple(log[:20]))
+
+
+def _search_in_children(data: bytes, feeds: list[np.ndarray], n_out: int, max_arena: int,
+                        ) -> tuple[int, str, list[str], tuple]:
+    """The arena search of :mod:`edgepack.host.build.tflm_probe`, in child processes: a size at
+    which TFLM crashed the child counts as too small, and a new child goes on from there."""
+    import json
+    import subprocess
+    import sys
+
+    good, bad, reason, log = 0, 0, "", []
+    with tempfile.TemporaryDirectory(prefix="edgepack-tflm-") as tmp:
+        d = Path(tmp)
+        (d / "model.tflite").write_bytes(data)
+        np.savez(d / "feeds.npz", *feeds)
+        for _ in range(64):  # each crash narrows the search: this bound is never reached
+            (d / "state.json").write_text(json.dumps({"good": good, "bad": bad,
+                                                      "max_arena": max_arena, "n_out": n_out}))
+            run = subprocess.run([sys.executable, "-I", "-m", "edgepack.host.build.tflm_probe",
+                                  str(d)], capture_output=True, timeout=600, check=False)
+            trying = None
+            for line in (d / "progress").read_text().splitlines() if (d / "progress").exists() \
+                    else []:
+                verb, _, rest = line.partition(" ")
+                size, _, why = rest.partition(" ")
+                if verb == "try":
+                    trying = int(size)
+                elif verb == "ok":
+                    good, trying = int(size), None
+                elif verb == "bad":
+                    bad, reason, trying = max(bad, int(size)), why, None
+            (d / "progress").unlink(missing_ok=True)
+            if (d / "done").exists():
+                log = (d / "log").read_text().splitlines() if (d / "log").exists() else []
+                if good and (d / "outputs.npz").exists():
+                    with np.load(d / "outputs.npz") as z:
+                        return good, reason, log, tuple(z[f"arr_{i}"] for i in range(n_out))
+                return 0, reason, log, ()
+            if trying is None:  # died outside a probe: report it rather than loop
+                tail = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                return 0, f"the TFLite Micro check failed: {tail[0][:300]}", log, ()
+            bad = max(bad, trying)
+            reason = f"TFLite Micro crashed allocating {trying} bytes"
+            if good and good - bad <= _ALIGN:  # the search is over: outputs at ``good``
+                bad = good - _ALIGN
+    return 0, reason, log, ()
 
 
 def check_with_litert(path: str | Path, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
