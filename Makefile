@@ -21,9 +21,11 @@ sysdeps:
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Two pytest workers (the tests wait on brokers, agents and browsers as much as they compute);
+# tests of one file stay in one worker.
 test: $(STAMP) sysdeps
 	$(PY) -m ruff check host agent tests bench examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 reliability: $(STAMP) sysdeps
 	$(PY) tests/reliability/report.py --run

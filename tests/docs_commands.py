@@ -134,6 +134,8 @@ REGISTRY: dict[tuple[str, str], Scenario | RunBy | Failing | Excluded] = {
     ("README.md", "edgepack agent init --board rpi4 --device-id pi-kitchen --group rpi4-fleet "
                   "--broker $BROKER --pub keys/fleet.pub --data-dir device/ --out "
                   "device/agent.toml"): Scenario(README_SCENARIO),
+    ("README.md", "edgepack fleet enroll device/enrollment.json --db sqlite:///fleet.db"):
+        Scenario(README_SCENARIO),
     ("README.md", "edgepack-agent --config device/agent.toml"):
         Scenario(README_SCENARIO, background=True),
     ("README.md", "edgepack publish dist/model-1.0.0-rpi4.edgepack --broker $BROKER --key "

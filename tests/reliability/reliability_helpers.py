@@ -69,17 +69,22 @@ def save_scenario(s: Scenario) -> None:
     ignore = RESULTS.parent / ".gitignore"
     if RESULTS.parent.name == ".reliability" and not ignore.exists():
         ignore.write_text("*\n")
-    try:
-        doc = json.loads(RESULTS.read_text())
-    except (OSError, ValueError):
-        doc = {}
-    doc.setdefault("scenarios", {})[s.name] = {
-        "runs": s.runs, "failures": s.failures, "lost": s.lost, "dropped": s.dropped,
-        "recovery_s": None if s.recovery_s is None else round(s.recovery_s, 2),
-        "notes": s.notes, "ts": time.time()}
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))  # scenarios in the order the suite ran them
-    os.replace(tmp, RESULTS)
+    import fcntl
+
+    # several pytest workers (xdist) merge into the same file: one at a time
+    with open(RESULTS.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            doc = json.loads(RESULTS.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        doc.setdefault("scenarios", {})[s.name] = {
+            "runs": s.runs, "failures": s.failures, "lost": s.lost, "dropped": s.dropped,
+            "recovery_s": None if s.recovery_s is None else round(s.recovery_s, 2),
+            "notes": s.notes, "ts": time.time()}
+        tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))  # scenarios in the order the suite ran them
+        os.replace(tmp, RESULTS)
 
 
 # --------------------------------------------------------------------------- agents

@@ -18,7 +18,7 @@ from build_models import digits_flat
 
 from edgepack.agent.bundle import read_bundle
 from edgepack.agent.errors import ModelError
-from edgepack.agent.health import HealthOptions, check_model
+from edgepack.agent.health import HealthOptions, run_health_check
 from edgepack.agent.inference import Model
 from edgepack.host.build import build
 
@@ -54,7 +54,7 @@ def test_sklearn_classifier_ships_labels_and_probabilities_as_tensors(classifier
     assert res.report.metrics["accuracy"].get("not_compared", {}) == {}
     slot = tmp_path / "slot"
     read_bundle(res.path).extract(slot)
-    health = check_model(slot, HealthOptions(runs=5))
+    health = run_health_check(slot, HealthOptions(runs=5))  # in a child, as the agent does
     assert health.passed, health.failures
     assert len(health.outputs) == 2  # both outputs compared with the golden values
     got = Model.open(res.path).predict(np.load(classifiers["sample"])["x"][:1])  # batch 1
