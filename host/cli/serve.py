@@ -316,8 +316,27 @@ def _check_options() -> list[click.Option]:
     ]
 
 
+def _stage_options(prefix: str = "") -> list[click.Option]:
+    """How a stage fails and how long it soaks (``rollout start``; ``deploy --stages`` with
+    ``prefix`` "With --stages: ")."""
+    def say(text: str) -> str:
+        return prefix + (text[0].lower() + text[1:] if prefix else text)
+
+    return [
+        click.Option(["--max-failures"], default="5%", show_default=True,
+                     help=say("Halt and roll back the stage past this many failed devices (3) "
+                              "or this share of the devices deployed so far (5%).")),
+        click.Option(["--soak"], default="10m", show_default=True,
+                     help=say("How long a stage's telemetry must stay within the bundle's "
+                              "budgets.")),
+        click.Option(["--stage-timeout"], default="30m", show_default=True,
+                     help=say("A device without an outcome this long after its stage started "
+                              "fails.")),
+    ]
+
+
 def _with_checks(cmd: click.Command) -> click.Command:
-    cmd.params.extend(_check_options())
+    cmd.params.extend([*_stage_options(), *_check_options()])
     return cmd
 
 
@@ -327,13 +346,6 @@ def _with_checks(cmd: click.Command) -> click.Command:
 @click.option("--group", required=True, help="The group to roll out to.")
 @click.option("--stages", default="1,10,50,100", show_default=True,
               help="Cumulative percentages of the group per stage.")
-@click.option("--max-failures", default="5%", show_default=True,
-              help="Halt and roll back the stage past this many failed devices (3) or this "
-              "share of the devices deployed so far (5%).")
-@click.option("--soak", default="10m", show_default=True,
-              help="How long a stage's telemetry must stay within the bundle's budgets.")
-@click.option("--stage-timeout", default="30m", show_default=True,
-              help="A device without an outcome this long after its stage started fails.")
 @click.option("--devices", help="Comma-separated device ids instead of the group's members.")
 @click.option("--id", "rollout_id", default=None,
               help="The rollout's id [default: ro-<time>-<random>].")
@@ -442,14 +454,7 @@ def _extend_deploy(deploy: click.Command) -> None:
         click.Option(["--stages"], default=None, help="Staged rollout to --group: cumulative "
                      "percentages per stage, e.g. 1,10,50,100 (driven by 'edgepack fleet "
                      "serve' on the --db database)."),
-        click.Option(["--max-failures"], default="5%", show_default=True,
-                     help="With --stages: halt and roll back the stage past this many failed "
-                     "devices (3) or this share of the devices deployed so far (5%)."),
-        click.Option(["--soak"], default="10m", show_default=True,
-                     help="With --stages: how long each stage must stay within the bundle's "
-                     "budgets."),
-        click.Option(["--stage-timeout"], default="30m", show_default=True,
-                     help="With --stages: a device without an outcome this long fails."),
+        *_stage_options("With --stages: "),
         click.Option(list(_DB_DECLS), **{**_DB_ATTRS, "help": "With --stages: "
                                          + _DB_ATTRS["help"]}),
         *_check_options(),
