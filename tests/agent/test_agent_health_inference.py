@@ -38,7 +38,9 @@ def _slot(tmp_path, bundle):
 
 
 def test_health_passes_and_measures(slot):
-    r = check_model(slot, HealthOptions(runs=30, warmup=2))
+    # In process, the peak RSS is the whole test worker's (VmHWM), so the budgets are
+    # left to the child-process check below, which is how the agent runs the gate.
+    r = check_model(slot, HealthOptions(runs=30, warmup=2, enforce_budgets=False))
     assert r.passed, r.failures
     assert r.samples == 8 and {o["name"] for o in r.outputs} == {"logits", "label"}
     assert r.latency_ms["runs"] == 30 and 0 < r.latency_ms["p50"] <= r.latency_ms["p95"]
@@ -48,6 +50,7 @@ def test_health_passes_and_measures(slot):
 def test_health_in_a_child_process(slot):
     r = run_health_check(slot, HealthOptions(runs=10))
     assert r.passed and r.peak_rss_mb > 0 and "passed" in r.summary()
+    assert r.budgets["peak_rss_mb"] and r.peak_rss_mb <= r.budgets["peak_rss_mb"]
 
 
 def test_wrong_golden_outputs_fail(tmp_path, bundles):
