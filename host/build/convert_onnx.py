@@ -135,6 +135,7 @@ def prepare_onnx(path: str | Path, *, opset: int, batch: int = 1, target: str = 
     import onnx
     from onnx import version_converter
 
+    from edgepack.host.build.onnx_fuse import fuse_standard
     from edgepack.host.build.onnx_intake import prepare_onnx as intake
 
     path = Path(path)
@@ -159,6 +160,9 @@ def prepare_onnx(path: str | Path, *, opset: int, batch: int = 1, target: str = 
     fixed = _fix_batch(model, batch)
     if fixed:
         steps.append(f"dynamic batch fixed to {batch} for {', '.join(fixed)}")
+    fused = fuse_standard(model)  # LayerNorm/GELU as exported by tf2onnx → standard fused forms
+    if fused:
+        steps.append(fused)
 
     ins, _ = tensor_specs(model)
     for spec in ins:

@@ -68,3 +68,66 @@ def test_encoder_builds_with_the_cli_and_agrees_with_keras(encoders: dict, tmp_p
                           for row in art.inputs["ids"]])
     diff, cos = agreement(want, got)
     assert cos > 0.99 and diff < 0.05
+
+
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_layernorm_and_gelu_fused_into_standard_forms(gelu: str, encoders: dict,
+                                                      tmp_path) -> None:
+    """tf2onnx's moments-style LayerNorm becomes one LayerNormalization (opset 17) and exact
+    GELU the form onnxruntime fuses into one Gelu kernel; the outputs still agree with Keras."""
+    import keras
+    import onnx
+    import onnxruntime as ort
+
+    from edgepack.host.build.onnx_fuse import fuse_standard
+
+    art, onnx_path = encoders[gelu]
+    model = prepare_onnx(onnx_path, target_opset=17).model
+    before = {n.op_type for n in model.graph.node}
+    step = fuse_standard(model)
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert step is not None and "2 LayerNorm block(s)" in step
+    assert ops.count("LayerNormalization") == 2 and "LayerNormalization" not in before
+    assert ("exact GELU" in step) == (gelu == "exact")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    runtime_ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    if gelu == "exact":
+        assert "Gelu" in runtime_ops and "Erf" not in runtime_ops
+    want = np.asarray(keras.saving.load_model(art.path)(art.inputs["ids"]))
+    diff, cos = agreement(want, run_onnx(model, art.inputs)[0])
+    assert diff < 1e-5 and cos > 0.99999
+    assert fuse_standard(model) is None  # nothing left to fuse
+
+
+def test_fusion_leaves_a_lookalike_alone() -> None:
+    """A mean-and-scale block that is not a LayerNorm over the last axis (rank-4 input:
+    GlobalAveragePool averages two axes) stays as it is."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.host.build.onnx_fuse import fuse_standard
+
+    c = {n: numpy_helper.from_array(np.asarray(v, np.float32).reshape(s), n) for n, v, s in (
+        ("eps", [1e-5], ()), ("gamma", np.ones(4), (4,)), ("beta", np.zeros(4), (4,)))}
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["mean"]),
+             helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]),
+             helper.make_node("GlobalAveragePool", ["sq"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Reciprocal", ["sd"], ["r"]),
+             helper.make_node("Mul", ["r", "gamma"], ["s"]),
+             helper.make_node("Neg", ["mean"], ["nm"]),
+             helper.make_node("Mul", ["nm", "s"], ["ms"]),
+             helper.make_node("Add", ["ms", "beta"], ["shift"]),
+             helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("Add", ["xs", "shift"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 3, 4, 4])], list(c.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fuse_standard(model) is None
+    assert len(model.graph.node) == len(nodes)

@@ -27,7 +27,7 @@ def test_build_profile_on_ships_what_the_device_chose(built, devices, keys,
     report = json.loads(r.output)
     choice = report["device_profile"]
     labels = {c["label"] for c in choice["candidates"]}
-    assert {"fp32", "fp16", "QDQ-U8S8-pc", "QDQ-S8S8-pc"} <= labels
+    assert {"fp32", "fp16", "QDQ-U8S8-pc", "QOperator-U8S8-pc", "QDQ-U8S8-pt"} <= labels
     winner = next(c for c in choice["candidates"] if c["label"] == choice["winner"])
     passing = [c for c in choice["candidates"] if c["passed"]]
     assert winner["p95_ms"] == min(c["p95_ms"] for c in passing)
