@@ -4,7 +4,7 @@ On the host (:func:`choose_on_host`, pure): when this host can time the target's
 backend measures fp32, dynamic int8 and the profile's static int8 schemes on the same samples;
 the fastest that passes the gate ships, the smaller at equal speed — speeds within
 :data:`EQUAL_SPEED` (10 %) of each other are equal (closer than that is timing noise on a shared
-machine), sizes within :data:`EQUAL_SIZE` (5 %) too, and among equals the profile's default
+machine), sizes within :data:`EQUAL_SIZE` (2 %) too, and among equals the profile's default
 scheme stays (reproducible builds). A quantized candidate measured slower than fp32 never ships
 unless the user forced its mode (``quantize=`` int8), and then the report says so.
 
@@ -31,7 +31,7 @@ __all__ = ["EQUAL_SIZE", "EQUAL_SPEED", "HostChoice", "Variant", "choose_on_host
            "choose_on_devices"]
 
 EQUAL_SPEED = 1.10  # p50 ratios under this are timing noise: equal speed
-EQUAL_SIZE = 1.05  # byte ratios under this: equal size
+EQUAL_SIZE = 1.02  # byte ratios under this: equal size
 
 
 @dataclass(frozen=True)

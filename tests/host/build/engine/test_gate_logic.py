@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -139,7 +141,7 @@ def test_smaller_wins_at_equal_speed() -> None:
 
 def test_default_scheme_kept_among_equals() -> None:
     vs = [_v("fp32", "none", 400, 2.0), _v("QDQ-default", "int8", 100, 1.0, default=True),
-          _v("QDQ-other", "int8", int(100 * (EQUAL_SIZE - 0.04)), 1.0 / (EQUAL_SPEED - 0.05))]
+          _v("QDQ-other", "int8", math.ceil(100 / EQUAL_SIZE), 1.0 / (EQUAL_SPEED - 0.05))]
     c = choose_on_host(vs)
 
     assert c is not None and c.winner == 1
