@@ -31,7 +31,8 @@ __all__ = ["build"]
 
 def build(model: str | Any, *, target: str, calibration: str | None = None,
           eval: str | None = None, key: str | None = None,  # noqa: A002
-          out: str = "dist", progress: Progress | None = None, **options: Any) -> BuildResult:
+          out: str = "dist", progress: Progress | None = None, verbose: bool = False,
+          **options: Any) -> BuildResult:
     """Import, optimize, gate and package ``model`` for ``target``; return the signed bundle.
 
     ``calibration`` / ``eval`` are ``.npz`` files keyed by input name (``eval`` may hold
@@ -40,13 +41,22 @@ def build(model: str | Any, *, target: str, calibration: str | None = None,
     (``quantize``, ``max_drop``, ``name``, ``version``, ``format``, ``prune``, ``profile_on``,
     ``broker``…). Raises :class:`~edgepack.agent.errors.EdgepackError` subclasses whose
     ``context["field"]`` names the argument at fault.
+
+    What the libraries print while it runs (warnings, log records, C++ logs) goes into the
+    report's ``third_party_output``, as with the CLI; ``verbose=True`` lets it through as it
+    comes. A ``progress`` of your own decides that itself.
     """
     from edgepack.host.build.engine import run
+    from edgepack.host.build.noise import ThirdPartyOutput
     from edgepack.host.build.plan import make_plan
+    from edgepack.host.build.report import Progress
 
     plan = make_plan(model, target=target, calibration=calibration, eval=eval, key=key, out=out,
                      **options)
-    return run(plan, progress)
+    if progress is not None:
+        return run(plan, progress)
+    with Progress(enabled=False, third_party=ThirdPartyOutput(live=verbose)) as quiet:
+        return run(plan, quiet)
 
 
 class _CallableModule(types.ModuleType):

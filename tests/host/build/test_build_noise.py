@@ -85,6 +85,28 @@ def test_fp16_build_keeps_float16_warnings_in_the_report(models: Models) -> None
     assert "will be truncated" in src["first"][0]
 
 
+def test_python_build_is_quiet_too(models: Models) -> None:
+    """``edgepack.host.build.build()`` from Python keeps library output in the report, as the
+    CLI does; ``verbose=True`` lets it through."""
+    code = ("import json, sys; from edgepack.host.build import build\n"
+            "r = build('model.onnx', target='x86-64-vnni', quantize='fp16', variants=False, "
+            "out=sys.argv[1], verbose=sys.argv[2] == 'loud')\n"
+            "print(json.dumps(r.report.third_party_output))")
+    runs = {how: subprocess.run([sys.executable, "-c", code, f"py-{how}", how],
+                                cwd=models.dir, capture_output=True, text=True, timeout=300,
+                                check=False) for how in ("quiet", "loud")}
+
+    assert runs["quiet"].returncode == 0, runs["quiet"].stderr
+    printed = runs["quiet"].stdout.splitlines()
+    assert _noise_in(runs["quiet"].stderr + "\n".join(printed[:-1])) == []
+    third = json.loads(runs["quiet"].stdout.splitlines()[-1])
+    assert third["shown_live"] is False
+    assert third["sources"]["UserWarning from onnxconverter_common"]["count"] >= 1
+    assert runs["loud"].returncode == 0, runs["loud"].stderr
+    assert any("truncated" in ln for ln in runs["loud"].stderr.splitlines())
+    assert json.loads(runs["loud"].stdout.splitlines()[-1])["shown_live"] is True
+
+
 def test_verbose_shows_library_output_as_it_comes(models: Models) -> None:
     run = _build(models, "model.onnx", "--target", "x86-64-vnni", "--quantize", "fp16",
                  "--no-variants", "--out", "loud", "--verbose", "--json")
