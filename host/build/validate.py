@@ -227,20 +227,26 @@ def measure_latency(session: Session, feed: dict[str, np.ndarray], *, warmup: in
 
 def measure_interleaved(sessions: dict[str, Session], feed: dict[str, np.ndarray], *,
                         rounds: int = 6, budget_s: float = 1.2, min_runs: int = 5,
-                        warmup: int = 5, settle_s: float = 0.03,
-                        discard: int = 1) -> dict[str, dict]:
+                        warmup: int = 5, settle_s: float = 0.03, discard: int = 1,
+                        reference: str | None = None) -> dict[str, dict]:
     """p50/p95/mean per session, timed in rotating rounds so drift hits every model alike.
 
     Before each slot the process sleeps ``settle_s`` and runs ``discard`` untimed inferences:
     onnxruntime's worker threads spin for a while after a run, and the previous session's
     spinning threads would otherwise take the cores from the next one (measured on two cores:
     fp32 encoder 23 ms in turn vs 12 ms alone, which made int8 look 1.76x faster, not 1.13x).
+
+    With ``reference`` (a session's name), every other session's ``p50_ms`` is paired with it:
+    the reference's p50 times the median over rounds of (its slot's median / the reference's
+    slot median in the same round), so load that comes and goes between rounds cancels out
+    (the pooled figure stays as ``pooled_p50_ms``).
     """
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
             sessions[name].run(feed)
     times: dict[str, list[float]] = {n: [] for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
     slot = budget_s / (rounds * len(names))
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -256,11 +262,19 @@ def measure_interleaved(sessions: dict[str, Session], feed: dict[str, np.ndarray
                 sess.run(feed)
                 acc.append((time.perf_counter() - t0) * 1e3)
                 n += 1
+            per_round[name].append(float(np.median(acc[-n:])))
     out = {}
     for name, t in times.items():
         a = np.array(t)
         out[name] = {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
                      "mean_ms": float(a.mean()), "runs": len(a)}
+    if reference is not None:
+        ref = np.array(per_round[reference])
+        for name in names:
+            if name != reference:
+                ratio = float(np.median(np.array(per_round[name]) / ref))
+                out[name]["pooled_p50_ms"] = out[name]["p50_ms"]
+                out[name]["p50_ms"] = out[reference]["p50_ms"] * ratio
     return out
 
 

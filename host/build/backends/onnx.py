@@ -426,7 +426,7 @@ def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress,
         # A few runs per slot, six rotating rounds: enough to rank candidates whose speeds
         # differ by more than EQUAL_SPEED, at a cost that stays small beside calibration.
         lat = measure_interleaved(sessions, base.feed, budget_s=0.4 * len(sessions),
-                                  min_runs=2, warmup=2, settle_s=0.02)
+                                  min_runs=2, warmup=2, settle_s=0.02, reference="fp32")
     for i, c in enumerate(cands):
         c.latency = lat["fp32"] if c.result.mode == "none" else lat.get(
             f"{i}", {"p50_ms": None, "untimed": "failed the gate"})
