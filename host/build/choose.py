@@ -140,6 +140,9 @@ def choose_on_devices(backend: Backend, base: Baseline, plan: BuildPlan, work: P
                 built[label] = finish(backend, base, cand, progress)
             except (GateError, BudgetError) as exc:  # fails on the host already: not sent
                 skipped[label] = f"failed the gate on the host: {exc.message}"
+    from edgepack.host.fleet.identity import inventory_keys
+
+    keys, _ = inventory_keys(on.db, on.fleet, on.devices)
     with progress.stage(f"profiling {len(built)} candidates on {', '.join(on.devices)}"):
         choice = choose_on_devices(
             [Candidate(label, r.path) for label, r in built.items()],
@@ -147,7 +150,7 @@ def choose_on_devices(backend: Backend, base: Baseline, plan: BuildPlan, work: P
             input_specs=base.inputs, output_specs=base.outputs, evalset=base.data.evalset,
             reference=base.reference, batch=plan.data.batch, max_drop=plan.max_drop,
             rss_budget_mb=plan.profile.budgets.rss_mb, p95_budget_ms=plan.profile.budgets.p95_ms,
-            runs=on.runs, timeout=on.timeout,
+            runs=on.runs, timeout=on.timeout, device_keys=keys,
             cache=ProfileCache(on.cache) if on.cache else ProfileCache.default())
     winner = choice.require()
     chosen = built[winner.label]

@@ -89,6 +89,7 @@ class ProfileOnConfig:
     timeout: float = 600.0
     runs: int = 50
     cache: str | None = None
+    db: str | None = None  # fleet database with the devices' enrolled keys (None: ./fleet.db)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
               scheme: QuantScheme | None = None, profile_on: tuple[str, ...] | list[str] = (),
               broker: str | None = None, fleet: str = "default",
               profile_timeout: float = 600.0, profile_runs: int = 50,
-              profile_cache: str | None = None,
+              profile_cache: str | None = None, fleet_db: str | None = None,
               allow_non_tensor_outputs: bool = False) -> BuildPlan:
     """Check the arguments against the target profile and freeze them into a :class:`BuildPlan`.
 
@@ -196,7 +197,7 @@ def make_plan(model: str | Path, *, target: str, quantize: str = "auto",
                               allow_non_tensor_outputs=allow_non_tensor_outputs),
         profile_on=ProfileOnConfig(devices=tuple(profile_on), broker=broker, fleet=fleet,
                                    timeout=profile_timeout, runs=profile_runs,
-                                   cache=_opt_str(profile_cache)),
+                                   cache=_opt_str(profile_cache), db=_opt_str(fleet_db)),
         source_kind=kind)
     check_id(plan.name, "bundle name")
     parse_version(version)

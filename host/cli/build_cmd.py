@@ -58,6 +58,9 @@ __all__ = ["build"]
 @click.option("--profile-runs", type=click.IntRange(5), default=50, show_default=True)
 @click.option("--profile-cache", type=click.Path(dir_okay=False),
               help="Profile cache file (default ~/.cache/edgepack/profiles.json).")
+@click.option("--fleet-db", metavar="URL",
+              help="With --profile-on: fleet database with the devices' enrolled keys; their "
+                   "results count only when signed by them (default: ./fleet.db if it exists).")
 @click.option("--allow-non-tensor-outputs", is_flag=True,
               help="Ship sequence/map outputs (skl2onnx's ZipMap) as they are; only full "
                    "onnxruntime builds read them (default: refuse, outputs are tensors).")
@@ -74,7 +77,8 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
           fmt: str | None, tflite_io: str | None,
           prune: float | None, train: str | None, profile_on: tuple[str, ...],
           broker: str | None, fleet: str, profile_timeout: float, profile_runs: int,
-          profile_cache: str | None, allow_non_tensor_outputs: bool, no_variants: bool,
+          profile_cache: str | None, fleet_db: str | None, allow_non_tensor_outputs: bool,
+          no_variants: bool,
           as_json: bool,
           quiet: bool, verbose: bool) -> None:
     """Import, optimize, validate and package MODEL for a target device."""
@@ -92,7 +96,7 @@ def build(model: str, target: str, quantize: str, calibration: str | None,
                      keep_io_types=not fp16_io, format=fmt, tflite_io=tflite_io, prune=prune,
                      train=train, profile_on=profile_on, broker=broker, fleet=fleet,
                      profile_timeout=profile_timeout, profile_runs=profile_runs,
-                     profile_cache=profile_cache,
+                     profile_cache=profile_cache, fleet_db=fleet_db,
                      allow_non_tensor_outputs=allow_non_tensor_outputs)
     # Libraries print to stdout (onnxruntime's calibrators do); keep stdout pure for --json.
     with Progress(enabled=not (quiet or as_json),

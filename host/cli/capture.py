@@ -85,8 +85,12 @@ def register(main: click.Group) -> None:
     @click.option("--device-key", type=click.Path(exists=True, dir_okay=False),
                   help="The device's enrollment JSON ({\"keyid\", \"key\"}): refuse a "
                        "capture that key did not sign.")
+    @click.option("--db", "db_url", metavar="URL",
+                  help="Fleet database to look the device's enrolled key up in, when "
+                       "--device-key is not given (default: ./fleet.db if it exists).")
     def pull(device: str, broker_cfg: Any, key: str | None, fleet: str, as_json: bool,
-             out: str, timeout: float, max_mb: float, device_key: str | None) -> None:
+             out: str, timeout: float, max_mb: float, device_key: str | None,
+             db_url: str | None) -> None:
         """Fetch the records a device captured (they are the device's: only as honest as it)."""
         import json
         from pathlib import Path
@@ -99,6 +103,10 @@ def register(main: click.Group) -> None:
         except (OSError, ValueError) as exc:
             raise EdgepackError(f"cannot read the device key {device_key}: {exc}",
                                 field="device_key") from None
+        if enrolled is None:
+            from edgepack.host.fleet.identity import inventory_keys
+
+            enrolled = inventory_keys(db_url, fleet, [device])[0].get(device)
         r = cap.pull(device, broker=broker_cfg, out=out, key=key, fleet=fleet,
                      timeout=timeout, max_mb=max_mb, device_key=enrolled)
         signed = (f"{'verified' if r.verified else 'signed'} by device key {r.signed_by[:16]}"

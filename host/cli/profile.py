@@ -48,7 +48,11 @@ def render_profile(report: dict) -> None:
         rts = ", ".join(f"{k} {v}" for k, v in (run.get("runtimes") or {}).items() if v)
         head = (f"[bold]{dev}[/]: board {run.get('board') or '?'}"
                 + (f", {run['cpu']}" if run.get("cpu") else "") + (f", {rts}" if rts else "")
-                + f" — job {run.get('job_id') or '(none: cached)'} [bold]{run['status']}[/]")
+                + f" — job {run.get('job_id') or '(none: cached)'} [bold]{run['status']}[/]"
+                + (", signed by its enrolled key" if run.get("verified") else
+                   ", [yellow]unverified[/] (not enrolled in a fleet database: `--db`)")
+                + (f", {run['refused_reports']} forged message(s) dropped"
+                   if run.get("refused_reports") else ""))
         t = Table(title=head, title_justify="left")
         for col, just in (("bundle", "left"), ("status", "left"), ("load ms", "right"),
                           ("first ms", "right"), ("p50 ms", "right"), ("p95 ms", "right"),
@@ -124,12 +128,17 @@ def register(main: click.Group) -> None:
     @click.option("--cache", "cache_path", type=click.Path(dir_okay=False),
                   help="Result cache (default: ~/.cache/edgepack/profiles.json).")
     @click.option("--no-cache", is_flag=True, help="Measure again even if cached; store nothing.")
+    @click.option("--db", "db_url", default=None, metavar="URL",
+                  help="Fleet database with the enrolled device keys (`edgepack fleet enroll`): "
+                       "results count only when the device's key signed them. Default: "
+                       "./fleet.db when it exists; devices not enrolled are measured unverified.")
     @click.option("--json", "as_json", is_flag=True)
     def profile(bundles: tuple[str, ...], devices: tuple[str, ...], broker: str, ca: str | None,
                 cert: str | None, client_key: str | None, username: str | None,
                 password: str | None, key: str | None, fleet: str, runs: int, warmup: int,
                 threads: int, timeout: float, max_rss_mb: int | None, no_ops: bool,
-                cache_path: str | None, no_cache: bool, as_json: bool) -> None:
+                cache_path: str | None, no_cache: bool, db_url: str | None,
+                as_json: bool) -> None:
         """Measure BUNDLE(s) on a device: load, first inference, p50/p95/p99, peak RSS, golden
         outputs and the slowest operators."""
         from edgepack.agent.mqtt import parse_broker_url
@@ -151,10 +160,14 @@ def register(main: click.Group) -> None:
                     "done": f"done ({msg.get('status')})"}[kind]
             click.echo(f"{dev}: {what}", err=True)
 
+        from edgepack.host.fleet.identity import inventory_keys
+
+        keys, _ = inventory_keys(db_url, fleet, devices)
         report = profile_bundles(bundles, device=devices, broker=cfg, key=key, fleet=fleet,
                                  runs=runs, warmup=warmup, threads=threads,
                                  op_profile=not no_ops, timeout=timeout, cache=cache,
-                                 max_rss_mb=max_rss_mb, on_message=progress)
+                                 max_rss_mb=max_rss_mb, on_message=progress,
+                                 device_keys=keys)
         emit(report.to_dict(), as_json, render_profile)
         if any(r.status in ("refused", "timeout") for r in report.devices.values()):
             sys.exit(1)

@@ -23,7 +23,11 @@ from edgepack.agent.identity import SIG_FIELD, report_payload
 from edgepack.agent.trust.errors import Reason, ReportRefused
 
 __all__ = ["VerifiedReport", "ReportVerifier", "public_key_from_enrollment", "enroll",
-           "revoke", "read_enrollment", "enrollment_of_key"]
+           "revoke", "read_enrollment", "enrollment_of_key", "inventory_keys",
+           "DEFAULT_FLEET_DB"]
+
+#: the fleet server's default database (``edgepack fleet serve``, ``fleet enroll``)
+DEFAULT_FLEET_DB = "sqlite:///fleet.db"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,27 @@ class ReportVerifier:
                                 device_id=dev) from None
         body = {k: v for k, v in report.items() if k != SIG_FIELD}
         return VerifiedReport(dev, key.keyid, body)
+
+
+def inventory_keys(db_url: str | None, fleet: str, devices: Sequence[str]
+                   ) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The enrolled (not revoked) keys of ``devices`` in a fleet database, and where they came
+    from: ``db_url``, or the default ``fleet.db`` when it exists here (``({}, None)`` if not)."""
+    from edgepack.host.fleet.storage import open_store
+
+    if db_url is None:
+        if not Path(DEFAULT_FLEET_DB.removeprefix("sqlite:///")).is_file():
+            return {}, None
+        db_url = DEFAULT_FLEET_DB
+    elif db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
+        from edgepack.agent.errors import DataError
+
+        raise DataError(f"no fleet database at {db_url}: pass the one `edgepack fleet enroll` "
+                        "wrote (`db=`)", field="db")
+    with open_store(db_url) as store:
+        records = {r.device_id: r for r in store.inventory.list(fleet)}
+    return ({d: records[d].enrollment() for d in devices
+             if d in records and not records[d].revoked}, db_url)
 
 
 def read_enrollment(path: str | os.PathLike) -> dict[str, Any]:

@@ -38,7 +38,9 @@ from edgepack.agent.protocol import (
 )
 from edgepack.agent.runtimes import FORMAT_RUNTIME
 from edgepack.agent.trust import Target
+from edgepack.agent.trust.errors import ReportRefused
 from edgepack.host.fleet.client import SyncClient
+from edgepack.host.fleet.identity import ReportVerifier
 from edgepack.host.fleet.profiling_cache import ProfileCache, cache_key, default_cache_path
 
 __all__ = [
@@ -181,6 +183,8 @@ class DeviceRun:
     results: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
     measured_by: str | None = None  # another device of the same board measured for this one
+    verified: bool = False  # its messages were checked against its enrolled device key
+    refused_reports: int = 0  # messages on its topics that its enrolled key did not sign
 
     @property
     def finished(self) -> bool:
@@ -239,7 +243,8 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
                        op_profile: bool = True, timeout: float = 300.0,
                        cache: ProfileCache | None = None, eval_npz: bytes | None = None,
                        max_rss_mb: int | None = None, publish: bool = True,
-                       on_message: Callable[[str, dict], None] | None = None) -> ProfileReport:
+                       on_message: Callable[[str, dict], None] | None = None,
+                       device_keys: Mapping[str, Any] | None = None) -> ProfileReport:
     """Measure bundle files on devices; return every device's figures per bundle.
 
     ``bundles`` are paths, or ``(label, path)`` pairs. Devices that report the same board and
@@ -247,6 +252,11 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
     results in ``cache`` are not measured again. ``timeout`` bounds the whole job on the
     device (its deadline); the host waits a few seconds longer for answers in flight.
     ``on_message(device, message)`` sees every result message as it arrives (progress).
+
+    ``device_keys`` (device id → its enrollment ``{"keyid", "key"}``, e.g. from
+    :func:`~edgepack.host.fleet.identity.inventory_keys`): the state and result messages of
+    those devices count only when their enrolled key signed them (the others are counted in
+    ``refused_reports``); a device with no key is measured unverified (``verified`` False).
     """
     started = time.monotonic()
     infos = list({i["bundle_id"]: i for i in (
@@ -261,9 +271,12 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
     cfg = _config(broker)
     cache = cache if cache is not None else ProfileCache(None)
     eval_fp = hashlib.sha256(eval_npz).hexdigest()[:16] if eval_npz is not None else None
-    runs_by_dev = {d: DeviceRun(device=d) for d in dict.fromkeys(devices)}
+    keys = {d: k for d, k in (device_keys or {}).items() if d in devices}
+    check = _Checker(ReportVerifier(keys) if keys else None)
+    runs_by_dev = {d: DeviceRun(device=d, verified=d in keys) for d in dict.fromkeys(devices)}
+    check.runs = runs_by_dev
     with SyncClient(cfg, timeout=max(30.0, timeout)) as client:
-        states = _read_states(client, topics, list(runs_by_dev))
+        states = _read_states(client, topics, list(runs_by_dev), check)
         for d, st in states.items():
             r = runs_by_dev[d]
             r.board, r.target, r.runtimes = st.get("board"), st.get("target"), \
@@ -317,7 +330,8 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
         try:
             if jobs:
                 _run_jobs(client, topics, jobs, {d: runs_by_dev[d] for d in jobs}, timeout,
-                          {d: [i["bundle_id"] for i in plans[d]] for d in jobs}, on_message)
+                          {d: [i["bundle_id"] for i in plans[d]] for d in jobs}, on_message,
+                          check)
         finally:
             if eval_target is not None:
                 unpublish_data(client, eval_target, fleet=fleet)
@@ -359,7 +373,27 @@ def _cached(cache: ProfileCache, run: DeviceRun, info: dict, threads: int,
     return hit
 
 
-def _read_states(client: SyncClient, topics: Topics, devices: list[str]) -> dict[str, dict]:
+class _Checker:
+    """Drops messages an enrolled device's key did not sign, counting them on its run."""
+
+    def __init__(self, verifier: ReportVerifier | None) -> None:
+        self.verifier = verifier
+        self.runs: Mapping[str, DeviceRun] = {}
+
+    def authentic(self, device: str, payload: bytes) -> bool:
+        if self.verifier is None or device not in self.verifier.inventory:
+            return True
+        try:
+            self.verifier.verify(payload, topic_device=device)
+        except ReportRefused:
+            if device in self.runs:
+                self.runs[device].refused_reports += 1
+            return False
+        return True
+
+
+def _read_states(client: SyncClient, topics: Topics, devices: list[str],
+                 check: _Checker) -> dict[str, dict]:
     for d in devices:
         client.subscribe(topics.state(d))
     out: dict[str, dict] = {}
@@ -373,7 +407,7 @@ def _read_states(client: SyncClient, topics: Topics, devices: list[str]) -> dict
             continue
         try:
             dev, leaf = topics.parse_device_topic(topic)
-            if leaf == "state":
+            if leaf == "state" and dev in devices and check.authentic(dev, payload):
                 out[dev] = decode(payload, "device state")
         except ProtocolError:
             continue
@@ -382,7 +416,7 @@ def _read_states(client: SyncClient, topics: Topics, devices: list[str]) -> dict
 
 def _run_jobs(client: SyncClient, topics: Topics, jobs: Mapping[str, tuple[str, bytes]],
               runs: Mapping[str, DeviceRun], timeout: float, expected: Mapping[str, list[str]],
-              on_message: Callable[[str, dict], None] | None) -> None:
+              on_message: Callable[[str, dict], None] | None, check: _Checker) -> None:
     t0 = time.monotonic()
     for d in jobs:
         client.subscribe(topics.results(d))
@@ -407,7 +441,7 @@ def _run_jobs(client: SyncClient, topics: Topics, jobs: Mapping[str, tuple[str, 
         except ProtocolError:
             continue
         run = runs.get(dev)
-        if run is None:
+        if run is None or not check.authentic(dev, payload):
             continue
         if leaf == "state":
             try:
@@ -482,9 +516,13 @@ def profile(bundles: str | os.PathLike | Sequence[str | os.PathLike], *,
             warmup: int = 5, threads: int = 0, op_profile: bool = True,
             timeout: float = 300.0, max_rss_mb: int | None = None,
             cache: ProfileCache | str | os.PathLike | None = None,
-            on_message: Callable[[str, dict], None] | None = None) -> ProfileReport:
+            on_message: Callable[[str, dict], None] | None = None,
+            device_keys: Mapping[str, Any] | None = None) -> ProfileReport:
     """Measure bundle file(s) on device(s): load, first inference, p50/p95/p99, peak RSS, golden
     outputs and the slowest operators, per device and bundle.
+
+    ``device_keys``: see :func:`profile_on_devices` (results of enrolled devices count only
+    when their device key signed them).
 
     ``key`` (the fleet private key) signs the job — a protocol v2 control message for each
     device — and the published chunk tables: devices refuse unsigned jobs unless they allow
@@ -502,4 +540,4 @@ def profile(bundles: str | os.PathLike | Sequence[str | os.PathLike], *,
     return profile_on_devices(paths, devices, broker=broker, key_path=key, fleet=fleet,
                               runs=runs, warmup=warmup, threads=threads, op_profile=op_profile,
                               timeout=timeout, cache=cache, max_rss_mb=max_rss_mb,
-                              on_message=on_message)
+                              on_message=on_message, device_keys=device_keys)

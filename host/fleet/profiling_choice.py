@@ -172,7 +172,8 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
                       fleet: str = "default", runs: int = 50, warmup: int = 5,
                       threads: int = 0, timeout: float = 600.0,
                       cache: ProfileCache | None = None,
-                      on_message: Callable[[str, dict], None] | None = None) -> DeviceChoice:
+                      on_message: Callable[[str, dict], None] | None = None,
+                      device_keys: Mapping[str, Any] | None = None) -> DeviceChoice:
     """Profile candidate bundles on ``devices`` and pick the one to ship.
 
     ``reference`` (:class:`edgepack.host.build.validate.Outputs`) holds the fp32 model's outputs on
@@ -184,6 +185,8 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
     check on every device, fits ``rss_budget_mb`` (peak RSS) and ``p95_budget_ms``, and has the
     lowest p95 (worst over the devices). Returns every candidate's figures and verdict; call
     :meth:`DeviceChoice.require` for the winner (GateError when none passed).
+    ``device_keys``: results of those devices count only when their enrolled key signed them
+    (:func:`~edgepack.host.fleet.profiling.profile_on_devices`).
     """
     from edgepack.host.build.validate import Outputs, compare
 
@@ -199,7 +202,8 @@ def choose_on_devices(candidates: Sequence[Candidate], *, devices: Sequence[str]
     rep = profile_on_devices([(c.label, str(c.bundle)) for c in candidates], devices,
                              broker=broker, key_path=key_path, fleet=fleet, runs=runs,
                              warmup=warmup, threads=threads, timeout=timeout, cache=cache,
-                             eval_npz=eval_npz, on_message=on_message)
+                             eval_npz=eval_npz, on_message=on_message,
+                             device_keys=device_keys)
     labels = evalset.labels
     reports: list[CandidateReport] = []
     for c in candidates:

@@ -223,3 +223,47 @@ def test_a_replayed_job_does_not_run_again_after_an_agent_restart(tiny, devices,
         ev = w.wait_event("control_refused")
         assert (ev["control"], ev["reason"]) == ("job", "replayed")
     assert proc.log_text().count(f"profile job {job.job_id}: 1 bundle") == 1
+
+
+def test_results_count_only_when_the_enrolled_device_key_signed_them(
+        tiny, devices, keys, tmp_path: Path) -> None:
+    """With the device's enrolled key (from the fleet database), its results are verified;
+    with another key enrolled for it (a forger's results look exactly like that), every message
+    is dropped and counted, and nothing it says is believed."""
+    from click.testing import CliRunner
+
+    from edgepack.agent.identity import DeviceIdentity
+    from edgepack.host.cli import main
+    from edgepack.host.fleet.identity import inventory_keys
+
+    devices.start("gw-v")
+    real = DeviceIdentity.load(devices.root / "gw-v" / "data").enrollment("gw-v")
+    ghost = DeviceIdentity.create(tmp_path / "ghost").enrollment("gw-v")
+
+    run = _profile(devices, tiny, "gw-v", device_keys={"gw-v": real}).devices["gw-v"]
+    assert run.verified and run.refused_reports == 0
+    assert run.status == "complete" and len(run.results) == 1
+
+    run = _profile(devices, tiny, "gw-v", device_keys={"gw-v": ghost},
+                   timeout=5).devices["gw-v"]
+    assert run.verified and run.refused_reports >= 2  # its state and its answers
+    assert run.status == "timeout" and run.results == {} and not run.accepted
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    (tmp_path / "gw-v.json").write_text(json.dumps(real))
+    enrolled = CliRunner().invoke(main, ["fleet", "enroll", str(tmp_path / "gw-v.json"),
+                                         "--db", db, "--fleet", devices.fleet])
+    assert enrolled.exit_code == 0, enrolled.output
+    assert inventory_keys(db, devices.fleet, ["gw-v", "gw-x"])[0] == {
+        "gw-v": {"keyid": real["keyid"], "key": real["key"]}}
+    r = CliRunner().invoke(main, ["profile", str(tiny), "--device", "gw-v", "--broker",
+                                  devices.broker_url, "--fleet", devices.fleet, "--key",
+                                  str(keys.key), "--runs", "10", "--no-cache", "--db", db,
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["devices"]["gw-v"]["verified"] is True
+    missing = CliRunner().invoke(main, ["profile", str(tiny), "--device", "gw-v", "--broker",
+                                        devices.broker_url, "--db",
+                                        f"sqlite:///{tmp_path / 'none.db'}"])
+    assert missing.exit_code != 0 and "no fleet database" in missing.output
+    assert "Traceback" not in missing.output
