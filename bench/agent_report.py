@@ -156,7 +156,9 @@ def render(res: dict) -> str:
         ladder = mem[n0]["ladder"]
         rows = []
         for (_, prev), (grp, cur) in zip(ladder, ladder[1:], strict=False):
-            rows.append((grp.replace("+", ", "), f"+{cur['VmRSS'] - prev['VmRSS']:.2f}",
+            label = ("cryptography (exceptions, serialization, ed25519)"
+                     if grp == SIGNING_STACK[0] else grp.replace("+", ", "))
+            rows.append((label, f"+{cur['VmRSS'] - prev['VmRSS']:.2f}",
                          f"+{cur['RssAnon'] - prev['RssAnon']:.2f}",
                          f"+{cur['RssFile'] - prev['RssFile']:.2f}"))
         total = ladder[-1][1]["VmRSS"] - ladder[0][1]["VmRSS"]
