@@ -182,8 +182,9 @@ def render(res: dict) -> str:
                       f"next to the agent; as a short-lived child per check "
                       f"{sg['child_ms']:.0f} ms wall each (median of {sg['runs']}), on every "
                       f"report."]
-        lines.append("Prototype (agent code unchanged, launched with it in its environment): "
-                     "MALLOC_MMAP_THRESHOLD_=131072, as a systemd unit would set it.")
+        if any("proto_mmap_threshold" in mem[n] for n in ns):
+            lines.append("Prototype (agent code unchanged, launched with it in its environment): "
+                         "MALLOC_MMAP_THRESHOLD_=131072, as a systemd unit would set it.")
     fails = res.get("failed") or {}
     lines += [f"{k} FAILED: {v}" for k, v in fails.items()]
     return "\n".join(lines).rstrip() + "\n"
