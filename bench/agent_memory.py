@@ -1,4 +1,5 @@
-"""bench/agent.py, memory: a bare process as the baseline, the import ladder, prototypes."""
+"""bench/agent.py, memory: a bare process as the baseline, the import ladder, the signing
+stack in a process of its own, the malloc prototype."""
 
 from __future__ import annotations
 
@@ -17,12 +18,8 @@ from agent_rig import SERVED, Bench, Variant, proc_status  # noqa: E402
 
 # --------------------------------------------------------------------------- 3. memory
 
-_BARE = textwrap.dedent("""
+_RSS = textwrap.dedent("""
     import json, sys
-    import numpy as np
-    import onnxruntime as ort
-
-    path, threads, served, ladder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 
     def rss():
         out = {}
@@ -31,6 +28,13 @@ _BARE = textwrap.dedent("""
             if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[k] = int(line.split()[1]) / 1024.0
         return out
+""")
+
+_BARE = _RSS + textwrap.dedent("""
+    import numpy as np
+    import onnxruntime as ort
+
+    path, threads, served, ladder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 
     # the agent's session options (edgepack.agent.runtimes.onnx), written out with ort alone
     opts = ort.SessionOptions()
@@ -55,8 +59,15 @@ _BARE = textwrap.dedent("""
 """)
 
 # The agent's imports, heaviest third-party and stdlib modules first in the order the daemon
-# pulls them in, cryptography last of those (its delta is then what dropping it saves), then the
-# agent's own modules (and whatever small stdlib modules only they import).
+# pulls them in, protocol v2's signing stack last of those (cryptography, securesystemslib,
+# python-tuf: their deltas are what moving the signature work out of the agent would save),
+# then the agent's own modules (and whatever small stdlib modules only they import).
+SIGNING_STACK = (
+    "cryptography.exceptions+cryptography.hazmat.primitives.serialization"
+    "+cryptography.hazmat.primitives.asymmetric.ed25519",
+    "securesystemslib.signer",
+    "tuf.api.metadata",
+)
 LADDER = [
     "hashlib",
     "_ssl+ssl",
@@ -66,115 +77,38 @@ LADDER = [
     "zipfile",
     "http.server+socketserver+http.client",
     "psutil",
+    "datasketches",
     "logging+argparse+subprocess+queue+random",
-    "cryptography.exceptions+cryptography.hazmat.primitives.serialization"
-    "+cryptography.hazmat.primitives.asymmetric.ed25519",
+    *SIGNING_STACK,
     "edgepack.agent.daemon",
 ]
 
-# Bench-only prototype of the fix: edgepack.agent.signing without cryptography in the agent
-# process. Public keys are parsed from PEM by hand (fixed SPKI prefix); verification runs
-# cryptography in a short-lived child. Same API and errors as the real module.
-_PROTO_SIGNING = textwrap.dedent('''
-    """PROTOTYPE (bench/agent.py only): Ed25519 verification in a child process."""
-    from __future__ import annotations
+# Protocol v2 keeps the signature work in the agent's process: the device key signs every
+# report (securesystemslib's CryptoSigner over cryptography), and desired states are TUF
+# metadata checked with python-tuf. The former prototype that moved Ed25519 checks into a child
+# process cannot be measured any more: the agent imports cryptography at start to sign its
+# first report. What can be measured is where that work could run: in the agent (as shipped),
+# in a resident helper process (its whole RSS is what it would cost), or in a short-lived child
+# per check (its time, paid on every report). This is that helper: it does what the agent's
+# process does with the stack, reading its RSS before and after.
+_SIGNER = _RSS + textwrap.dedent("""
+    import time
+    t0 = time.perf_counter()
+    data_dir, gate_dir, pub, fleet, device, desired, served = sys.argv[1:8]
+    steps = [["python", rss()]]
+    from edgepack.agent.identity import DeviceIdentity
+    from edgepack.agent.trust import DesiredGate
 
-    import base64
-    import binascii
-    import hashlib
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from edgepack.agent.errors import SignatureError
-
-    ALG = "ed25519"
-    _SPKI = bytes.fromhex("302a300506032b6570032100")
-    _CHILD = (
-        "import base64, json, sys\\n"
-        "from cryptography.exceptions import InvalidSignature\\n"
-        "from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey\\n"
-        "d = json.load(sys.stdin)\\n"
-        "k = Ed25519PublicKey.from_public_bytes(base64.b64decode(d['key']))\\n"
-        "try:\\n"
-        "    k.verify(base64.b64decode(d['sig']), base64.b64decode(d['data']))\\n"
-        "except InvalidSignature:\\n"
-        "    sys.exit(1)\\n")
-
-
-    class RawPublicKey:
-        def __init__(self, raw: bytes) -> None:
-            self.raw = raw
-
-        def verify(self, signature: bytes, data: bytes) -> None:
-            doc = json.dumps({"key": base64.b64encode(self.raw).decode(),
-                              "sig": base64.b64encode(signature).decode(),
-                              "data": base64.b64encode(data).decode()})
-            r = subprocess.run([sys.executable, "-c", _CHILD], input=doc.encode(),
-                               capture_output=True, timeout=60)
-            if r.returncode == 1:
-                raise SignatureError("signature does not verify")
-            if r.returncode != 0:
-                raise SignatureError(f"signature check failed: {r.stderr.decode()[-300:]}")
-
-
-    def canonical_json(obj):
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-    def key_id(public_key):
-        return hashlib.sha256(public_key.raw).hexdigest()[:16]
-
-
-    def load_public_key(path):
-        text = Path(path).read_text()
-        body = "".join(ln for ln in text.splitlines() if ln and not ln.startswith("-----"))
-        der = base64.b64decode(body)
-        if len(der) != 44 or not der.startswith(_SPKI):
-            raise SignatureError(f"{path} is not an Ed25519 PEM public key")
-        return RawPublicKey(der[12:])
-
-
-    def load_public_keys(paths):
-        keys = {}
-        for p in paths:
-            k = load_public_key(p)
-            keys[key_id(k)] = k
-        return keys
-
-
-    def verify_detached(data, sig_doc, keys, what="bundle"):
-        if not isinstance(sig_doc, dict):
-            raise SignatureError(f"{what} signature is not a JSON object")
-        if sig_doc.get("alg") != ALG:
-            raise SignatureError(f"{what} signature algorithm is not supported")
-        kid = sig_doc.get("key_id")
-        if not isinstance(kid, str) or kid not in keys:
-            raise SignatureError(f"{what} is signed by key {kid!r}, which is not trusted here")
-        sig = sig_doc.get("sig")
-        try:
-            raw = base64.b64decode(sig, validate=True) if isinstance(sig, str) else b""
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) != 64:
-            raise SignatureError(f"{what} signature is not a base64 Ed25519 signature")
-        try:
-            keys[kid].verify(raw, data)
-        except SignatureError:
-            raise SignatureError(f"{what} signature does not verify with key {kid}") from None
-        return kid
-''')
-
-_LAUNCHER = textwrap.dedent("""
-    import runpy, sys
-    sys.path.insert(0, {proto_dir!r})
-    import _proto_signing
-    sys.modules["edgepack.agent.signing"] = _proto_signing
-    sys.argv[0] = "edgepack-agent"
-    runpy.run_module("edgepack.agent.daemon", run_name="__main__", alter_sys=True)
+    identity = DeviceIdentity.load(data_dir)
+    gate = DesiredGate(gate_dir, device_id=device, fleet=fleet, trusted_keys=[pub])
+    want = gate.desired(open(desired, "rb").read())
+    for i in range(int(served)):  # reports as the agent signs them
+        identity.encode({"kind": "telemetry", "device_id": device, "seq": i, "p50_ms": 1.5})
+    steps.append(["edgepack.agent.identity + trust: 1 desired state checked, "
+                  f"{served} reports signed", rss()])
+    print(json.dumps({"steps": steps, "bundle_id": want.bundle_id,
+                      "in_child_s": time.perf_counter() - t0}))
 """)
-
 
 # glibc raises its mmap threshold (up to 32 MiB) each time a big mmapped block is freed, so
 # later big buffers (a bundle member, a model being parsed) come from the heap, whose freed
@@ -182,15 +116,8 @@ _LAUNCHER = textwrap.dedent("""
 MMAP_ENV = (("MALLOC_MMAP_THRESHOLD_", str(128 * 1024)),)
 
 
-def write_prototypes(work: Path) -> dict[str, Variant]:
-    d = work / "prototype"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "_proto_signing.py").write_text(_PROTO_SIGNING)
-    launcher = d / "launch_agent.py"
-    launcher.write_text(_LAUNCHER.format(proto_dir=str(d)))
-    return {"no_crypto": Variant("no_crypto", launcher),
-            "mmap_threshold": Variant("mmap_threshold", env=MMAP_ENV),
-            "both": Variant("both", launcher, MMAP_ENV)}
+def write_prototypes() -> dict[str, Variant]:
+    return {"mmap_threshold": Variant("mmap_threshold", env=MMAP_ENV)}
 
 
 def bare_process(model_file: Path, threads: int, ladder: list[str] = ()) -> list:
@@ -211,22 +138,33 @@ def serve_and_read(socket_path: Path, pid: int, x: np.ndarray, n: int = SERVED) 
     return proc_status(pid)
 
 
-def time_child_verify(bench: Bench, variant: Variant, n: int = 5) -> float:
-    """ms per signature check in the prototype (spawn python, import cryptography, verify)."""
-    assert variant.launcher is not None
-    sys.path.insert(0, str(variant.launcher.parent))
-    import _proto_signing
+def signer_process(bench: Bench, bundle: Path, runs: int = 5) -> dict:
+    """The v2 signing work in a process of its own (see ``_SIGNER``), ``runs`` times: the RSS of
+    the last run, and the median wall time of one run (spawn, imports, one desired state
+    checked, ``SERVED`` reports signed): what a short-lived child per check would cost."""
+    from agent_helpers import signed_desired
+    from agent_rig import FLEET, enroll_device
 
-    from edgepack.host.keys import sign_bytes
+    from edgepack.agent.bundle import read_bundle
 
-    keys = _proto_signing.load_public_keys([bench.pub])
-    data = b"x" * 4096
-    doc = sign_bytes(data, bench.private)
-    ts = []
-    for _ in range(n):
+    b = read_bundle(bundle)
+    d = bench.work / "signer"
+    enroll_device(d / "data", "signer", d / "enrollment.json")
+    desired = d / "desired.json"
+    desired.write_bytes(signed_desired(FLEET, b.bundle_id, length=bundle.stat().st_size,
+                                       device_id="signer", name=b.name, version=b.version,
+                                       deployment_id="d-signer", key=bench.key))
+    walls, out = [], {}
+    for k in range(runs):
+        trust = d / f"trust-{k}"  # a fresh trust dir per run: no state carried over
         t0 = time.perf_counter()
-        _proto_signing.verify_detached(data, doc, keys)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
-
-
+        r = subprocess.run([sys.executable, "-c", _SIGNER, str(d / "data"), str(trust),
+                            str(bench.pub), FLEET, "signer", str(desired), str(SERVED)],
+                           capture_output=True, text=True, timeout=120, cwd="/")
+        walls.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise RuntimeError(f"signer process failed: {r.stderr[-2000:]}")
+        out = json.loads(r.stdout)
+        if out["bundle_id"] != b.bundle_id:
+            raise RuntimeError("the signer process verified another bundle id")
+    return {"steps": out["steps"], "child_ms": float(np.median(walls)) * 1e3, "runs": runs}

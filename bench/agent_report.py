@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent_rig import GOALS  # noqa: E402
+from agent_memory import SIGNING_STACK  # noqa: E402
+from agent_rig import GOALS, SERVED  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,6 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def _loaded(pid: int) -> bool:
     """Is cryptography's Rust extension mapped into the process?"""
     return "_rust.abi3.so" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _signing_stack(ladder: list) -> float:
+    """VmRSS MB the protocol v2 signing stack's ladder steps added."""
+    total, prev = 0.0, ladder[0][1]
+    for grp, cur in ladder[1:]:
+        if grp in SIGNING_STACK:
+            total += cur["VmRSS"] - prev["VmRSS"]
+        prev = cur
+    return total
 
 
 def _f(v: float, nd: int = 3) -> str:
@@ -113,7 +124,7 @@ def render(res: dict) -> str:
                   f"{tr['reps']} deployments {tr['agent_rss_after_mb']['VmRSS']:.1f} MB, same agent "
                   f"restarted {tr['agent_rss_after_restart_mb']['VmRSS']:.1f} MB, bare process "
                   f"{tr['bare_rss_same_model_mb']['VmRSS']:.1f} MB"
-                  + (f", prototype 'both' agent after 2 deployments "
+                  + (f", prototype MALLOC_MMAP_THRESHOLD_ agent after 2 deployments "
                      f"{tr['proto_both_rss_mb']['VmRSS']:.1f} MB" if tr["proto_both_rss_mb"]
                      else ""), ""]
     mem = {n: models[n]["memory"] for n in names if "memory" in models[n]}
@@ -124,9 +135,7 @@ def render(res: dict) -> str:
         for k, lab in (("agent_after_install", "agent after install + 20 calls"),
                        ("agent_after_inference_bench", "agent after the inference bench"),
                        ("agent_after_restart", "agent after restart + 20 calls"),
-                       ("proto_no_crypto", "prototype: no cryptography in the agent"),
-                       ("proto_mmap_threshold", "prototype: MALLOC_MMAP_THRESHOLD_=131072"),
-                       ("proto_both", "prototype: both")):
+                       ("proto_mmap_threshold", "prototype: MALLOC_MMAP_THRESHOLD_=131072")):
             if all(k in mem[n] for n in ns):
                 rows.append((f"{lab}: VmRSS (over bare)", f"<= +{g:g}" if k ==
                              "agent_after_install" else "", *[
@@ -138,13 +147,18 @@ def render(res: dict) -> str:
             f"{mem[n]['agent_after_install']['RssFile']:.1f}" for n in ns]))
         rows.append(("bare: RssAnon / RssFile", "", *[
             f"{mem[n]['bare']['RssAnon']:.1f} / {mem[n]['bare']['RssFile']:.1f}" for n in ns]))
+        rows.append(("agent after install: cryptography mapped; report signed by", "", *[
+            f"{mem[n]['agent_after_install'].get('cryptography_mapped')}; "
+            f"{models[n].get('report_signed_by', '?')[:16]}" for n in ns]))
         lines += ["Memory: agent VmRSS over a bare process holding the same runtime and model (MB)",
                   "", *_table(("metric", "goal", *ns), rows), ""]
         n0 = ns[0]
         ladder = mem[n0]["ladder"]
         rows = []
         for (_, prev), (grp, cur) in zip(ladder, ladder[1:], strict=False):
-            rows.append((grp.replace("+", ", "), f"+{cur['VmRSS'] - prev['VmRSS']:.2f}",
+            label = ("cryptography (exceptions, serialization, ed25519)"
+                     if grp == SIGNING_STACK[0] else grp.replace("+", ", "))
+            rows.append((label, f"+{cur['VmRSS'] - prev['VmRSS']:.2f}",
                          f"+{cur['RssAnon'] - prev['RssAnon']:.2f}",
                          f"+{cur['RssFile'] - prev['RssFile']:.2f}"))
         total = ladder[-1][1]["VmRSS"] - ladder[0][1]["VmRSS"]
@@ -155,16 +169,22 @@ def render(res: dict) -> str:
         lines += [f"Where it goes ({n0}): RSS after each import, in a bare process holding the "
                   f"model (start {ladder[0][1]['VmRSS']:.1f} MB), in order", "",
                   *_table(("import", "VmRSS MB", "anon", "file"), rows), ""]
-        if "prototype_child_verify_ms" in res:
-            mapped = any(mem[n].get("proto_no_crypto", {}).get("cryptography_mapped")
-                         for n in ns)
-            lines.append(f"Prototypes (agent code unchanged, launched differently), after install "
-                         f"+ 20 calls. no cryptography: edgepack.agent.signing swapped for one that "
-                         f"parses the PEM key itself and verifies in a child process "
-                         f"({res['prototype_child_verify_ms']:.0f} ms per check, two per "
-                         f"deployment; cryptography mapped in that agent: {mapped}). "
-                         f"MALLOC_MMAP_THRESHOLD_: glibc environment, as a systemd unit would "
-                         f"set it.")
+        stack = _signing_stack(ladder)
+        lines += [f"Protocol v2 signing stack in the agent's process ({n0}, ladder): "
+                  f"+{stack:.2f} MB; the agent without it would be "
+                  f"+{mem[n0]['over_bare_mb']['agent_after_install'] - stack:.1f} MB over bare."]
+        sg = res.get("signer")
+        if sg:
+            first, last = sg["steps"][0][1], sg["steps"][-1][1]
+            lines += [f"The same work in a process of its own (device key loaded, one desired "
+                      f"state verified, {SERVED} reports signed): VmRSS {last['VmRSS']:.1f} MB "
+                      f"(python alone {first['VmRSS']:.1f}) — what a resident helper would add "
+                      f"next to the agent; as a short-lived child per check "
+                      f"{sg['child_ms']:.0f} ms wall each (median of {sg['runs']}), on every "
+                      f"report."]
+        if any("proto_mmap_threshold" in mem[n] for n in ns):
+            lines.append("Prototype (agent code unchanged, launched with it in its environment): "
+                         "MALLOC_MMAP_THRESHOLD_=131072, as a systemd unit would set it.")
     fails = res.get("failed") or {}
     lines += [f"{k} FAILED: {v}" for k, v in fails.items()]
     return "\n".join(lines).rstrip() + "\n"

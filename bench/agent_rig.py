@@ -129,17 +129,36 @@ class Bench:
                            telemetry={"interval_s": 10.0}, runtime={"threads": threads},
                            # the gate's p95 budget is for a quiet device; this host is shared
                            health={"timeout_s": 300.0, "enforce_budgets": False})
+        enroll_device(d / "data", device, d / "enrollment.json")
         agent = (_LaunchedAgent(cfg, variant) if variant else AgentProcess(cfg)).start()
         self.agents.append(agent)
         return agent, device, d / "data"
 
 
+def enroll_device(data_dir: Path, device: str, out: Path) -> dict:
+    """What ``edgepack agent init`` does for identity (protocol v2): the device's Ed25519 key
+    (``identity.key``, 0600) in its data dir and its public enrollment in ``out``; returns the
+    enrollment. The agent signs every report with that key."""
+    from edgepack.host.fleet.provision import write_enrollment
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return write_enrollment(data_dir, device, (), out)[0]
+
+
+def verified_report(report: dict, device: str, data_dir: Path) -> str:
+    """The key id of the device key that signed ``report``, checked as the collector checks it
+    against the enrollment :func:`enroll_device` wrote (ReportRefused otherwise)."""
+    from edgepack.host.fleet.identity import ReportVerifier, read_enrollment
+
+    enrollment = read_enrollment(data_dir.parent / "enrollment.json")
+    return ReportVerifier({device: enrollment}).verify(report, topic_device=device).key_id
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """The agent as shipped, changed only by how it is launched (a prototype of a fix)."""
+    """The agent as shipped, changed only by its environment (a prototype of a fix)."""
 
     name: str
-    launcher: Path | None = None  # a script replacing ``-m edgepack.agent.daemon``
     env: tuple[tuple[str, str], ...] = ()
 
 
@@ -153,10 +172,9 @@ class _LaunchedAgent:
         self._v = variant
 
     def start(self) -> _LaunchedAgent:
-        entry = [str(self._v.launcher)] if self._v.launcher else ["-m", "edgepack.agent.daemon"]
         with open(self._p.log, "ab") as logf:
             self._p.proc = subprocess.Popen(
-                [sys.executable, *entry, "--config", str(self._p.config)],
+                [sys.executable, "-m", "edgepack.agent.daemon", "--config", str(self._p.config)],
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(os.environ, PYTHONUNBUFFERED="1", **dict(self._v.env)))
         return self
