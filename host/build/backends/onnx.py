@@ -63,6 +63,7 @@ class _Candidate:
     outputs: Outputs
     latency: dict = field(default_factory=dict)
     gated: bool = True  # False: timed only, it could not win (its metrics are _UNGATED)
+    session: Session | None = field(default=None, repr=False)  # the timing session, reused
 
     @property
     def label(self) -> str:
@@ -306,7 +307,7 @@ class OnnxBackend:
                                              p50 > passed_p50 * EQUAL_SPEED):
                 continue  # cannot win: slower than fp32, or than a passing one
             with progress.stage(f"{c.label} validation"):
-                cands[i] = _measure(c.result, base, batch)
+                cands[i] = _measure(c.result, base, batch, c.session)
             cands[i].latency = c.latency
             if cands[i].metrics.drop_points <= max_drop and passed_p50 is None:
                 passed_p50 = p50
@@ -404,8 +405,10 @@ def _entries(specs: Any) -> list[dict]:
             for s in specs]
 
 
-def _measure(result: QuantResult, base: _OnnxBaseline, batch: int) -> _Candidate:
-    outs = run_outputs(Session(result.model_bytes, base.threads), base.data.evalset, batch)
+def _measure(result: QuantResult, base: _OnnxBaseline, batch: int,
+             session: Session | None = None) -> _Candidate:
+    outs = run_outputs(session or Session(result.model_bytes, base.threads), base.data.evalset,
+                       batch)
     metrics = compare(base.prepared.outputs, base.reference, outs, base.data.evalset.labels)
     return _Candidate(result, metrics, outs)
 
@@ -421,7 +424,8 @@ def _time(cands: list[_Candidate], base: _OnnxBaseline, progress: Progress,
     for i, c in enumerate(cands):
         if c.result.mode != "none" and (max_drop is None or not c.gated
                                         or c.metrics.drop_points <= max_drop):
-            sessions[f"{i}"] = Session(c.result.model_bytes, base.threads)
+            c.session = c.session or Session(c.result.model_bytes, base.threads)
+            sessions[f"{i}"] = c.session
     with progress.stage("timing fp32 and optimized, interleaved"):
         # A few runs per slot, six rotating rounds: enough to rank candidates whose speeds
         # differ by more than EQUAL_SPEED, at a cost that stays small beside calibration.
