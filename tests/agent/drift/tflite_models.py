@@ -1,0 +1,50 @@
+"""The digits CNN as Keras trains it, built by edgepack into TFLite bundles with drift.json.
+
+Same data split as :mod:`drift_models` (train, reference = calibration + eval, unseen stream);
+the model is ``examples/digits.py``'s Keras CNN (narrower, fewer epochs: a few seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from drift_models import IMAGE, digits_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass(frozen=True)
+class KerasDigits:
+    """The saved Keras model and the calibration/eval files edgepack builds it with."""
+
+    model: Path
+    calibration: Path
+    eval: Path
+
+
+def keras_digits(folder: Path) -> KerasDigits:
+    """Train the CNN on the drift split's training digits and write it with its data."""
+    from digits import train_keras_cnn
+
+    split = digits_split()
+    model = train_keras_cnn(split.train, split.train_labels, epochs=6, width=8)
+    model.save(folder / "digits_cnn.keras")
+    np.savez(folder / "calib.npz", **{IMAGE: split.reference[:300]})
+    np.savez(folder / "eval.npz", **{IMAGE: split.reference[300:]})
+    return KerasDigits(folder / "digits_cnn.keras", folder / "calib.npz", folder / "eval.npz")
+
+
+def tflite_bundle(digits: KerasDigits, out: Path, *, target: str, int8: bool,
+                  key: Path | None = None) -> object:
+    """Build the CNN for ``target`` as a TFLite bundle: float32, or full int8 with uint8 I/O."""
+    from edgepack.host.build import build
+
+    return build(model=str(digits.model), target=target, format="tflite",
+                 quantize="int8" if int8 else "none", tflite_io="uint8" if int8 else None,
+                 calibration=str(digits.calibration), eval=str(digits.eval), out=str(out),
+                 variants=False, key=str(key) if key else None)
