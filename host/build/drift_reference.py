@@ -54,6 +54,7 @@ __all__ = [
     "REFERENCE_MEMBER",
     "REFERENCE_K",
     "DriftSample",
+    "Quantization",
     "drift_sample",
     "make_reference",
     "reference_member",

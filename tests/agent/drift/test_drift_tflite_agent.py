@@ -55,6 +55,23 @@ def test_int8_bundle_reference_is_in_float_terms(int8_bundle):
     assert entry["dequantized"] == sorted([tensor_in["name"], tensor_out["name"]])
 
 
+def test_a_quantized_tflite_packaged_as_given_is_profiled_on_the_builds_data(
+        int8_bundle, tmp_path):
+    from edgepack.host.build import build
+
+    model = tmp_path / "digits_uint8.tflite"
+    model.write_bytes(read_bundle(int8_bundle.path).read_member("model.tflite"))
+    np.savez(tmp_path / "eval.npz", image=digits_split().reference[300:])
+    r = build(model=str(model), target="rpi4", eval=str(tmp_path / "eval.npz"),
+              out=str(tmp_path / "out"), variants=False)
+    assert r.report.optimization["requested"] == "as-is"
+    raw = read_bundle(r.path).read_member(REFERENCE_MEMBER)
+    ref, spec = load_reference(raw), DriftSpec.from_reference(json.loads(raw))
+    assert ref.rows == 100 and r.report.model["drift"]["rows"] == 100  # the eval set
+    assert spec.inputs[0].scale > 0 and spec.outputs[0].scale > 0
+    assert len(r.report.model["drift"]["dequantized"]) == 2
+
+
 def _windows(w: Watcher, since: int) -> list[dict]:
     return [t["drift"] for t in w.telemetry[since:] if t.get("drift")]
 
