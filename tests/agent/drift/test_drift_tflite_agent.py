@@ -26,7 +26,8 @@ DEV = "cam-tflite"
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory: pytest.TempPathFactory, keys) -> object:
     d = tmp_path_factory.mktemp("tflite-int8-drift")
-    return tflite_bundle(keras_digits(d), d / "out", target=TARGET, int8=True, key=keys.key)
+    return tflite_bundle(keras_digits(tmp_path_factory), d / "out", target=TARGET, int8=True,
+                         key=keys.key)
 
 
 def test_int8_bundle_reference_is_in_float_terms(int8_bundle):

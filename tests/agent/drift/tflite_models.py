@@ -27,16 +27,22 @@ class KerasDigits:
     eval: Path
 
 
-def keras_digits(folder: Path) -> KerasDigits:
-    """Train the CNN on the drift split's training digits and write it with its data."""
+def keras_digits(tmp_path_factory: object) -> KerasDigits:
+    """The CNN trained on the drift split's training digits, written with its data once per
+    test session (the host and the agent drift tests share it)."""
+    folder = Path(tmp_path_factory.getbasetemp()) / "keras-digits"
+    found = KerasDigits(folder / "digits_cnn.keras", folder / "calib.npz", folder / "eval.npz")
+    if found.model.exists():
+        return found
     from digits import train_keras_cnn
 
     split = digits_split()
     model = train_keras_cnn(split.train, split.train_labels, epochs=6, width=8)
-    model.save(folder / "digits_cnn.keras")
-    np.savez(folder / "calib.npz", **{IMAGE: split.reference[:300]})
-    np.savez(folder / "eval.npz", **{IMAGE: split.reference[300:]})
-    return KerasDigits(folder / "digits_cnn.keras", folder / "calib.npz", folder / "eval.npz")
+    folder.mkdir(exist_ok=True)
+    np.savez(found.calibration, **{IMAGE: split.reference[:300]})
+    np.savez(found.eval, **{IMAGE: split.reference[300:]})
+    model.save(found.model)  # last: its presence means the folder is complete
+    return found
 
 
 def tflite_bundle(digits: KerasDigits, out: Path, *, target: str, int8: bool,

@@ -21,7 +21,7 @@ from edgepack.host.fleet.drift import load_reference
 @pytest.fixture(scope="module")
 def float_bundle(tmp_path_factory: pytest.TempPathFactory) -> object:
     d = tmp_path_factory.mktemp("tflite-drift")
-    return tflite_bundle(keras_digits(d), d / "out", target="rpi4", int8=False)
+    return tflite_bundle(keras_digits(tmp_path_factory), d / "out", target="rpi4", int8=False)
 
 
 def test_float_tflite_bundle_has_a_drift_reference_of_its_own_outputs(float_bundle, tmp_path):
