@@ -23,7 +23,9 @@ o{n}.v{j} regression output column ``j``                   sketch
 ======== ================================================ ======
 
 The same extraction (:func:`extract_figures`) builds the reference on the build machine, so the
-device and the reference can never disagree on what a figure means.
+device and the reference can never disagree on what a figure means. Quantized int8/uint8 tensors
+(TFLite models with integer I/O) carry their ``scale`` and ``zero_point`` in the spec and are
+sketched in float terms (:func:`dequantize`), on the device as in the reference.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "DriftSpec",
     "Figures",
     "extract_figures",
+    "dequantize",
     "DriftSketcher",
     "REFERENCE_MEMBER",
     "load_sketcher",
@@ -93,7 +96,9 @@ class InputSpec:
     ``kind`` is ``image`` (``layout`` NHWC, NCHW or ``N...`` = one channel over everything;
     ``channels``; ``pixels_per_row`` values of each sample go into the pixel sketch, 0 = all),
     ``tabular`` (``features``: the column indices sketched) or ``tokens`` (ids ``0..vocab-1``
-    counted in ``buckets`` equal-width buckets, anything else in one extra bucket).
+    counted in ``buckets`` equal-width buckets, anything else in one extra bucket). ``scale``
+    and ``zero_point`` (a quantized int8/uint8 tensor of a TFLite model; scale 0: none): integer
+    values are sketched dequantized, ``(q - zero_point) * scale``, as the reference was.
     """
 
     name: str
@@ -104,6 +109,8 @@ class InputSpec:
     features: tuple[int, ...] = ()
     vocab: int = 0
     buckets: int = 0
+    scale: float = 0.0
+    zero_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class OutputSpec:
     ``probabilities``: ``classes`` scores per row (``activation`` softmax/sigmoid when the model
     emits logits) → predicted class counts and the top-probability histogram. ``labels``: integer
     class labels (``labels`` lists the known ones) → class counts. ``regression``: the
-    ``columns`` sketched.
+    ``columns`` sketched. ``scale``/``zero_point``: as for :class:`InputSpec`.
     """
 
     name: str
@@ -122,6 +129,8 @@ class OutputSpec:
     classes: int = 0
     labels: tuple[int, ...] = ()
     columns: tuple[int, ...] = ()
+    scale: float = 0.0
+    zero_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,8 +153,8 @@ class DriftSpec:
 
     def to_dict(self) -> dict:
         """The JSON form stored under ``spec`` in ``drift.json`` (without the reference id)."""
-        return {"inputs": [asdict(i) for i in self.inputs],
-                "outputs": [asdict(o) for o in self.outputs],
+        return {"inputs": [_spec_dict(i) for i in self.inputs],
+                "outputs": [_spec_dict(o) for o in self.outputs],
                 "k": self.k, "sample_rate": self.sample_rate, "max_rows": self.max_rows}
 
     @classmethod
@@ -173,12 +182,40 @@ class DriftSpec:
         return cls(inputs, outputs, k=k, sample_rate=rate, max_rows=max_rows, reference_id=ref_id)
 
 
+def _spec_dict(s: InputSpec | OutputSpec) -> dict:
+    """The JSON form of a tensor's spec; ``scale``/``zero_point`` only for quantized tensors."""
+    d = asdict(s)
+    if not s.scale:
+        del d["scale"], d["zero_point"]
+    return d
+
+
+def _quantization(d: Mapping) -> tuple[float, int]:
+    scale, zero_point = float(d.get("scale", 0.0)), int(d.get("zero_point", 0))
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"tensor {d.get('name')!r}: scale {scale}")
+    return scale, zero_point
+
+
+def dequantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """A quantized integer tensor in float terms, ``(q - zero_point) * scale`` in float32: the
+    device and the reference both sketch these values."""
+    return (np.asarray(x).astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def _float_terms(x: np.ndarray, s: InputSpec | OutputSpec) -> np.ndarray:
+    """``x`` dequantized when ``s`` says it is a quantized tensor and it holds integers."""
+    return dequantize(x, s.scale, s.zero_point) if s.scale and x.dtype.kind in "iu" else x
+
+
 def _input_spec(d: Mapping) -> InputSpec:
+    scale, zero_point = _quantization(d)
     s = InputSpec(name=str(d["name"]), kind=str(d["kind"]), layout=str(d.get("layout", "")),
                   channels=int(d.get("channels", 0)),
                   pixels_per_row=int(d.get("pixels_per_row", 0)),
                   features=tuple(int(j) for j in d.get("features", ())),
-                  vocab=int(d.get("vocab", 0)), buckets=int(d.get("buckets", 0)))
+                  vocab=int(d.get("vocab", 0)), buckets=int(d.get("buckets", 0)),
+                  scale=scale, zero_point=zero_point)
     bad = (s.kind not in _INPUT_KINDS
            or (s.kind == "image" and (s.layout not in _LAYOUTS or not 1 <= s.channels <= 64))
            or (s.kind == "tokens" and (s.vocab < 1 or not 1 <= s.buckets <= 1024)))
@@ -188,11 +225,13 @@ def _input_spec(d: Mapping) -> InputSpec:
 
 
 def _output_spec(d: Mapping) -> OutputSpec:
+    scale, zero_point = _quantization(d)
     s = OutputSpec(name=str(d["name"]), kind=str(d["kind"]),
                    activation=str(d.get("activation", "none")),
                    classes=int(d.get("classes", 0)),
                    labels=tuple(int(v) for v in d.get("labels", ())),
-                   columns=tuple(int(j) for j in d.get("columns", ())))
+                   columns=tuple(int(j) for j in d.get("columns", ())),
+                   scale=scale, zero_point=zero_point)
     if s.kind not in _OUTPUT_KINDS or s.activation not in _ACTIVATIONS:
         raise ValueError(f"output {s.name!r}: {s.kind}/{s.activation}")
     return s
@@ -304,7 +343,7 @@ def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
         x = inputs.get(s.name)
         if x is None:
             continue
-        x = np.asarray(x)
+        x = _float_terms(np.asarray(x), s)
         if not x.ndim:
             x = x.reshape(1, 1)
         rows = max(rows, x.shape[0])
@@ -323,7 +362,7 @@ def _extract(spec: DriftSpec, inputs: Mapping[str, np.ndarray],
         y = outputs.get(s.name)
         if y is None:
             continue
-        y = np.asarray(y)
+        y = _float_terms(np.asarray(y), s)
         y = y.reshape(y.shape[0], -1) if y.ndim else y.reshape(1, 1)
         rows = max(rows, y.shape[0])
         if s.kind == "regression":

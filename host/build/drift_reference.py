@@ -13,6 +13,10 @@ How inputs are read (``kinds=`` and ``layouts=`` override by input name):
 * integer rank ≤ 2 → ``tokens`` (ids counted in equal-width buckets of the vocabulary);
 * float rank ≤ 2 → ``tabular``: at most ``max_features`` columns, the ones with the largest
   variance on the reference data (the document's ``notes`` say which were left out).
+
+Quantized tensors (``quantization=``: a TFLite model's int8/uint8 inputs and outputs, by name)
+are read and sketched in float terms, ``(q - zero_point) * scale``: the spec carries the scale
+and zero point, so a device dequantizes what its model takes and returns the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +40,7 @@ from edgepack.agent.drift import (
     DriftSpec,
     InputSpec,
     OutputSpec,
+    dequantize,
     extract_figures,
 )
 from edgepack.agent.errors import DataError
@@ -45,9 +50,11 @@ if TYPE_CHECKING:
     from edgepack.host.build.validate import Outputs
 
 __all__ = [
+    "NO_DRIFT_DATA",
     "REFERENCE_MEMBER",
     "REFERENCE_K",
     "DriftSample",
+    "Quantization",
     "drift_sample",
     "make_reference",
     "reference_member",
@@ -63,23 +70,37 @@ REFERENCE_K = 200
 _PSI_QUANTILES = (0.2, 0.4, 0.6, 0.8)
 _MIN_BIN_MASS = 0.1
 _TASKS = ("classification", "regression")
+# Why a build without calibration or eval data has no drift.json.
+NO_DRIFT_DATA = "no calibration or eval data (random inputs say nothing of the field)"
 # Below this many rows the reference's quintile edges are too coarse to judge windows against.
 MIN_REFERENCE_ROWS = 20
 
 
+# (scale, zero_point) of a quantized tensor, by tensor name
+Quantization = Mapping[str, tuple[float, int]]
+
+
 @dataclass(frozen=True)
 class DriftSample:
-    """What a build profiles: its inputs by name and the optimized model's outputs on them."""
+    """What a build profiles: its inputs by name and the optimized model's outputs on them.
+
+    ``quantization``: ``(scale, zero_point)`` of the tensors given as the model's own int8/uint8
+    values (a TFLite model with integer I/O), by name; the others are float already.
+    """
 
     inputs: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
+    quantization: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 def drift_sample(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 sets: Sequence[tuple[Dataset, Outputs]]) -> DriftSample | None:
+                 sets: Sequence[tuple[Dataset, Outputs]], *,
+                 quantization: Quantization | None = None) -> DriftSample | None:
     """Stack the build's datasets (calibration, eval) with the model's outputs on each.
 
     Outputs that are not tensors are left out; None when no output is a tensor.
+    ``quantization`` names the quantized tensors the sets hold as integers (see
+    :class:`DriftSample`).
     """
     ins: dict[str, list[np.ndarray]] = {s.name: [] for s in inputs}
     outs: dict[str, list[np.ndarray]] = {}
@@ -96,7 +117,7 @@ def drift_sample(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
     if not outs:
         return None
     return DriftSample({k: np.concatenate(v) for k, v in ins.items()},
-                      {k: np.concatenate(v) for k, v in outs.items()})
+                       {k: np.concatenate(v) for k, v in outs.items()}, dict(quantization or {}))
 
 
 def reference_member(sample: DriftSample | None, *, why_not: str = "") -> tuple[dict, dict]:
@@ -111,15 +132,18 @@ def reference_member(sample: DriftSample | None, *, why_not: str = "") -> tuple[
     if rows < MIN_REFERENCE_ROWS:
         return {}, {"skipped": f"{rows} samples of calibration/eval data; a drift reference "
                                f"needs at least {MIN_REFERENCE_ROWS}"}
-    task = "classification" if any(_class_output(a) for a in sample.outputs.values()) \
-        else "regression"
+    quant = sample.quantization
+    outs = _float_terms(sample.outputs, quant)
+    task = "classification" if any(_class_output(a) for a in outs.values()) else "regression"
     try:
-        ref = make_reference(sample.inputs, sample.outputs, task=task)
+        ref = make_reference(sample.inputs, sample.outputs, task=task, quantization=quant)
     except DataError as e:
         return {}, {"skipped": str(e)}
-    return ({REFERENCE_MEMBER: reference_json(ref)},
-            {"member": REFERENCE_MEMBER, "id": ref["id"], "task": task, "rows": ref["rows"],
-             "figures": len(ref["figures"]), "notes": ref["notes"]})
+    entry = {"member": REFERENCE_MEMBER, "id": ref["id"], "task": task, "rows": ref["rows"],
+             "figures": len(ref["figures"]), "notes": ref["notes"]}
+    if quant:
+        entry["dequantized"] = sorted(quant)
+    return {REFERENCE_MEMBER: reference_json(ref)}, entry
 
 
 def _class_output(a: np.ndarray) -> bool:
@@ -135,27 +159,33 @@ def make_reference(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.nd
                    pixels_per_row: int = DEFAULT_PIXELS_PER_ROW, token_buckets: int = 32,
                    layouts: Mapping[str, str] | None = None,
                    kinds: Mapping[str, str] | None = None,
-                   vocab: Mapping[str, int] | None = None) -> dict:
+                   vocab: Mapping[str, int] | None = None,
+                   quantization: Quantization | None = None) -> dict:
     """Build the reference profile from samples keyed by input name and the model's outputs.
 
     ``task`` is ``classification`` or ``regression``; ``classes`` lists the integer class labels
     when the model emits labels (default: the labels seen). ``k`` and ``sample_rate`` are what the
     devices will use per window; ``reference_k`` sizes the reference's own sketches.
+    ``quantization`` gives ``(scale, zero_point)`` of tensors passed as quantized integers:
+    they are profiled dequantized, and the spec tells devices to do the same.
     Raises :class:`DataError` naming the argument when the data cannot be profiled.
     """
     if task not in _TASKS:
         raise DataError(f"unknown drift task {task!r}: pass `task=` as one of {list(_TASKS)}",
                         field="task")
     rows = _batch_size(inputs, outputs)
+    quant = dict(quantization or {})
     notes: list[str] = []
-    in_specs = tuple(_input_spec(name, np.asarray(x), max_features=max_features,
+    in_specs = tuple(_input_spec(name, x, max_features=max_features,
                                  pixels_per_row=pixels_per_row, token_buckets=token_buckets,
                                  layout=(layouts or {}).get(name), kind=(kinds or {}).get(name),
                                  vocab=(vocab or {}).get(name), notes=notes)
-                     for name, x in inputs.items())
-    out_specs = _output_specs(outputs, task=task, classes=classes, max_features=max_features,
-                              notes=notes)
-    spec = DriftSpec(tuple(s for s in in_specs if s is not None), out_specs, k=k,
+                     for name, x in _float_terms(inputs, quant).items())
+    out_specs = _output_specs(_float_terms(outputs, quant), task=task, classes=classes,
+                              max_features=max_features, notes=notes)
+    in_specs = tuple(_quantized(s, quant) for s in in_specs if s is not None)
+    out_specs = tuple(_quantized(s, quant) for s in out_specs)
+    spec = DriftSpec(in_specs, out_specs, k=k,
                      sample_rate=sample_rate, max_rows=max_rows)
     if not spec.figures:
         raise DataError("nothing to profile for drift: no input or output has a supported "
@@ -175,6 +205,24 @@ def make_reference(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.nd
            "figures": dict(sorted(figures.items())), "notes": notes}
     doc["id"] = hashlib.sha256(reference_json(doc)).hexdigest()[:16]
     return doc
+
+
+def _float_terms(arrays: Mapping[str, np.ndarray], quant: Quantization
+                 ) -> dict[str, np.ndarray]:
+    """The arrays with the quantized integer ones dequantized (as a device sketches them)."""
+    out = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        out[name] = dequantize(a, *quant[name]) if name in quant and a.dtype.kind in "iu" else a
+    return out
+
+
+def _quantized(s: InputSpec | OutputSpec, quant: Quantization) -> InputSpec | OutputSpec:
+    """``s`` with the scale and zero point of its tensor, when it is a quantized one."""
+    if s.name not in quant or s.kind in ("tokens", "labels"):
+        return s
+    scale, zero_point = quant[s.name]
+    return replace(s, scale=float(scale), zero_point=int(zero_point))
 
 
 def spec_from_reference(ref: Mapping) -> DriftSpec:

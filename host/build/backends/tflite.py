@@ -33,6 +33,7 @@ from edgepack.host.build.convert_tflite import (
     to_tflite,
 )
 from edgepack.host.build.data import Dataset, load_gate_data
+from edgepack.host.build.drift_reference import NO_DRIFT_DATA, DriftSample, drift_sample
 from edgepack.host.build.edgetpu import (
     compile_edgetpu,
     edgetpu_shape_warnings,
@@ -383,7 +384,10 @@ class TfliteBackend:
             optimization=optimization, metrics=measured.report_metrics(profile),
             warnings=warnings, timings_s=dict(progress.timings), variants=opt.variants,
             **sections)
-        return Assembly(manifest, model_bytes, files, golden, report)
+        drift, skipped = (None, "TFLite Micro bundles run on microcontrollers, which do not "
+                          "sketch drift") if self.format == "tflm" else \
+            _drift_sample(base, best, plan.data.batch)
+        return Assembly(manifest, model_bytes, files, golden, report, drift, skipped)
 
     def _optimization(self, base: _TfliteBaseline, opt: _Optimized, plan: BuildPlan,
                       needs: list[str], warnings: list[str]) -> dict[str, Any]:
@@ -461,6 +465,36 @@ def _measure(res: TFLiteResult, base: _TfliteBaseline, batch: int) -> _Candidate
     outs = run_outputs(sess, base.data.evalset, batch)
     metrics = compare(base.outputs, base.reference, outs, base.data.evalset.labels)
     return _Candidate(res, sess, metrics, outs, measure_latency(sess, base.feed))
+
+
+class _RawRunner:
+    """A LiteRT session fed and answering in the model's own I/O types (``run_outputs``'s
+    session interface)."""
+
+    def __init__(self, sess: LiteRTSession) -> None:
+        self.output_names = sess.output_names
+        self.run = sess.run_raw
+
+
+def _drift_sample(base: _TfliteBaseline, best: _Candidate, batch: int
+                  ) -> tuple[DriftSample | None, str]:
+    """Calibration and eval inputs with the shipped model's outputs on them (drift.json), as
+    the device sees them: by tensor name, int8/uint8 I/O as the model's own integers (their
+    scale and zero point go into the reference, which is made in float terms)."""
+    data, sess = base.data, best.session
+    if data.random:
+        return None, NO_DRIFT_DATA
+    sets = [data.evalset]
+    if data.calib is not None and data.calib is not data.evalset:
+        sets.append(data.calib)
+    raw = [Dataset(sess.quantize_inputs(d.inputs), None, d.source) for d in sets]
+    names = sess.input_names + sess.output_names
+    scales = sess.quantization("inputs") + sess.quantization("outputs")
+    quant = {n: (q["scale"], q["zero_point"]) for n, q in zip(names, scales, strict=True) if q}
+    runner = _RawRunner(sess)
+    return drift_sample(sess.tensor_specs("inputs", raw=True),
+                        sess.tensor_specs("outputs", raw=True),
+                        [(d, run_outputs(runner, d, batch)) for d in raw], quantization=quant), ""
 
 
 def _variants(tried: list[_Candidate], chosen: _Candidate, max_drop: float) -> list[dict]:
