@@ -507,11 +507,11 @@ def _int8_with_fallback(base: _OnnxBaseline, scheme: QuantScheme, method: str, m
 def _drift_sample(base: _OnnxBaseline, model_bytes: bytes, eval_outputs: Outputs, batch: int
                   ) -> tuple[DriftSample | None, str]:
     """Calibration and eval inputs with the chosen model's outputs on them (drift.json)."""
-    from edgepack.host.build.drift_reference import drift_sample
+    from edgepack.host.build.drift_reference import NO_DRIFT_DATA, drift_sample
 
     data = base.data
     if data.random:
-        return None, "no calibration or eval data (random inputs say nothing of the field)"
+        return None, NO_DRIFT_DATA
     sets = [(data.evalset, eval_outputs)]
     if data.calib is not None and data.calib is not data.evalset:
         sets.append((data.calib, run_outputs(Session(model_bytes, base.threads), data.calib,
