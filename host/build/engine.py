@@ -38,6 +38,8 @@ def run(plan: BuildPlan, progress: Progress | None = None, *,
         work = Path(tmp)
         src, keras_pruning = _prune_keras_source(plan, work, progress)
         backend = backend_for(plan)
+        if plan.profile_on.devices:
+            backend.device_candidates(plan)  # a format devices cannot choose for fails here
         if imported is None:
             from edgepack.host.build.importers import import_model
 

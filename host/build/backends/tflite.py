@@ -223,7 +223,27 @@ class TfliteBackend:
                              target=plan.profile.name, stage="validate") from None
 
     def device_candidates(self, plan: BuildPlan) -> list[tuple[str, BuildPlan]]:
-        return []  # device-in-the-loop choice builds ONNX candidates only
+        """fp32, fp16, dynamic range and (with calibration data) full int8 TFLite.
+
+        Refused (DataError, before anything slow) for microcontrollers, which run the bundle's
+        C sources rather than an agent, for integer-only targets, where int8 is the only
+        candidate, and for a ``.tflite`` input, which is packaged as it is.
+        """
+        why = ("microcontroller bundles run as C sources, not in an agent that could measure "
+               "them" if self.format == "tflm" else
+               f"{plan.profile.name} is integer-only: full int8 is the one candidate"
+               if plan.profile.runtime.integer_only else
+               "a .tflite input is packaged as it is: there is nothing to choose between"
+               if plan.source_kind == "tflite" else None)
+        if why:
+            raise DataError(f"`profile_on=` cannot choose for this build: {why}. Build without "
+                            "it, and measure the bundle on a device with `edgepack profile`.",
+                            field="profile_on", target=plan.profile.name)
+        out = [("fp32", plan.with_quantize(mode="none")), ("fp16", plan.with_quantize(mode="fp16")),
+               ("dynamic", plan.with_quantize(mode="dynamic"))]
+        if plan.data.calibration:
+            out.append(("int8", plan.with_quantize(mode="int8")))
+        return out
 
     # ------------------------------------------------------------------ optimize + gate
     def optimize(self, base: _TfliteBaseline, plan: BuildPlan, progress: Progress) -> _Optimized:

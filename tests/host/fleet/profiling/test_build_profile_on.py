@@ -70,3 +70,47 @@ def test_profile_on_a_224x224x3_float_model(devices, keys, tmp_path: Path) -> No
     assert fp32["passed"], fp32
     assert fp32["devices"]["pi-big"]["eval_samples"] >= 2, fp32
     assert read_bundle(out / "big-1.0.0-x86-64-vnni.edgepack").manifest["device_profile"]
+
+
+def test_profile_on_chooses_between_tflite_candidates(devices, keys, tmp_path: Path) -> None:
+    """`--format tflite` with `--profile-on`: fp32, fp16, dynamic-range and int8 TFLite bundles
+    are measured in LiteRT on the device, gated on the outputs it computed, and the fastest
+    passing one ships; a microcontroller target is refused up front with the reason."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parents[4] / "examples"))
+    from digits import digits_data, train_keras_cnn
+
+    devices.start("pi-lite")
+    x_tr, x_te, y_tr, y_te = digits_data()
+    train_keras_cnn(x_tr, y_tr, epochs=2, width=8).save(tmp_path / "cnn.keras")
+    np.savez(tmp_path / "calib.npz", image=x_tr[:64])
+    np.savez(tmp_path / "eval.npz", image=x_te[:64], labels=y_te[:64])
+    out = tmp_path / "dist"
+    common = ["--calibration", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+              "--key", str(keys.key), "--name", "lite", "--profile-on", "pi-lite",
+              "--broker", devices.broker_url, "--fleet", devices.fleet, "--profile-runs", "10",
+              "--profile-timeout", "180", "--profile-cache", str(tmp_path / "cache.json")]
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "cnn.keras"), "--target",
+                                  "x86-64-vnni", "--format", "tflite", "--out", str(out),
+                                  *common, "--json"])
+    assert r.exit_code == 0, r.output + devices.logs()
+    choice = json.loads(r.output)["device_profile"]
+    by_label = {c["label"]: c for c in choice["candidates"]}
+    assert set(by_label) == {"fp32", "fp16", "dynamic", "int8"}
+    assert all(c["devices"]["pi-lite"]["runtime"] == "litert" for c in by_label.values())
+    passing = [c for c in by_label.values() if c["passed"]]
+    assert by_label["fp32"]["passed"] and choice["winner"] in {c["label"] for c in passing}
+    winner = by_label[choice["winner"]]
+    assert winner["p95_ms"] == min(c["p95_ms"] for c in passing)
+    bundle = read_bundle(out / "lite-1.0.0-x86-64-vnni.edgepack")
+    assert bundle.manifest["model"]["format"] == "tflite"
+    assert bundle.manifest["device_profile"]["candidate"] == choice["winner"]
+
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "cnn.keras"), "--target", "esp32-s3",
+                                  "--out", str(tmp_path / "refused"), *common])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert "microcontroller bundles run as C sources" in r.output
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
