@@ -25,12 +25,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from edgepack.agent.errors import EdgepackError
 
 __all__ = ["TOKEN_FILE", "SESSION_COOKIE", "AccessPolicy", "AccessError", "Sessions", "load_token",
-           "default_hosts", "host_name", "cross_site"]
+           "default_hosts", "host_name", "cross_site", "Throttle"]
 
 TOKEN_FILE = "fleet-token"
 SESSION_COOKIE = "edgepack_session"
@@ -160,3 +161,37 @@ class Sessions:
     def close(self, sid: str | None) -> None:
         with self._lock:
             self._ids.pop(sid or "", None)
+
+
+class Throttle:
+    """Wrong tokens per client address: after ``limit`` failures within ``window_s``, the address
+    gets 429 until the window has passed (the token's 256 bits make guessing hopeless anyway;
+    this keeps a guesser from costing the server). Bounded: at most ``max_clients`` addresses
+    are remembered, the oldest forgotten first."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, max_clients: int = 4096,
+                 clock: Any = time.monotonic) -> None:
+        self.limit, self.window_s, self.max_clients = limit, window_s, max_clients
+        self._clock = clock
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """Seconds ``client`` must wait (0: it may try)."""
+        now = self._clock()
+        with self._lock:
+            recent = [t for t in self._failures.get(client, ()) if t > now - self.window_s]
+            if recent:
+                self._failures[client] = recent
+            else:
+                self._failures.pop(client, None)
+        return recent[0] + self.window_s - now if len(recent) >= self.limit else 0.0
+
+    def failed(self, client: str) -> None:
+        now = self._clock()
+        with self._lock:
+            times = self._failures.pop(client, [])  # re-inserted last: the newest
+            self._failures[client] = [t for t in times if t > now - self.window_s][-self.limit:]
+            self._failures[client].append(now)
+            while len(self._failures) > self.max_clients:
+                self._failures.pop(next(iter(self._failures)))

@@ -31,6 +31,7 @@ from edgepack.host.fleet.dashboard.access import (
     SESSION_COOKIE,
     AccessPolicy,
     Sessions,
+    Throttle,
     cross_site,
 )
 from edgepack.host.fleet.dashboard.api import FleetAPI, NotFound
@@ -48,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
     api: FleetAPI
     policy: AccessPolicy
     sessions: Sessions
+    throttle: Throttle
     metrics: Any
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -92,8 +94,22 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
-            return p.token_ok(auth[len("Bearer "):].strip())
+            return self._token_ok(auth[len("Bearer "):].strip())
         return self.sessions.valid(self._session_id())
+
+    def _throttled(self) -> bool:
+        """429 for an address that presented too many wrong tokens lately."""
+        wait = self.throttle.retry_after(self.client_address[0])
+        if wait > 0:
+            self._error(429, f"too many wrong tokens from this address: try again in "
+                        f"{wait:.0f} s")
+        return wait > 0
+
+    def _token_ok(self, presented: str | None) -> bool:
+        ok = self.policy.token_ok(presented)
+        if not ok:
+            self.throttle.failed(self.client_address[0])
+        return ok
 
     def _host_refused(self) -> bool:
         """421 for a Host header that is not an allowed name (DNS rebinding)."""
@@ -111,6 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             self._error(415, "POST needs Content-Type: application/json")
+            return True
+        if self._throttled():
             return True
         if not self._authenticated():
             self._error(401, "changing the fleet needs the API token: 'Authorization: Bearer "
@@ -132,7 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(403, f"cross-site login refused ({why})")
             return
         body = self._read_body()
-        if body is None:
+        if body is None or self._throttled():
             return
         try:
             token = json.loads(body or b"{}").get("token")
@@ -140,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
             token = None
         if self.policy.token is None:
             self._json({"authenticated": True, "auth": False})
-        elif not isinstance(token, str) or not self.policy.token_ok(token):
+        elif not isinstance(token, str) or not self._token_ok(token):
             self._error(401, "wrong token: it is in the server's fleet-token file (its path is "
                         "printed when the server starts)")
         else:
@@ -169,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json({"authenticated": self._authenticated(),
                             "auth": self.policy.token is not None,
                             "public_reads": self.policy.public_reads})
+            elif (path.startswith("/api/") or path == "/metrics") and not \
+                    self.policy.public_reads and self._throttled():
+                pass  # 429 sent
             elif (path.startswith("/api/") or path == "/metrics") and not \
                     self.policy.public_reads and not self._authenticated():
                 self._error(401, "this server needs the API token to read the fleet: "
@@ -299,6 +320,7 @@ def make_http_server(api: FleetAPI, host: str = "127.0.0.1", port: int = 8080, *
     policy = policy or AccessPolicy.build(None, host, (), public_reads=True)
     handler = type("FleetHandler", (_Handler,), {"api": api, "policy": policy,
                                                  "sessions": Sessions(),
+                                                 "throttle": Throttle(),
                                                  "metrics": staticmethod(metrics)})
     mimetypes.add_type("application/javascript", ".js")
     mimetypes.add_type("image/svg+xml", ".svg")

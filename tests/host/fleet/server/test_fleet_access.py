@@ -138,6 +138,40 @@ def test_private_reads(sqlite_url, fleet, serve):
         assert b"login-token" in r.read()
 
 
+def test_wrong_tokens_are_throttled_per_address(sqlite_url, fleet, serve):
+    """Ten wrong tokens within a minute (login or bearer) and the address gets 429 with the
+    wait, even for the right token, until the window passes; others are not affected."""
+    server = serve(sqlite_url, fleet, serve_options={"public_reads": False})
+    base = server.url + "api/"
+    for i in range(10):
+        wrong = json.dumps({"token": f"guess-{i}"}).encode()
+        assert _call(base + "login", "POST", wrong, **JSON)[0] == 401
+    status, _, body = _call(base + "login", "POST",
+                            json.dumps({"token": server.token}).encode(), **JSON)
+    assert status == 429 and "too many wrong tokens" in body["message"]
+    bearer = {"Authorization": f"Bearer {server.token}"}
+    assert _call(base + "rollouts/x/pause", "POST", **JSON, **bearer)[0] == 429
+    assert _call(base + "overview", **bearer)[0] == 429
+
+
+def test_throttle_window_and_bound() -> None:
+    from edgepack.host.fleet.dashboard.access import Throttle
+
+    now = [100.0]
+    t = Throttle(limit=3, window_s=60, max_clients=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert t.retry_after("a") == 0
+        t.failed("a")
+    assert t.retry_after("a") == pytest.approx(60)
+    now[0] += 30
+    assert t.retry_after("a") == pytest.approx(30) and t.retry_after("b") == 0
+    now[0] += 31
+    assert t.retry_after("a") == 0  # the window passed
+    for client in ("b", "c", "d"):
+        t.failed(client)
+    assert len(t._failures) == 2  # bounded: the oldest address is forgotten
+
+
 def _doc_block(after: str) -> str:
     """The first ```sh block after the line starting with ``after`` in docs/fleet-api.md."""
     text = (Path(__file__).parents[4] / "docs" / "fleet-api.md").read_text()
