@@ -112,7 +112,10 @@ def _layernorms(model: Any) -> int:
                 break
         else:
             continue
-        found = _match_ln(g, mul_x, shift, rank)
+        try:
+            found = _match_ln(g, mul_x, shift, rank)
+        except (IndexError, KeyError, AttributeError, TypeError, ValueError):
+            found = None  # a node shaped unlike the pattern (a Constant's missing input, …)
         if found is None:
             continue
         x, gamma, beta, eps, nodes = found
