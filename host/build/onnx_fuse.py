@@ -171,8 +171,9 @@ def _match_ln(g: _Graph, mul_x: Any, shift: Any, rank: dict[str, int]):
         if eps is None:
             eps = g.scalar(var_add.input[0])
             var = g.producer.get(var_add.input[1])
-        if eps is None or var is None or not _is_mean_last_axis(g, var, rank):
-            continue
+        if eps is None or var is None or not _is_mean_last_axis(g, var, rank) or \
+                g.uses.get(var.output[0]) != 1:
+            continue  # the variance must feed this block only: its nodes are removed
         sq = g.node(var.input[0], "Mul")
         if sq is None or sq.input[0] != sq.input[1]:
             continue
