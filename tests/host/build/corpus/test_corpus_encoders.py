@@ -102,16 +102,12 @@ def test_layernorm_and_gelu_fused_into_standard_forms(gelu: str, encoders: dict,
     assert fuse_standard(model) is None  # nothing left to fuse
 
 
-def test_fusion_leaves_a_lookalike_alone() -> None:
-    """A mean-and-scale block that is not a LayerNorm over the last axis (rank-4 input:
-    GlobalAveragePool averages two axes) stays as it is."""
-    import onnx
+def _moments_block(shape: list[int], extra_output: str | None = None):
+    """tf2onnx's spelling of LayerNorm over the last axis of ``x`` (gamma 1..4, beta 0.1)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepack.host.build.onnx_fuse import fuse_standard
-
     c = {n: numpy_helper.from_array(np.asarray(v, np.float32).reshape(s), n) for n, v, s in (
-        ("eps", [1e-5], ()), ("gamma", np.ones(4), (4,)), ("beta", np.zeros(4), (4,)))}
+        ("eps", [1e-5], ()), ("gamma", np.arange(1, 5), (4,)), ("beta", np.full(4, 0.1), (4,)))}
     nodes = [helper.make_node("GlobalAveragePool", ["x"], ["mean"]),
              helper.make_node("Sub", ["x", "mean"], ["d"]),
              helper.make_node("Mul", ["d", "d"], ["sq"]),
@@ -125,9 +121,29 @@ def test_fusion_leaves_a_lookalike_alone() -> None:
              helper.make_node("Add", ["ms", "beta"], ["shift"]),
              helper.make_node("Mul", ["x", "s"], ["xs"]),
              helper.make_node("Add", ["xs", "shift"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [1, 3, 4, 4])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [1, 3, 4, 4])], list(c.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert fuse_standard(model) is None
-    assert len(model.graph.node) == len(nodes)
+        "x", TensorProto.FLOAT, shape)], outputs, list(c.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fusion_of_a_moments_block_and_its_lookalikes() -> None:
+    """Over the last axis of a rank-3 input the block becomes one LayerNormalization with the
+    same outputs; a rank-4 input (GlobalAveragePool averages two axes) or a variance used
+    elsewhere leaves it as it is."""
+    import onnx
+
+    from edgepack.host.build.onnx_fuse import fuse_standard
+
+    model = _moments_block([2, 3, 4])
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    want = run_onnx(model, {"x": x})[0]
+    assert fuse_standard(model) == "fused 1 LayerNorm block(s) → LayerNormalization"
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["LayerNormalization"]
+    assert np.allclose(run_onnx(model, {"x": x})[0], want, atol=1e-5)
+    for lookalike in (_moments_block([1, 3, 4, 4]), _moments_block([2, 3, 4], "var")):
+        n = len(lookalike.graph.node)
+        assert fuse_standard(lookalike) is None and len(lookalike.graph.node) == n
