@@ -22,7 +22,9 @@ def test_retained_1mb_and_20mb_reach_a_fresh_client(embedded_broker: EmbeddedBro
         pub.publish(f"{fleet}/big", big, retain=True)
 
     with SyncClient(embedded_broker.url, timeout=30) as sub:
-        got = sub.retained(f"{fleet}/#")
+        # a 20 MB message can take seconds to arrive on a loaded machine: wait for quiet longer
+        # than the default half second (the broker is what this test is about)
+        got = sub.retained(f"{fleet}/#", settle=5.0)
 
     assert got == {f"{fleet}/small": small, f"{fleet}/big": big}
 

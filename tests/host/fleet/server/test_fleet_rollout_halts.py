@@ -167,15 +167,18 @@ def test_a_slower_bundle_halts_its_first_stage_a_same_speed_one_passes(
                              for x in DEVICES), 30, what="v1 telemetry with inferences")
 
         # ---- a same-speed bundle passes its (canary) stage, its latency judged against the
-        # canary's v1 and the other device at the same time (not insufficient)
+        # canary's v1 and the other device at the same time (not insufficient). Window p95s of
+        # a ~1 ms model move by more than 20 % on a machine running two test workers, so this
+        # stage allows +100 %; the slower bundle below is ~30x slower and meets the default.
         r = rollout_start(same, group="cams", broker=mosquitto.url, db=store, fleet=fleet,
-                          stages="50", max_failures="0", soak="6s", key=key)
+                          stages="50", max_failures="0", soak="6s", key=key,
+                          max_latency_regression="100%")
         done = wait_for(lambda: (s := rollout_status(r.id, db=store)).state
                         in ("completed", "halted") and s, 60, what="the same-speed rollout")
         assert done.state == "completed", (done.halt, _p95s(store, fleet))
         passed = [x.message for x in done.log if x.message.startswith("stage 1 passed")]
-        assert passed and "within the +20% allowed" in passed[0].split(";")[0], passed
-        assert done.halt is None and done.checks["max_latency_regression"] == 0.2
+        assert passed and "within the +100% allowed" in passed[0].split(";")[0], passed
+        assert done.halt is None and done.checks["max_latency_regression"] == 1.0
         on_same = [d.device_id for d in done.devices if d.stage == 0]
         wait_for(lambda: store.devices.get(fleet, on_same[0]).bundle_id
                  == done.rollout.bundle_id, 30, what="v2 on the canary")
