@@ -142,7 +142,7 @@ def choose_on_devices(backend: Backend, base: Baseline, plan: BuildPlan, work: P
                 skipped[label] = f"failed the gate on the host: {exc.message}"
     from edgepack.host.fleet.identity import inventory_keys
 
-    keys, _ = inventory_keys(on.db, on.fleet, on.devices)
+    keys = inventory_keys(on.db, on.fleet, on.devices)
     with progress.stage(f"profiling {len(built)} candidates on {', '.join(on.devices)}"):
         choice = choose_on_devices(
             [Candidate(label, r.path) for label, r in built.items()],

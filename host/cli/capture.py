@@ -106,7 +106,7 @@ def register(main: click.Group) -> None:
         if enrolled is None:
             from edgepack.host.fleet.identity import inventory_keys
 
-            enrolled = inventory_keys(db_url, fleet, [device])[0].get(device)
+            enrolled = inventory_keys(db_url, fleet, [device]).get(device)
         r = cap.pull(device, broker=broker_cfg, out=out, key=key, fleet=fleet,
                      timeout=timeout, max_mb=max_mb, device_key=enrolled)
         signed = (f"{'verified' if r.verified else 'signed'} by device key {r.signed_by[:16]}"

@@ -162,7 +162,7 @@ def register(main: click.Group) -> None:
 
         from edgepack.host.fleet.identity import inventory_keys
 
-        keys, _ = inventory_keys(db_url, fleet, devices)
+        keys = inventory_keys(db_url, fleet, devices)
         report = profile_bundles(bundles, device=devices, broker=cfg, key=key, fleet=fleet,
                                  runs=runs, warmup=warmup, threads=threads,
                                  op_profile=not no_ops, timeout=timeout, cache=cache,

@@ -104,14 +104,14 @@ class ReportVerifier:
 
 
 def inventory_keys(db_url: str | None, fleet: str, devices: Sequence[str]
-                   ) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """The enrolled (not revoked) keys of ``devices`` in a fleet database, and where they came
-    from: ``db_url``, or the default ``fleet.db`` when it exists here (``({}, None)`` if not)."""
+                   ) -> dict[str, dict[str, Any]]:
+    """The enrolled (not revoked) keys of ``devices`` in the fleet database ``db_url``, or in
+    the default ``fleet.db`` when it exists here (none when it does not)."""
     from edgepack.host.fleet.storage import open_store
 
     if db_url is None:
         if not Path(DEFAULT_FLEET_DB.removeprefix("sqlite:///")).is_file():
-            return {}, None
+            return {}
         db_url = DEFAULT_FLEET_DB
     elif db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         from edgepack.agent.errors import DataError
@@ -120,8 +120,8 @@ def inventory_keys(db_url: str | None, fleet: str, devices: Sequence[str]
                         "wrote (`db=`)", field="db")
     with open_store(db_url) as store:
         records = {r.device_id: r for r in store.inventory.list(fleet)}
-    return ({d: records[d].enrollment() for d in devices
-             if d in records and not records[d].revoked}, db_url)
+    return {d: records[d].enrollment() for d in devices
+            if d in records and not records[d].revoked}
 
 
 def read_enrollment(path: str | os.PathLike) -> dict[str, Any]:

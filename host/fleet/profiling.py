@@ -272,9 +272,8 @@ def profile_on_devices(bundles: Sequence[str | os.PathLike] | Sequence[tuple[str
     cache = cache if cache is not None else ProfileCache(None)
     eval_fp = hashlib.sha256(eval_npz).hexdigest()[:16] if eval_npz is not None else None
     keys = {d: k for d, k in (device_keys or {}).items() if d in devices}
-    check = _Checker(ReportVerifier(keys) if keys else None)
     runs_by_dev = {d: DeviceRun(device=d, verified=d in keys) for d in dict.fromkeys(devices)}
-    check.runs = runs_by_dev
+    check = _Checker(ReportVerifier(keys) if keys else None, runs_by_dev)
     with SyncClient(cfg, timeout=max(30.0, timeout)) as client:
         states = _read_states(client, topics, list(runs_by_dev), check)
         for d, st in states.items():
@@ -376,9 +375,9 @@ def _cached(cache: ProfileCache, run: DeviceRun, info: dict, threads: int,
 class _Checker:
     """Drops messages an enrolled device's key did not sign, counting them on its run."""
 
-    def __init__(self, verifier: ReportVerifier | None) -> None:
+    def __init__(self, verifier: ReportVerifier | None, runs: Mapping[str, DeviceRun]) -> None:
         self.verifier = verifier
-        self.runs: Mapping[str, DeviceRun] = {}
+        self.runs = runs
 
     def authentic(self, device: str, payload: bytes) -> bool:
         if self.verifier is None or device not in self.verifier.inventory:
